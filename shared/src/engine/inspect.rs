@@ -1,0 +1,111 @@
+//! Before converting, make sure an image is what it claims to be and reads nothing else.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use super::{EngineError, QemuImg};
+use crate::format::{self, DiskFormat, Sniffed};
+
+/// Largest virtual disk we accept: 64 TiB.
+pub const MAX_VIRTUAL_SIZE: u64 = 64 << 40;
+
+/// What `qemu-img info` told us about a source image that passed inspection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageInfo {
+    pub format: DiskFormat,
+    pub virtual_size: u64,
+    /// Extent files a VMDK descriptor refers to (empty for single-file images).
+    pub extents: Vec<PathBuf>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum InspectError {
+    #[error("its declared format is {declared} but its content is {actual}; fix source_format in the manifest or re-export the VM")]
+    FormatMismatch { declared: DiskFormat, actual: String },
+    #[error("it refers to a backing file {0:?}; flatten it first (qemu-img convert) so that it is self-contained")]
+    BackingFile(String),
+    #[error("it uses an external data file {0:?}; flatten it first (qemu-img convert) so that it is self-contained")]
+    DataFile(String),
+    #[error("it is encrypted; decrypt it before exporting")]
+    Encrypted,
+    #[error("its extent {0:?} is outside the allowed source directories (agent setting allowed_source_dirs)")]
+    ExtentOutside(PathBuf),
+    #[error("its extent {0:?} is missing or not a regular file")]
+    ExtentMissing(PathBuf),
+    #[error("its virtual size of {0} bytes is larger than the 64 TiB limit")]
+    TooLarge(u64),
+    #[error("qemu-img cannot read it: {0}")]
+    Unreadable(#[source] EngineError),
+    #[error("cannot read it: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+fn sniffed_name(s: &Sniffed) -> String {
+    match s {
+        Sniffed::Disk(f) => f.manifest_name().to_string(),
+        Sniffed::VmdkDescriptor => "a VMDK descriptor".into(),
+        Sniffed::Unknown => "raw data".into(),
+    }
+}
+
+/// Inspect the image open as `file` (whose real location is `real_path`; qemu-img opens it as
+/// `qemu_path`). VMDK extents must resolve below one of `allowed_roots`.
+pub async fn inspect_image(
+    qemu: &QemuImg,
+    file: &File,
+    qemu_path: &str,
+    real_path: &Path,
+    declared: DiskFormat,
+    allowed_roots: &[PathBuf],
+) -> Result<ImageInfo, InspectError> {
+    let sniffed = format::sniff(file)?;
+    let matches = match (declared, &sniffed) {
+        (DiskFormat::Raw, Sniffed::Unknown) => true,
+        (DiskFormat::Vmdk, Sniffed::VmdkDescriptor) => true,
+        (d, Sniffed::Disk(actual)) => d == *actual,
+        _ => false,
+    };
+    if !matches {
+        return Err(InspectError::FormatMismatch { declared, actual: sniffed_name(&sniffed) });
+    }
+    let info = qemu.info(qemu_path, declared).await.map_err(InspectError::Unreadable)?;
+    if let Some(b) = info.get("backing-filename").and_then(|v| v.as_str()) {
+        return Err(InspectError::BackingFile(b.to_string()));
+    }
+    if info.get("encrypted").and_then(|v| v.as_bool()) == Some(true) {
+        return Err(InspectError::Encrypted);
+    }
+    let data = info.pointer("/format-specific/data");
+    if let Some(df) = data.and_then(|d| d.get("data-file")).and_then(|v| v.as_str()) {
+        return Err(InspectError::DataFile(df.to_string()));
+    }
+    let virtual_size = info.get("virtual-size").and_then(|v| v.as_u64()).unwrap_or(0);
+    if virtual_size > MAX_VIRTUAL_SIZE {
+        return Err(InspectError::TooLarge(virtual_size));
+    }
+    let mut extents = Vec::new();
+    if declared == DiskFormat::Vmdk
+        && let Some(list) = data.and_then(|d| d.get("extents")).and_then(|e| e.as_array())
+    {
+        let base = real_path.parent().unwrap_or(Path::new("/"));
+        for e in list {
+            let Some(name) = e.get("filename").and_then(|f| f.as_str()) else { continue };
+            let p = if Path::new(name).is_absolute() { PathBuf::from(name) } else { base.join(name) };
+            if p == real_path || name == qemu_path {
+                continue;
+            }
+            let canon = std::fs::canonicalize(&p).map_err(|_| InspectError::ExtentMissing(p.clone()))?;
+            if !std::fs::metadata(&canon).map(|m| m.is_file()).unwrap_or(false) {
+                return Err(InspectError::ExtentMissing(p));
+            }
+            if canon == real_path {
+                continue;
+            }
+            if !allowed_roots.iter().any(|r| canon.starts_with(r)) {
+                return Err(InspectError::ExtentOutside(p));
+            }
+            extents.push(canon);
+        }
+    }
+    Ok(ImageInfo { format: declared, virtual_size, extents })
+}

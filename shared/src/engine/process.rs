@@ -1,0 +1,114 @@
+//! Running an engine's child process: its own process group, output read as it comes, a
+//! timeout, and cancellation by SIGTERM then SIGKILL of the whole group.
+
+use std::path::Path;
+use std::process::{ExitStatus, Stdio};
+use std::time::Duration;
+
+use tokio::io::AsyncReadExt;
+use tokio::process::{Child, Command};
+use tokio_util::sync::CancellationToken;
+
+use super::EngineError;
+
+/// Grace between SIGTERM and SIGKILL.
+pub const KILL_GRACE: Duration = Duration::from_secs(5);
+/// At most this much of a child's stderr is kept (the end of it).
+const STDERR_KEEP: usize = 64 * 1024;
+
+/// What a finished child left.
+#[derive(Debug)]
+pub struct Finished {
+    pub status: ExitStatus,
+    pub stderr: String,
+}
+
+/// Spawn `cmd` in a new process group with stdout and stderr piped. `on_stdout` sees stdout in
+/// chunks as they arrive, `on_stderr` stderr likewise. Ends with the exit status, or an error on
+/// timeout or cancellation (after the group was stopped).
+pub async fn run(
+    mut cmd: Command,
+    program: &Path,
+    timeout: Option<Duration>,
+    cancel: &CancellationToken,
+    mut on_stdout: impl FnMut(&[u8]),
+    mut on_stderr: impl FnMut(&[u8]),
+) -> Result<Finished, EngineError> {
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .kill_on_drop(true);
+    let mut child = cmd
+        .spawn()
+        .map_err(|source| EngineError::Spawn { program: program.to_path_buf(), source })?;
+    let mut stdout = child.stdout.take().expect("stdout is piped");
+    let mut stderr = child.stderr.take().expect("stderr is piped");
+    let name = program.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+
+    let mut err_buf: Vec<u8> = Vec::new();
+    let mut out_chunk = vec![0u8; 8192];
+    let mut err_chunk = vec![0u8; 8192];
+    let (mut out_open, mut err_open) = (true, true);
+    let deadline = timeout.map(|t| tokio::time::Instant::now() + t);
+    let sleep = tokio::time::sleep_until(deadline.unwrap_or_else(far_future));
+    tokio::pin!(sleep);
+
+    let status = loop {
+        tokio::select! {
+            n = stdout.read(&mut out_chunk), if out_open => match n {
+                Ok(0) | Err(_) => out_open = false,
+                Ok(n) => on_stdout(&out_chunk[..n]),
+            },
+            n = stderr.read(&mut err_chunk), if err_open => match n {
+                Ok(0) | Err(_) => err_open = false,
+                Ok(n) => {
+                    on_stderr(&err_chunk[..n]);
+                    err_buf.extend_from_slice(&err_chunk[..n]);
+                    if err_buf.len() > 2 * STDERR_KEEP {
+                        err_buf.drain(..err_buf.len() - STDERR_KEEP);
+                    }
+                }
+            },
+            status = child.wait(), if !out_open && !err_open => break status?,
+            () = &mut sleep, if deadline.is_some() => {
+                stop(&mut child).await;
+                return Err(EngineError::Timeout { program: name, timeout: timeout.unwrap_or_default() });
+            }
+            () = cancel.cancelled() => {
+                stop(&mut child).await;
+                return Err(EngineError::Cancelled);
+            }
+        }
+    };
+    let stderr = String::from_utf8_lossy(&err_buf).trim().to_string();
+    Ok(Finished { status, stderr })
+}
+
+fn far_future() -> tokio::time::Instant {
+    tokio::time::Instant::now() + Duration::from_secs(86_400 * 365)
+}
+
+/// SIGTERM to the child's process group, then SIGKILL after [`KILL_GRACE`]; always reaped.
+pub async fn stop(child: &mut Child) {
+    if let Some(pid) = child.id().and_then(|p| rustix::process::Pid::from_raw(p as i32)) {
+        let _ = rustix::process::kill_process_group(pid, rustix::process::Signal::TERM);
+        if tokio::time::timeout(KILL_GRACE, child.wait()).await.is_ok() {
+            // The leader is gone; make sure nothing of its group survives.
+            let _ = rustix::process::kill_process_group(pid, rustix::process::Signal::KILL);
+            return;
+        }
+        let _ = rustix::process::kill_process_group(pid, rustix::process::Signal::KILL);
+    }
+    let _ = child.kill().await;
+}
+
+/// "exit status 1" / "killed by signal 9", for error messages.
+pub fn describe(status: &ExitStatus) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    match (status.code(), status.signal()) {
+        (Some(c), _) => format!("exit status {c}"),
+        (None, Some(s)) => format!("killed by signal {s}"),
+        _ => status.to_string(),
+    }
+}

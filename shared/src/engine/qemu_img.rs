@@ -1,0 +1,200 @@
+//! The built-in engine: `qemu-img convert` to qcow2 with progress, then `qemu-img check`.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::process::Command;
+use tokio_util::sync::CancellationToken;
+
+use super::EngineError;
+use super::process::{self, describe};
+use crate::format::DiskFormat;
+
+/// Tuning of `qemu-img convert`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ConvertOptions {
+    /// Parallel coroutines (`-m`, 1 to 16).
+    pub coroutines: u32,
+    /// Out-of-order writes (`-W`).
+    pub out_of_order: bool,
+    /// Source cache mode (`-T`), e.g. `none` or `writeback`.
+    pub source_cache: Option<String>,
+    /// Destination cache mode (`-t`).
+    pub dest_cache: Option<String>,
+}
+
+impl Default for ConvertOptions {
+    fn default() -> Self {
+        ConvertOptions { coroutines: 8, out_of_order: true, source_cache: None, dest_cache: None }
+    }
+}
+
+/// Result of `qemu-img check`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CheckReport {
+    pub corruptions: u64,
+    pub leaks: u64,
+    pub check_errors: u64,
+}
+
+/// A qemu-img program.
+#[derive(Debug, Clone)]
+pub struct QemuImg {
+    pub program: PathBuf,
+    /// Limit for `info` and `check` (a hostile image must not hang the agent).
+    pub quick_timeout: Duration,
+}
+
+impl Default for QemuImg {
+    fn default() -> Self {
+        QemuImg { program: PathBuf::from("qemu-img"), quick_timeout: Duration::from_secs(120) }
+    }
+}
+
+impl QemuImg {
+    pub fn new(program: impl Into<PathBuf>) -> Self {
+        QemuImg { program: program.into(), ..Default::default() }
+    }
+
+    fn cmd(&self) -> Command {
+        let mut c = Command::new(&self.program);
+        c.env("LC_ALL", "C");
+        c
+    }
+
+    async fn run_quick(&self, cmd: Command) -> Result<(std::process::ExitStatus, String, String), EngineError> {
+        let mut out = Vec::new();
+        let fin = process::run(cmd, &self.program, Some(self.quick_timeout), &CancellationToken::new(), |b| {
+            if out.len() < 16 << 20 {
+                out.extend_from_slice(b)
+            }
+        }, |_| {})
+        .await?;
+        Ok((fin.status, String::from_utf8_lossy(&out).into_owned(), fin.stderr))
+    }
+
+    /// `qemu-img --version`, first line.
+    pub async fn version(&self) -> Result<String, EngineError> {
+        let mut c = self.cmd();
+        c.arg("--version");
+        let (status, out, err) = self.run_quick(c).await?;
+        if !status.success() {
+            return Err(EngineError::Failed { program: "qemu-img --version".into(), status: describe(&status), stderr: err });
+        }
+        Ok(out.lines().next().unwrap_or_default().trim().to_string())
+    }
+
+    /// `qemu-img info --output=json -f <format> <path>`.
+    pub async fn info(&self, path: &str, format: DiskFormat) -> Result<serde_json::Value, EngineError> {
+        let mut c = self.cmd();
+        c.args(["info", "--output=json", "-f", format.qemu_name(), path]);
+        let (status, out, err) = self.run_quick(c).await?;
+        if !status.success() {
+            return Err(EngineError::Failed { program: "qemu-img info".into(), status: describe(&status), stderr: err });
+        }
+        serde_json::from_str(&out).map_err(|e| EngineError::Output(format!("qemu-img info printed something that is not JSON: {e}")))
+    }
+
+    /// Convert `src` (a path qemu-img opens; see the worker for how it is made safe) to a new
+    /// qcow2 file `dst`. `on_progress` receives the percentage qemu-img prints (`-p`).
+    pub async fn convert(
+        &self,
+        src: &str,
+        format: DiskFormat,
+        dst: &Path,
+        opts: &ConvertOptions,
+        cancel: &CancellationToken,
+        mut on_progress: impl FnMut(f64),
+    ) -> Result<(), EngineError> {
+        let mut c = self.cmd();
+        c.args(["convert", "-p", "-f", format.qemu_name(), "-O", "qcow2", "-o", "compat=1.1"]);
+        let m = opts.coroutines.clamp(1, 16);
+        c.arg("-m").arg(m.to_string());
+        if opts.out_of_order {
+            c.arg("-W");
+        }
+        if let Some(t) = &opts.source_cache {
+            c.arg("-T").arg(t);
+        }
+        if let Some(t) = &opts.dest_cache {
+            c.arg("-t").arg(t);
+        }
+        // Paths are always absolute, so none can be read as an option or a protocol prefix.
+        c.arg(src).arg(dst);
+        let mut parser = ProgressParser::default();
+        let fin = process::run(c, &self.program, None, cancel, |chunk| {
+            for p in parser.feed(chunk) {
+                on_progress(p);
+            }
+        }, |_| {})
+        .await?;
+        if !fin.status.success() {
+            return Err(EngineError::Failed { program: "qemu-img convert".into(), status: describe(&fin.status), stderr: fin.stderr });
+        }
+        Ok(())
+    }
+
+    /// `qemu-img check` of a qcow2 file. Leaked clusters are harmless (reported); corruptions
+    /// and failures to check are errors.
+    pub async fn check(&self, path: &Path) -> Result<CheckReport, EngineError> {
+        let mut c = self.cmd();
+        c.args(["check", "--output=json", "-f", "qcow2"]).arg(path);
+        let (status, out, err) = self.run_quick(c).await?;
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap_or_default();
+        let n = |k: &str| v.get(k).and_then(|x| x.as_u64()).unwrap_or(0);
+        let report = CheckReport { corruptions: n("corruptions"), leaks: n("leaks"), check_errors: n("check-errors") };
+        match status.code() {
+            Some(0) | Some(3) if report.corruptions == 0 && report.check_errors == 0 => Ok(report),
+            _ => Err(EngineError::Failed {
+                program: "qemu-img check".into(),
+                status: format!("{}, {} corruption(s), {} check error(s)", describe(&status), report.corruptions, report.check_errors),
+                stderr: err,
+            }),
+        }
+    }
+}
+
+/// Parses qemu-img's `-p` output: `    (12.34/100%)\r` repeated.
+#[derive(Debug, Default)]
+pub struct ProgressParser {
+    buf: Vec<u8>,
+}
+
+impl ProgressParser {
+    pub fn feed(&mut self, chunk: &[u8]) -> Vec<f64> {
+        self.buf.extend_from_slice(chunk);
+        let mut out = Vec::new();
+        while let Some(pos) = self.buf.iter().position(|&b| b == b'\r' || b == b'\n') {
+            let line: Vec<u8> = self.buf.drain(..=pos).collect();
+            if let Some(p) = parse_progress(&line) {
+                out.push(p);
+            }
+        }
+        if self.buf.len() > 4096 {
+            self.buf.clear();
+        }
+        out
+    }
+}
+
+fn parse_progress(line: &[u8]) -> Option<f64> {
+    let s = std::str::from_utf8(line).ok()?.trim();
+    let inner = s.strip_prefix('(')?.strip_suffix("/100%)")?;
+    let v: f64 = inner.parse().ok()?;
+    (0.0..=100.0).contains(&v).then_some(v)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_progress_across_chunks() {
+        let mut p = ProgressParser::default();
+        assert_eq!(p.feed(b"    (0.00/100%)\r    (12.5"), vec![0.0]);
+        assert_eq!(p.feed(b"0/100%)\r    (100.00/100%)\r\n"), vec![12.5, 100.0]);
+        assert!(p.feed(b"garbage\r(200/100%)\r").is_empty());
+    }
+}

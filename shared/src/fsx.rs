@@ -1,0 +1,398 @@
+//! Durable, NFS-safe file-system steps (see `docs/protocol.md`, "Rules we rely on").
+//!
+//! Every function here is synchronous and may block for as long as the storage does (a cut NFS link
+//! blocks uninterruptibly): async callers run them on a blocking thread, never on the thread that
+//! must keep answering gRPC, heartbeating or handling signals.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::path::{Component, Path, PathBuf};
+
+use rustix::fs::{Mode, OFlags, RenameFlags, ResolveFlags};
+
+/// fsync a directory so that the names created, renamed or removed in it are durable.
+pub fn fsync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+/// Create `dir` and its parents, then fsync the parent of every directory that was created.
+pub fn create_dir_all_durable(dir: &Path) -> io::Result<()> {
+    if dir.is_dir() {
+        return Ok(());
+    }
+    if let Some(parent) = dir.parent() {
+        create_dir_all_durable(parent)?;
+    }
+    match fs::create_dir(dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists && dir.is_dir() => return Ok(()),
+        Err(e) => return Err(e),
+    }
+    if let Some(parent) = dir.parent() {
+        fsync_dir(parent)?;
+    }
+    Ok(())
+}
+
+/// Write `bytes` to a new file at `path` (which must not exist): write, fsync, close. The caller
+/// renames or links it into place and fsyncs the directory.
+pub fn write_new_file(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o644)
+        .open(path)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    // On NFS, close reports deferred write errors; std's drop ignores them, so the fsync above is
+    // what surfaces them.
+    drop(f);
+    Ok(())
+}
+
+/// Replace the content of `path` atomically: write `path.tmp-<pid>`, fsync, rename over `path`,
+/// fsync the directory. Only for files that one writer owns and that readers re-read on ENOENT.
+pub fn replace_file(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    let tmp = sibling_tmp(path);
+    let _ = fs::remove_file(&tmp);
+    write_new_file(&tmp, bytes)?;
+    fs::rename(&tmp, path)?;
+    fsync_dir(parent_of(path))
+}
+
+/// Publish a new file at `path` that must not exist yet: write a temporary sibling, fsync, then
+/// `link` it to `path` (which fails with EEXIST instead of replacing) and remove the temporary.
+/// Returns `Ok(false)` if `path` already existed; it is never overwritten.
+pub fn create_file_noreplace(path: &Path, bytes: &[u8]) -> io::Result<bool> {
+    let tmp = sibling_tmp(path);
+    let _ = fs::remove_file(&tmp);
+    write_new_file(&tmp, bytes)?;
+    let linked = link_noreplace(&tmp, path);
+    let _ = fs::remove_file(&tmp);
+    let linked = linked?;
+    if linked {
+        fsync_dir(parent_of(path))?;
+    }
+    Ok(linked)
+}
+
+/// `link(from, to)`: gives `to` the file `from` names unless `to` exists. Returns `Ok(false)` when
+/// `to` already names another file. An EEXIST that NFS reports for a retried request that did
+/// succeed is recognised by comparing the inode of both names.
+pub fn link_noreplace(from: &Path, to: &Path) -> io::Result<bool> {
+    match fs::hard_link(from, to) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(same_file(from, to)?),
+        Err(e) => Err(e),
+    }
+}
+
+fn same_file(a: &Path, b: &Path) -> io::Result<bool> {
+    let (ma, mb) = (fs::symlink_metadata(a)?, fs::symlink_metadata(b)?);
+    Ok(ma.dev() == mb.dev() && ma.ino() == mb.ino())
+}
+
+/// The outcome of a rename that another host may race.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Moved {
+    /// We moved it.
+    Yes,
+    /// The source was gone: somebody else moved or removed it first.
+    SourceGone,
+    /// The destination already exists and was not replaced.
+    DestinationExists,
+}
+
+/// Rename `from` to `to`, where `to` must not exist, interpreting failures the NFS way: a rename that
+/// reports failure may still have happened (a retried request), so both names are checked.
+///
+/// Never replaces an existing `to`: `renameat2(RENAME_NOREPLACE)` where the file system supports
+/// it; elsewhere (some NFS clients answer EINVAL) an existence check then a plain rename, which is
+/// safe because every destination we use has exactly one possible writer (see the protocol).
+pub fn rename_noreplace(from: &Path, to: &Path) -> io::Result<Moved> {
+    let result = match rustix::fs::renameat_with(
+        rustix::fs::CWD,
+        from,
+        rustix::fs::CWD,
+        to,
+        RenameFlags::NOREPLACE,
+    ) {
+        Ok(()) => Ok(()),
+        Err(e) if e == rustix::io::Errno::INVAL || e == rustix::io::Errno::NOSYS => {
+            if fs::symlink_metadata(to).is_ok() {
+                return Ok(Moved::DestinationExists);
+            }
+            fs::rename(from, to)
+        }
+        Err(e) => Err(io::Error::from(e)),
+    };
+    match result {
+        Ok(()) => Ok(Moved::Yes),
+        Err(e) => {
+            let from_exists = fs::symlink_metadata(from).is_ok();
+            let to_exists = fs::symlink_metadata(to).is_ok();
+            match (e.kind(), from_exists, to_exists) {
+                (io::ErrorKind::AlreadyExists, true, true) => Ok(Moved::DestinationExists),
+                (_, true, true) if e.raw_os_error() == Some(libc::ENOTEMPTY) => {
+                    Ok(Moved::DestinationExists)
+                }
+                (io::ErrorKind::NotFound, false, _) => Ok(Moved::SourceGone),
+                // NFS: the first attempt of a retried rename succeeded; only our unique source name
+                // could have produced the destination, so we won.
+                (_, false, true) => Ok(Moved::Yes),
+                _ => Err(e),
+            }
+        }
+    }
+}
+
+/// Remove a directory tree, treating "already gone" as success.
+pub fn remove_tree(path: &Path) -> io::Result<()> {
+    match fs::remove_dir_all(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// Remove a file, treating "already gone" as success.
+pub fn remove_file(path: &Path) -> io::Result<()> {
+    match fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// Open a regular file for reading without following a symlink in its last component and without
+/// blocking on a FIFO; anything but a regular file is refused with `InvalidInput`.
+pub fn open_regular(path: &Path) -> io::Result<File> {
+    let f = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|e| {
+            if e.raw_os_error() == Some(libc::ELOOP) {
+                io::Error::new(io::ErrorKind::InvalidInput, "is a symbolic link")
+            } else {
+                e
+            }
+        })?;
+    ensure_regular(&f)?;
+    Ok(f)
+}
+
+/// Open `rel` below the directory `root` for reading, refusing any path that leaves `root`, that
+/// crosses a symbolic link, or that is not a regular file. Uses `openat2(RESOLVE_BENEATH |
+/// RESOLVE_NO_SYMLINKS)`, which the kernel enforces atomically; on kernels without it, a lexical
+/// check plus `O_NOFOLLOW` on every component.
+pub fn open_beneath(root: &Path, rel: &Path) -> io::Result<File> {
+    check_relative(rel)?;
+    let dir = File::open(root)?;
+    let flags = OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC;
+    let resolve =
+        ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_MAGICLINKS;
+    match rustix::fs::openat2(&dir, rel, flags, Mode::empty(), resolve) {
+        Ok(fd) => {
+            let f = File::from(fd);
+            ensure_regular(&f)?;
+            Ok(f)
+        }
+        Err(e) if e == rustix::io::Errno::NOSYS => open_beneath_fallback(root, rel),
+        Err(e) if e == rustix::io::Errno::XDEV || e == rustix::io::Errno::LOOP => Err(
+            io::Error::new(io::ErrorKind::InvalidInput, "leaves its directory or crosses a symbolic link"),
+        ),
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn open_beneath_fallback(root: &Path, rel: &Path) -> io::Result<File> {
+    let mut cur = root.to_path_buf();
+    let comps: Vec<_> = rel.components().collect();
+    for (i, c) in comps.iter().enumerate() {
+        cur.push(c.as_os_str());
+        let md = fs::symlink_metadata(&cur)?;
+        if md.file_type().is_symlink() {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, "crosses a symbolic link"));
+        }
+        if i + 1 < comps.len() && !md.is_dir() {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, "a path component is not a directory"));
+        }
+    }
+    open_regular(&cur)
+}
+
+/// A relative path made only of normal components (no `..`, no root, no `.` tricks, not empty).
+pub fn check_relative(rel: &Path) -> io::Result<()> {
+    if rel.as_os_str().is_empty() {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, "empty path"));
+    }
+    for c in rel.components() {
+        match c {
+            Component::Normal(_) => {}
+            Component::CurDir => {}
+            _ => {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    "must be a relative path inside the job without `..`",
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn ensure_regular(f: &File) -> io::Result<()> {
+    let md = f.metadata()?;
+    if !md.file_type().is_file() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("is not a regular file ({})", describe_type(&md)),
+        ));
+    }
+    // The file was opened non-blocking so that a FIFO could not hang us; regular files ignore the
+    // flag, but clear it anyway so later reads behave normally.
+    let fl = rustix::fs::fcntl_getfl(f)?;
+    rustix::fs::fcntl_setfl(f, fl & !OFlags::NONBLOCK)?;
+    Ok(())
+}
+
+fn describe_type(md: &fs::Metadata) -> &'static str {
+    use std::os::unix::fs::FileTypeExt;
+    let t = md.file_type();
+    if t.is_dir() {
+        "a directory"
+    } else if t.is_fifo() {
+        "a FIFO"
+    } else if t.is_char_device() {
+        "a character device"
+    } else if t.is_block_device() {
+        "a block device"
+    } else if t.is_socket() {
+        "a socket"
+    } else if t.is_symlink() {
+        "a symbolic link"
+    } else {
+        "not a regular file"
+    }
+}
+
+/// `dir` exists, is a directory, and we can create and remove a file in it.
+pub fn probe_writable(dir: &Path) -> io::Result<()> {
+    let md = fs::metadata(dir)?;
+    if !md.is_dir() {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, "is not a directory"));
+    }
+    let probe = dir.join(format!(".hyperfarm-probe-{}-{}", hostname(), std::process::id()));
+    let _ = fs::remove_file(&probe);
+    write_new_file(&probe, b"probe")?;
+    fs::remove_file(&probe)
+}
+
+/// Free bytes available to unprivileged users on the file system holding `path`.
+pub fn free_bytes(path: &Path) -> io::Result<u64> {
+    let st = rustix::fs::statvfs(path)?;
+    Ok(st.f_bavail.saturating_mul(st.f_frsize))
+}
+
+/// This host's name (from `uname`), used in leases and temporary names.
+pub fn hostname() -> String {
+    let uname = rustix::system::uname();
+    let name = uname.nodename().to_string_lossy().into_owned();
+    if name.is_empty() { "localhost".to_string() } else { name }
+}
+
+/// This boot's identity, to tell a process of a previous boot from a live one with the same pid.
+pub fn boot_id() -> String {
+    fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
+}
+
+/// Whether a process with this pid exists on this host.
+pub fn pid_alive(pid: u32) -> bool {
+    let Some(pid) = i32::try_from(pid).ok().and_then(rustix::process::Pid::from_raw) else {
+        return false;
+    };
+    match rustix::process::test_kill_process(pid) {
+        Ok(()) => true,
+        Err(e) => e == rustix::io::Errno::PERM,
+    }
+}
+
+fn sibling_tmp(path: &Path) -> PathBuf {
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    parent_of(path).join(format!(".{name}.tmp-{}-{}", hostname(), std::process::id()))
+}
+
+fn parent_of(path: &Path) -> &Path {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::symlink;
+
+    #[test]
+    fn create_noreplace_never_overwrites() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let p = d.path().join("a");
+        assert!(create_file_noreplace(&p, b"one").expect("first"));
+        assert!(!create_file_noreplace(&p, b"two").expect("second"));
+        assert_eq!(fs::read(&p).expect("read"), b"one");
+        // No temporary leftovers.
+        assert_eq!(fs::read_dir(d.path()).expect("ls").count(), 1);
+    }
+
+    #[test]
+    fn rename_noreplace_reports_who_won() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let (a, b, c) = (d.path().join("a"), d.path().join("b"), d.path().join("c"));
+        fs::create_dir(&a).expect("mkdir a");
+        fs::create_dir(&c).expect("mkdir c");
+        fs::write(c.join("x"), b"x").expect("write");
+        assert_eq!(rename_noreplace(&a, &b).expect("move"), Moved::Yes);
+        assert_eq!(rename_noreplace(&a, &d.path().join("z")).expect("gone"), Moved::SourceGone);
+        assert_eq!(rename_noreplace(&b, &c).expect("exists"), Moved::DestinationExists);
+        assert!(b.is_dir() && c.join("x").is_file());
+    }
+
+    #[test]
+    fn open_beneath_refuses_escapes_symlinks_and_special_files() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let root = d.path().join("job");
+        fs::create_dir_all(root.join("disks")).expect("mkdir");
+        fs::write(root.join("disks/ok.raw"), b"data").expect("write");
+        fs::write(d.path().join("secret"), b"secret").expect("write");
+        symlink(d.path().join("secret"), root.join("disks/link")).expect("symlink");
+        symlink(d.path(), root.join("dirlink")).expect("symlink");
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            &root.join("fifo"),
+            rustix::fs::FileType::Fifo,
+            Mode::from_raw_mode(0o600),
+            0,
+        )
+        .expect("mkfifo");
+
+        assert!(open_beneath(&root, Path::new("disks/ok.raw")).is_ok());
+        for bad in ["../secret", "/etc/passwd", "disks/link", "dirlink/secret", "fifo", "disks", ""] {
+            assert!(open_beneath(&root, Path::new(bad)).is_err(), "{bad} must be refused");
+        }
+        assert!(open_beneath_fallback(&root, Path::new("disks/link")).is_err());
+        assert!(open_beneath_fallback(&root, Path::new("dirlink/secret")).is_err());
+        assert!(open_beneath_fallback(&root, Path::new("disks/ok.raw")).is_ok());
+    }
+
+    #[test]
+    fn pid_checks() {
+        assert!(pid_alive(std::process::id()));
+        assert!(!pid_alive(0));
+        assert!(!boot_id().is_empty());
+    }
+}

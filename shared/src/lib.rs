@@ -1,0 +1,26 @@
+//! The library both sides of hyperfarm use.
+//!
+//! - [`manifest`]: the Artifact Manifest v1.0 (hyper2kvm's schema plus our additions), parsing and
+//!   validation.
+//! - [`queue`]: the job queue on shared storage (NFS in production): publish, claim, lease, states,
+//!   recovery, seed-style manifest drops. The contract is written down in `docs/protocol.md`.
+//! - [`results`]: how results become visible in the output directory (`<vm>.qcow2`, `<vm>.error`, the
+//!   per-job result record).
+//! - [`engine`]: the conversion engines (qemu-img built in) and the safety inspection of disk images.
+//! - [`fsx`], [`digest`], [`format`]: durable file-system steps, blake3/sha256 digests, format detection.
+//!
+//! This crate knows nothing of gRPC, command-line parsing or global logging set-up.
+
+pub mod digest;
+pub mod engine;
+pub mod format;
+pub mod fsx;
+pub mod jobid;
+pub mod manifest;
+pub mod names;
+pub mod progress;
+pub mod queue;
+pub mod results;
+pub mod worker;
+
+pub use jobid::JobId;

@@ -1,0 +1,364 @@
+//! The conversion of one job, shared by the agent and hyperexport's direct mode:
+//! load and validate → verify digests → inspect images → convert → check.
+//! Publishing the result is the caller's (see [`crate::results::Publication`]).
+
+use std::fs::File;
+use std::io::{self, Read};
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::digest;
+use crate::engine::{self, ConvertOptions, EngineError, EngineKind, ImageInfo, QemuImg};
+use crate::format::{DiskFormat, Sniffed};
+use crate::fsx;
+use crate::jobid::JobId;
+use crate::manifest::{CheckedManifest, Expected, MAX_MANIFEST_BYTES, Manifest, Stages};
+use crate::progress::{Phase, Progress};
+use crate::queue::{MANIFEST, ORIGIN};
+use crate::results::{ResultFile, disk_file_name};
+
+/// How the worker converts.
+#[derive(Debug, Clone)]
+pub struct WorkerSettings {
+    pub qemu: QemuImg,
+    pub convert: ConvertOptions,
+    /// Canonical directories that seed-style manifests may point into.
+    pub allowed_source_dirs: Vec<PathBuf>,
+}
+
+/// One disk of a loaded job, open for reading.
+#[derive(Debug)]
+pub struct SourceDisk {
+    pub id: String,
+    pub format: DiskFormat,
+    pub bytes: u64,
+    /// Where it really is.
+    pub path: PathBuf,
+    /// Open, verified regular file. qemu-img reads it through `/proc/<pid>/fd/<n>`, so a file
+    /// swapped after our checks is never what gets converted.
+    pub file: File,
+    pub expected: Option<Expected>,
+    pub boot: bool,
+}
+
+/// A job ready to convert.
+#[derive(Debug)]
+pub struct LoadedJob {
+    pub id: JobId,
+    pub vm_name: String,
+    pub disks: Vec<SourceDisk>,
+    pub stages: Stages,
+    pub engine: Option<String>,
+    pub manifest: Manifest,
+    pub seed_drop: bool,
+}
+
+impl LoadedJob {
+    pub fn total_bytes(&self) -> u64 {
+        self.disks.iter().map(|d| d.bytes).sum()
+    }
+    /// The names this job will publish, boot disk first.
+    pub fn output_names(&self) -> Vec<String> {
+        self.disks.iter().map(|d| disk_file_name(&self.vm_name, &d.id, d.boot)).collect()
+    }
+}
+
+/// A job that cannot be converted: the text an operator reads in `<vm>.error`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct JobFailure {
+    /// The VM name if the manifest gave a valid one.
+    pub vm_name: Option<String>,
+    pub cancelled: bool,
+    /// First line a summary, then details and what to do.
+    pub message: String,
+}
+
+impl JobFailure {
+    pub fn new(vm_name: Option<&str>, message: impl Into<String>) -> Self {
+        JobFailure { vm_name: vm_name.map(str::to_string), cancelled: false, message: message.into() }
+    }
+    pub fn cancelled(vm_name: Option<&str>, reason: &str) -> Self {
+        JobFailure { vm_name: vm_name.map(str::to_string), cancelled: true, message: format!("cancelled: {reason}") }
+    }
+}
+
+impl std::fmt::Display for JobFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+/// Load and validate the job in `job_dir` (native: disks inside the job; seed drop: disks under
+/// the allowed source directories).
+pub fn load_job(job_dir: &Path, id: JobId, allowed_source_dirs: &[PathBuf]) -> Result<LoadedJob, JobFailure> {
+    let manifest_path = job_dir.join(MANIFEST);
+    let fail = |vm: Option<&str>, msg: String| JobFailure::new(vm, msg);
+    let bytes = (|| -> io::Result<Vec<u8>> {
+        let f = fsx::open_regular(&manifest_path)?;
+        let mut buf = Vec::new();
+        f.take(MAX_MANIFEST_BYTES + 1).read_to_end(&mut buf)?;
+        Ok(buf)
+    })()
+    .map_err(|e| fail(None, format!("cannot read the manifest {}: {e}", manifest_path.display())))?;
+    let manifest = Manifest::parse(&bytes)
+        .map_err(|e| fail(None, format!("invalid manifest {}: {e}", manifest_path.display())))?;
+    let vm_hint = manifest.vm_name().filter(|n| crate::names::check_vm_name(n).is_ok()).map(str::to_string);
+    let checked: CheckedManifest = manifest
+        .check()
+        .map_err(|e| fail(vm_hint.as_deref(), format!("invalid manifest {}: {e}", manifest_path.display())))?;
+    let vm = Some(checked.vm_name.as_str());
+    let seed_drop = job_dir.join(ORIGIN).is_file();
+    if !seed_drop
+        && let Some(declared) = checked.job_id
+        && declared != id
+    {
+        return Err(fail(vm, format!(
+            "the manifest's job id {declared} does not match its job directory {}; the job was copied or altered",
+            job_dir.display()
+        )));
+    }
+    let mut disks = Vec::with_capacity(checked.disks.len());
+    for d in &checked.disks {
+        let (path, file) = if seed_drop {
+            open_seed_disk(job_dir, &d.local_path, allowed_source_dirs)
+        } else {
+            fsx::open_beneath(job_dir, Path::new(&d.local_path)).map(|f| (job_dir.join(&d.local_path), f)).map_err(|e| {
+                format!("local_path {:?} must name a regular file inside the job directory ({e})", d.local_path)
+            })
+        }
+        .map_err(|e| fail(vm, format!("disk {}: {e}", d.id)))?;
+        let size = file.metadata().map(|m| m.len()).unwrap_or(0);
+        if size != d.bytes {
+            return Err(fail(vm, format!(
+                "disk {}: the manifest says {} bytes but {} has {size} bytes; the export is incomplete or the manifest is wrong — re-export the VM",
+                d.id, d.bytes, path.display()
+            )));
+        }
+        disks.push(SourceDisk {
+            id: d.id.clone(),
+            format: d.format,
+            bytes: d.bytes,
+            path,
+            file,
+            expected: d.expected,
+            boot: d.boot,
+        });
+    }
+    Ok(LoadedJob {
+        id,
+        vm_name: checked.vm_name,
+        disks,
+        stages: checked.stages,
+        engine: checked.engine,
+        manifest,
+        seed_drop,
+    })
+}
+
+/// A seed-style drop's disk: absolute, or relative to the watch directory (where the drop was),
+/// and below one of the allowed source directories, opened without crossing a symlink.
+fn open_seed_disk(job_dir: &Path, local_path: &str, allowed: &[PathBuf]) -> Result<(PathBuf, File), String> {
+    let watch_dir = job_dir.parent().and_then(Path::parent).unwrap_or(Path::new("/"));
+    let p = Path::new(local_path);
+    let full = if p.is_absolute() { p.to_path_buf() } else { watch_dir.join(p) };
+    let canon = std::fs::canonicalize(&full).map_err(|e| format!("local_path {}: {e}", full.display()))?;
+    let Some(root) = allowed.iter().find(|r| canon.starts_with(r)) else {
+        return Err(format!(
+            "local_path {} is outside the allowed source directories ({}); add its directory to allowed_source_dirs in the agent's configuration",
+            full.display(),
+            allowed.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
+        ));
+    };
+    let rel = canon.strip_prefix(root).map_err(|e| e.to_string())?;
+    let file = fsx::open_beneath(root, rel).map_err(|e| format!("local_path {}: {e}", full.display()))?;
+    Ok((canon, file))
+}
+
+/// Report progress to a watch channel (the latest value wins; readers never block the worker).
+pub type ProgressTx = watch::Sender<Progress>;
+
+fn send(tx: &ProgressTx, p: Progress) {
+    tx.send_replace(p);
+}
+
+/// What the qemu-img engine produced, ready to publish.
+#[derive(Debug, Clone)]
+pub struct Converted {
+    pub files: Vec<ResultFile>,
+    pub engine: EngineKind,
+}
+
+/// Verify, inspect, convert and check every disk of `job` into `work_dir` (named with their
+/// final names).
+pub async fn convert_job(
+    settings: &WorkerSettings,
+    job: &LoadedJob,
+    work_dir: &Path,
+    progress: &ProgressTx,
+    cancel: &CancellationToken,
+) -> Result<Converted, JobFailure> {
+    let vm = Some(job.vm_name.as_str());
+    let infos = verify_and_inspect(settings, job, progress, cancel).await?;
+    let total_virtual: u64 = infos.iter().map(|i| i.virtual_size).sum::<u64>().max(1);
+
+    // Convert.
+    let mut done_virtual = 0u64;
+    let mut outputs = Vec::new();
+    for (disk, info) in job.disks.iter().zip(&infos) {
+        let name = disk_file_name(&job.vm_name, &disk.id, disk.boot);
+        let dst = work_dir.join(&name);
+        let src = qemu_source_path(disk);
+        let base = done_virtual;
+        let mut last = Progress::phase(Phase::Converting, total_virtual);
+        last.disk = Some(disk.id.clone());
+        send(progress, last.clone());
+        let res = settings
+            .qemu
+            .convert(&src, disk.format, &dst, &settings.convert, cancel, |pct| {
+                let done = base + (info.virtual_size as f64 * pct / 100.0) as u64;
+                last.bytes_done = done;
+                last.percent = done as f64 * 100.0 / total_virtual as f64;
+                send(progress, last.clone());
+            })
+            .await;
+        if let Err(e) = res {
+            let _ = std::fs::remove_file(&dst);
+            return Err(engine_failure(vm, &format!("converting disk {}", disk.id), &disk.path, work_dir, e));
+        }
+        done_virtual += info.virtual_size;
+        outputs.push((disk, info, name, dst));
+    }
+
+    // Check.
+    let mut files = Vec::new();
+    for (i, (disk, info, name, dst)) in outputs.iter().enumerate() {
+        send(progress, Progress {
+            phase: Phase::Checking,
+            percent: i as f64 * 100.0 / outputs.len() as f64,
+            bytes_done: 0,
+            bytes_total: total_virtual,
+            disk: Some(disk.id.clone()),
+        });
+        if cancel.is_cancelled() {
+            return Err(JobFailure::cancelled(vm, "stopped while checking"));
+        }
+        settings.qemu.check(dst).await.map_err(|e| {
+            engine_failure(vm, &format!("checking the converted disk {}", disk.id), &disk.path, work_dir, e)
+        })?;
+        let bytes = std::fs::metadata(dst).map(|m| m.len()).unwrap_or(0);
+        files.push(ResultFile {
+            disk_id: disk.id.clone(),
+            name: name.clone(),
+            boot: disk.boot,
+            bytes,
+            virtual_size: info.virtual_size,
+        });
+    }
+    Ok(Converted { files, engine: EngineKind::QemuImg })
+}
+
+/// Verify every digest, then inspect every image. Returns each disk's image info, in order.
+pub async fn verify_and_inspect(
+    settings: &WorkerSettings,
+    job: &LoadedJob,
+    progress: &ProgressTx,
+    cancel: &CancellationToken,
+) -> Result<Vec<ImageInfo>, JobFailure> {
+    let vm = Some(job.vm_name.as_str());
+    let total = job.total_bytes().max(1);
+    let done = Arc::new(AtomicU64::new(0));
+    for disk in &job.disks {
+        let Some(expected) = disk.expected else {
+            done.fetch_add(disk.bytes, Ordering::Relaxed);
+            continue;
+        };
+        let file = disk.file.try_clone().map_err(|e| JobFailure::new(vm, format!("disk {}: {e}", disk.id)))?;
+        let (tx, cancel2, done2, id) = (progress.clone(), cancel.clone(), done.clone(), disk.id.clone());
+        let base = done.load(Ordering::Relaxed);
+        let verdict = tokio::task::spawn_blocking(move || {
+            let mut last_sent = 0u64;
+            digest::verify(&file, &expected, |pos| {
+                if pos - last_sent >= 64 << 20 || pos == 0 {
+                    last_sent = pos;
+                    done2.store(base + pos, Ordering::Relaxed);
+                    tx.send_replace(Progress {
+                        phase: Phase::Verifying,
+                        percent: (base + pos) as f64 * 100.0 / total as f64,
+                        bytes_done: base + pos,
+                        bytes_total: total,
+                        disk: Some(id.clone()),
+                    });
+                }
+                !cancel2.is_cancelled()
+            })
+        })
+        .await
+        .map_err(|e| JobFailure::new(vm, format!("disk {}: verification crashed: {e}", disk.id)))?;
+        match verdict {
+            Ok(Ok(())) => {}
+            Ok(Err(actual)) => {
+                return Err(JobFailure::new(vm, format!(
+                    "disk {}: {} digest mismatch: the disk in the queue is corrupt or was changed after export\n\
+                     file: {}\nexpected: {}\nactual:   {}\nwhat to do: export the VM again",
+                    disk.id, expected.algorithm(), disk.path.display(), expected.hex(), actual
+                )));
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {
+                return Err(JobFailure::cancelled(vm, "stopped while verifying"));
+            }
+            Err(e) => {
+                return Err(JobFailure::new(vm, format!("disk {}: cannot read {}: {e}", disk.id, disk.path.display())));
+            }
+        }
+        done.store(base + disk.bytes, Ordering::Relaxed);
+    }
+    let mut infos = Vec::new();
+    for disk in &job.disks {
+        if cancel.is_cancelled() {
+            return Err(JobFailure::cancelled(vm, "stopped while inspecting"));
+        }
+        let allowed: Vec<PathBuf> = if job.seed_drop {
+            settings.allowed_source_dirs.clone()
+        } else {
+            disk.path.parent().map(|p| vec![p.to_path_buf()]).unwrap_or_default()
+        };
+        let info = engine::inspect_image(&settings.qemu, &disk.file, &qemu_source_path(disk), &disk.path, disk.format, &allowed)
+            .await
+            .map_err(|e| JobFailure::new(vm, format!("disk {} ({}): {e}", disk.id, disk.path.display())))?;
+        infos.push(info);
+    }
+    Ok(infos)
+}
+
+/// The path qemu-img opens for a source disk: our own open descriptor via /proc (so the file we
+/// verified is the file converted), except for VMDK text descriptors, whose extents qemu-img
+/// resolves relative to the descriptor's real directory.
+pub fn qemu_source_path(disk: &SourceDisk) -> String {
+    let descriptor = disk.format == DiskFormat::Vmdk
+        && matches!(crate::format::sniff(&disk.file), Ok(Sniffed::VmdkDescriptor));
+    if descriptor {
+        disk.path.display().to_string()
+    } else {
+        format!("/proc/{}/fd/{}", std::process::id(), disk.file.as_raw_fd())
+    }
+}
+
+/// Turn an engine error into the text of `<vm>.error`.
+pub fn engine_failure(vm: Option<&str>, doing: &str, source: &Path, work_dir: &Path, e: EngineError) -> JobFailure {
+    match e {
+        EngineError::Cancelled => JobFailure::cancelled(vm, &format!("stopped while {doing}")),
+        EngineError::Failed { ref stderr, .. } if stderr.contains("No space left on device") => {
+            let free = fsx::free_bytes(work_dir).map(|b| format!("{b} bytes free")).unwrap_or_default();
+            JobFailure::new(vm, format!(
+                "{doing}: the output file system is full ({free} in {}); the partial output was removed. Free space, then submit the job again\n{e}",
+                work_dir.display()
+            ))
+        }
+        other => JobFailure::new(vm, format!("{doing} ({}): {other}", source.display())),
+    }
+}

@@ -12,9 +12,11 @@
 //! This crate knows nothing of gRPC, command-line parsing or global logging set-up.
 
 pub mod digest;
+pub mod duration;
 pub mod engine;
 pub mod format;
 pub mod fsx;
+pub mod instance;
 pub mod jobid;
 pub mod manifest;
 pub mod names;

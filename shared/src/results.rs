@@ -116,6 +116,13 @@ pub enum ResultError {
     },
 }
 
+impl ResultError {
+    /// Map an I/O error of job `id` in `dir`.
+    pub fn from_io(id: JobId, dir: PathBuf) -> impl FnOnce(io::Error) -> ResultError {
+        move |source| ResultError::Io { id, dir, source }
+    }
+}
+
 /// File name of a disk's result: the boot disk is `<vm>.qcow2`, the others `<vm>-<disk>.qcow2`.
 pub fn disk_file_name(vm: &str, disk_id: &str, boot: bool) -> String {
     if boot { format!("{vm}.qcow2") } else { format!("{vm}-{disk_id}.qcow2") }

@@ -287,8 +287,14 @@ pub(crate) fn record_event(job_dir: &Path, kind: &str, token: &str, detail: serd
 }
 
 pub(crate) fn count_claims(job_dir: &Path) -> usize {
+    count_events(job_dir, "claim")
+}
+
+/// How many events of this kind a job's history holds.
+pub(crate) fn count_events(job_dir: &Path, kind: &str) -> usize {
+    let needle = format!("-{kind}-");
     read_names(&job_dir.join(EVENTS))
-        .map(|names| names.iter().filter(|n| n.contains("-claim-")).count())
+        .map(|names| names.iter().filter(|n| n.contains(&needle)).count())
         .unwrap_or(0)
 }
 

@@ -11,7 +11,7 @@ use std::io;
 use std::path::Path;
 use std::time::{Duration, Instant, SystemTime};
 
-use super::claim::{count_claims, read_lease, record_event};
+use super::claim::{count_events, read_lease, record_event};
 use super::{LEASE, Queue, State, make_dir, read_names};
 use crate::fsx::{self, Moved};
 use crate::jobid::JobId;
@@ -140,20 +140,21 @@ pub enum RecoverAction {
     Gone,
 }
 
-/// Take a stale claim `converting/<id>@<token>` back: to `queued/` while it has had fewer than
-/// `max_attempts` claims, else to `failed/`. Exactly one recoverer wins the rename.
+/// Take a stale claim `converting/<id>@<token>` back: to `queued/` while its agents died fewer
+/// than `max_attempts` times, else to `failed/` (a job that kills its agent must not do so
+/// forever). A graceful requeue does not count. Exactly one recoverer wins the rename.
 pub fn recover_claim(queue: &Queue, name: &str, why: &str, max_attempts: usize) -> io::Result<RecoverAction> {
     let Some((id, token)) = parse_claim_name(name) else {
         return Ok(RecoverAction::Gone);
     };
     let dir = queue.state_dir(State::Converting).join(name);
-    let attempts = count_claims(&dir);
-    record_event(&dir, "expired", token, serde_json::json!({ "why": why }));
+    let attempts = count_events(&dir, "expired") + 1;
     let (state, action) = if attempts >= max_attempts {
         (State::Failed, RecoverAction::Failed { attempts })
     } else {
         (State::Queued, RecoverAction::Requeued { attempts })
     };
+    record_event(&dir, "expired", token, serde_json::json!({ "why": why }));
     make_dir(&queue.state_dir(state))?;
     match fsx::rename_noreplace(&dir, &queue.job_dir(state, &id))? {
         Moved::Yes => {

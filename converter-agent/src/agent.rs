@@ -1,0 +1,373 @@
+//! Start-up, the scan/claim loop, recovery of other agents' stale claims, and shutdown.
+
+use std::collections::{HashMap, HashSet};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use anyhow::Context;
+use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::Notify;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+use hyperfarm_shared::JobId;
+use hyperfarm_shared::engine::QemuImg;
+use hyperfarm_shared::fsx;
+use hyperfarm_shared::queue::{self, IngestOutcome, LeaseTracker, Liveness, Queue, RecoverAction, SeedTracker, State};
+use hyperfarm_shared::results::{OutputDir, Publication, ResultState};
+use hyperfarm_shared::worker::WorkerSettings;
+
+use crate::board::Board;
+use crate::config::{self, Config};
+use crate::job::{self, JobStop, StopReason};
+use crate::{EXIT_DIRS, EXIT_ENGINE, Fatal, sdnotify};
+
+/// A job this agent is running.
+#[derive(Debug)]
+pub struct RunningJob {
+    pub token: String,
+    pub stop: Arc<JobStop>,
+}
+
+/// Everything the agent's tasks share.
+#[derive(Debug)]
+pub struct Core {
+    pub cfg: Config,
+    pub queue: Queue,
+    pub output: OutputDir,
+    pub settings: WorkerSettings,
+    /// `<instance>@<host>`, written into leases and records.
+    pub agent_name: String,
+    pub board: Board,
+    pub running: Mutex<HashMap<JobId, RunningJob>>,
+    /// Cancelled when the agent stops claiming (shutdown).
+    pub shutdown: CancellationToken,
+    pub started: Instant,
+    pub qemu_version: String,
+    tracker: Mutex<LeaseTracker>,
+    seeds: Mutex<SeedTracker>,
+    scans: std::sync::atomic::AtomicU64,
+}
+
+impl Core {
+    pub fn running_tokens(&self) -> HashSet<String> {
+        self.running.lock().expect("running lock").values().map(|r| r.token.clone()).collect()
+    }
+    pub fn running_count(&self) -> usize {
+        self.running.lock().expect("running lock").len()
+    }
+}
+
+fn fatal(code: u8, message: String) -> anyhow::Error {
+    Fatal { code, message }.into()
+}
+
+/// Check the directories and qemu-img, build the shared state. Exits with a documented code when
+/// the host cannot work.
+pub async fn prepare(cfg: Config) -> anyhow::Result<Arc<Core>> {
+    let queue = Queue::new(&cfg.watch_dir);
+    let output = OutputDir::new(&cfg.output_dir);
+    let (q2, o2) = (queue.clone(), output.clone());
+    let (watch_dir, output_dir) = (cfg.watch_dir.clone(), cfg.output_dir.clone());
+    tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+        check_dir("watch", &watch_dir, || q2.init())?;
+        check_dir("output", &output_dir, || o2.init())?;
+        Ok(())
+    })
+    .await??;
+    let allowed = config::canonical_allowed(&cfg)?;
+    let qemu = QemuImg::new(&cfg.qemu_img);
+    let qemu_version = qemu.version().await.map_err(|e| {
+        fatal(EXIT_ENGINE, format!("qemu-img is not usable: {e}. Install qemu-utils (Debian) or qemu-img (RHEL), or set qemu_img in the configuration"))
+    })?;
+    let settings = WorkerSettings { qemu, convert: cfg.convert.clone(), allowed_source_dirs: allowed };
+    let agent_name = format!("{}@{}", cfg.instance, fsx::hostname());
+    Ok(Arc::new(Core {
+        tracker: Mutex::new(LeaseTracker::new(cfg.lease_timeout)),
+        seeds: Mutex::new(SeedTracker::new()),
+        scans: Default::default(),
+        queue,
+        output,
+        settings,
+        agent_name,
+        board: Board::new(),
+        running: Mutex::new(HashMap::new()),
+        shutdown: CancellationToken::new(),
+        started: Instant::now(),
+        qemu_version,
+        cfg,
+    }))
+}
+
+fn check_dir(what: &str, dir: &Path, init: impl FnOnce() -> std::io::Result<()>) -> anyhow::Result<()> {
+    let hint = "create it (and mount the share, if it is on NFS), give the agent's user write access to it, or point --{what}-dir elsewhere";
+    let hint = hint.replace("{what}", what);
+    match std::fs::metadata(dir) {
+        Ok(md) if md.is_dir() => {}
+        Ok(_) => return Err(fatal(EXIT_DIRS, format!("the {what} directory {} is not a directory; {hint}", dir.display()))),
+        Err(e) => return Err(fatal(EXIT_DIRS, format!("the {what} directory {} is unusable ({e}); {hint}", dir.display()))),
+    }
+    init().map_err(|e| fatal(EXIT_DIRS, format!("cannot prepare the {what} directory {} ({e}); {hint}", dir.display())))?;
+    fsx::probe_writable(dir).map_err(|e| fatal(EXIT_DIRS, format!("the {what} directory {} is not writable ({e}); {hint}", dir.display())))?;
+    Ok(())
+}
+
+/// Run the agent until SIGTERM/SIGINT.
+pub async fn run(cfg: Config) -> anyhow::Result<()> {
+    let core = prepare(cfg).await?;
+    serve(core, std::future::pending::<()>()).await
+}
+
+/// The main loop. Returns after a signal (or `extra_stop` completing) and a graceful shutdown.
+pub async fn serve(core: Arc<Core>, extra_stop: impl std::future::Future<Output = ()>) -> anyhow::Result<()> {
+    let cfg = &core.cfg;
+    info!(
+        instance = %cfg.instance, watch_dir = %cfg.watch_dir.display(), output_dir = %cfg.output_dir.display(),
+        max_concurrent = cfg.max_concurrent, qemu_img = %core.qemu_version, "starting"
+    );
+
+    let wake = Arc::new(Notify::new());
+    let _watcher = start_watcher(&core.queue, wake.clone());
+    let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let mut jobs: JoinSet<JobId> = JoinSet::new();
+    tokio::pin!(extra_stop);
+
+    // Start-up recovery: this host's dead claims are taken back at once.
+    let mut first = true;
+    let watchdog = sdnotify::watchdog_interval();
+    let mut last_watchdog = Instant::now();
+    loop {
+        let scan = {
+            let core = core.clone();
+            tokio::task::spawn_blocking(move || scan(&core)).await
+        };
+        match scan {
+            Ok(Ok(queued)) => {
+                for id in queued {
+                    if core.running_count() >= core.cfg.max_concurrent || core.shutdown.is_cancelled() {
+                        break;
+                    }
+                    let c2 = core.clone();
+                    let claimed = tokio::task::spawn_blocking(move || {
+                        queue::claim(&c2.queue, id, &c2.agent_name)
+                    })
+                    .await;
+                    match claimed {
+                        Ok(Ok(Some(claim))) => {
+                            let stop = Arc::new(JobStop::default());
+                            core.running.lock().expect("running lock").insert(
+                                id,
+                                RunningJob { token: claim.token().to_string(), stop: stop.clone() },
+                            );
+                            let c3 = core.clone();
+                            jobs.spawn(async move {
+                                job::run_claimed(c3.clone(), claim, stop).await;
+                                c3.running.lock().expect("running lock").remove(&id);
+                                id
+                            });
+                        }
+                        Ok(Ok(None)) => {}
+                        Ok(Err(e)) => warn!(job = %id, "{e:#}"),
+                        Err(e) => error!(job = %id, "claim task failed: {e}"),
+                    }
+                }
+            }
+            Ok(Err(e)) => warn!("scanning the queue: {e:#}"),
+            Err(e) => error!("scan task failed: {e}"),
+        }
+        if first {
+            first = false;
+            info!("ready");
+            sdnotify::notify("READY=1");
+        }
+        if let Some(every) = watchdog
+            && last_watchdog.elapsed() >= every
+        {
+            sdnotify::notify("WATCHDOG=1");
+            last_watchdog = Instant::now();
+        }
+        let tick = watchdog.map_or(core.cfg.poll_interval, |w| w.min(core.cfg.poll_interval));
+        tokio::select! {
+            _ = tokio::time::sleep(tick) => {}
+            _ = wake.notified() => {}
+            Some(_) = jobs.join_next(), if !jobs.is_empty() => {}
+            _ = sigterm.recv() => { info!("SIGTERM: stopping"); break; }
+            _ = sigint.recv() => { info!("SIGINT: stopping"); break; }
+            _ = &mut extra_stop => { info!("stop requested"); break; }
+        }
+    }
+    shutdown(&core, jobs, &mut sigterm).await;
+    Ok(())
+}
+
+/// Stop claiming; let running jobs finish within the grace period; then stop them and return
+/// them to the queue. A second SIGTERM skips the grace period.
+async fn shutdown(core: &Arc<Core>, mut jobs: JoinSet<JobId>, sigterm: &mut tokio::signal::unix::Signal) {
+    core.shutdown.cancel();
+    sdnotify::notify("STOPPING=1");
+    let n = jobs.len();
+    if n > 0 {
+        info!(running = n, grace = %hyperfarm_shared::duration::show(core.cfg.shutdown_grace), "waiting for running jobs");
+        let deadline = tokio::time::sleep(core.cfg.shutdown_grace);
+        tokio::pin!(deadline);
+        loop {
+            tokio::select! {
+                r = jobs.join_next() => if r.is_none() { break },
+                _ = &mut deadline => break,
+                _ = sigterm.recv() => { info!("second SIGTERM: not waiting any longer"); break; }
+            }
+        }
+        if !jobs.is_empty() {
+            let running: Vec<Arc<JobStop>> =
+                core.running.lock().expect("running lock").values().map(|r| r.stop.clone()).collect();
+            info!(jobs = running.len(), "returning unfinished jobs to the queue");
+            for stop in running {
+                stop.stop(StopReason::Shutdown);
+            }
+            while jobs.join_next().await.is_some() {}
+        }
+    }
+    info!("stopped");
+}
+
+/// One pass over the queue (blocking I/O): ingest seed drops, recover stale claims, clean
+/// leftovers. Returns the queued job ids, oldest first.
+fn scan(core: &Core) -> anyhow::Result<Vec<JobId>> {
+    let n = core.scans.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let periodic = n % 20 == 0;
+    let queue = &core.queue;
+
+    if !core.shutdown.is_cancelled() {
+        let outcomes = {
+            let mut seeds = core.seeds.lock().expect("seed lock");
+            queue::ingest_seed_drops(queue, &mut seeds, core.cfg.settle_time)
+        };
+        match outcomes {
+            Ok(list) => {
+                for o in list {
+                    if let IngestOutcome::Ingested { name, id } = o {
+                        info!(job = %id, drop = %name, "ingested a manifest drop");
+                    }
+                }
+            }
+            Err(e) => warn!("ingesting manifest drops in {}: {e}", queue.root().display()),
+        }
+    }
+
+    // Other agents' (and our previous incarnations') claims.
+    let mine = core.running_tokens();
+    let converting = queue.state_dir(State::Converting);
+    let names = std::fs::read_dir(&converting)
+        .with_context(|| format!("listing {}", converting.display()))?
+        .filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().into_owned()))
+        .collect::<Vec<_>>();
+    let server_now = if periodic { queue::server_now(&queue.tmp_dir()).ok() } else { None };
+    let mut present = HashSet::new();
+    let mut stale = Vec::new();
+    {
+        let mut tracker = core.tracker.lock().expect("tracker lock");
+        for name in &names {
+            let Some((_, token)) = queue::parse_claim_name(name) else { continue };
+            if mine.contains(token) {
+                continue;
+            }
+            present.insert(name.clone());
+            if let Liveness::Stale(why) = tracker.assess(queue, name, server_now) {
+                stale.push((name.clone(), why));
+            }
+        }
+        tracker.retain(&present);
+    }
+    for (name, why) in stale {
+        if let Err(e) = recover(core, &name, &why) {
+            warn!(claim = %name, "recovering a stale claim: {e:#}");
+        }
+    }
+
+    if periodic {
+        match queue::cleanup_tmp(queue, core.cfg.staging_max_age, server_now) {
+            Ok(removed) if !removed.is_empty() => info!(count = removed.len(), "removed staging leftovers: {}", removed.join(", ")),
+            Ok(_) => {}
+            Err(e) => warn!("cleaning {}: {e}", queue.tmp_dir().display()),
+        }
+        let converting = queue.state_dir(State::Converting);
+        let live = |id: &JobId, token: &str| converting.join(format!("{id}@{token}")).exists();
+        if let Err(e) = core.output.cleanup_work(live) {
+            warn!("cleaning {}: {e}", core.output.tmp_dir().display());
+        }
+    }
+
+    let mut queued: Vec<JobId> = queue::list(queue, &[State::Queued], false)?.into_iter().map(|j| j.id).collect();
+    queued.sort();
+    Ok(queued)
+}
+
+/// Take back a stale claim: complete its publication if its agent got that far, else requeue it
+/// (or fail it after too many attempts).
+fn recover(core: &Core, name: &str, why: &str) -> anyhow::Result<()> {
+    let Some((id, token)) = queue::parse_claim_name(name) else { return Ok(()) };
+    let queue = &core.queue;
+    let claim_dir = queue.state_dir(State::Converting).join(name);
+    warn!(job = %id, claim = %name, "stale claim: {why}");
+    if let Some((publication, record)) = Publication::resume(&core.output, id, token) {
+        let state = match record.state {
+            ResultState::Done => State::Done,
+            ResultState::Failed => State::Failed,
+            ResultState::Cancelled => State::Cancelled,
+        };
+        match publication.publish(record, None, core.cfg.on_existing, || claim_dir.exists()) {
+            Ok(_) => info!(job = %id, "completed the publication its agent had begun"),
+            Err(e) => warn!(job = %id, "could not complete the publication its agent had begun: {e}"),
+        }
+        if core.output.read_record(&id).ok().flatten().is_some() {
+            queue::finish_foreign(queue, name, state)?;
+            return Ok(());
+        }
+    }
+    match queue::recover_claim(queue, name, why, core.cfg.max_attempts)? {
+        RecoverAction::Requeued { attempts } => {
+            info!(job = %id, attempts, "returned to the queue");
+            let _ = fsx::remove_tree(&core.output.work_dir(&id, token));
+        }
+        RecoverAction::Failed { attempts } => {
+            let _ = fsx::remove_tree(&core.output.work_dir(&id, token));
+            let dir = queue.job_dir(State::Failed, &id);
+            let message = format!(
+                "job {id}: its agent stopped {attempts} times while converting it (last: {why}); it was not retried again.\n\
+                 The job's disks stay in {} for inspection. If the VM is fine, submit it again; if an agent crashes on it, report the agent's log.",
+                dir.display()
+            );
+            job::publish_orphan_failure(core, id, &dir, &message);
+        }
+        RecoverAction::Gone => {}
+    }
+    Ok(())
+}
+
+/// Wake the loop early on file-system events in the watch directory and `queued/` (local
+/// writers only; NFS delivers no events from other hosts, so the timer always rescans too).
+fn start_watcher(queue: &Queue, wake: Arc<Notify>) -> Option<notify::RecommendedWatcher> {
+    use notify::{RecursiveMode, Watcher};
+    let handler = move |res: notify::Result<notify::Event>| {
+        if res.is_ok() {
+            wake.notify_one();
+        }
+    };
+    let mut w = match notify::recommended_watcher(handler) {
+        Ok(w) => w,
+        Err(e) => {
+            warn!("file-system events unavailable ({e}); relying on the poll interval");
+            return None;
+        }
+    };
+    for dir in [queue.root().to_path_buf(), queue.state_dir(State::Queued)] {
+        if let Err(e) = w.watch(&dir, RecursiveMode::NonRecursive) {
+            warn!("cannot watch {}: {e}; relying on the poll interval", dir.display());
+        }
+    }
+    Some(w)
+}
+

@@ -1,0 +1,297 @@
+//! The agent's configuration: defaults < config file (TOML) < environment < flags, parsed and
+//! validated once, before any work starts.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::Parser;
+use serde::Deserialize;
+
+use hyperfarm_shared::duration;
+use hyperfarm_shared::engine::ConvertOptions;
+use hyperfarm_shared::instance;
+use hyperfarm_shared::results::OnExisting;
+
+/// hyper2kvm-agent: claims VM conversion jobs from a queue on shared storage, verifies their
+/// digests, converts their disks to qcow2 and publishes `<output>/<vm>.qcow2` or `<vm>.error`.
+#[derive(Debug, Parser)]
+#[command(version, about, long_about = None)]
+pub struct Cli {
+    /// TOML configuration file [default: /etc/hyper2kvm/agent.toml or agent-<instance>.toml, if present]
+    #[arg(long, short = 'c', env = "HYPER2KVM_AGENT_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Instance name: selects the default directories and config file [default: default]
+    #[arg(long, env = "HYPER2KVM_AGENT_INSTANCE")]
+    pub instance: Option<String>,
+    /// Queue directory on shared storage [default: /var/lib/hyper2kvm/queue, or /var/lib/hyper2kvm/<instance>/queue]
+    #[arg(long, env = "HYPER2KVM_AGENT_WATCH_DIR", value_name = "DIR")]
+    pub watch_dir: Option<PathBuf>,
+    /// Where results are published [default: /var/lib/hyper2kvm/output, or /var/lib/hyper2kvm/<instance>/output]
+    #[arg(long, env = "HYPER2KVM_AGENT_OUTPUT_DIR", value_name = "DIR")]
+    pub output_dir: Option<PathBuf>,
+    /// Jobs converted at once [default: 2]
+    #[arg(long, env = "HYPER2KVM_AGENT_MAX_CONCURRENT", value_name = "N")]
+    pub max_concurrent: Option<usize>,
+    /// Rescan the queue at least this often (file-system events only wake the agent early for
+    /// local writers; NFS never delivers events from other hosts) [default: 5s]
+    #[arg(long, env = "HYPER2KVM_AGENT_POLL_INTERVAL", value_parser = duration::parse, value_name = "DURATION")]
+    pub poll_interval: Option<Duration>,
+    /// A claim whose lease does not change for this long is recovered by another agent [default: 60s]
+    #[arg(long, env = "HYPER2KVM_AGENT_LEASE_TIMEOUT", value_parser = duration::parse, value_name = "DURATION")]
+    pub lease_timeout: Option<Duration>,
+    /// A seed-style manifest drop must stay unchanged this long before it is ingested [default: 5s]
+    #[arg(long, env = "HYPER2KVM_AGENT_SETTLE_TIME", value_parser = duration::parse, value_name = "DURATION")]
+    pub settle_time: Option<Duration>,
+    /// Directories that seed-style manifests may point into (repeatable) [default: the watch directory]
+    #[arg(long = "allowed-source-dir", env = "HYPER2KVM_AGENT_ALLOWED_SOURCE_DIRS", value_delimiter = ':', value_name = "DIR")]
+    pub allowed_source_dirs: Vec<PathBuf>,
+    /// When <vm>.qcow2 already exists from an earlier job: fail the new job, or archive the old file [default: fail]
+    #[arg(long, env = "HYPER2KVM_AGENT_ON_EXISTING", value_parser = parse_on_existing, value_name = "fail|archive")]
+    pub on_existing: Option<OnExisting>,
+    /// The qemu-img program [default: qemu-img from PATH]
+    #[arg(long, env = "HYPER2KVM_AGENT_QEMU_IMG", value_name = "PATH")]
+    pub qemu_img: Option<PathBuf>,
+    /// On SIGTERM, running conversions may finish within this time; then they are stopped and
+    /// returned to the queue [default: 30s]
+    #[arg(long, env = "HYPER2KVM_AGENT_SHUTDOWN_GRACE", value_parser = duration::parse, value_name = "DURATION")]
+    pub shutdown_grace: Option<Duration>,
+    /// A job whose agent died this many times is failed instead of retried [default: 3]
+    #[arg(long, env = "HYPER2KVM_AGENT_MAX_ATTEMPTS", value_name = "N")]
+    pub max_attempts: Option<usize>,
+    /// A single job may convert for at most this long [default: 24h]
+    #[arg(long, env = "HYPER2KVM_AGENT_JOB_TIMEOUT", value_parser = duration::parse, value_name = "DURATION")]
+    pub job_timeout: Option<Duration>,
+    /// Keep the disks of finished jobs in the queue's done/ directory [default: false]
+    #[arg(long, env = "HYPER2KVM_AGENT_KEEP_DONE_DISKS")]
+    pub keep_done_disks: Option<bool>,
+    /// Staging leftovers of crashed exporters on other hosts are removed after this age [default: 24h]
+    #[arg(long, env = "HYPER2KVM_AGENT_STAGING_MAX_AGE", value_parser = duration::parse, value_name = "DURATION")]
+    pub staging_max_age: Option<Duration>,
+    /// Log format on stderr
+    #[arg(long, env = "HYPER2KVM_AGENT_LOG_FORMAT", value_parser = ["text", "json"], default_value = "text")]
+    pub log_format: String,
+    /// Check the configuration, print it as JSON and exit
+    #[arg(long)]
+    pub check_config: bool,
+}
+
+fn parse_on_existing(s: &str) -> Result<OnExisting, String> {
+    match s {
+        "fail" => Ok(OnExisting::Fail),
+        "archive" => Ok(OnExisting::Archive),
+        _ => Err(format!("{s:?} is not fail or archive")),
+    }
+}
+
+/// The configuration file. Unknown keys are errors: a typo must not silently fall back to a default.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub instance: Option<String>,
+    pub watch_dir: Option<PathBuf>,
+    pub output_dir: Option<PathBuf>,
+    pub max_concurrent: Option<usize>,
+    #[serde(default, deserialize_with = "duration::de_opt")]
+    pub poll_interval: Option<Duration>,
+    #[serde(default, deserialize_with = "duration::de_opt")]
+    pub lease_timeout: Option<Duration>,
+    #[serde(default, deserialize_with = "duration::de_opt")]
+    pub settle_time: Option<Duration>,
+    pub allowed_source_dirs: Option<Vec<PathBuf>>,
+    pub on_existing: Option<OnExisting>,
+    pub qemu_img: Option<PathBuf>,
+    #[serde(default, deserialize_with = "duration::de_opt")]
+    pub shutdown_grace: Option<Duration>,
+    pub max_attempts: Option<usize>,
+    #[serde(default, deserialize_with = "duration::de_opt")]
+    pub job_timeout: Option<Duration>,
+    pub keep_done_disks: Option<bool>,
+    #[serde(default, deserialize_with = "duration::de_opt")]
+    pub staging_max_age: Option<Duration>,
+    pub convert: Option<ConvertOptions>,
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Config {
+    pub instance: String,
+    pub config_file: Option<PathBuf>,
+    pub watch_dir: PathBuf,
+    pub output_dir: PathBuf,
+    pub max_concurrent: usize,
+    #[serde(serialize_with = "ser_dur")]
+    pub poll_interval: Duration,
+    #[serde(serialize_with = "ser_dur")]
+    pub lease_timeout: Duration,
+    #[serde(serialize_with = "ser_dur")]
+    pub settle_time: Duration,
+    pub allowed_source_dirs: Vec<PathBuf>,
+    pub on_existing: OnExisting,
+    pub qemu_img: PathBuf,
+    #[serde(serialize_with = "ser_dur")]
+    pub shutdown_grace: Duration,
+    pub max_attempts: usize,
+    #[serde(serialize_with = "ser_dur")]
+    pub job_timeout: Duration,
+    pub keep_done_disks: bool,
+    #[serde(serialize_with = "ser_dur")]
+    pub staging_max_age: Duration,
+    pub convert: ConvertOptions,
+    pub log_format: String,
+}
+
+fn ser_dur<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&duration::show(*d))
+}
+
+impl Config {
+    /// How often the lease is refreshed: a quarter of its timeout, at least every 100 ms.
+    pub fn heartbeat_interval(&self) -> Duration {
+        (self.lease_timeout / 4).max(Duration::from_millis(100))
+    }
+}
+
+/// A configuration problem: exit code 3.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(pub String);
+
+/// Merge flags/environment (already merged by clap), the file and the defaults.
+pub fn load(cli: &Cli) -> anyhow::Result<Config> {
+    let instance_hint = cli.instance.clone();
+    let (file, config_file) = match &cli.config {
+        Some(path) => (read_file(path)?, Some(path.clone())),
+        None => {
+            let implicit = instance::config_file(instance_hint.as_deref());
+            if implicit.is_file() {
+                (read_file(&implicit)?, Some(implicit))
+            } else {
+                (FileConfig::default(), None)
+            }
+        }
+    };
+    let instance = cli.instance.clone().or(file.instance).unwrap_or_else(|| instance::DEFAULT.to_string());
+    instance::check_name(&instance).map_err(ConfigError)?;
+    let name = Some(instance.as_str());
+    let watch_dir = cli.watch_dir.clone().or(file.watch_dir).unwrap_or_else(|| instance::watch_dir(name));
+    let output_dir = cli.output_dir.clone().or(file.output_dir).unwrap_or_else(|| instance::output_dir(name));
+    let allowed_source_dirs = if cli.allowed_source_dirs.is_empty() {
+        file.allowed_source_dirs.unwrap_or_else(|| vec![watch_dir.clone()])
+    } else {
+        cli.allowed_source_dirs.clone()
+    };
+    let cfg = Config {
+        instance,
+        config_file,
+        watch_dir,
+        output_dir,
+        max_concurrent: cli.max_concurrent.or(file.max_concurrent).unwrap_or(2),
+        poll_interval: cli.poll_interval.or(file.poll_interval).unwrap_or(Duration::from_secs(5)),
+        lease_timeout: cli.lease_timeout.or(file.lease_timeout).unwrap_or(Duration::from_secs(60)),
+        settle_time: cli.settle_time.or(file.settle_time).unwrap_or(Duration::from_secs(5)),
+        allowed_source_dirs,
+        on_existing: cli.on_existing.or(file.on_existing).unwrap_or_default(),
+        qemu_img: cli.qemu_img.clone().or(file.qemu_img).unwrap_or_else(|| PathBuf::from("qemu-img")),
+        shutdown_grace: cli.shutdown_grace.or(file.shutdown_grace).unwrap_or(Duration::from_secs(30)),
+        max_attempts: cli.max_attempts.or(file.max_attempts).unwrap_or(3),
+        job_timeout: cli.job_timeout.or(file.job_timeout).unwrap_or(Duration::from_secs(24 * 3600)),
+        keep_done_disks: cli.keep_done_disks.or(file.keep_done_disks).unwrap_or(false),
+        staging_max_age: cli.staging_max_age.or(file.staging_max_age).unwrap_or(Duration::from_secs(24 * 3600)),
+        convert: file.convert.unwrap_or_default(),
+        log_format: cli.log_format.clone(),
+    };
+    validate(&cfg)?;
+    Ok(cfg)
+}
+
+fn read_file(path: &Path) -> anyhow::Result<FileConfig> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading the configuration file {}", path.display()))?;
+    toml::from_str(&text).map_err(|e| ConfigError(format!("configuration file {}: {e}", path.display())).into())
+}
+
+fn validate(cfg: &Config) -> anyhow::Result<()> {
+    let bad = |m: String| -> anyhow::Result<()> { Err(ConfigError(m).into()) };
+    if !(1..=64).contains(&cfg.max_concurrent) {
+        return bad(format!("max_concurrent = {} must be between 1 and 64", cfg.max_concurrent));
+    }
+    if cfg.poll_interval < Duration::from_millis(50) || cfg.poll_interval > Duration::from_secs(3600) {
+        return bad(format!("poll_interval = {} must be between 50ms and 1h", duration::show(cfg.poll_interval)));
+    }
+    if cfg.lease_timeout < Duration::from_millis(500) {
+        return bad(format!("lease_timeout = {} must be at least 500ms", duration::show(cfg.lease_timeout)));
+    }
+    if cfg.max_attempts == 0 {
+        return bad("max_attempts must be at least 1".into());
+    }
+    for (what, p) in [("watch_dir", &cfg.watch_dir), ("output_dir", &cfg.output_dir)] {
+        if !p.is_absolute() {
+            return bad(format!("{what} = {} must be an absolute path", p.display()));
+        }
+    }
+    if cfg.convert.coroutines == 0 || cfg.convert.coroutines > 16 {
+        return bad(format!("convert.coroutines = {} must be between 1 and 16", cfg.convert.coroutines));
+    }
+    if cfg.watch_dir == cfg.output_dir {
+        return bad("watch_dir and output_dir must be different directories".into());
+    }
+    Ok(())
+}
+
+/// Resolve the allowed source directories to canonical paths (they must exist).
+pub fn canonical_allowed(cfg: &Config) -> anyhow::Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    for d in &cfg.allowed_source_dirs {
+        match std::fs::canonicalize(d) {
+            Ok(c) => out.push(c),
+            Err(e) => bail!(ConfigError(format!("allowed source directory {}: {e}", d.display()))),
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cli(args: &[&str]) -> Cli {
+        Cli::parse_from(std::iter::once("hyper2kvm-agent").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn precedence_defaults_file_flags() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let f = d.path().join("agent.toml");
+        std::fs::write(&f, "watch_dir = \"/q\"\noutput_dir = \"/o\"\nmax_concurrent = 4\npoll_interval = \"2s\"\n[convert]\ncoroutines = 4\n").expect("write");
+        let c = load(&cli(&["--config", f.to_str().expect("utf8"), "--max-concurrent", "3"])).expect("load");
+        assert_eq!(c.watch_dir, PathBuf::from("/q"));
+        assert_eq!(c.max_concurrent, 3, "flags beat the file");
+        assert_eq!(c.poll_interval, Duration::from_secs(2));
+        assert_eq!(c.convert.coroutines, 4);
+        assert_eq!(c.lease_timeout, Duration::from_secs(60), "default");
+        assert_eq!(c.allowed_source_dirs, vec![PathBuf::from("/q")]);
+    }
+
+    #[test]
+    fn instance_selects_directories() {
+        let c = load(&cli(&["--instance", "vsphere"])).expect("load");
+        assert_eq!(c.watch_dir, PathBuf::from("/var/lib/hyper2kvm/vsphere/queue"));
+        assert_eq!(c.output_dir, PathBuf::from("/var/lib/hyper2kvm/vsphere/output"));
+    }
+
+    #[test]
+    fn rejects_unknown_keys_and_bad_values() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let f = d.path().join("agent.toml");
+        std::fs::write(&f, "watch_dri = \"/q\"\n").expect("write");
+        let e = load(&cli(&["--config", f.to_str().expect("utf8")])).expect_err("typo");
+        assert!(format!("{e:#}").contains("watch_dri"), "{e:#}");
+        let e = load(&cli(&["--max-concurrent", "0"])).expect_err("zero");
+        assert!(format!("{e:#}").contains("max_concurrent"));
+        let e = load(&cli(&["--watch-dir", "relative"])).expect_err("relative");
+        assert!(format!("{e:#}").contains("absolute"));
+        let e = load(&cli(&["--instance", "../x"])).expect_err("bad instance");
+        assert!(format!("{e:#}").contains("instance name"));
+    }
+}

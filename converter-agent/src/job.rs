@@ -1,0 +1,417 @@
+//! One claimed job: heartbeat, load, verify, convert, check, publish, finish.
+
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, error, info, info_span, warn};
+
+use hyperfarm_shared::JobId;
+use hyperfarm_shared::engine::EngineKind;
+use hyperfarm_shared::fsx;
+use hyperfarm_shared::names;
+use hyperfarm_shared::progress::{Phase, Progress};
+use hyperfarm_shared::queue::{Beat, Claim, ORIGIN, Outcome};
+use hyperfarm_shared::results::{Publication, ResultError, ResultRecord, ResultState};
+use hyperfarm_shared::worker::{self, JobFailure, LoadedJob};
+
+use crate::agent::Core;
+use crate::board::JobView;
+
+/// Why a running job was stopped from outside.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StopReason {
+    /// An operator cancelled it: it ends as cancelled with a `.error` saying so.
+    Cancel(String),
+    /// Another agent recovered it (our lease expired): discard everything, publish nothing.
+    Lost,
+    /// The agent is shutting down: return it to the queue.
+    Shutdown,
+    /// It ran longer than `job_timeout`.
+    Timeout,
+}
+
+/// A running job's stop switch.
+#[derive(Debug, Default)]
+pub struct JobStop {
+    pub token: CancellationToken,
+    reason: Mutex<Option<StopReason>>,
+}
+
+impl JobStop {
+    /// Stop the job for `reason` (the first reason given wins).
+    pub fn stop(&self, reason: StopReason) {
+        let mut r = self.reason.lock().expect("stop lock");
+        if r.is_none() {
+            *r = Some(reason);
+        }
+        drop(r);
+        self.token.cancel();
+    }
+    pub fn reason(&self) -> Option<StopReason> {
+        self.reason.lock().expect("stop lock").clone()
+    }
+}
+
+type SharedClaim = Arc<Mutex<Option<Claim>>>;
+
+/// Run a claimed job to its end. Never panics the agent: every failure becomes the job's result.
+pub async fn run_claimed(core: Arc<Core>, claim: Claim, stop: Arc<JobStop>) {
+    let id = claim.id();
+    let span = info_span!("job", job = %id);
+    async move {
+        let token = claim.token().to_string();
+        let started_at_ms = hyperfarm_shared::queue::now_ms();
+        info!(attempt = claim.attempts(), "claimed");
+        let claim: SharedClaim = Arc::new(Mutex::new(Some(claim)));
+        let (ptx, prx) = watch::channel(Progress::phase(Phase::Verifying, 0));
+        let view = Arc::new(Mutex::new(JobView {
+            id,
+            vm_name: None,
+            progress: Progress::phase(Phase::Verifying, 0),
+            started_at_ms,
+            updated_at_ms: started_at_ms,
+            summary: None,
+            files: vec![],
+            engine: None,
+        }));
+        core.board.update(view.lock().expect("view").clone());
+        let hb = tokio::spawn(heartbeat_loop(core.clone(), claim.clone(), prx.clone(), stop.clone()));
+        let fwd = tokio::spawn(forward_progress(core.clone(), view.clone(), prx));
+
+        let result = tokio::select! {
+            r = execute(&core, &claim, id, &token, started_at_ms, &ptx, &stop, &view) => r,
+            _ = tokio::time::sleep(core.cfg.job_timeout) => {
+                stop.stop(StopReason::Timeout);
+                Err(Ended::Failed(JobFailure::new(None, format!(
+                    "the job did not finish within job_timeout ({}) and was stopped; raise job_timeout in the agent's configuration if the VM is that large",
+                    hyperfarm_shared::duration::show(core.cfg.job_timeout)
+                ))))
+            }
+        };
+        let result = match (result, stop.reason()) {
+            (Err(Ended::Failed(f)), Some(StopReason::Cancel(reason))) if f.cancelled => Err(Ended::Failed(JobFailure::cancelled(f.vm_name.as_deref(), &reason))),
+            (r, _) => r,
+        };
+        hb.abort();
+        fwd.abort();
+        finish(&core, &claim, id, &token, started_at_ms, result, &stop, &view).await;
+    }
+    .instrument(span)
+    .await
+}
+
+/// How `execute` ended, when not with a published success.
+#[derive(Debug)]
+enum Ended {
+    /// Publish this failure (or cancellation).
+    Failed(JobFailure),
+    /// Nothing to publish: give the job back (shutdown) or forget it (lost).
+    Abandon,
+    /// Already has a result (a previous attempt published it before dying).
+    AlreadyPublished(ResultRecord),
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn execute(
+    core: &Arc<Core>,
+    claim: &SharedClaim,
+    id: JobId,
+    token: &str,
+    started_at_ms: u64,
+    ptx: &watch::Sender<Progress>,
+    stop: &Arc<JobStop>,
+    view: &Arc<Mutex<JobView>>,
+) -> Result<ResultRecord, Ended> {
+    // A previous attempt may have published before dying: the job is over.
+    let out = core.output.clone();
+    if let Ok(Ok(Some(rec))) = tokio::task::spawn_blocking(move || out.read_record(&id)).await {
+        return Err(Ended::AlreadyPublished(rec));
+    }
+
+    let dir = claim.lock().expect("claim lock").as_ref().map(|c| c.dir().to_path_buf()).ok_or(Ended::Abandon)?;
+    let allowed = core.settings.allowed_source_dirs.clone();
+    let loaded: LoadedJob = tokio::task::spawn_blocking(move || worker::load_job(&dir, id, &allowed))
+        .await
+        .map_err(|e| Ended::Failed(JobFailure::new(None, format!("loading the job crashed: {e}"))))?
+        .map_err(Ended::Failed)?;
+    let vm = loaded.vm_name.clone();
+    view.lock().expect("view").vm_name = Some(vm.clone());
+    info!(vm = %vm, disks = loaded.disks.len(), bytes = loaded.total_bytes(), seed_drop = loaded.seed_drop, "loaded");
+
+    let names = loaded.output_names();
+    core.output
+        .check_free(&vm, &names, core.cfg.on_existing)
+        .map_err(|e| Ended::Failed(JobFailure::new(Some(&vm), e.to_string())))?;
+
+    let out = core.output.clone();
+    let tok = token.to_string();
+    let publication = tokio::task::spawn_blocking(move || Publication::begin(&out, id, &tok))
+        .await
+        .map_err(|e| Ended::Failed(JobFailure::new(Some(&vm), format!("preparing the output crashed: {e}"))))?
+        .map_err(|e| {
+            Ended::Failed(JobFailure::new(Some(&vm), format!(
+                "cannot prepare the work area in {}: {e}; check that the output directory is writable and has space",
+                core.output.tmp_dir().display()
+            )))
+        })?;
+
+    let converted = worker::convert_job(&core.settings, &loaded, publication.work_dir(), ptx, &stop.token).await;
+    let converted = match converted {
+        Ok(c) => c,
+        Err(f) => {
+            publication.discard();
+            return Err(match stop.reason() {
+                Some(StopReason::Lost | StopReason::Shutdown) => Ended::Abandon,
+                _ => Ended::Failed(f),
+            });
+        }
+    };
+    if matches!(stop.reason(), Some(StopReason::Lost | StopReason::Shutdown)) {
+        publication.discard();
+        return Err(Ended::Abandon);
+    }
+
+    ptx.send_replace(Progress { phase: Phase::Publishing, percent: 100.0, ..Default::default() });
+    let attempts = claim.lock().expect("claim lock").as_ref().map(|c| c.attempts()).unwrap_or(1);
+    let record = ResultRecord {
+        job_id: id,
+        state: ResultState::Done,
+        vm_name: vm.clone(),
+        files: converted.files,
+        error_file: None,
+        error: None,
+        archived: vec![],
+        engine: converted.engine.to_string(),
+        agent: core.agent_name.clone(),
+        host: fsx::hostname(),
+        token: token.to_string(),
+        attempts,
+        started_at_ms,
+        finished_at_ms: hyperfarm_shared::queue::now_ms(),
+    };
+    let policy = core.cfg.on_existing;
+    let claim_dir = claim.lock().expect("claim lock").as_ref().map(|c| c.dir().to_path_buf()).ok_or(Ended::Abandon)?;
+    let published = tokio::task::spawn_blocking(move || {
+        publication.publish(record, None, policy, || claim_dir.exists())
+    })
+    .await
+    .map_err(|e| Ended::Failed(JobFailure::new(Some(&vm), format!("publishing crashed: {e}"))))?;
+    match published {
+        Ok(rec) => Ok(rec),
+        Err(ResultError::Lost { .. }) => {
+            stop.stop(StopReason::Lost);
+            Err(Ended::Abandon)
+        }
+        Err(e @ ResultError::Conflict { .. }) => Err(Ended::Failed(JobFailure::new(Some(&vm), e.to_string()))),
+        Err(e) => Err(Ended::Failed(JobFailure::new(Some(&vm), e.to_string()))),
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn finish(
+    core: &Arc<Core>,
+    claim: &SharedClaim,
+    id: JobId,
+    token: &str,
+    started_at_ms: u64,
+    result: Result<ResultRecord, Ended>,
+    stop: &Arc<JobStop>,
+    view: &Arc<Mutex<JobView>>,
+) {
+    let Some(claim) = claim.lock().expect("claim lock").take() else { return };
+    let core2 = core.clone();
+    let token = token.to_string();
+    let engine = EngineKind::QemuImg.to_string();
+    let (phase, summary, files) = match &result {
+        Ok(rec) | Err(Ended::AlreadyPublished(rec)) => (
+            match rec.state {
+                ResultState::Done => Phase::Done,
+                ResultState::Failed => Phase::Failed,
+                ResultState::Cancelled => Phase::Cancelled,
+            },
+            rec.error.as_ref().map(|_| rec.summary()),
+            rec.files.iter().map(|f| f.name.clone()).collect(),
+        ),
+        Err(Ended::Failed(f)) => (if f.cancelled { Phase::Cancelled } else { Phase::Failed }, Some(f.message.lines().next().unwrap_or_default().to_string()), vec![]),
+        Err(Ended::Abandon) => (Phase::Queued, None, vec![]),
+    };
+    let reason = stop.reason();
+    let outcome = tokio::task::spawn_blocking(move || -> Result<&'static str, String> {
+        match result {
+            Ok(rec) | Err(Ended::AlreadyPublished(rec)) => {
+                let outcome = match rec.state {
+                    ResultState::Done => Outcome::Done,
+                    ResultState::Failed => Outcome::Failed,
+                    ResultState::Cancelled => Outcome::Cancelled,
+                };
+                finish_claim(&core2, claim, outcome)
+            }
+            Err(Ended::Failed(f)) => {
+                let vm = f.vm_name.clone().unwrap_or_else(|| fallback_vm_name(claim.dir(), &id));
+                let state = if f.cancelled { ResultState::Cancelled } else { ResultState::Failed };
+                let message = format!("{}\njob: {id}\nagent: {}\n", f.message, core2.agent_name);
+                let record = ResultRecord {
+                    job_id: id,
+                    state,
+                    vm_name: vm,
+                    files: vec![],
+                    error_file: None,
+                    error: None,
+                    archived: vec![],
+                    engine,
+                    agent: core2.agent_name.clone(),
+                    host: fsx::hostname(),
+                    token: token.clone(),
+                    attempts: claim.attempts(),
+                    started_at_ms,
+                    finished_at_ms: hyperfarm_shared::queue::now_ms(),
+                };
+                let dir = claim.dir().to_path_buf();
+                let publication = Publication::begin(&core2.output, id, &token)
+                    .map_err(|e| format!("cannot write the error result into {}: {e}", core2.output.tmp_dir().display()))?;
+                match publication.publish(record, Some(&message), core2.cfg.on_existing, || dir.exists()) {
+                    Ok(_) => {}
+                    Err(ResultError::Lost { .. }) => return Ok("lost to another agent"),
+                    Err(e) => return Err(format!("cannot publish the error result: {e}")),
+                }
+                finish_claim(&core2, claim, if f.cancelled { Outcome::Cancelled } else { Outcome::Failed })
+            }
+            Err(Ended::Abandon) => match reason {
+                Some(StopReason::Lost) => Ok("lost to another agent"),
+                _ => match claim.requeue("agent shutting down") {
+                    Ok(true) => Ok("returned to the queue"),
+                    Ok(false) => Ok("lost to another agent"),
+                    Err(e) => Err(format!("cannot return the job to the queue: {e}")),
+                },
+            },
+        }
+    })
+    .await;
+    match outcome {
+        Ok(Ok(what)) => info!(phase = %phase, summary = summary.as_deref().unwrap_or(""), "{what}"),
+        Ok(Err(e)) => error!("{e}"),
+        Err(e) => error!("finishing the job crashed: {e}"),
+    }
+    let mut v = view.lock().expect("view").clone();
+    if phase == Phase::Queued {
+        core.board.remove(&id, Phase::Queued);
+        return;
+    }
+    v.progress.phase = phase;
+    v.summary = summary;
+    v.files = files;
+    v.updated_at_ms = hyperfarm_shared::queue::now_ms();
+    core.board.update(v);
+}
+
+fn finish_claim(core: &Core, claim: Claim, outcome: Outcome) -> Result<&'static str, String> {
+    let id = claim.id();
+    let seed = claim.dir().join(ORIGIN).is_file();
+    match claim.finish(outcome) {
+        Ok(true) => {
+            // The job's own copies of its disks are no longer needed once converted or
+            // cancelled (failed jobs keep them for inspection). A seed drop's disks are the
+            // exporter's and are never touched.
+            if !seed && !core.cfg.keep_done_disks && outcome != Outcome::Failed {
+                let disks = core.queue.job_dir(outcome.state(), &id).join(hyperfarm_shared::queue::DISKS);
+                if let Err(e) = fsx::remove_tree(&disks) {
+                    warn!("cannot remove {}: {e}", disks.display());
+                }
+            }
+            Ok(match outcome {
+                Outcome::Done => "done",
+                Outcome::Failed => "failed",
+                Outcome::Cancelled => "cancelled",
+            })
+        }
+        Ok(false) => Ok("lost to another agent"),
+        Err(e) => Err(format!("cannot move the job to its final state: {e}")),
+    }
+}
+
+/// A name for `<name>.error` when the manifest gave no valid VM name: the seed drop's file stem,
+/// else `job-<id>`.
+fn fallback_vm_name(job_dir: &Path, id: &JobId) -> String {
+    let from_origin = std::fs::read(job_dir.join(ORIGIN))
+        .ok()
+        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+        .and_then(|v| v.get("original_name").and_then(|n| n.as_str()).map(str::to_string))
+        .and_then(|n| names::sanitize_vm_name(n.trim_end_matches(".json")));
+    from_origin.unwrap_or_else(|| format!("job-{id}"))
+}
+
+/// Publish a failure for a job no agent holds any more (after too many attempts).
+pub fn publish_orphan_failure(core: &Core, id: JobId, job_dir: &Path, message: &str) {
+    let loaded = worker::load_job(job_dir, id, &core.settings.allowed_source_dirs);
+    let vm = match &loaded {
+        Ok(j) => j.vm_name.clone(),
+        Err(f) => f.vm_name.clone().unwrap_or_else(|| fallback_vm_name(job_dir, &id)),
+    };
+    let token = format!("recovery-{}", hyperfarm_shared::queue::claim_token());
+    let record = ResultRecord {
+        job_id: id,
+        state: ResultState::Failed,
+        vm_name: vm,
+        files: vec![],
+        error_file: None,
+        error: None,
+        archived: vec![],
+        engine: EngineKind::QemuImg.to_string(),
+        agent: core.agent_name.clone(),
+        host: fsx::hostname(),
+        token: token.clone(),
+        attempts: 0,
+        started_at_ms: hyperfarm_shared::queue::now_ms(),
+        finished_at_ms: hyperfarm_shared::queue::now_ms(),
+    };
+    let result = Publication::begin(&core.output, id, &token)
+        .map_err(ResultError::from_io(id, core.output.tmp_dir()))
+        .and_then(|p| p.publish(record, Some(message), core.cfg.on_existing, || true));
+    if let Err(e) = result {
+        error!(job = %id, "cannot publish the failure: {e}");
+    }
+}
+
+async fn heartbeat_loop(core: Arc<Core>, claim: SharedClaim, progress: watch::Receiver<Progress>, stop: Arc<JobStop>) {
+    let every = core.cfg.heartbeat_interval();
+    loop {
+        tokio::time::sleep(every).await;
+        let p = progress.borrow().clone();
+        let c = claim.clone();
+        let beat = tokio::task::spawn_blocking(move || {
+            let mut g = c.lock().expect("claim lock");
+            g.as_mut().map(|claim| claim.heartbeat(p.phase.as_str(), p.percent, p.bytes_done, p.bytes_total))
+        })
+        .await;
+        match beat {
+            Ok(Some(Ok(Beat::Owned))) => {}
+            Ok(Some(Ok(Beat::CancelRequested(reason)))) => {
+                info!(reason = %reason, "cancel requested");
+                stop.stop(StopReason::Cancel(reason));
+            }
+            Ok(Some(Ok(Beat::Lost))) => {
+                warn!("lost the job: another agent recovered it after our lease expired; stopping without publishing");
+                stop.stop(StopReason::Lost);
+                return;
+            }
+            Ok(Some(Err(e))) => warn!("heartbeat failed: {e}"),
+            Ok(None) => return,
+            Err(e) => warn!("heartbeat task failed: {e}"),
+        }
+    }
+}
+
+async fn forward_progress(core: Arc<Core>, view: Arc<Mutex<JobView>>, mut rx: watch::Receiver<Progress>) {
+    while rx.changed().await.is_ok() {
+        let p = rx.borrow_and_update().clone();
+        let v = {
+            let mut g = view.lock().expect("view");
+            g.progress = p;
+            g.updated_at_ms = hyperfarm_shared::queue::now_ms();
+            g.clone()
+        };
+        core.board.update(v);
+    }
+}

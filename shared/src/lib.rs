@@ -23,6 +23,7 @@ pub mod names;
 pub mod progress;
 pub mod queue;
 pub mod results;
+pub mod timefmt;
 pub mod worker;
 
 pub use jobid::JobId;

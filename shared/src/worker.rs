@@ -54,7 +54,8 @@ pub struct LoadedJob {
     pub disks: Vec<SourceDisk>,
     pub stages: Stages,
     pub engine: Option<String>,
-    pub manifest: Manifest,
+    /// The manifest (absent for hyperexport's direct mode, which has none).
+    pub manifest: Option<Manifest>,
     pub seed_drop: bool,
 }
 
@@ -155,7 +156,7 @@ pub fn load_job(job_dir: &Path, id: JobId, allowed_source_dirs: &[PathBuf]) -> R
         disks,
         stages: checked.stages,
         engine: checked.engine,
-        manifest,
+        manifest: Some(manifest),
         seed_drop,
     })
 }

@@ -1,0 +1,132 @@
+//! hyperexport's flags (the seed's names and defaults) and configuration file.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+use serde::Deserialize;
+
+use hyperfarm_shared::duration;
+use hyperfarm_shared::results::OnExisting;
+
+/// hyperexport: export a VM (OVA, OVF, VMX, VMDK, VHD, VHDX, raw, qcow2) into a hyperfarm queue
+/// and follow its conversion to KVM qcow2, or convert it on this host.
+///
+/// Modes: daemon (`--pipeline --hyper2kvm-daemon`): publish into the agent's watch directory and
+/// wait for this job's result. Direct (`--pipeline`): convert here into `--output`. Export only
+/// (no `--pipeline`): publish the job into the queue at `--output` for a conversion server.
+#[derive(Debug, Parser)]
+#[command(name = "hyperexport", version, about, long_about = None)]
+pub struct Cli {
+    /// TOML configuration file [default: /etc/hyper2kvm/hyperexport.toml, if present]
+    #[arg(long, env = "HYPEREXPORT_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Where the VM comes from (only `local` for now; vSphere and clouds later)
+    #[arg(long, default_value = "local", value_parser = ["local"])]
+    pub provider: String,
+    /// The VM: an .ova, an .ovf (disks beside it), a .vmx (VMDKs beside it), or a disk image
+    #[arg(long, value_name = "PATH")]
+    pub vm: PathBuf,
+    /// VM name (default: from the OVF/VMX, else the file name); names the output files
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Export only: the queue directory to publish into. Direct mode: where <vm>.qcow2 is written
+    #[arg(long, value_name = "DIR")]
+    pub output: Option<PathBuf>,
+    /// Write an Artifact Manifest v1.0 (always done; accepted for compatibility with HyperSDK)
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
+    pub manifest: Option<bool>,
+    /// Convert to qcow2 (daemon mode with --hyper2kvm-daemon, else on this host)
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
+    pub pipeline: Option<bool>,
+    /// hyper2kvm program for direct mode [default: hyper2kvm from PATH when the hyper2kvm engine is used]
+    #[arg(long, value_name = "PATH")]
+    pub hyper2kvm_path: Option<PathBuf>,
+    /// Submit to the conversion agent through its queue and wait for the result
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
+    pub hyper2kvm_daemon: Option<bool>,
+    /// Agent instance: selects its directories (/var/lib/hyper2kvm/<instance>/{queue,output})
+    #[arg(long, value_name = "NAME")]
+    pub hyper2kvm_instance: Option<String>,
+    /// The agent's watch (queue) directory [default: /var/lib/hyper2kvm/queue]
+    #[arg(long, value_name = "DIR")]
+    pub hyper2kvm_watch_dir: Option<PathBuf>,
+    /// The agent's output directory [default: /var/lib/hyper2kvm/output]
+    #[arg(long, value_name = "DIR")]
+    pub hyper2kvm_output_dir: Option<PathBuf>,
+    /// Seconds between checks for the result (or a duration such as 500ms) [default: 5]
+    #[arg(long, value_parser = parse_seconds, value_name = "SECONDS")]
+    pub hyper2kvm_poll_interval: Option<Duration>,
+    /// Minutes to wait for the result (or a duration such as 90s) [default: 60]
+    #[arg(long, value_parser = parse_minutes, value_name = "MINUTES")]
+    pub hyper2kvm_daemon_timeout: Option<Duration>,
+    /// qemu-img program for direct mode [default: qemu-img from PATH]
+    #[arg(long, value_name = "PATH")]
+    pub qemu_img: Option<PathBuf>,
+    /// Direct mode: when <vm>.qcow2 already exists, fail (default) or archive the old file
+    #[arg(long, value_parser = parse_on_existing, value_name = "fail|archive")]
+    pub on_existing: Option<OnExisting>,
+    /// Daemon mode: publish the job and exit without waiting for its result
+    #[arg(long)]
+    pub detach: bool,
+    /// Print the result as JSON on stdout
+    #[arg(long)]
+    pub json: bool,
+    /// No progress output
+    #[arg(long, short)]
+    pub quiet: bool,
+}
+
+fn parse_seconds(s: &str) -> Result<Duration, String> {
+    duration::parse(s)
+}
+
+fn parse_minutes(s: &str) -> Result<Duration, String> {
+    match s.trim().parse::<f64>() {
+        Ok(m) if m.is_finite() && m > 0.0 && m < 1e7 => Ok(Duration::from_secs_f64(m * 60.0)),
+        Ok(_) => Err(format!("{s:?} is not a usable number of minutes")),
+        Err(_) => duration::parse(s),
+    }
+}
+
+fn parse_on_existing(s: &str) -> Result<OnExisting, String> {
+    match s {
+        "fail" => Ok(OnExisting::Fail),
+        "archive" => Ok(OnExisting::Archive),
+        _ => Err(format!("{s:?} is not fail or archive")),
+    }
+}
+
+/// `/etc/hyper2kvm/hyperexport.toml`. Unknown keys are errors.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub instance: Option<String>,
+    pub watch_dir: Option<PathBuf>,
+    pub output_dir: Option<PathBuf>,
+    #[serde(default, deserialize_with = "duration::de_opt")]
+    pub poll_interval: Option<Duration>,
+    #[serde(default, deserialize_with = "duration::de_opt")]
+    pub daemon_timeout: Option<Duration>,
+    pub qemu_img: Option<PathBuf>,
+    pub hyper2kvm_path: Option<PathBuf>,
+}
+
+pub const DEFAULT_CONFIG: &str = "/etc/hyper2kvm/hyperexport.toml";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn seed_flag_forms() {
+        let c = Cli::parse_from(["hyperexport", "--vm", "x.ova", "--pipeline", "--hyper2kvm-daemon", "--hyper2kvm-poll-interval", "2", "--hyper2kvm-daemon-timeout", "90"]);
+        assert_eq!(c.pipeline, Some(true));
+        assert_eq!(c.hyper2kvm_daemon, Some(true));
+        assert_eq!(c.hyper2kvm_poll_interval, Some(Duration::from_secs(2)));
+        assert_eq!(c.hyper2kvm_daemon_timeout, Some(Duration::from_secs(5400)));
+        let c = Cli::parse_from(["hyperexport", "--vm", "x", "--pipeline=false", "--manifest", "--output", "/q", "--hyper2kvm-daemon-timeout", "30s"]);
+        assert_eq!(c.pipeline, Some(false));
+        assert_eq!(c.hyper2kvm_daemon_timeout, Some(Duration::from_secs(30)));
+    }
+}

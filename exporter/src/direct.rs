@@ -1,0 +1,130 @@
+//! Direct mode: convert on this host with the same worker code the agent runs, publishing into
+//! `--output` exactly as an agent publishes into its output directory.
+
+use std::sync::Arc;
+
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use hyperfarm_shared::JobId;
+use hyperfarm_shared::digest::from_hex;
+use hyperfarm_shared::engine::{ConvertOptions, QemuImg};
+use hyperfarm_shared::format::DiskFormat;
+use hyperfarm_shared::fsx;
+use hyperfarm_shared::manifest::{Expected, Stages};
+use hyperfarm_shared::progress::{Phase, Progress};
+use hyperfarm_shared::results::{OnExisting, OutputDir, Publication, ResultError, ResultRecord, ResultState};
+use hyperfarm_shared::worker::{self, LoadedJob, WorkerSettings};
+
+use crate::ExportError;
+use crate::copy::Control;
+use crate::source::{DiskData, VmSource};
+use crate::submit::copy_with_meter;
+use crate::ui::Meter;
+
+pub struct DirectParams {
+    pub output: OutputDir,
+    pub qemu_img: std::path::PathBuf,
+    pub on_existing: OnExisting,
+    pub quiet: bool,
+}
+
+/// Convert `vm` into `params.output`. Whole-file disks are read in place; disks inside an OVA or
+/// spread over VMDK extents are first copied into the work area.
+pub async fn convert(vm: &VmSource, params: &DirectParams, ctl: Arc<Control>, cancel: CancellationToken) -> Result<ResultRecord, ExportError> {
+    let out = params.output.clone();
+    let unreachable = |e: std::io::Error| {
+        ExportError::Unreachable(format!("cannot use the output directory {}: {e}; create it and make it writable", params.output.path().display()))
+    };
+    tokio::task::spawn_blocking({
+        let out = out.clone();
+        move || out.init()
+    })
+    .await
+    .map_err(|e| ExportError::Internal(e.to_string()))?
+    .map_err(unreachable)?;
+
+    let id = JobId::new();
+    let token = format!("direct-{}", hyperfarm_shared::queue::claim_token());
+    let names: Vec<String> = vm.disks.iter().enumerate().map(|(i, d)| hyperfarm_shared::results::disk_file_name(&vm.name, &d.id, i == 0)).collect();
+    out.check_free(&vm.name, &names, params.on_existing).map_err(|e| ExportError::Conflict(e.to_string()))?;
+    let publication = Publication::begin(&out, id, &token).map_err(unreachable)?;
+    let staged = publication.work_dir().join("sources");
+    std::fs::create_dir_all(&staged).map_err(unreachable)?;
+
+    let mut disks = Vec::new();
+    for (i, d) in vm.disks.iter().enumerate() {
+        let (path, format, expected) = match &d.data {
+            DiskData::File { path, .. } => (path.clone(), d.format, None),
+            _ => {
+                let dst = staged.join(format!("{}.{}", d.id, d.format.extension()));
+                let c = copy_with_meter(d, &dst, None, &ctl, params.quiet).await?;
+                let fmt = if matches!(d.data, DiskData::Concat { .. }) { DiskFormat::Raw } else { d.format };
+                (dst, fmt, from_hex(&hyperfarm_shared::digest::to_hex(&c.blake3)).map(Expected::Blake3))
+            }
+        };
+        let file = fsx::open_regular(&path).map_err(|e| ExportError::BadInput(format!("{}: {e}", path.display())))?;
+        let bytes = file.metadata().map(|m| m.len()).unwrap_or(0);
+        disks.push(worker::SourceDisk { id: d.id.clone(), format, bytes, path, file, expected, boot: i == 0 });
+    }
+    let job = LoadedJob {
+        id,
+        vm_name: vm.name.clone(),
+        disks,
+        stages: Stages { convert: true, ..Default::default() },
+        engine: None,
+        manifest: None,
+        seed_drop: false,
+    };
+    let settings = WorkerSettings {
+        qemu: QemuImg::new(&params.qemu_img),
+        convert: ConvertOptions::default(),
+        allowed_source_dirs: vm.path.parent().map(|p| vec![p.to_path_buf()]).unwrap_or_default(),
+    };
+    let (tx, mut rx) = watch::channel(Progress::phase(Phase::Verifying, 0));
+    let quiet = params.quiet;
+    let label = format!("converting {}", vm.name);
+    let ui = tokio::spawn(async move {
+        let mut meter = Meter::new(label, 1000, quiet);
+        while rx.changed().await.is_ok() {
+            let p = rx.borrow_and_update().clone();
+            meter.set_percent(p.phase.as_str(), p.percent);
+        }
+    });
+    let started_at_ms = hyperfarm_shared::queue::now_ms();
+    let converted = worker::convert_job(&settings, &job, publication.work_dir(), &tx, &cancel).await;
+    drop(tx);
+    let _ = ui.await;
+    let _ = std::fs::remove_dir_all(&staged);
+    let converted = match converted {
+        Ok(c) => c,
+        Err(f) => {
+            publication.discard();
+            return Err(if f.cancelled { ExportError::Interrupted(false) } else { ExportError::Conversion(f.message) });
+        }
+    };
+    let record = ResultRecord {
+        job_id: id,
+        state: ResultState::Done,
+        vm_name: vm.name.clone(),
+        files: converted.files,
+        error_file: None,
+        error: None,
+        archived: vec![],
+        engine: converted.engine.to_string(),
+        agent: format!("hyperexport-direct@{}", fsx::hostname()),
+        host: fsx::hostname(),
+        token,
+        attempts: 1,
+        started_at_ms,
+        finished_at_ms: hyperfarm_shared::queue::now_ms(),
+    };
+    let policy = params.on_existing;
+    tokio::task::spawn_blocking(move || publication.publish(record, None, policy, || true))
+        .await
+        .map_err(|e| ExportError::Internal(e.to_string()))?
+        .map_err(|e| match e {
+            ResultError::Conflict { .. } => ExportError::Conflict(e.to_string()),
+            other => ExportError::Unreachable(other.to_string()),
+        })
+}

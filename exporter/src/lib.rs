@@ -1,0 +1,316 @@
+//! hyperexport: read a local VM, publish it into a hyperfarm queue (or convert it here), and
+//! follow it to its result.
+//!
+//! Exit codes (also in the README):
+//! 0 success · 1 internal error · 2 usage · 3 bad input (the VM cannot be read or is not
+//! supported) · 4 conversion failed (the `.error` text is printed) · 5 timeout · 6 a directory is
+//! unreachable or unwritable · 7 the job was cancelled · 8 the output name is taken by an earlier
+//! result · 130 interrupted.
+
+pub mod cli;
+pub mod copy;
+pub mod direct;
+pub mod source;
+pub mod submit;
+pub mod ui;
+pub mod wait;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Parser;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use hyperfarm_shared::instance;
+use hyperfarm_shared::queue::{Queue, State};
+use hyperfarm_shared::results::{OutputDir, ResultRecord, ResultState};
+
+use crate::cli::{Cli, FileConfig};
+use crate::copy::Control;
+use crate::wait::{WaitParams, Waited};
+
+pub const EXIT_INTERNAL: u8 = 1;
+pub const EXIT_USAGE: u8 = 2;
+pub const EXIT_BAD_INPUT: u8 = 3;
+pub const EXIT_CONVERSION: u8 = 4;
+pub const EXIT_TIMEOUT: u8 = 5;
+pub const EXIT_UNREACHABLE: u8 = 6;
+pub const EXIT_CANCELLED: u8 = 7;
+pub const EXIT_CONFLICT: u8 = 8;
+pub const EXIT_INTERRUPTED: u8 = 130;
+
+/// Everything that ends hyperexport unsuccessfully, each with its exit code.
+#[derive(Debug, thiserror::Error)]
+pub enum ExportError {
+    #[error("{0}")]
+    Usage(String),
+    #[error("{0}")]
+    BadInput(String),
+    #[error("{0}")]
+    Copy(String),
+    #[error("conversion failed:\n{0}")]
+    Conversion(String),
+    #[error("{0}")]
+    Timeout(String),
+    #[error("{0}")]
+    Unreachable(String),
+    #[error("{0}")]
+    Cancelled(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("interrupted{}", if *.0 { "; the job was withdrawn from the queue" } else { "" })]
+    Interrupted(bool),
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl ExportError {
+    pub fn code(&self) -> u8 {
+        match self {
+            ExportError::Usage(_) => EXIT_USAGE,
+            ExportError::BadInput(_) => EXIT_BAD_INPUT,
+            ExportError::Copy(_) => EXIT_UNREACHABLE,
+            ExportError::Conversion(_) => EXIT_CONVERSION,
+            ExportError::Timeout(_) => EXIT_TIMEOUT,
+            ExportError::Unreachable(_) => EXIT_UNREACHABLE,
+            ExportError::Cancelled(_) => EXIT_CANCELLED,
+            ExportError::Conflict(_) => EXIT_CONFLICT,
+            ExportError::Interrupted(_) => EXIT_INTERRUPTED,
+            ExportError::Internal(_) => EXIT_INTERNAL,
+        }
+    }
+}
+
+pub fn main_entry() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.quiet);
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("hyperexport: cannot start the runtime: {e}");
+            return ExitCode::from(EXIT_INTERNAL);
+        }
+    };
+    match rt.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("hyperexport: {e}");
+            ExitCode::from(e.code())
+        }
+    }
+}
+
+fn init_logging(quiet: bool) {
+    use tracing_subscriber::EnvFilter;
+    let default = if quiet { "warn" } else { "info" };
+    let filter = EnvFilter::try_from_env("HYPEREXPORT_LOG").unwrap_or_else(|_| EnvFilter::new(default));
+    use std::io::IsTerminal;
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_target(false)
+        .init();
+}
+
+/// The mode chosen by the flags.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Daemon,
+    Direct,
+    ExportOnly,
+}
+
+/// The validated settings.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub mode: Mode,
+    pub watch_dir: PathBuf,
+    pub output_dir: PathBuf,
+    pub export_dir: Option<PathBuf>,
+    pub poll: Duration,
+    pub timeout: Duration,
+    pub qemu_img: PathBuf,
+}
+
+pub fn settings(cli: &Cli) -> Result<Settings, ExportError> {
+    let file = match &cli.config {
+        Some(p) => read_config(p)?,
+        None if std::path::Path::new(cli::DEFAULT_CONFIG).is_file() => read_config(std::path::Path::new(cli::DEFAULT_CONFIG))?,
+        None => FileConfig::default(),
+    };
+    let instance_name = cli.hyper2kvm_instance.clone().or(file.instance.clone());
+    if let Some(n) = &instance_name {
+        instance::check_name(n).map_err(ExportError::Usage)?;
+    }
+    let inst = instance_name.as_deref();
+    let pipeline = cli.pipeline.unwrap_or(false);
+    let daemon = cli.hyper2kvm_daemon.unwrap_or(false);
+    let mode = match (pipeline, daemon) {
+        (_, true) => Mode::Daemon,
+        (true, false) => Mode::Direct,
+        (false, false) => Mode::ExportOnly,
+    };
+    if mode != Mode::Daemon && cli.output.is_none() {
+        return Err(ExportError::Usage(match mode {
+            Mode::Direct => "--pipeline without --hyper2kvm-daemon converts on this host: give --output DIR for <vm>.qcow2".into(),
+            _ => "export only (no --pipeline): give --output DIR, the queue directory a conversion agent watches (or add --pipeline)".into(),
+        }));
+    }
+    let poll = cli.hyper2kvm_poll_interval.or(file.poll_interval).unwrap_or(Duration::from_secs(5));
+    if poll < Duration::from_millis(10) {
+        return Err(ExportError::Usage("--hyper2kvm-poll-interval must be at least 10ms".into()));
+    }
+    Ok(Settings {
+        mode,
+        watch_dir: cli.hyper2kvm_watch_dir.clone().or(file.watch_dir).unwrap_or_else(|| instance::watch_dir(inst)),
+        output_dir: cli.hyper2kvm_output_dir.clone().or(file.output_dir).unwrap_or_else(|| instance::output_dir(inst)),
+        export_dir: cli.output.clone(),
+        poll,
+        timeout: cli.hyper2kvm_daemon_timeout.or(file.daemon_timeout).unwrap_or(Duration::from_secs(3600)),
+        qemu_img: cli.qemu_img.clone().or(file.qemu_img).unwrap_or_else(|| PathBuf::from("qemu-img")),
+    })
+}
+
+fn read_config(p: &std::path::Path) -> Result<FileConfig, ExportError> {
+    let text = std::fs::read_to_string(p).map_err(|e| ExportError::Usage(format!("configuration file {}: {e}", p.display())))?;
+    toml::from_str(&text).map_err(|e| ExportError::Usage(format!("configuration file {}: {e}", p.display())))
+}
+
+/// Run hyperexport.
+pub async fn run(cli: Cli) -> Result<(), ExportError> {
+    let s = settings(&cli)?;
+    let vm_path = cli.vm.clone();
+    let name = cli.name.clone();
+    let vm = tokio::task::spawn_blocking(move || source::load(&vm_path, name.as_deref()))
+        .await
+        .map_err(|e| ExportError::Internal(e.to_string()))?
+        .map_err(|e| ExportError::BadInput(e.to_string()))?;
+    tracing::info!(
+        vm = %vm.name, kind = vm.kind, disks = vm.disks.len(),
+        cpu = vm.cpu.unwrap_or(0), memory_mib = vm.memory_mib.unwrap_or(0), firmware = vm.firmware.as_str(),
+        "read the VM"
+    );
+
+    // Ctrl-C / SIGTERM: stop copying (the staged job is removed), or stop waiting.
+    let ctl = Arc::new(Control::default());
+    let interrupt = Arc::new(Notify::new());
+    let cancel = CancellationToken::new();
+    {
+        let (ctl, interrupt, cancel) = (ctl.clone(), interrupt.clone(), cancel.clone());
+        tokio::spawn(async move {
+            use tokio::signal::unix::{SignalKind, signal};
+            let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else { return };
+            tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+            ctl.cancel.store(true, std::sync::atomic::Ordering::Relaxed);
+            cancel.cancel();
+            interrupt.notify_one();
+        });
+    }
+
+    match s.mode {
+        Mode::ExportOnly => {
+            let dir = s.export_dir.clone().expect("checked in settings");
+            let queue = Queue::new(&dir);
+            let sub = submit::submit(&queue, &vm, submit::Stages::default(), ctl, cli.quiet).await?;
+            if cli.json {
+                println!("{}", serde_json::json!({"job_id": sub.id, "vm": sub.vm_name, "job_dir": sub.job_dir, "state": "queued", "bytes": sub.bytes}));
+            } else {
+                println!("{}", sub.job_dir.display());
+                eprintln!("published job {} for VM {} into {}; a conversion agent watching it will convert it", sub.id, sub.vm_name, dir.display());
+            }
+            Ok(())
+        }
+        Mode::Direct => {
+            let params = direct::DirectParams {
+                output: OutputDir::new(s.export_dir.clone().expect("checked in settings")),
+                qemu_img: s.qemu_img.clone(),
+                on_existing: cli.on_existing.unwrap_or_default(),
+                quiet: cli.quiet,
+            };
+            let rec = direct::convert(&vm, &params, ctl, cancel).await?;
+            print_success(&params.output, &rec, cli.json);
+            Ok(())
+        }
+        Mode::Daemon => daemon(&cli, &s, &vm, ctl, interrupt).await,
+    }
+}
+
+async fn daemon(cli: &Cli, s: &Settings, vm: &source::VmSource, ctl: Arc<Control>, interrupt: Arc<Notify>) -> Result<(), ExportError> {
+    for (what, dir) in [("watch", &s.watch_dir), ("output", &s.output_dir)] {
+        if !dir.is_dir() {
+            return Err(ExportError::Unreachable(format!(
+                "the agent's {what} directory {} does not exist; is the share mounted and the agent installed? (--hyper2kvm-{what}-dir, --hyper2kvm-instance)",
+                dir.display()
+            )));
+        }
+    }
+    let queue = Queue::new(&s.watch_dir);
+    let output = OutputDir::new(&s.output_dir);
+    let sub = submit::submit(&queue, vm, submit::Stages::default(), ctl, cli.quiet).await?;
+    tracing::info!(job = %sub.id, "published; waiting for the result");
+    if cli.detach {
+        if cli.json {
+            println!("{}", serde_json::json!({"job_id": sub.id, "vm": sub.vm_name, "state": "queued"}));
+        } else {
+            println!("{}", sub.id);
+        }
+        return Ok(());
+    }
+    let params = WaitParams { queue, output: output.clone(), id: sub.id, poll: s.poll, timeout: s.timeout, quiet: cli.quiet, vm_name: sub.vm_name.clone() };
+    match wait::poll(&params, interrupt).await {
+        Waited::Result(rec) => finish(&output, rec, cli.json),
+        Waited::EndedWithoutRecord { state, reason } => match state {
+            State::Cancelled => Err(ExportError::Cancelled(format!("job {} was cancelled: {reason}", sub.id))),
+            _ => Err(ExportError::Conversion(format!("job {} ended as {state}: {reason}", sub.id))),
+        },
+        Waited::TimedOut { withdrawn, state, lease } => Err(ExportError::Timeout(if withdrawn {
+            format!("timed out after {}: no agent claimed job {} in {}; it was withdrawn from the queue (is an agent running and watching that directory?)", hyperfarm_shared::duration::show(s.timeout), sub.id, s.watch_dir.display())
+        } else {
+            let who = lease.map(|l| format!(" by {} ({} {:.0}%)", l.agent, l.phase, l.percent)).unwrap_or_default();
+            format!(
+                "timed out after {}: job {} is {}{who} and was left to finish; its result will appear in {} (hyperctl jobs show {})",
+                hyperfarm_shared::duration::show(s.timeout),
+                sub.id,
+                state.map(|s| s.to_string()).unwrap_or_else(|| "in an unknown state".into()),
+                s.output_dir.display(),
+                sub.id
+            )
+        })),
+        Waited::Interrupted { withdrawn } => Err(ExportError::Interrupted(withdrawn)),
+    }
+}
+
+fn finish(output: &OutputDir, rec: ResultRecord, json: bool) -> Result<(), ExportError> {
+    match rec.state {
+        ResultState::Done => {
+            print_success(output, &rec, json);
+            Ok(())
+        }
+        ResultState::Failed | ResultState::Cancelled => {
+            if json {
+                println!("{}", serde_json::to_string(&rec).expect("records serialise"));
+            }
+            let text = rec.error.clone().unwrap_or_else(|| rec.summary());
+            if rec.state == ResultState::Cancelled {
+                Err(ExportError::Cancelled(text))
+            } else {
+                Err(ExportError::Conversion(text))
+            }
+        }
+    }
+}
+
+fn print_success(output: &OutputDir, rec: &ResultRecord, json: bool) {
+    let paths = wait::result_paths(output, rec);
+    if json {
+        println!("{}", serde_json::json!({"job_id": rec.job_id, "vm": rec.vm_name, "state": "done", "files": paths, "engine": rec.engine}));
+    } else {
+        for p in paths {
+            println!("{}", p.display());
+        }
+    }
+}

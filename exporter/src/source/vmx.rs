@@ -1,0 +1,149 @@
+//! VMware VMX files: `key = "value"` lines naming the VM, its CPUs, memory, firmware and disks.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use super::{Firmware, SourceError, VmSource, bad, dedupe_ids, disk_id, load_disk_file};
+
+/// Parse VMX text into lowercase keys and unquoted values.
+pub fn parse(text: &str) -> HashMap<String, String> {
+    let mut out = HashMap::new();
+    for line in text.lines() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        if let Some((k, v)) = line.split_once('=') {
+            let v = v.trim();
+            let v = v.strip_prefix('"').and_then(|s| s.strip_suffix('"')).unwrap_or(v);
+            out.insert(k.trim().to_ascii_lowercase(), v.to_string());
+        }
+    }
+    out
+}
+
+/// A hard disk device of the VMX (`scsi0:1`), with its file name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmxDisk {
+    pub device: String,
+    pub file_name: String,
+}
+
+fn bus_rank(bus: &str) -> u8 {
+    // VMware's BIOS looks at IDE, then SCSI, then SATA, then NVMe.
+    match bus {
+        "ide" => 0,
+        "scsi" => 1,
+        "sata" => 2,
+        "nvme" => 3,
+        _ => 4,
+    }
+}
+
+/// The VM's hard disks in boot order: `bios.hddOrder` first, then by bus type, bus and unit.
+pub fn disks(keys: &HashMap<String, String>) -> Vec<VmxDisk> {
+    let mut found = Vec::new();
+    for (k, v) in keys {
+        let Some(dev) = k.strip_suffix(".filename") else { continue };
+        let Some((bus_n, unit)) = dev.split_once(':') else { continue };
+        let bus: String = bus_n.chars().take_while(|c| c.is_ascii_alphabetic()).collect();
+        if !matches!(bus.as_str(), "ide" | "scsi" | "sata" | "nvme") {
+            continue;
+        }
+        let (Ok(n), Ok(u)) = (bus_n[bus.len()..].parse::<u32>(), unit.parse::<u32>()) else { continue };
+        if keys.get(&format!("{dev}.present")).is_some_and(|p| p.eq_ignore_ascii_case("false")) {
+            continue;
+        }
+        let dtype = keys.get(&format!("{dev}.devicetype")).map(|s| s.to_ascii_lowercase()).unwrap_or_default();
+        if dtype.contains("cdrom") || dtype.contains("floppy") || v.to_ascii_lowercase().ends_with(".iso") {
+            continue;
+        }
+        found.push(((bus_rank(&bus), n, u), VmxDisk { device: dev.to_string(), file_name: v.clone() }));
+    }
+    found.sort_by_key(|(k, _)| *k);
+    let mut disks: Vec<VmxDisk> = found.into_iter().map(|(_, d)| d).collect();
+    if let Some(order) = keys.get("bios.hddorder") {
+        for (pos, dev) in order.split(',').map(|s| s.trim().to_ascii_lowercase()).enumerate().collect::<Vec<_>>().into_iter().rev() {
+            let _ = pos;
+            if let Some(i) = disks.iter().position(|d| d.device == dev) {
+                let d = disks.remove(i);
+                disks.insert(0, d);
+            }
+        }
+    }
+    disks
+}
+
+/// Load a VMX with its disks.
+pub fn load(path: &Path) -> Result<VmSource, SourceError> {
+    let text = std::fs::read(path).map_err(|e| bad(path, format!("cannot read it: {e}")))?;
+    if text.len() > 4 << 20 {
+        return Err(bad(path, "is larger than 4 MiB; it cannot be a VMX file"));
+    }
+    let keys = parse(&String::from_utf8_lossy(&text));
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let mut disks = Vec::new();
+    for (i, d) in disks_of(&keys).iter().enumerate() {
+        let p = Path::new(&d.file_name);
+        let full = if p.is_absolute() { p.to_path_buf() } else { dir.join(p) };
+        let mut disk = load_disk_file(&full, &disk_id(&d.device.replace(':', "-"), i))?;
+        disk.label = format!("{} ({})", d.device, d.file_name);
+        disks.push(disk);
+    }
+    dedupe_ids(&mut disks);
+    let name = keys
+        .get("displayname")
+        .cloned()
+        .unwrap_or_else(|| path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default());
+    let firmware = match keys.get("firmware").map(|s| s.to_ascii_lowercase()).as_deref() {
+        Some("efi") => Firmware::Uefi,
+        _ => Firmware::Bios,
+    };
+    Ok(VmSource {
+        name,
+        cpu: Some(keys.get("numvcpus").and_then(|v| v.parse().ok()).unwrap_or(1)),
+        memory_mib: keys.get("memsize").and_then(|v| v.parse().ok()),
+        firmware,
+        disks,
+        kind: "vmx",
+        path: path.to_path_buf(),
+        expected_member_digests: vec![],
+    })
+}
+
+fn disks_of(keys: &HashMap<String, String>) -> Vec<VmxDisk> {
+    disks(keys)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const VMX: &str = r#".encoding = "UTF-8"
+config.version = "8"
+virtualHW.version = "19"
+displayName = "db server"
+numvcpus = "2"
+memsize = "3072"
+firmware = "efi"
+scsi0.present = "TRUE"
+scsi0:1.fileName = "db_1.vmdk"
+scsi0:0.fileName = "db.vmdk"
+sata0:0.fileName = "ubuntu.iso"
+sata0:0.deviceType = "cdrom-image"
+ide1:0.fileName = "old.vmdk"
+ide1:0.present = "FALSE"
+nvme0:0.fileName = "fast.vmdk"
+"#;
+
+    #[test]
+    fn reads_disks_in_boot_order() {
+        let keys = parse(VMX);
+        let d = disks(&keys);
+        let devs: Vec<_> = d.iter().map(|x| x.device.as_str()).collect();
+        assert_eq!(devs, ["scsi0:0", "scsi0:1", "nvme0:0"]);
+        let mut keys = keys;
+        keys.insert("bios.hddorder".into(), "nvme0:0".into());
+        assert_eq!(disks(&keys)[0].device, "nvme0:0");
+    }
+}

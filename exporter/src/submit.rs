@@ -1,0 +1,184 @@
+//! Publishing a VM into a queue: copy each disk into a staged job (digest in the same pass),
+//! write the manifest last, publish with one rename.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use hyperfarm_shared::JobId;
+use hyperfarm_shared::digest::to_hex;
+use hyperfarm_shared::fsx;
+use hyperfarm_shared::manifest::{self, Disk, HyperfarmInfo, Manifest, Pipeline, Source, Stage, Submitter, VmInfo};
+use hyperfarm_shared::queue::{self, Queue, Staging};
+
+use crate::ExportError;
+use crate::copy::{self, Control};
+use crate::source::VmSource;
+use crate::ui::Meter;
+
+/// A published job.
+#[derive(Debug, Clone)]
+pub struct Submitted {
+    pub id: JobId,
+    pub job_dir: PathBuf,
+    pub vm_name: String,
+    pub bytes: u64,
+}
+
+/// Which hyper2kvm pipeline stages the job asks for (only convert and validate by default: the
+/// agent's qemu-img engine converts and checks).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Stages {
+    pub inspect: bool,
+    pub fix: bool,
+    pub validate: bool,
+}
+
+/// Copy the VM's disks into a new job in `queue` and publish it.
+pub async fn submit(queue: &Queue, vm: &VmSource, stages: Stages, ctl: Arc<Control>, quiet: bool) -> Result<Submitted, ExportError> {
+    let q = queue.clone();
+    tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+        if let Ok(n) = queue::cleanup_own_staging(&q)
+            && n > 0
+        {
+            tracing::info!(count = n, "removed staging leftovers of earlier hyperexport runs on this host");
+        }
+        q.init()
+    })
+    .await
+    .map_err(|e| ExportError::Internal(e.to_string()))?
+    .map_err(|e| ExportError::Unreachable(format!(
+        "cannot use the queue directory {}: {e}; check that it exists (and the share is mounted) and that this user may write to it (group of the agent, see docs/production.md)",
+        queue.root().display()
+    )))?;
+
+    let id = JobId::new();
+    let staging = Staging::create(queue, id).map_err(|e| ExportError::Unreachable(format!("{e:#}")))?;
+    tracing::info!(job = %id, vm = %vm.name, staging = %staging.dir().display(), "staging the job");
+
+    let mut disks = Vec::new();
+    let mut total = 0u64;
+    for (i, d) in vm.disks.iter().enumerate() {
+        let file_name = format!("{}.{}", d.id, d.format.extension());
+        let dst = staging.disk_path(&file_name);
+        let member = vm
+            .expected_member_digests
+            .iter()
+            .find(|(name, _)| d.label.ends_with(&format!("({name})")))
+            .map(|(name, dg)| (name.clone(), dg.clone()));
+        let copied = copy_with_meter(d, &dst, member.as_ref().map(|(_, dg)| dg.hasher()), &ctl, quiet).await?;
+        if let Some((name, dg)) = &member
+            && copied.member_hex.as_deref() != Some(dg.hex())
+        {
+            return Err(ExportError::BadInput(format!(
+                "{}: member {name}: its {} digest does not match the OVA's manifest (.mf): the OVA is corrupt; download or export it again",
+                vm.path.display(),
+                dg.algorithm()
+            )));
+        }
+        total += copied.bytes;
+        disks.push(Disk {
+            id: d.id.clone(),
+            source_format: d.format.manifest_name().to_string(),
+            bytes: copied.bytes,
+            local_path: format!("{}/{file_name}", queue::DISKS),
+            checksum: None,
+            boot_order_hint: Some(i as u32),
+            disk_type: Some(if i == 0 { "boot" } else { "data" }.to_string()),
+            label: Some(d.label.clone()),
+            blake3: Some(to_hex(&copied.blake3)),
+            extra: Default::default(),
+        });
+    }
+    let m = build_manifest(vm, id, disks, stages);
+    let job_dir = tokio::task::spawn_blocking(move || staging.publish(&m))
+        .await
+        .map_err(|e| ExportError::Internal(e.to_string()))?
+        .map_err(|e| ExportError::Unreachable(format!("{e:#}")))?;
+    Ok(Submitted { id, job_dir, vm_name: vm.name.clone(), bytes: total })
+}
+
+/// Copy one disk on a blocking thread, showing progress.
+pub async fn copy_with_meter(
+    d: &crate::source::SourceDisk,
+    dst: &std::path::Path,
+    member: Option<crate::source::ova::MemberHasher>,
+    ctl: &Arc<Control>,
+    quiet: bool,
+) -> Result<copy::Copied, ExportError> {
+    ctl.done.store(0, Ordering::Relaxed);
+    let mut meter = Meter::new(format!("copying {}", d.id), d.data.len(), quiet);
+    let (data, dst2, ctl2) = (d.data.clone(), dst.to_path_buf(), ctl.clone());
+    let mut task = tokio::task::spawn_blocking(move || copy::copy_disk(&data, &dst2, member, &ctl2));
+    let copied = loop {
+        tokio::select! {
+            r = &mut task => break r,
+            _ = tokio::time::sleep(Duration::from_millis(200)) => meter.set(ctl.done.load(Ordering::Relaxed)),
+        }
+    };
+    meter.set(ctl.done.load(Ordering::Relaxed));
+    meter.finish();
+    match copied.map_err(|e| ExportError::Internal(e.to_string()))? {
+        Ok(c) => Ok(c),
+        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => Err(ExportError::Interrupted(false)),
+        Err(e) => {
+            let hint = if e.raw_os_error() == Some(libc::ENOSPC) { " (the queue's file system is full)" } else { "" };
+            Err(ExportError::Copy(format!("copying disk {} from {} to {}: {e}{hint}", d.id, d.data.describe(), dst.display())))
+        }
+    }
+}
+
+fn build_manifest(vm: &VmSource, id: JobId, disks: Vec<Disk>, stages: Stages) -> Manifest {
+    let on = |enabled| Some(Stage { enabled, extra: Default::default() });
+    Manifest {
+        manifest_version: manifest::MANIFEST_VERSION.to_string(),
+        source: Some(Source {
+            provider: Some("local".into()),
+            vm_id: None,
+            vm_name: Some(vm.name.clone()),
+            extra: [
+                ("path".to_string(), serde_json::Value::String(vm.path.display().to_string())),
+                ("kind".to_string(), serde_json::Value::String(vm.kind.to_string())),
+            ]
+            .into_iter()
+            .collect(),
+        }),
+        vm: Some(VmInfo {
+            name: None,
+            cpu: vm.cpu.filter(|c| *c >= 1),
+            mem_gb: vm.memory_mib.map(|m| m.div_ceil(1024).max(1)),
+            firmware: Some(vm.firmware.as_str().to_string()),
+            extra: Default::default(),
+        }),
+        disks,
+        pipeline: Some(Pipeline {
+            inspect: on(stages.inspect),
+            fix: on(stages.fix),
+            convert: on(true),
+            validate: on(stages.validate),
+            engine: None,
+            extra: Default::default(),
+        }),
+        output: Some(manifest::Output { directory: None, format: Some("qcow2".into()), filename: None, extra: Default::default() }),
+        metadata: None,
+        hyperfarm: Some(HyperfarmInfo {
+            schema_version: manifest::HYPERFARM_SCHEMA_VERSION,
+            job_id: id,
+            created_at: Some(rfc3339_now()),
+            submitted_by: Some(Submitter {
+                host: fsx::hostname(),
+                pid: std::process::id(),
+                user: std::env::var("USER").ok(),
+                tool: Some(format!("hyperexport {}", env!("CARGO_PKG_VERSION"))),
+            }),
+            memory_mib: vm.memory_mib,
+            extra: Default::default(),
+        }),
+        extra: Default::default(),
+    }
+}
+
+fn rfc3339_now() -> String {
+    hyperfarm_shared::timefmt::rfc3339_ms(queue::now_ms())
+}

@@ -15,7 +15,9 @@ use tracing::{error, info, warn};
 use hyperfarm_shared::JobId;
 use hyperfarm_shared::engine::QemuImg;
 use hyperfarm_shared::fsx;
-use hyperfarm_shared::queue::{self, IngestOutcome, LeaseTracker, Liveness, Queue, RecoverAction, SeedTracker, State};
+use hyperfarm_shared::queue::{
+    self, IngestOutcome, LeaseTracker, Liveness, Queue, RecoverAction, SeedTracker, State,
+};
 use hyperfarm_shared::results::{OutputDir, Publication, ResultState};
 use hyperfarm_shared::worker::WorkerSettings;
 
@@ -53,7 +55,12 @@ pub struct Core {
 
 impl Core {
     pub fn running_tokens(&self) -> HashSet<String> {
-        self.running.lock().expect("running lock").values().map(|r| r.token.clone()).collect()
+        self.running
+            .lock()
+            .expect("running lock")
+            .values()
+            .map(|r| r.token.clone())
+            .collect()
     }
     pub fn running_count(&self) -> usize {
         self.running.lock().expect("running lock").len()
@@ -82,7 +89,11 @@ pub async fn prepare(cfg: Config) -> anyhow::Result<Arc<Core>> {
     let qemu_version = qemu.version().await.map_err(|e| {
         fatal(EXIT_ENGINE, format!("qemu-img is not usable: {e}. Install qemu-utils (Debian) or qemu-img (RHEL), or set qemu_img in the configuration"))
     })?;
-    let settings = WorkerSettings { qemu, convert: cfg.convert.clone(), allowed_source_dirs: allowed };
+    let settings = WorkerSettings {
+        qemu,
+        convert: cfg.convert.clone(),
+        allowed_source_dirs: allowed,
+    };
     let agent_name = format!("{}@{}", cfg.instance, fsx::hostname());
     Ok(Arc::new(Core {
         tracker: Mutex::new(LeaseTracker::new(cfg.lease_timeout)),
@@ -101,16 +112,52 @@ pub async fn prepare(cfg: Config) -> anyhow::Result<Arc<Core>> {
     }))
 }
 
-fn check_dir(what: &str, dir: &Path, init: impl FnOnce() -> std::io::Result<()>) -> anyhow::Result<()> {
+fn check_dir(
+    what: &str,
+    dir: &Path,
+    init: impl FnOnce() -> std::io::Result<()>,
+) -> anyhow::Result<()> {
     let hint = "create it (and mount the share, if it is on NFS), give the agent's user write access to it, or point --{what}-dir elsewhere";
     let hint = hint.replace("{what}", what);
     match std::fs::metadata(dir) {
         Ok(md) if md.is_dir() => {}
-        Ok(_) => return Err(fatal(EXIT_DIRS, format!("the {what} directory {} is not a directory; {hint}", dir.display()))),
-        Err(e) => return Err(fatal(EXIT_DIRS, format!("the {what} directory {} is unusable ({e}); {hint}", dir.display()))),
+        Ok(_) => {
+            return Err(fatal(
+                EXIT_DIRS,
+                format!(
+                    "the {what} directory {} is not a directory; {hint}",
+                    dir.display()
+                ),
+            ));
+        }
+        Err(e) => {
+            return Err(fatal(
+                EXIT_DIRS,
+                format!(
+                    "the {what} directory {} is unusable ({e}); {hint}",
+                    dir.display()
+                ),
+            ));
+        }
     }
-    init().map_err(|e| fatal(EXIT_DIRS, format!("cannot prepare the {what} directory {} ({e}); {hint}", dir.display())))?;
-    fsx::probe_writable(dir).map_err(|e| fatal(EXIT_DIRS, format!("the {what} directory {} is not writable ({e}); {hint}", dir.display())))?;
+    init().map_err(|e| {
+        fatal(
+            EXIT_DIRS,
+            format!(
+                "cannot prepare the {what} directory {} ({e}); {hint}",
+                dir.display()
+            ),
+        )
+    })?;
+    fsx::probe_writable(dir).map_err(|e| {
+        fatal(
+            EXIT_DIRS,
+            format!(
+                "the {what} directory {} is not writable ({e}); {hint}",
+                dir.display()
+            ),
+        )
+    })?;
     Ok(())
 }
 
@@ -121,7 +168,10 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
 }
 
 /// The main loop. Returns after a signal (or `extra_stop` completing) and a graceful shutdown.
-pub async fn serve(core: Arc<Core>, extra_stop: impl std::future::Future<Output = ()>) -> anyhow::Result<()> {
+pub async fn serve(
+    core: Arc<Core>,
+    extra_stop: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
     let cfg = &core.cfg;
     info!(
         instance = %cfg.instance, watch_dir = %cfg.watch_dir.display(), output_dir = %cfg.output_dir.display(),
@@ -147,7 +197,9 @@ pub async fn serve(core: Arc<Core>, extra_stop: impl std::future::Future<Output 
         match scan {
             Ok(Ok(queued)) => {
                 for id in queued {
-                    if core.running_count() >= core.cfg.max_concurrent || core.shutdown.is_cancelled() {
+                    if core.running_count() >= core.cfg.max_concurrent
+                        || core.shutdown.is_cancelled()
+                    {
                         break;
                     }
                     let c2 = core.clone();
@@ -160,7 +212,10 @@ pub async fn serve(core: Arc<Core>, extra_stop: impl std::future::Future<Output 
                             let stop = Arc::new(JobStop::default());
                             core.running.lock().expect("running lock").insert(
                                 id,
-                                RunningJob { token: claim.token().to_string(), stop: stop.clone() },
+                                RunningJob {
+                                    token: claim.token().to_string(),
+                                    stop: stop.clone(),
+                                },
                             );
                             let c3 = core.clone();
                             jobs.spawn(async move {
@@ -205,7 +260,11 @@ pub async fn serve(core: Arc<Core>, extra_stop: impl std::future::Future<Output 
 
 /// Stop claiming; let running jobs finish within the grace period; then stop them and return
 /// them to the queue. A second SIGTERM skips the grace period.
-async fn shutdown(core: &Arc<Core>, mut jobs: JoinSet<JobId>, sigterm: &mut tokio::signal::unix::Signal) {
+async fn shutdown(
+    core: &Arc<Core>,
+    mut jobs: JoinSet<JobId>,
+    sigterm: &mut tokio::signal::unix::Signal,
+) {
     core.shutdown.cancel();
     sdnotify::notify("STOPPING=1");
     let n = jobs.len();
@@ -221,9 +280,17 @@ async fn shutdown(core: &Arc<Core>, mut jobs: JoinSet<JobId>, sigterm: &mut toki
             }
         }
         if !jobs.is_empty() {
-            let running: Vec<Arc<JobStop>> =
-                core.running.lock().expect("running lock").values().map(|r| r.stop.clone()).collect();
-            info!(jobs = running.len(), "returning unfinished jobs to the queue");
+            let running: Vec<Arc<JobStop>> = core
+                .running
+                .lock()
+                .expect("running lock")
+                .values()
+                .map(|r| r.stop.clone())
+                .collect();
+            info!(
+                jobs = running.len(),
+                "returning unfinished jobs to the queue"
+            );
             for stop in running {
                 stop.stop(StopReason::Shutdown);
             }
@@ -236,7 +303,9 @@ async fn shutdown(core: &Arc<Core>, mut jobs: JoinSet<JobId>, sigterm: &mut toki
 /// One pass over the queue (blocking I/O): ingest seed drops, recover stale claims, clean
 /// leftovers. Returns the queued job ids, oldest first.
 fn scan(core: &Core) -> anyhow::Result<Vec<JobId>> {
-    let n = core.scans.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let n = core
+        .scans
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let periodic = n % 20 == 0;
     let queue = &core.queue;
 
@@ -253,7 +322,10 @@ fn scan(core: &Core) -> anyhow::Result<Vec<JobId>> {
                     }
                 }
             }
-            Err(e) => warn!("ingesting manifest drops in {}: {e}", queue.root().display()),
+            Err(e) => warn!(
+                "ingesting manifest drops in {}: {e}",
+                queue.root().display()
+            ),
         }
     }
 
@@ -264,13 +336,19 @@ fn scan(core: &Core) -> anyhow::Result<Vec<JobId>> {
         .with_context(|| format!("listing {}", converting.display()))?
         .filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().into_owned()))
         .collect::<Vec<_>>();
-    let server_now = if periodic { queue::server_now(&queue.tmp_dir()).ok() } else { None };
+    let server_now = if periodic {
+        queue::server_now(&queue.tmp_dir()).ok()
+    } else {
+        None
+    };
     let mut present = HashSet::new();
     let mut stale = Vec::new();
     {
         let mut tracker = core.tracker.lock().expect("tracker lock");
         for name in &names {
-            let Some((_, token)) = queue::parse_claim_name(name) else { continue };
+            let Some((_, token)) = queue::parse_claim_name(name) else {
+                continue;
+            };
             if mine.contains(token) {
                 continue;
             }
@@ -289,7 +367,11 @@ fn scan(core: &Core) -> anyhow::Result<Vec<JobId>> {
 
     if periodic {
         match queue::cleanup_tmp(queue, core.cfg.staging_max_age, server_now) {
-            Ok(removed) if !removed.is_empty() => info!(count = removed.len(), "removed staging leftovers: {}", removed.join(", ")),
+            Ok(removed) if !removed.is_empty() => info!(
+                count = removed.len(),
+                "removed staging leftovers: {}",
+                removed.join(", ")
+            ),
             Ok(_) => {}
             Err(e) => warn!("cleaning {}: {e}", queue.tmp_dir().display()),
         }
@@ -300,7 +382,10 @@ fn scan(core: &Core) -> anyhow::Result<Vec<JobId>> {
         }
     }
 
-    let mut queued: Vec<JobId> = queue::list(queue, &[State::Queued], false)?.into_iter().map(|j| j.id).collect();
+    let mut queued: Vec<JobId> = queue::list(queue, &[State::Queued], false)?
+        .into_iter()
+        .map(|j| j.id)
+        .collect();
     queued.sort();
     Ok(queued)
 }
@@ -308,7 +393,9 @@ fn scan(core: &Core) -> anyhow::Result<Vec<JobId>> {
 /// Take back a stale claim: complete its publication if its agent got that far, else requeue it
 /// (or fail it after too many attempts).
 fn recover(core: &Core, name: &str, why: &str) -> anyhow::Result<()> {
-    let Some((id, token)) = queue::parse_claim_name(name) else { return Ok(()) };
+    let Some((id, token)) = queue::parse_claim_name(name) else {
+        return Ok(());
+    };
     let queue = &core.queue;
     let claim_dir = queue.state_dir(State::Converting).join(name);
     warn!(job = %id, claim = %name, "stale claim: {why}");
@@ -320,7 +407,9 @@ fn recover(core: &Core, name: &str, why: &str) -> anyhow::Result<()> {
         };
         match publication.publish(record, None, core.cfg.on_existing, || claim_dir.exists()) {
             Ok(_) => info!(job = %id, "completed the publication its agent had begun"),
-            Err(e) => warn!(job = %id, "could not complete the publication its agent had begun: {e}"),
+            Err(e) => {
+                warn!(job = %id, "could not complete the publication its agent had begun: {e}")
+            }
         }
         if core.output.read_record(&id).ok().flatten().is_some() {
             queue::finish_foreign(queue, name, state)?;
@@ -365,9 +454,11 @@ fn start_watcher(queue: &Queue, wake: Arc<Notify>) -> Option<notify::Recommended
     };
     for dir in [queue.root().to_path_buf(), queue.state_dir(State::Queued)] {
         if let Err(e) = w.watch(&dir, RecursiveMode::NonRecursive) {
-            warn!("cannot watch {}: {e}; relying on the poll interval", dir.display());
+            warn!(
+                "cannot watch {}: {e}; relying on the poll interval",
+                dir.display()
+            );
         }
     }
     Some(w)
 }
-

@@ -58,7 +58,14 @@ impl Default for Board {
 impl Board {
     pub fn new() -> Self {
         let (tx, _) = broadcast::channel(EVENTS);
-        Board { inner: Mutex::new(Inner { seq: 0, running: HashMap::new(), recent: VecDeque::new() }), tx }
+        Board {
+            inner: Mutex::new(Inner {
+                seq: 0,
+                running: HashMap::new(),
+                recent: VecDeque::new(),
+            }),
+            tx,
+        }
     }
 
     /// Record a job's new view and broadcast it.
@@ -99,12 +106,21 @@ impl Board {
     }
 
     pub fn recent(&self) -> Vec<JobView> {
-        self.inner.lock().expect("board lock poisoned").recent.iter().cloned().collect()
+        self.inner
+            .lock()
+            .expect("board lock poisoned")
+            .recent
+            .iter()
+            .cloned()
+            .collect()
     }
 
     pub fn get(&self, id: &JobId) -> Option<JobView> {
         let g = self.inner.lock().expect("board lock poisoned");
-        g.running.get(id).cloned().or_else(|| g.recent.iter().rev().find(|v| v.id == *id).cloned())
+        g.running
+            .get(id)
+            .cloned()
+            .or_else(|| g.recent.iter().rev().find(|v| v.id == *id).cloned())
     }
 
     /// The current sequence number and a receiver for changes after it.

@@ -16,7 +16,7 @@ use hyperfarm_shared::results::OnExisting;
 /// hyper2kvm-agent: claims VM conversion jobs from a queue on shared storage, verifies their
 /// digests, converts their disks to qcow2 and publishes `<output>/<vm>.qcow2` or `<vm>.error`.
 #[derive(Debug, Parser)]
-#[command(version, about, long_about = None)]
+#[command(version, about, long_about = None, args_override_self = true)]
 pub struct Cli {
     /// TOML configuration file [default: /etc/hyper2kvm/agent.toml or agent-<instance>.toml, if present]
     #[arg(long, short = 'c', env = "HYPER2KVM_AGENT_CONFIG", value_name = "FILE")]
@@ -44,7 +44,12 @@ pub struct Cli {
     #[arg(long, env = "HYPER2KVM_AGENT_SETTLE_TIME", value_parser = duration::parse, value_name = "DURATION")]
     pub settle_time: Option<Duration>,
     /// Directories that seed-style manifests may point into (repeatable) [default: the watch directory]
-    #[arg(long = "allowed-source-dir", env = "HYPER2KVM_AGENT_ALLOWED_SOURCE_DIRS", value_delimiter = ':', value_name = "DIR")]
+    #[arg(
+        long = "allowed-source-dir",
+        env = "HYPER2KVM_AGENT_ALLOWED_SOURCE_DIRS",
+        value_delimiter = ':',
+        value_name = "DIR"
+    )]
     pub allowed_source_dirs: Vec<PathBuf>,
     /// When <vm>.qcow2 already exists from an earlier job: fail the new job, or archive the old file [default: fail]
     #[arg(long, env = "HYPER2KVM_AGENT_ON_EXISTING", value_parser = parse_on_existing, value_name = "fail|archive")]
@@ -171,13 +176,26 @@ pub fn load(cli: &Cli) -> anyhow::Result<Config> {
             }
         }
     };
-    let instance = cli.instance.clone().or(file.instance).unwrap_or_else(|| instance::DEFAULT.to_string());
+    let instance = cli
+        .instance
+        .clone()
+        .or(file.instance)
+        .unwrap_or_else(|| instance::DEFAULT.to_string());
     instance::check_name(&instance).map_err(ConfigError)?;
     let name = Some(instance.as_str());
-    let watch_dir = cli.watch_dir.clone().or(file.watch_dir).unwrap_or_else(|| instance::watch_dir(name));
-    let output_dir = cli.output_dir.clone().or(file.output_dir).unwrap_or_else(|| instance::output_dir(name));
+    let watch_dir = cli
+        .watch_dir
+        .clone()
+        .or(file.watch_dir)
+        .unwrap_or_else(|| instance::watch_dir(name));
+    let output_dir = cli
+        .output_dir
+        .clone()
+        .or(file.output_dir)
+        .unwrap_or_else(|| instance::output_dir(name));
     let allowed_source_dirs = if cli.allowed_source_dirs.is_empty() {
-        file.allowed_source_dirs.unwrap_or_else(|| vec![watch_dir.clone()])
+        file.allowed_source_dirs
+            .unwrap_or_else(|| vec![watch_dir.clone()])
     } else {
         cli.allowed_source_dirs.clone()
     };
@@ -187,17 +205,42 @@ pub fn load(cli: &Cli) -> anyhow::Result<Config> {
         watch_dir,
         output_dir,
         max_concurrent: cli.max_concurrent.or(file.max_concurrent).unwrap_or(2),
-        poll_interval: cli.poll_interval.or(file.poll_interval).unwrap_or(Duration::from_secs(5)),
-        lease_timeout: cli.lease_timeout.or(file.lease_timeout).unwrap_or(Duration::from_secs(60)),
-        settle_time: cli.settle_time.or(file.settle_time).unwrap_or(Duration::from_secs(5)),
+        poll_interval: cli
+            .poll_interval
+            .or(file.poll_interval)
+            .unwrap_or(Duration::from_secs(5)),
+        lease_timeout: cli
+            .lease_timeout
+            .or(file.lease_timeout)
+            .unwrap_or(Duration::from_secs(60)),
+        settle_time: cli
+            .settle_time
+            .or(file.settle_time)
+            .unwrap_or(Duration::from_secs(5)),
         allowed_source_dirs,
         on_existing: cli.on_existing.or(file.on_existing).unwrap_or_default(),
-        qemu_img: cli.qemu_img.clone().or(file.qemu_img).unwrap_or_else(|| PathBuf::from("qemu-img")),
-        shutdown_grace: cli.shutdown_grace.or(file.shutdown_grace).unwrap_or(Duration::from_secs(30)),
+        qemu_img: cli
+            .qemu_img
+            .clone()
+            .or(file.qemu_img)
+            .unwrap_or_else(|| PathBuf::from("qemu-img")),
+        shutdown_grace: cli
+            .shutdown_grace
+            .or(file.shutdown_grace)
+            .unwrap_or(Duration::from_secs(30)),
         max_attempts: cli.max_attempts.or(file.max_attempts).unwrap_or(3),
-        job_timeout: cli.job_timeout.or(file.job_timeout).unwrap_or(Duration::from_secs(24 * 3600)),
-        keep_done_disks: cli.keep_done_disks.or(file.keep_done_disks).unwrap_or(false),
-        staging_max_age: cli.staging_max_age.or(file.staging_max_age).unwrap_or(Duration::from_secs(24 * 3600)),
+        job_timeout: cli
+            .job_timeout
+            .or(file.job_timeout)
+            .unwrap_or(Duration::from_secs(24 * 3600)),
+        keep_done_disks: cli
+            .keep_done_disks
+            .or(file.keep_done_disks)
+            .unwrap_or(false),
+        staging_max_age: cli
+            .staging_max_age
+            .or(file.staging_max_age)
+            .unwrap_or(Duration::from_secs(24 * 3600)),
         convert: file.convert.unwrap_or_default(),
         log_format: cli.log_format.clone(),
     };
@@ -208,30 +251,48 @@ pub fn load(cli: &Cli) -> anyhow::Result<Config> {
 fn read_file(path: &Path) -> anyhow::Result<FileConfig> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("reading the configuration file {}", path.display()))?;
-    toml::from_str(&text).map_err(|e| ConfigError(format!("configuration file {}: {e}", path.display())).into())
+    toml::from_str(&text)
+        .map_err(|e| ConfigError(format!("configuration file {}: {e}", path.display())).into())
 }
 
 fn validate(cfg: &Config) -> anyhow::Result<()> {
     let bad = |m: String| -> anyhow::Result<()> { Err(ConfigError(m).into()) };
     if !(1..=64).contains(&cfg.max_concurrent) {
-        return bad(format!("max_concurrent = {} must be between 1 and 64", cfg.max_concurrent));
+        return bad(format!(
+            "max_concurrent = {} must be between 1 and 64",
+            cfg.max_concurrent
+        ));
     }
-    if cfg.poll_interval < Duration::from_millis(50) || cfg.poll_interval > Duration::from_secs(3600) {
-        return bad(format!("poll_interval = {} must be between 50ms and 1h", duration::show(cfg.poll_interval)));
+    if cfg.poll_interval < Duration::from_millis(50)
+        || cfg.poll_interval > Duration::from_secs(3600)
+    {
+        return bad(format!(
+            "poll_interval = {} must be between 50ms and 1h",
+            duration::show(cfg.poll_interval)
+        ));
     }
     if cfg.lease_timeout < Duration::from_millis(500) {
-        return bad(format!("lease_timeout = {} must be at least 500ms", duration::show(cfg.lease_timeout)));
+        return bad(format!(
+            "lease_timeout = {} must be at least 500ms",
+            duration::show(cfg.lease_timeout)
+        ));
     }
     if cfg.max_attempts == 0 {
         return bad("max_attempts must be at least 1".into());
     }
-    for (what, p) in [("watch_dir", &cfg.watch_dir), ("output_dir", &cfg.output_dir)] {
+    for (what, p) in [
+        ("watch_dir", &cfg.watch_dir),
+        ("output_dir", &cfg.output_dir),
+    ] {
         if !p.is_absolute() {
             return bad(format!("{what} = {} must be an absolute path", p.display()));
         }
     }
     if cfg.convert.coroutines == 0 || cfg.convert.coroutines > 16 {
-        return bad(format!("convert.coroutines = {} must be between 1 and 16", cfg.convert.coroutines));
+        return bad(format!(
+            "convert.coroutines = {} must be between 1 and 16",
+            cfg.convert.coroutines
+        ));
     }
     if cfg.watch_dir == cfg.output_dir {
         return bad("watch_dir and output_dir must be different directories".into());
@@ -245,7 +306,10 @@ pub fn canonical_allowed(cfg: &Config) -> anyhow::Result<Vec<PathBuf>> {
     for d in &cfg.allowed_source_dirs {
         match std::fs::canonicalize(d) {
             Ok(c) => out.push(c),
-            Err(e) => bail!(ConfigError(format!("allowed source directory {}: {e}", d.display()))),
+            Err(e) => bail!(ConfigError(format!(
+                "allowed source directory {}: {e}",
+                d.display()
+            ))),
         }
     }
     Ok(out)
@@ -264,7 +328,13 @@ mod tests {
         let d = tempfile::tempdir().expect("tempdir");
         let f = d.path().join("agent.toml");
         std::fs::write(&f, "watch_dir = \"/q\"\noutput_dir = \"/o\"\nmax_concurrent = 4\npoll_interval = \"2s\"\n[convert]\ncoroutines = 4\n").expect("write");
-        let c = load(&cli(&["--config", f.to_str().expect("utf8"), "--max-concurrent", "3"])).expect("load");
+        let c = load(&cli(&[
+            "--config",
+            f.to_str().expect("utf8"),
+            "--max-concurrent",
+            "3",
+        ]))
+        .expect("load");
         assert_eq!(c.watch_dir, PathBuf::from("/q"));
         assert_eq!(c.max_concurrent, 3, "flags beat the file");
         assert_eq!(c.poll_interval, Duration::from_secs(2));
@@ -276,8 +346,14 @@ mod tests {
     #[test]
     fn instance_selects_directories() {
         let c = load(&cli(&["--instance", "vsphere"])).expect("load");
-        assert_eq!(c.watch_dir, PathBuf::from("/var/lib/hyper2kvm/vsphere/queue"));
-        assert_eq!(c.output_dir, PathBuf::from("/var/lib/hyper2kvm/vsphere/output"));
+        assert_eq!(
+            c.watch_dir,
+            PathBuf::from("/var/lib/hyper2kvm/vsphere/queue")
+        );
+        assert_eq!(
+            c.output_dir,
+            PathBuf::from("/var/lib/hyper2kvm/vsphere/output")
+        );
     }
 
     #[test]

@@ -130,12 +130,23 @@ async fn execute(
         return Err(Ended::AlreadyPublished(rec));
     }
 
-    let dir = claim.lock().expect("claim lock").as_ref().map(|c| c.dir().to_path_buf()).ok_or(Ended::Abandon)?;
+    let dir = claim
+        .lock()
+        .expect("claim lock")
+        .as_ref()
+        .map(|c| c.dir().to_path_buf())
+        .ok_or(Ended::Abandon)?;
     let allowed = core.settings.allowed_source_dirs.clone();
-    let loaded: LoadedJob = tokio::task::spawn_blocking(move || worker::load_job(&dir, id, &allowed))
-        .await
-        .map_err(|e| Ended::Failed(JobFailure::new(None, format!("loading the job crashed: {e}"))))?
-        .map_err(Ended::Failed)?;
+    let loaded: LoadedJob =
+        tokio::task::spawn_blocking(move || worker::load_job(&dir, id, &allowed))
+            .await
+            .map_err(|e| {
+                Ended::Failed(JobFailure::new(
+                    None,
+                    format!("loading the job crashed: {e}"),
+                ))
+            })?
+            .map_err(Ended::Failed)?;
     let vm = loaded.vm_name.clone();
     view.lock().expect("view").vm_name = Some(vm.clone());
     info!(vm = %vm, disks = loaded.disks.len(), bytes = loaded.total_bytes(), seed_drop = loaded.seed_drop, "loaded");
@@ -157,7 +168,14 @@ async fn execute(
             )))
         })?;
 
-    let converted = worker::convert_job(&core.settings, &loaded, publication.work_dir(), ptx, &stop.token).await;
+    let converted = worker::convert_job(
+        &core.settings,
+        &loaded,
+        publication.work_dir(),
+        ptx,
+        &stop.token,
+    )
+    .await;
     let converted = match converted {
         Ok(c) => c,
         Err(f) => {
@@ -173,8 +191,17 @@ async fn execute(
         return Err(Ended::Abandon);
     }
 
-    ptx.send_replace(Progress { phase: Phase::Publishing, percent: 100.0, ..Default::default() });
-    let attempts = claim.lock().expect("claim lock").as_ref().map(|c| c.attempts()).unwrap_or(1);
+    ptx.send_replace(Progress {
+        phase: Phase::Publishing,
+        percent: 100.0,
+        ..Default::default()
+    });
+    let attempts = claim
+        .lock()
+        .expect("claim lock")
+        .as_ref()
+        .map(|c| c.attempts())
+        .unwrap_or(1);
     let record = ResultRecord {
         job_id: id,
         state: ResultState::Done,
@@ -192,19 +219,31 @@ async fn execute(
         finished_at_ms: hyperfarm_shared::queue::now_ms(),
     };
     let policy = core.cfg.on_existing;
-    let claim_dir = claim.lock().expect("claim lock").as_ref().map(|c| c.dir().to_path_buf()).ok_or(Ended::Abandon)?;
+    let claim_dir = claim
+        .lock()
+        .expect("claim lock")
+        .as_ref()
+        .map(|c| c.dir().to_path_buf())
+        .ok_or(Ended::Abandon)?;
     let published = tokio::task::spawn_blocking(move || {
         publication.publish(record, None, policy, || claim_dir.exists())
     })
     .await
-    .map_err(|e| Ended::Failed(JobFailure::new(Some(&vm), format!("publishing crashed: {e}"))))?;
+    .map_err(|e| {
+        Ended::Failed(JobFailure::new(
+            Some(&vm),
+            format!("publishing crashed: {e}"),
+        ))
+    })?;
     match published {
         Ok(rec) => Ok(rec),
         Err(ResultError::Lost { .. }) => {
             stop.stop(StopReason::Lost);
             Err(Ended::Abandon)
         }
-        Err(e @ ResultError::Conflict { .. }) => Err(Ended::Failed(JobFailure::new(Some(&vm), e.to_string()))),
+        Err(e @ ResultError::Conflict { .. }) => {
+            Err(Ended::Failed(JobFailure::new(Some(&vm), e.to_string())))
+        }
         Err(e) => Err(Ended::Failed(JobFailure::new(Some(&vm), e.to_string()))),
     }
 }
@@ -220,7 +259,9 @@ async fn finish(
     stop: &Arc<JobStop>,
     view: &Arc<Mutex<JobView>>,
 ) {
-    let Some(claim) = claim.lock().expect("claim lock").take() else { return };
+    let Some(claim) = claim.lock().expect("claim lock").take() else {
+        return;
+    };
     let core2 = core.clone();
     let token = token.to_string();
     let engine = EngineKind::QemuImg.to_string();
@@ -234,7 +275,15 @@ async fn finish(
             rec.error.as_ref().map(|_| rec.summary()),
             rec.files.iter().map(|f| f.name.clone()).collect(),
         ),
-        Err(Ended::Failed(f)) => (if f.cancelled { Phase::Cancelled } else { Phase::Failed }, Some(f.message.lines().next().unwrap_or_default().to_string()), vec![]),
+        Err(Ended::Failed(f)) => (
+            if f.cancelled {
+                Phase::Cancelled
+            } else {
+                Phase::Failed
+            },
+            Some(f.message.lines().next().unwrap_or_default().to_string()),
+            vec![],
+        ),
         Err(Ended::Abandon) => (Phase::Queued, None, vec![]),
     };
     let reason = stop.reason();
@@ -249,8 +298,15 @@ async fn finish(
                 finish_claim(&core2, claim, outcome)
             }
             Err(Ended::Failed(f)) => {
-                let vm = f.vm_name.clone().unwrap_or_else(|| fallback_vm_name(claim.dir(), &id));
-                let state = if f.cancelled { ResultState::Cancelled } else { ResultState::Failed };
+                let vm = f
+                    .vm_name
+                    .clone()
+                    .unwrap_or_else(|| fallback_vm_name(claim.dir(), &id));
+                let state = if f.cancelled {
+                    ResultState::Cancelled
+                } else {
+                    ResultState::Failed
+                };
                 let message = format!("{}\njob: {id}\nagent: {}\n", f.message, core2.agent_name);
                 let record = ResultRecord {
                     job_id: id,
@@ -269,14 +325,28 @@ async fn finish(
                     finished_at_ms: hyperfarm_shared::queue::now_ms(),
                 };
                 let dir = claim.dir().to_path_buf();
-                let publication = Publication::begin(&core2.output, id, &token)
-                    .map_err(|e| format!("cannot write the error result into {}: {e}", core2.output.tmp_dir().display()))?;
-                match publication.publish(record, Some(&message), core2.cfg.on_existing, || dir.exists()) {
+                let publication = Publication::begin(&core2.output, id, &token).map_err(|e| {
+                    format!(
+                        "cannot write the error result into {}: {e}",
+                        core2.output.tmp_dir().display()
+                    )
+                })?;
+                match publication.publish(record, Some(&message), core2.cfg.on_existing, || {
+                    dir.exists()
+                }) {
                     Ok(_) => {}
                     Err(ResultError::Lost { .. }) => return Ok("lost to another agent"),
                     Err(e) => return Err(format!("cannot publish the error result: {e}")),
                 }
-                finish_claim(&core2, claim, if f.cancelled { Outcome::Cancelled } else { Outcome::Failed })
+                finish_claim(
+                    &core2,
+                    claim,
+                    if f.cancelled {
+                        Outcome::Cancelled
+                    } else {
+                        Outcome::Failed
+                    },
+                )
             }
             Err(Ended::Abandon) => match reason {
                 Some(StopReason::Lost) => Ok("lost to another agent"),
@@ -315,7 +385,10 @@ fn finish_claim(core: &Core, claim: Claim, outcome: Outcome) -> Result<&'static 
             // cancelled (failed jobs keep them for inspection). A seed drop's disks are the
             // exporter's and are never touched.
             if !seed && !core.cfg.keep_done_disks && outcome != Outcome::Failed {
-                let disks = core.queue.job_dir(outcome.state(), &id).join(hyperfarm_shared::queue::DISKS);
+                let disks = core
+                    .queue
+                    .job_dir(outcome.state(), &id)
+                    .join(hyperfarm_shared::queue::DISKS);
                 if let Err(e) = fsx::remove_tree(&disks) {
                     warn!("cannot remove {}: {e}", disks.display());
                 }
@@ -337,7 +410,11 @@ fn fallback_vm_name(job_dir: &Path, id: &JobId) -> String {
     let from_origin = std::fs::read(job_dir.join(ORIGIN))
         .ok()
         .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
-        .and_then(|v| v.get("original_name").and_then(|n| n.as_str()).map(str::to_string))
+        .and_then(|v| {
+            v.get("original_name")
+                .and_then(|n| n.as_str())
+                .map(str::to_string)
+        })
         .and_then(|n| names::sanitize_vm_name(n.trim_end_matches(".json")));
     from_origin.unwrap_or_else(|| format!("job-{id}"))
 }
@@ -347,7 +424,10 @@ pub fn publish_orphan_failure(core: &Core, id: JobId, job_dir: &Path, message: &
     let loaded = worker::load_job(job_dir, id, &core.settings.allowed_source_dirs);
     let vm = match &loaded {
         Ok(j) => j.vm_name.clone(),
-        Err(f) => f.vm_name.clone().unwrap_or_else(|| fallback_vm_name(job_dir, &id)),
+        Err(f) => f
+            .vm_name
+            .clone()
+            .unwrap_or_else(|| fallback_vm_name(job_dir, &id)),
     };
     let token = format!("recovery-{}", hyperfarm_shared::queue::claim_token());
     let record = ResultRecord {
@@ -374,7 +454,12 @@ pub fn publish_orphan_failure(core: &Core, id: JobId, job_dir: &Path, message: &
     }
 }
 
-async fn heartbeat_loop(core: Arc<Core>, claim: SharedClaim, progress: watch::Receiver<Progress>, stop: Arc<JobStop>) {
+async fn heartbeat_loop(
+    core: Arc<Core>,
+    claim: SharedClaim,
+    progress: watch::Receiver<Progress>,
+    stop: Arc<JobStop>,
+) {
     let every = core.cfg.heartbeat_interval();
     loop {
         tokio::time::sleep(every).await;
@@ -382,7 +467,9 @@ async fn heartbeat_loop(core: Arc<Core>, claim: SharedClaim, progress: watch::Re
         let c = claim.clone();
         let beat = tokio::task::spawn_blocking(move || {
             let mut g = c.lock().expect("claim lock");
-            g.as_mut().map(|claim| claim.heartbeat(p.phase.as_str(), p.percent, p.bytes_done, p.bytes_total))
+            g.as_mut().map(|claim| {
+                claim.heartbeat(p.phase.as_str(), p.percent, p.bytes_done, p.bytes_total)
+            })
         })
         .await;
         match beat {
@@ -392,7 +479,9 @@ async fn heartbeat_loop(core: Arc<Core>, claim: SharedClaim, progress: watch::Re
                 stop.stop(StopReason::Cancel(reason));
             }
             Ok(Some(Ok(Beat::Lost))) => {
-                warn!("lost the job: another agent recovered it after our lease expired; stopping without publishing");
+                warn!(
+                    "lost the job: another agent recovered it after our lease expired; stopping without publishing"
+                );
                 stop.stop(StopReason::Lost);
                 return;
             }
@@ -403,7 +492,11 @@ async fn heartbeat_loop(core: Arc<Core>, claim: SharedClaim, progress: watch::Re
     }
 }
 
-async fn forward_progress(core: Arc<Core>, view: Arc<Mutex<JobView>>, mut rx: watch::Receiver<Progress>) {
+async fn forward_progress(
+    core: Arc<Core>,
+    view: Arc<Mutex<JobView>>,
+    mut rx: watch::Receiver<Progress>,
+) {
     while rx.changed().await.is_ok() {
         let p = rx.borrow_and_update().clone();
         let v = {

@@ -44,10 +44,17 @@ pub fn main_entry() -> ExitCode {
         }
     };
     if cli.check_config {
-        println!("{}", serde_json::to_string_pretty(&cfg).expect("config serialises"));
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&cfg).expect("config serialises")
+        );
         return ExitCode::SUCCESS;
     }
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().max_blocking_threads(64).build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .max_blocking_threads(64)
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("hyper2kvm-agent: cannot start the runtime: {e}");
@@ -57,7 +64,10 @@ pub fn main_entry() -> ExitCode {
     match rt.block_on(agent::run(cfg)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            let code = e.downcast_ref::<Fatal>().map(|f| f.code).unwrap_or(EXIT_RUNTIME);
+            let code = e
+                .downcast_ref::<Fatal>()
+                .map(|f| f.code)
+                .unwrap_or(EXIT_RUNTIME);
             tracing::error!("{e:#}");
             eprintln!("hyper2kvm-agent: {e:#}");
             ExitCode::from(code)

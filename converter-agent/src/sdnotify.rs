@@ -7,7 +7,9 @@ use std::time::Duration;
 /// Send a state string such as `READY=1` or `WATCHDOG=1`. Without `$NOTIFY_SOCKET` (not under
 /// systemd) this does nothing.
 pub fn notify(state: &str) {
-    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else { return };
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
     let path = path.to_string_lossy().into_owned();
     let addr = match path.strip_prefix('@') {
         Some(abs) => SocketAddr::from_abstract_name(abs.as_bytes()),

@@ -16,7 +16,7 @@ use hyperfarm_shared::results::OnExisting;
 /// wait for this job's result. Direct (`--pipeline`): convert here into `--output`. Export only
 /// (no `--pipeline`): publish the job into the queue at `--output` for a conversion server.
 #[derive(Debug, Parser)]
-#[command(name = "hyperexport", version, about, long_about = None)]
+#[command(name = "hyperexport", version, about, long_about = None, args_override_self = true)]
 pub struct Cli {
     /// TOML configuration file [default: /etc/hyper2kvm/hyperexport.toml, if present]
     #[arg(long, env = "HYPEREXPORT_CONFIG", value_name = "FILE")]
@@ -120,12 +120,32 @@ mod tests {
 
     #[test]
     fn seed_flag_forms() {
-        let c = Cli::parse_from(["hyperexport", "--vm", "x.ova", "--pipeline", "--hyper2kvm-daemon", "--hyper2kvm-poll-interval", "2", "--hyper2kvm-daemon-timeout", "90"]);
+        let c = Cli::parse_from([
+            "hyperexport",
+            "--vm",
+            "x.ova",
+            "--pipeline",
+            "--hyper2kvm-daemon",
+            "--hyper2kvm-poll-interval",
+            "2",
+            "--hyper2kvm-daemon-timeout",
+            "90",
+        ]);
         assert_eq!(c.pipeline, Some(true));
         assert_eq!(c.hyper2kvm_daemon, Some(true));
         assert_eq!(c.hyper2kvm_poll_interval, Some(Duration::from_secs(2)));
         assert_eq!(c.hyper2kvm_daemon_timeout, Some(Duration::from_secs(5400)));
-        let c = Cli::parse_from(["hyperexport", "--vm", "x", "--pipeline=false", "--manifest", "--output", "/q", "--hyper2kvm-daemon-timeout", "30s"]);
+        let c = Cli::parse_from([
+            "hyperexport",
+            "--vm",
+            "x",
+            "--pipeline=false",
+            "--manifest",
+            "--output",
+            "/q",
+            "--hyper2kvm-daemon-timeout",
+            "30s",
+        ]);
         assert_eq!(c.pipeline, Some(false));
         assert_eq!(c.hyper2kvm_daemon_timeout, Some(Duration::from_secs(30)));
     }

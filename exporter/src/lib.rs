@@ -87,7 +87,10 @@ impl ExportError {
 pub fn main_entry() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.quiet);
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("hyperexport: cannot start the runtime: {e}");
@@ -106,7 +109,8 @@ pub fn main_entry() -> ExitCode {
 fn init_logging(quiet: bool) {
     use tracing_subscriber::EnvFilter;
     let default = if quiet { "warn" } else { "info" };
-    let filter = EnvFilter::try_from_env("HYPEREXPORT_LOG").unwrap_or_else(|_| EnvFilter::new(default));
+    let filter =
+        EnvFilter::try_from_env("HYPEREXPORT_LOG").unwrap_or_else(|_| EnvFilter::new(default));
     use std::io::IsTerminal;
     tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -139,7 +143,9 @@ pub struct Settings {
 pub fn settings(cli: &Cli) -> Result<Settings, ExportError> {
     let file = match &cli.config {
         Some(p) => read_config(p)?,
-        None if std::path::Path::new(cli::DEFAULT_CONFIG).is_file() => read_config(std::path::Path::new(cli::DEFAULT_CONFIG))?,
+        None if std::path::Path::new(cli::DEFAULT_CONFIG).is_file() => {
+            read_config(std::path::Path::new(cli::DEFAULT_CONFIG))?
+        }
         None => FileConfig::default(),
     };
     let instance_name = cli.hyper2kvm_instance.clone().or(file.instance.clone());
@@ -160,24 +166,46 @@ pub fn settings(cli: &Cli) -> Result<Settings, ExportError> {
             _ => "export only (no --pipeline): give --output DIR, the queue directory a conversion agent watches (or add --pipeline)".into(),
         }));
     }
-    let poll = cli.hyper2kvm_poll_interval.or(file.poll_interval).unwrap_or(Duration::from_secs(5));
+    let poll = cli
+        .hyper2kvm_poll_interval
+        .or(file.poll_interval)
+        .unwrap_or(Duration::from_secs(5));
     if poll < Duration::from_millis(10) {
-        return Err(ExportError::Usage("--hyper2kvm-poll-interval must be at least 10ms".into()));
+        return Err(ExportError::Usage(
+            "--hyper2kvm-poll-interval must be at least 10ms".into(),
+        ));
     }
     Ok(Settings {
         mode,
-        watch_dir: cli.hyper2kvm_watch_dir.clone().or(file.watch_dir).unwrap_or_else(|| instance::watch_dir(inst)),
-        output_dir: cli.hyper2kvm_output_dir.clone().or(file.output_dir).unwrap_or_else(|| instance::output_dir(inst)),
+        watch_dir: cli
+            .hyper2kvm_watch_dir
+            .clone()
+            .or(file.watch_dir)
+            .unwrap_or_else(|| instance::watch_dir(inst)),
+        output_dir: cli
+            .hyper2kvm_output_dir
+            .clone()
+            .or(file.output_dir)
+            .unwrap_or_else(|| instance::output_dir(inst)),
         export_dir: cli.output.clone(),
         poll,
-        timeout: cli.hyper2kvm_daemon_timeout.or(file.daemon_timeout).unwrap_or(Duration::from_secs(3600)),
-        qemu_img: cli.qemu_img.clone().or(file.qemu_img).unwrap_or_else(|| PathBuf::from("qemu-img")),
+        timeout: cli
+            .hyper2kvm_daemon_timeout
+            .or(file.daemon_timeout)
+            .unwrap_or(Duration::from_secs(3600)),
+        qemu_img: cli
+            .qemu_img
+            .clone()
+            .or(file.qemu_img)
+            .unwrap_or_else(|| PathBuf::from("qemu-img")),
     })
 }
 
 fn read_config(p: &std::path::Path) -> Result<FileConfig, ExportError> {
-    let text = std::fs::read_to_string(p).map_err(|e| ExportError::Usage(format!("configuration file {}: {e}", p.display())))?;
-    toml::from_str(&text).map_err(|e| ExportError::Usage(format!("configuration file {}: {e}", p.display())))
+    let text = std::fs::read_to_string(p)
+        .map_err(|e| ExportError::Usage(format!("configuration file {}: {e}", p.display())))?;
+    toml::from_str(&text)
+        .map_err(|e| ExportError::Usage(format!("configuration file {}: {e}", p.display())))
 }
 
 /// Run hyperexport.
@@ -203,7 +231,12 @@ pub async fn run(cli: Cli) -> Result<(), ExportError> {
         let (ctl, interrupt, cancel) = (ctl.clone(), interrupt.clone(), cancel.clone());
         tokio::spawn(async move {
             use tokio::signal::unix::{SignalKind, signal};
-            let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else { return };
+            let (Ok(mut term), Ok(mut int)) = (
+                signal(SignalKind::terminate()),
+                signal(SignalKind::interrupt()),
+            ) else {
+                return;
+            };
             tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
             ctl.cancel.store(true, std::sync::atomic::Ordering::Relaxed);
             cancel.cancel();
@@ -215,12 +248,21 @@ pub async fn run(cli: Cli) -> Result<(), ExportError> {
         Mode::ExportOnly => {
             let dir = s.export_dir.clone().expect("checked in settings");
             let queue = Queue::new(&dir);
-            let sub = submit::submit(&queue, &vm, submit::Stages::default(), ctl, cli.quiet).await?;
+            let sub =
+                submit::submit(&queue, &vm, submit::Stages::default(), ctl, cli.quiet).await?;
             if cli.json {
-                println!("{}", serde_json::json!({"job_id": sub.id, "vm": sub.vm_name, "job_dir": sub.job_dir, "state": "queued", "bytes": sub.bytes}));
+                println!(
+                    "{}",
+                    serde_json::json!({"job_id": sub.id, "vm": sub.vm_name, "job_dir": sub.job_dir, "state": "queued", "bytes": sub.bytes})
+                );
             } else {
                 println!("{}", sub.job_dir.display());
-                eprintln!("published job {} for VM {} into {}; a conversion agent watching it will convert it", sub.id, sub.vm_name, dir.display());
+                eprintln!(
+                    "published job {} for VM {} into {}; a conversion agent watching it will convert it",
+                    sub.id,
+                    sub.vm_name,
+                    dir.display()
+                );
             }
             Ok(())
         }
@@ -239,7 +281,13 @@ pub async fn run(cli: Cli) -> Result<(), ExportError> {
     }
 }
 
-async fn daemon(cli: &Cli, s: &Settings, vm: &source::VmSource, ctl: Arc<Control>, interrupt: Arc<Notify>) -> Result<(), ExportError> {
+async fn daemon(
+    cli: &Cli,
+    s: &Settings,
+    vm: &source::VmSource,
+    ctl: Arc<Control>,
+    interrupt: Arc<Notify>,
+) -> Result<(), ExportError> {
     for (what, dir) in [("watch", &s.watch_dir), ("output", &s.output_dir)] {
         if !dir.is_dir() {
             return Err(ExportError::Unreachable(format!(
@@ -254,28 +302,58 @@ async fn daemon(cli: &Cli, s: &Settings, vm: &source::VmSource, ctl: Arc<Control
     tracing::info!(job = %sub.id, "published; waiting for the result");
     if cli.detach {
         if cli.json {
-            println!("{}", serde_json::json!({"job_id": sub.id, "vm": sub.vm_name, "state": "queued"}));
+            println!(
+                "{}",
+                serde_json::json!({"job_id": sub.id, "vm": sub.vm_name, "state": "queued"})
+            );
         } else {
             println!("{}", sub.id);
         }
         return Ok(());
     }
-    let params = WaitParams { queue, output: output.clone(), id: sub.id, poll: s.poll, timeout: s.timeout, quiet: cli.quiet, vm_name: sub.vm_name.clone() };
+    let params = WaitParams {
+        queue,
+        output: output.clone(),
+        id: sub.id,
+        poll: s.poll,
+        timeout: s.timeout,
+        quiet: cli.quiet,
+        vm_name: sub.vm_name.clone(),
+    };
     match wait::poll(&params, interrupt).await {
         Waited::Result(rec) => finish(&output, rec, cli.json),
         Waited::EndedWithoutRecord { state, reason } => match state {
-            State::Cancelled => Err(ExportError::Cancelled(format!("job {} was cancelled: {reason}", sub.id))),
-            _ => Err(ExportError::Conversion(format!("job {} ended as {state}: {reason}", sub.id))),
+            State::Cancelled => Err(ExportError::Cancelled(format!(
+                "job {} was cancelled: {reason}",
+                sub.id
+            ))),
+            _ => Err(ExportError::Conversion(format!(
+                "job {} ended as {state}: {reason}",
+                sub.id
+            ))),
         },
-        Waited::TimedOut { withdrawn, state, lease } => Err(ExportError::Timeout(if withdrawn {
-            format!("timed out after {}: no agent claimed job {} in {}; it was withdrawn from the queue (is an agent running and watching that directory?)", hyperfarm_shared::duration::show(s.timeout), sub.id, s.watch_dir.display())
+        Waited::TimedOut {
+            withdrawn,
+            state,
+            lease,
+        } => Err(ExportError::Timeout(if withdrawn {
+            format!(
+                "timed out after {}: no agent claimed job {} in {}; it was withdrawn from the queue (is an agent running and watching that directory?)",
+                hyperfarm_shared::duration::show(s.timeout),
+                sub.id,
+                s.watch_dir.display()
+            )
         } else {
-            let who = lease.map(|l| format!(" by {} ({} {:.0}%)", l.agent, l.phase, l.percent)).unwrap_or_default();
+            let who = lease
+                .map(|l| format!(" by {} ({} {:.0}%)", l.agent, l.phase, l.percent))
+                .unwrap_or_default();
             format!(
                 "timed out after {}: job {} is {}{who} and was left to finish; its result will appear in {} (hyperctl jobs show {})",
                 hyperfarm_shared::duration::show(s.timeout),
                 sub.id,
-                state.map(|s| s.to_string()).unwrap_or_else(|| "in an unknown state".into()),
+                state
+                    .map(|s| s.to_string())
+                    .unwrap_or_else(|| "in an unknown state".into()),
                 s.output_dir.display(),
                 sub.id
             )
@@ -292,7 +370,10 @@ fn finish(output: &OutputDir, rec: ResultRecord, json: bool) -> Result<(), Expor
         }
         ResultState::Failed | ResultState::Cancelled => {
             if json {
-                println!("{}", serde_json::to_string(&rec).expect("records serialise"));
+                println!(
+                    "{}",
+                    serde_json::to_string(&rec).expect("records serialise")
+                );
             }
             let text = rec.error.clone().unwrap_or_else(|| rec.summary());
             if rec.state == ResultState::Cancelled {
@@ -307,7 +388,10 @@ fn finish(output: &OutputDir, rec: ResultRecord, json: bool) -> Result<(), Expor
 fn print_success(output: &OutputDir, rec: &ResultRecord, json: bool) {
     let paths = wait::result_paths(output, rec);
     if json {
-        println!("{}", serde_json::json!({"job_id": rec.job_id, "vm": rec.vm_name, "state": "done", "files": paths, "engine": rec.engine}));
+        println!(
+            "{}",
+            serde_json::json!({"job_id": rec.job_id, "vm": rec.vm_name, "state": "done", "files": paths, "engine": rec.engine})
+        );
     } else {
         for p in paths {
             println!("{}", p.display());

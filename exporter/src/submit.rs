@@ -9,7 +9,9 @@ use std::time::Duration;
 use hyperfarm_shared::JobId;
 use hyperfarm_shared::digest::to_hex;
 use hyperfarm_shared::fsx;
-use hyperfarm_shared::manifest::{self, Disk, HyperfarmInfo, Manifest, Pipeline, Source, Stage, Submitter, VmInfo};
+use hyperfarm_shared::manifest::{
+    self, Disk, HyperfarmInfo, Manifest, Pipeline, Source, Stage, Submitter, VmInfo,
+};
 use hyperfarm_shared::queue::{self, Queue, Staging};
 
 use crate::ExportError;
@@ -36,7 +38,13 @@ pub struct Stages {
 }
 
 /// Copy the VM's disks into a new job in `queue` and publish it.
-pub async fn submit(queue: &Queue, vm: &VmSource, stages: Stages, ctl: Arc<Control>, quiet: bool) -> Result<Submitted, ExportError> {
+pub async fn submit(
+    queue: &Queue,
+    vm: &VmSource,
+    stages: Stages,
+    ctl: Arc<Control>,
+    quiet: bool,
+) -> Result<Submitted, ExportError> {
     let q = queue.clone();
     tokio::task::spawn_blocking(move || -> std::io::Result<()> {
         if let Ok(n) = queue::cleanup_own_staging(&q)
@@ -54,7 +62,8 @@ pub async fn submit(queue: &Queue, vm: &VmSource, stages: Stages, ctl: Arc<Contr
     )))?;
 
     let id = JobId::new();
-    let staging = Staging::create(queue, id).map_err(|e| ExportError::Unreachable(format!("{e:#}")))?;
+    let staging =
+        Staging::create(queue, id).map_err(|e| ExportError::Unreachable(format!("{e:#}")))?;
     tracing::info!(job = %id, vm = %vm.name, staging = %staging.dir().display(), "staging the job");
 
     let mut disks = Vec::new();
@@ -67,7 +76,14 @@ pub async fn submit(queue: &Queue, vm: &VmSource, stages: Stages, ctl: Arc<Contr
             .iter()
             .find(|(name, _)| d.label.ends_with(&format!("({name})")))
             .map(|(name, dg)| (name.clone(), dg.clone()));
-        let copied = copy_with_meter(d, &dst, member.as_ref().map(|(_, dg)| dg.hasher()), &ctl, quiet).await?;
+        let copied = copy_with_meter(
+            d,
+            &dst,
+            member.as_ref().map(|(_, dg)| dg.hasher()),
+            &ctl,
+            quiet,
+        )
+        .await?;
         if let Some((name, dg)) = &member
             && copied.member_hex.as_deref() != Some(dg.hex())
         {
@@ -96,7 +112,12 @@ pub async fn submit(queue: &Queue, vm: &VmSource, stages: Stages, ctl: Arc<Contr
         .await
         .map_err(|e| ExportError::Internal(e.to_string()))?
         .map_err(|e| ExportError::Unreachable(format!("{e:#}")))?;
-    Ok(Submitted { id, job_dir, vm_name: vm.name.clone(), bytes: total })
+    Ok(Submitted {
+        id,
+        job_dir,
+        vm_name: vm.name.clone(),
+        bytes: total,
+    })
 }
 
 /// Copy one disk on a blocking thread, showing progress.
@@ -110,7 +131,8 @@ pub async fn copy_with_meter(
     ctl.done.store(0, Ordering::Relaxed);
     let mut meter = Meter::new(format!("copying {}", d.id), d.data.len(), quiet);
     let (data, dst2, ctl2) = (d.data.clone(), dst.to_path_buf(), ctl.clone());
-    let mut task = tokio::task::spawn_blocking(move || copy::copy_disk(&data, &dst2, member, &ctl2));
+    let mut task =
+        tokio::task::spawn_blocking(move || copy::copy_disk(&data, &dst2, member, &ctl2));
     let copied = loop {
         tokio::select! {
             r = &mut task => break r,
@@ -121,16 +143,32 @@ pub async fn copy_with_meter(
     meter.finish();
     match copied.map_err(|e| ExportError::Internal(e.to_string()))? {
         Ok(c) => Ok(c),
-        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => Err(ExportError::Interrupted(false)),
+        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {
+            Err(ExportError::Interrupted(false))
+        }
         Err(e) => {
-            let hint = if e.raw_os_error() == Some(libc::ENOSPC) { " (the queue's file system is full)" } else { "" };
-            Err(ExportError::Copy(format!("copying disk {} from {} to {}: {e}{hint}", d.id, d.data.describe(), dst.display())))
+            let hint = if e.raw_os_error() == Some(libc::ENOSPC) {
+                " (the queue's file system is full)"
+            } else {
+                ""
+            };
+            Err(ExportError::Copy(format!(
+                "copying disk {} from {} to {}: {e}{hint}",
+                d.id,
+                d.data.describe(),
+                dst.display()
+            )))
         }
     }
 }
 
 fn build_manifest(vm: &VmSource, id: JobId, disks: Vec<Disk>, stages: Stages) -> Manifest {
-    let on = |enabled| Some(Stage { enabled, extra: Default::default() });
+    let on = |enabled| {
+        Some(Stage {
+            enabled,
+            extra: Default::default(),
+        })
+    };
     Manifest {
         manifest_version: manifest::MANIFEST_VERSION.to_string(),
         source: Some(Source {
@@ -138,8 +176,14 @@ fn build_manifest(vm: &VmSource, id: JobId, disks: Vec<Disk>, stages: Stages) ->
             vm_id: None,
             vm_name: Some(vm.name.clone()),
             extra: [
-                ("path".to_string(), serde_json::Value::String(vm.path.display().to_string())),
-                ("kind".to_string(), serde_json::Value::String(vm.kind.to_string())),
+                (
+                    "path".to_string(),
+                    serde_json::Value::String(vm.path.display().to_string()),
+                ),
+                (
+                    "kind".to_string(),
+                    serde_json::Value::String(vm.kind.to_string()),
+                ),
             ]
             .into_iter()
             .collect(),
@@ -160,7 +204,12 @@ fn build_manifest(vm: &VmSource, id: JobId, disks: Vec<Disk>, stages: Stages) ->
             engine: None,
             extra: Default::default(),
         }),
-        output: Some(manifest::Output { directory: None, format: Some("qcow2".into()), filename: None, extra: Default::default() }),
+        output: Some(manifest::Output {
+            directory: None,
+            format: Some("qcow2".into()),
+            filename: None,
+            extra: Default::default(),
+        }),
         metadata: None,
         hyperfarm: Some(HyperfarmInfo {
             schema_version: manifest::HYPERFARM_SCHEMA_VERSION,

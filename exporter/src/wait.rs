@@ -19,9 +19,18 @@ pub enum Waited {
     /// The job's record (done, failed or cancelled).
     Result(ResultRecord),
     /// The job ended without a record: cancelled/withdrawn by someone (the reason), or failed.
-    EndedWithoutRecord { state: State, reason: String },
-    TimedOut { withdrawn: bool, state: Option<State>, lease: Option<LeaseInfo> },
-    Interrupted { withdrawn: bool },
+    EndedWithoutRecord {
+        state: State,
+        reason: String,
+    },
+    TimedOut {
+        withdrawn: bool,
+        state: Option<State>,
+        lease: Option<LeaseInfo>,
+    },
+    Interrupted {
+        withdrawn: bool,
+    },
 }
 
 pub struct WaitParams {
@@ -110,24 +119,42 @@ fn reason_of(q: &Queue, id: &JobId, state: State) -> String {
         .ok()
         .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
         .and_then(|v| v.get("reason").and_then(|r| r.as_str()).map(str::to_string))
-        .unwrap_or_else(|| format!("the job is in {}/ without a result record", state.dir_name()))
+        .unwrap_or_else(|| {
+            format!(
+                "the job is in {}/ without a result record",
+                state.dir_name()
+            )
+        })
 }
 
 async fn timed_out(p: &WaitParams) -> Waited {
     let (q, id) = (p.queue.clone(), p.id);
-    let reason = format!("hyperexport timed out after {}", hyperfarm_shared::duration::show(p.timeout));
+    let reason = format!(
+        "hyperexport timed out after {}",
+        hyperfarm_shared::duration::show(p.timeout)
+    );
     let res = tokio::task::spawn_blocking(move || {
         let withdrawn = q.withdraw(&id, &reason).unwrap_or(false);
         let located = q.locate(&id).ok().flatten();
         let lease = located.as_ref().and_then(|(_, dir)| {
-            std::fs::read(dir.join(queue::LEASE)).ok().and_then(|b| serde_json::from_slice::<LeaseInfo>(b.trim_ascii()).ok())
+            std::fs::read(dir.join(queue::LEASE))
+                .ok()
+                .and_then(|b| serde_json::from_slice::<LeaseInfo>(b.trim_ascii()).ok())
         });
         (withdrawn, located.map(|(s, _)| s), lease)
     })
     .await;
     match res {
-        Ok((withdrawn, state, lease)) => Waited::TimedOut { withdrawn, state, lease },
-        Err(_) => Waited::TimedOut { withdrawn: false, state: None, lease: None },
+        Ok((withdrawn, state, lease)) => Waited::TimedOut {
+            withdrawn,
+            state,
+            lease,
+        },
+        Err(_) => Waited::TimedOut {
+            withdrawn: false,
+            state: None,
+            lease: None,
+        },
     }
 }
 

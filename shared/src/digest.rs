@@ -159,7 +159,11 @@ pub fn verify(
     let want = match expected {
         Expected::Blake3(d) | Expected::Sha256(d) => d,
     };
-    Ok(if &actual == want { Ok(()) } else { Err(to_hex(&actual)) })
+    Ok(if &actual == want {
+        Ok(())
+    } else {
+        Err(to_hex(&actual))
+    })
 }
 
 #[cfg(test)]
@@ -188,7 +192,10 @@ mod tests {
         f.sync_all().expect("sync");
         let f = File::open(&p).expect("open");
         let extents = data_extents(&f, 64 << 20).expect("extents");
-        assert!(extents.iter().map(|e| e.1).sum::<u64>() < 64 << 20, "holes are found: {extents:?}");
+        assert!(
+            extents.iter().map(|e| e.1).sum::<u64>() < 64 << 20,
+            "holes are found: {extents:?}"
+        );
 
         let mut h = blake3::Hasher::new();
         hash_file(&f, &mut h, |_| true).expect("hash");
@@ -202,6 +209,10 @@ mod tests {
         let sha = sha2::Sha256::digest(std::fs::read(&p).expect("read"));
         let mut want = [0u8; 32];
         want.copy_from_slice(&sha);
-        assert!(verify(&f, &Expected::Sha256(want), |_| true).expect("verify").is_ok());
+        assert!(
+            verify(&f, &Expected::Sha256(want), |_| true)
+                .expect("verify")
+                .is_ok()
+        );
     }
 }

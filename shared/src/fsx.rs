@@ -191,8 +191,7 @@ pub fn open_beneath(root: &Path, rel: &Path) -> io::Result<File> {
     check_relative(rel)?;
     let dir = File::open(root)?;
     let flags = OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC;
-    let resolve =
-        ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_MAGICLINKS;
+    let resolve = ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_MAGICLINKS;
     match rustix::fs::openat2(&dir, rel, flags, Mode::empty(), resolve) {
         Ok(fd) => {
             let f = File::from(fd);
@@ -200,9 +199,12 @@ pub fn open_beneath(root: &Path, rel: &Path) -> io::Result<File> {
             Ok(f)
         }
         Err(e) if e == rustix::io::Errno::NOSYS => open_beneath_fallback(root, rel),
-        Err(e) if e == rustix::io::Errno::XDEV || e == rustix::io::Errno::LOOP => Err(
-            io::Error::new(io::ErrorKind::InvalidInput, "leaves its directory or crosses a symbolic link"),
-        ),
+        Err(e) if e == rustix::io::Errno::XDEV || e == rustix::io::Errno::LOOP => {
+            Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "leaves its directory or crosses a symbolic link",
+            ))
+        }
         Err(e) => Err(e.into()),
     }
 }
@@ -214,10 +216,16 @@ fn open_beneath_fallback(root: &Path, rel: &Path) -> io::Result<File> {
         cur.push(c.as_os_str());
         let md = fs::symlink_metadata(&cur)?;
         if md.file_type().is_symlink() {
-            return Err(io::Error::new(io::ErrorKind::InvalidInput, "crosses a symbolic link"));
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "crosses a symbolic link",
+            ));
         }
         if i + 1 < comps.len() && !md.is_dir() {
-            return Err(io::Error::new(io::ErrorKind::InvalidInput, "a path component is not a directory"));
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "a path component is not a directory",
+            ));
         }
     }
     open_regular(&cur)
@@ -282,9 +290,16 @@ fn describe_type(md: &fs::Metadata) -> &'static str {
 pub fn probe_writable(dir: &Path) -> io::Result<()> {
     let md = fs::metadata(dir)?;
     if !md.is_dir() {
-        return Err(io::Error::new(io::ErrorKind::InvalidInput, "is not a directory"));
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "is not a directory",
+        ));
     }
-    let probe = dir.join(format!(".hyperfarm-probe-{}-{}", hostname(), std::process::id()));
+    let probe = dir.join(format!(
+        ".hyperfarm-probe-{}-{}",
+        hostname(),
+        std::process::id()
+    ));
     let _ = fs::remove_file(&probe);
     write_new_file(&probe, b"probe")?;
     fs::remove_file(&probe)
@@ -300,7 +315,11 @@ pub fn free_bytes(path: &Path) -> io::Result<u64> {
 pub fn hostname() -> String {
     let uname = rustix::system::uname();
     let name = uname.nodename().to_string_lossy().into_owned();
-    if name.is_empty() { "localhost".to_string() } else { name }
+    if name.is_empty() {
+        "localhost".to_string()
+    } else {
+        name
+    }
 }
 
 /// This boot's identity, to tell a process of a previous boot from a live one with the same pid.
@@ -312,7 +331,10 @@ pub fn boot_id() -> String {
 
 /// Whether a process with this pid exists on this host.
 pub fn pid_alive(pid: u32) -> bool {
-    let Some(pid) = i32::try_from(pid).ok().and_then(rustix::process::Pid::from_raw) else {
+    let Some(pid) = i32::try_from(pid)
+        .ok()
+        .and_then(rustix::process::Pid::from_raw)
+    else {
         return false;
     };
     match rustix::process::test_kill_process(pid) {
@@ -322,7 +344,10 @@ pub fn pid_alive(pid: u32) -> bool {
 }
 
 fn sibling_tmp(path: &Path) -> PathBuf {
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     parent_of(path).join(format!(".{name}.tmp-{}-{}", hostname(), std::process::id()))
 }
 
@@ -357,8 +382,14 @@ mod tests {
         fs::create_dir(&c).expect("mkdir c");
         fs::write(c.join("x"), b"x").expect("write");
         assert_eq!(rename_noreplace(&a, &b).expect("move"), Moved::Yes);
-        assert_eq!(rename_noreplace(&a, &d.path().join("z")).expect("gone"), Moved::SourceGone);
-        assert_eq!(rename_noreplace(&b, &c).expect("exists"), Moved::DestinationExists);
+        assert_eq!(
+            rename_noreplace(&a, &d.path().join("z")).expect("gone"),
+            Moved::SourceGone
+        );
+        assert_eq!(
+            rename_noreplace(&b, &c).expect("exists"),
+            Moved::DestinationExists
+        );
         assert!(b.is_dir() && c.join("x").is_file());
     }
 
@@ -381,8 +412,19 @@ mod tests {
         .expect("mkfifo");
 
         assert!(open_beneath(&root, Path::new("disks/ok.raw")).is_ok());
-        for bad in ["../secret", "/etc/passwd", "disks/link", "dirlink/secret", "fifo", "disks", ""] {
-            assert!(open_beneath(&root, Path::new(bad)).is_err(), "{bad} must be refused");
+        for bad in [
+            "../secret",
+            "/etc/passwd",
+            "disks/link",
+            "dirlink/secret",
+            "fifo",
+            "disks",
+            "",
+        ] {
+            assert!(
+                open_beneath(&root, Path::new(bad)).is_err(),
+                "{bad} must be refused"
+            );
         }
         assert!(open_beneath_fallback(&root, Path::new("disks/link")).is_err());
         assert!(open_beneath_fallback(&root, Path::new("dirlink/secret")).is_err());

@@ -56,6 +56,12 @@ pub struct Progress {
 
 impl Progress {
     pub fn phase(phase: Phase, bytes_total: u64) -> Self {
-        Progress { phase, percent: 0.0, bytes_done: 0, bytes_total, disk: None }
+        Progress {
+            phase,
+            percent: 0.0,
+            bytes_done: 0,
+            bytes_total,
+            disk: None,
+        }
     }
 }

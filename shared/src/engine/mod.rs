@@ -20,14 +20,20 @@ pub use qemu_img::{ConvertOptions, QemuImg};
 /// Errors of an engine run.
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
-    #[error("cannot start {program}: {source}; check that it is installed and on PATH (or set its path in the configuration)")]
+    #[error(
+        "cannot start {program}: {source}; check that it is installed and on PATH (or set its path in the configuration)"
+    )]
     Spawn {
         program: PathBuf,
         #[source]
         source: std::io::Error,
     },
     #[error("{program} failed ({status}): {stderr}")]
-    Failed { program: String, status: String, stderr: String },
+    Failed {
+        program: String,
+        status: String,
+        stderr: String,
+    },
     #[error("{program} did not finish within {}s and was killed", timeout.as_secs())]
     Timeout { program: String, timeout: Duration },
     #[error("cancelled")]

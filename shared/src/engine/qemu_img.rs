@@ -27,7 +27,12 @@ pub struct ConvertOptions {
 
 impl Default for ConvertOptions {
     fn default() -> Self {
-        ConvertOptions { coroutines: 8, out_of_order: true, source_cache: None, dest_cache: None }
+        ConvertOptions {
+            coroutines: 8,
+            out_of_order: true,
+            source_cache: None,
+            dest_cache: None,
+        }
     }
 }
 
@@ -49,13 +54,19 @@ pub struct QemuImg {
 
 impl Default for QemuImg {
     fn default() -> Self {
-        QemuImg { program: PathBuf::from("qemu-img"), quick_timeout: Duration::from_secs(120) }
+        QemuImg {
+            program: PathBuf::from("qemu-img"),
+            quick_timeout: Duration::from_secs(120),
+        }
     }
 }
 
 impl QemuImg {
     pub fn new(program: impl Into<PathBuf>) -> Self {
-        QemuImg { program: program.into(), ..Default::default() }
+        QemuImg {
+            program: program.into(),
+            ..Default::default()
+        }
     }
 
     fn cmd(&self) -> Command {
@@ -64,15 +75,29 @@ impl QemuImg {
         c
     }
 
-    async fn run_quick(&self, cmd: Command) -> Result<(std::process::ExitStatus, String, String), EngineError> {
+    async fn run_quick(
+        &self,
+        cmd: Command,
+    ) -> Result<(std::process::ExitStatus, String, String), EngineError> {
         let mut out = Vec::new();
-        let fin = process::run(cmd, &self.program, Some(self.quick_timeout), &CancellationToken::new(), |b| {
-            if out.len() < 16 << 20 {
-                out.extend_from_slice(b)
-            }
-        }, |_| {})
+        let fin = process::run(
+            cmd,
+            &self.program,
+            Some(self.quick_timeout),
+            &CancellationToken::new(),
+            |b| {
+                if out.len() < 16 << 20 {
+                    out.extend_from_slice(b)
+                }
+            },
+            |_| {},
+        )
         .await?;
-        Ok((fin.status, String::from_utf8_lossy(&out).into_owned(), fin.stderr))
+        Ok((
+            fin.status,
+            String::from_utf8_lossy(&out).into_owned(),
+            fin.stderr,
+        ))
     }
 
     /// `qemu-img --version`, first line.
@@ -81,20 +106,36 @@ impl QemuImg {
         c.arg("--version");
         let (status, out, err) = self.run_quick(c).await?;
         if !status.success() {
-            return Err(EngineError::Failed { program: "qemu-img --version".into(), status: describe(&status), stderr: err });
+            return Err(EngineError::Failed {
+                program: "qemu-img --version".into(),
+                status: describe(&status),
+                stderr: err,
+            });
         }
         Ok(out.lines().next().unwrap_or_default().trim().to_string())
     }
 
     /// `qemu-img info --output=json -f <format> <path>`.
-    pub async fn info(&self, path: &str, format: DiskFormat) -> Result<serde_json::Value, EngineError> {
+    pub async fn info(
+        &self,
+        path: &str,
+        format: DiskFormat,
+    ) -> Result<serde_json::Value, EngineError> {
         let mut c = self.cmd();
         c.args(["info", "--output=json", "-f", format.qemu_name(), path]);
         let (status, out, err) = self.run_quick(c).await?;
         if !status.success() {
-            return Err(EngineError::Failed { program: "qemu-img info".into(), status: describe(&status), stderr: err });
+            return Err(EngineError::Failed {
+                program: "qemu-img info".into(),
+                status: describe(&status),
+                stderr: err,
+            });
         }
-        serde_json::from_str(&out).map_err(|e| EngineError::Output(format!("qemu-img info printed something that is not JSON: {e}")))
+        serde_json::from_str(&out).map_err(|e| {
+            EngineError::Output(format!(
+                "qemu-img info printed something that is not JSON: {e}"
+            ))
+        })
     }
 
     /// Convert `src` (a path qemu-img opens; see the worker for how it is made safe) to a new
@@ -109,7 +150,16 @@ impl QemuImg {
         mut on_progress: impl FnMut(f64),
     ) -> Result<(), EngineError> {
         let mut c = self.cmd();
-        c.args(["convert", "-p", "-f", format.qemu_name(), "-O", "qcow2", "-o", "compat=1.1"]);
+        c.args([
+            "convert",
+            "-p",
+            "-f",
+            format.qemu_name(),
+            "-O",
+            "qcow2",
+            "-o",
+            "compat=1.1",
+        ]);
         let m = opts.coroutines.clamp(1, 16);
         c.arg("-m").arg(m.to_string());
         if opts.out_of_order {
@@ -124,14 +174,25 @@ impl QemuImg {
         // Paths are always absolute, so none can be read as an option or a protocol prefix.
         c.arg(src).arg(dst);
         let mut parser = ProgressParser::default();
-        let fin = process::run(c, &self.program, None, cancel, |chunk| {
-            for p in parser.feed(chunk) {
-                on_progress(p);
-            }
-        }, |_| {})
+        let fin = process::run(
+            c,
+            &self.program,
+            None,
+            cancel,
+            |chunk| {
+                for p in parser.feed(chunk) {
+                    on_progress(p);
+                }
+            },
+            |_| {},
+        )
         .await?;
         if !fin.status.success() {
-            return Err(EngineError::Failed { program: "qemu-img convert".into(), status: describe(&fin.status), stderr: fin.stderr });
+            return Err(EngineError::Failed {
+                program: "qemu-img convert".into(),
+                status: describe(&fin.status),
+                stderr: fin.stderr,
+            });
         }
         Ok(())
     }
@@ -144,12 +205,21 @@ impl QemuImg {
         let (status, out, err) = self.run_quick(c).await?;
         let v: serde_json::Value = serde_json::from_str(&out).unwrap_or_default();
         let n = |k: &str| v.get(k).and_then(|x| x.as_u64()).unwrap_or(0);
-        let report = CheckReport { corruptions: n("corruptions"), leaks: n("leaks"), check_errors: n("check-errors") };
+        let report = CheckReport {
+            corruptions: n("corruptions"),
+            leaks: n("leaks"),
+            check_errors: n("check-errors"),
+        };
         match status.code() {
             Some(0) | Some(3) if report.corruptions == 0 && report.check_errors == 0 => Ok(report),
             _ => Err(EngineError::Failed {
                 program: "qemu-img check".into(),
-                status: format!("{}, {} corruption(s), {} check error(s)", describe(&status), report.corruptions, report.check_errors),
+                status: format!(
+                    "{}, {} corruption(s), {} check error(s)",
+                    describe(&status),
+                    report.corruptions,
+                    report.check_errors
+                ),
                 stderr: err,
             }),
         }

@@ -26,13 +26,18 @@ use std::path::{Path, PathBuf};
 pub use claim::{Beat, Claim, ClaimError, Lease, LeaseInfo, Outcome, claim, claim_token};
 pub use inspect::{JobEntry, QueueSummary, StaleClaim, list, read_events, summarize};
 pub use publish::{PublishError, Staging, cleanup_own_staging};
-pub use recover::{LeaseTracker, Liveness, RecoverAction, cleanup_tmp, finish_foreign, parse_claim_name, recover_claim};
+pub use recover::{
+    LeaseTracker, Liveness, RecoverAction, cleanup_tmp, finish_foreign, parse_claim_name,
+    recover_claim,
+};
 pub use seed::{IngestOutcome, SeedTracker, ingest_seed_drops};
 
 use crate::jobid::JobId;
 
 /// The states a job can be in; each is a directory of the queue.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum State {
     Queued,
@@ -43,8 +48,13 @@ pub enum State {
 }
 
 impl State {
-    pub const ALL: [State; 5] =
-        [State::Queued, State::Converting, State::Done, State::Failed, State::Cancelled];
+    pub const ALL: [State; 5] = [
+        State::Queued,
+        State::Converting,
+        State::Done,
+        State::Failed,
+        State::Cancelled,
+    ];
 
     pub fn dir_name(self) -> &'static str {
         match self {
@@ -112,7 +122,10 @@ impl Queue {
     pub fn init(&self) -> io::Result<()> {
         let md = fs::metadata(&self.root)?;
         if !md.is_dir() {
-            return Err(io::Error::new(io::ErrorKind::InvalidInput, "is not a directory"));
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "is not a directory",
+            ));
         }
         for sub in State::ALL.iter().map(|s| s.dir_name()).chain([TMP]) {
             make_dir(&self.root.join(sub))?;
@@ -242,10 +255,17 @@ pub fn now_ms() -> u64 {
 /// The file server's idea of "now": the mtime of a file we just wrote in `dir`. Lease and age
 /// decisions compare server timestamps with server timestamps, never with a client clock.
 pub fn server_now(dir: &Path) -> io::Result<std::time::SystemTime> {
-    let probe = dir.join(format!(".clock.{}.{}", crate::fsx::hostname(), std::process::id()));
+    let probe = dir.join(format!(
+        ".clock.{}.{}",
+        crate::fsx::hostname(),
+        std::process::id()
+    ));
     let _ = fs::remove_file(&probe);
     {
-        let f = fs::OpenOptions::new().write(true).create_new(true).open(&probe)?;
+        let f = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&probe)?;
         f.sync_all()?;
     }
     let t = fs::metadata(&probe)?.modified();

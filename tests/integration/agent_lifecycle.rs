@@ -1,0 +1,263 @@
+//! The agent as a process: crashes (kill -9) and restarts, two agents on one queue, SIGTERM,
+//! start-up errors, corrupted jobs.
+
+use std::fs;
+use std::time::Duration;
+
+use hyperfarm_tests::images::{self, assert_identical};
+use hyperfarm_tests::{Farm, Proc, Run, bin, wait_for};
+
+/// A config that makes qemu-img slow enough to be caught mid-conversion (O_DIRECT, one coroutine).
+fn slow_config(farm: &Farm) -> String {
+    let p = farm.path().join("slow.toml");
+    fs::write(&p, "[convert]\ncoroutines = 1\nout_of_order = false\nsource_cache = \"none\"\ndest_cache = \"none\"\n").unwrap();
+    p.display().to_string()
+}
+
+/// Publish a job without waiting; returns its id.
+fn publish(farm: &Farm, vm: &std::path::Path, name: &str) -> String {
+    let args: Vec<String> = [
+        "--vm",
+        vm.to_str().unwrap(),
+        "--name",
+        name,
+        "--pipeline",
+        "--hyper2kvm-daemon",
+        "--detach",
+        "--json",
+        "--hyper2kvm-watch-dir",
+        farm.queue.to_str().unwrap(),
+        "--hyper2kvm-output-dir",
+        farm.output.to_str().unwrap(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let ran = Run::new(&bin("hyperexport"), &args).run();
+    ran.expect_code(0);
+    ran.json()["job_id"].as_str().unwrap().to_string()
+}
+
+fn lease_phase(farm: &Farm) -> Option<String> {
+    let dir = fs::read_dir(farm.queue.join("converting"))
+        .ok()?
+        .filter_map(|e| e.ok())
+        .next()?
+        .path();
+    let bytes = fs::read(dir.join("lease.json")).ok()?;
+    let v: serde_json::Value = serde_json::from_slice(bytes.trim_ascii()).ok()?;
+    v["phase"].as_str().map(str::to_string)
+}
+
+#[test]
+fn kill_9_mid_conversion_then_restart_ends_the_job_exactly_once() {
+    let farm = Farm::new();
+    let raw = images::raw_disk(
+        &farm.src.join("big.raw"),
+        768 << 20,
+        &[(0, 256 << 20), (400 << 20, 256 << 20)],
+        50,
+    );
+    let cfg = slow_config(&farm);
+    let mut agent = farm.agent(&["--config", &cfg]);
+    let id = publish(&farm, &raw, "crashy");
+    wait_for("the conversion to start", Duration::from_secs(60), || {
+        (lease_phase(&farm).as_deref() == Some("converting")).then_some(())
+    });
+    agent.kill9();
+    assert!(
+        !farm.output.join("crashy.qcow2").exists(),
+        "no half-written output under the final name"
+    );
+    assert_eq!(
+        farm.jobs_in("converting").len(),
+        1,
+        "the dead agent's claim is still there"
+    );
+
+    let _agent2 = farm.agent(&["--config", &cfg]);
+    wait_for("the result after restart", Duration::from_secs(120), || {
+        farm.records().first().cloned()
+    });
+    assert_identical(&raw, &farm.output.join("crashy.qcow2"));
+    assert_eq!(farm.records().len(), 1);
+    assert_eq!(farm.jobs_in("done"), vec![id.clone()]);
+    assert!(farm.jobs_in("converting").is_empty() && farm.jobs_in("queued").is_empty());
+    let events: Vec<String> = fs::read_dir(farm.queue.join("done").join(&id).join("events"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(
+        events.iter().filter(|e| e.contains("-claim-")).count(),
+        2,
+        "{events:?}"
+    );
+    assert_eq!(
+        events.iter().filter(|e| e.contains("-expired-")).count(),
+        1,
+        "{events:?}"
+    );
+    wait_for(
+        "the dead attempt's work area to be removed",
+        Duration::from_secs(10),
+        || {
+            (fs::read_dir(farm.output.join(".hyperfarm/tmp"))
+                .unwrap()
+                .count()
+                == 0)
+                .then_some(())
+        },
+    );
+}
+
+#[test]
+fn two_agents_on_one_queue_convert_every_job_exactly_once() {
+    let farm = Farm::new();
+    let _a = farm.agent(&["--max-concurrent", "2"]);
+    let _b = farm.agent(&["--max-concurrent", "2"]);
+    let raw = images::sample_disk(&farm.src, "shared.raw", 8, 51);
+    let n = 12;
+    let ids: Vec<String> = (0..n)
+        .map(|i| publish(&farm, &raw, &format!("vm-{i:02}")))
+        .collect();
+    wait_for("every result", Duration::from_secs(120), || {
+        (farm.records().len() == n).then_some(())
+    });
+    let records = farm.records();
+    let mut seen: Vec<&str> = records
+        .iter()
+        .map(|r| r["job_id"].as_str().unwrap())
+        .collect();
+    seen.sort();
+    let mut want: Vec<&str> = ids.iter().map(String::as_str).collect();
+    want.sort();
+    assert_eq!(seen, want);
+    for id in &ids {
+        let events: Vec<String> = fs::read_dir(farm.queue.join("done").join(id).join("events"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(
+            events.iter().filter(|e| e.contains("-claim-")).count(),
+            1,
+            "job {id} claimed more than once: {events:?}"
+        );
+    }
+    for i in 0..n {
+        assert_identical(&raw, &farm.output.join(format!("vm-{i:02}.qcow2")));
+    }
+}
+
+#[test]
+fn sigterm_returns_a_running_job_to_the_queue_after_the_grace_period() {
+    let farm = Farm::new();
+    let raw = images::raw_disk(
+        &farm.src.join("big.raw"),
+        768 << 20,
+        &[(0, 256 << 20), (400 << 20, 256 << 20)],
+        52,
+    );
+    let cfg = slow_config(&farm);
+    let mut agent = farm.agent(&["--config", &cfg, "--shutdown-grace", "100ms"]);
+    let id = publish(&farm, &raw, "graceful");
+    wait_for("the conversion to start", Duration::from_secs(60), || {
+        (lease_phase(&farm).as_deref() == Some("converting")).then_some(())
+    });
+    agent.signal(rustix::process::Signal::TERM);
+    let st = agent.wait_exit(Duration::from_secs(30));
+    assert!(st.success(), "exit status {st}");
+    assert!(
+        agent.log_text().contains("returned to the queue"),
+        "{}",
+        agent.log_text()
+    );
+    assert_eq!(farm.jobs_in("queued"), vec![id.clone()]);
+    assert!(farm.records().is_empty() && !farm.output.join("graceful.qcow2").exists());
+    assert_eq!(
+        fs::read_dir(farm.output.join(".hyperfarm/tmp"))
+            .unwrap()
+            .count(),
+        0,
+        "partial output removed"
+    );
+    // The next agent finishes it.
+    let _b = farm.agent(&[]);
+    wait_for("the result", Duration::from_secs(120), || {
+        farm.records().first().cloned()
+    });
+    assert_identical(&raw, &farm.output.join("graceful.qcow2"));
+}
+
+#[test]
+fn sigterm_when_idle_exits_cleanly() {
+    let farm = Farm::new();
+    let mut agent = farm.agent(&[]);
+    agent.signal(rustix::process::Signal::TERM);
+    assert!(agent.wait_exit(Duration::from_secs(10)).success());
+    assert!(agent.log_text().contains("stopped"));
+}
+
+#[test]
+fn start_up_errors_have_documented_exit_codes() {
+    let farm = Farm::new();
+    let run = |args: &[&str]| {
+        Run::new(
+            &bin("hyper2kvm-agent"),
+            &args.iter().map(|s| s.to_string()).collect::<Vec<_>>(),
+        )
+        .timeout(Duration::from_secs(30))
+        .run()
+    };
+    let out = farm.output.to_str().unwrap();
+    let r = run(&["--watch-dir", "/nonexistent/q", "--output-dir", out]);
+    r.expect_code(6);
+    assert!(r.stderr().contains("/nonexistent/q"), "{}", r.stderr());
+    let bad = farm.path().join("bad.toml");
+    fs::write(&bad, "max_concurent = 3\n").unwrap();
+    let r = run(&["--config", bad.to_str().unwrap()]);
+    r.expect_code(3);
+    assert!(r.stderr().contains("max_concurent"), "{}", r.stderr());
+    let r = run(&[
+        "--watch-dir",
+        farm.queue.to_str().unwrap(),
+        "--output-dir",
+        out,
+        "--qemu-img",
+        "/nonexistent/qemu-img",
+    ]);
+    r.expect_code(4);
+    assert!(r.stderr().contains("qemu-img"), "{}", r.stderr());
+}
+
+#[test]
+fn a_corrupted_disk_fails_its_job_naming_the_disk_and_the_agent_keeps_serving() {
+    let farm = Farm::new();
+    let raw = images::sample_disk(&farm.src, "c.raw", 8, 53);
+    let id = publish(&farm, &raw, "corrupt");
+    images::corrupt(
+        &farm.queue.join("queued").join(&id).join("disks/disk0.raw"),
+        100,
+    );
+    let good = publish(&farm, &raw, "fine");
+    let _agent: Proc = farm.agent(&[]);
+    wait_for("both results", Duration::from_secs(60), || {
+        (farm.records().len() == 2).then_some(())
+    });
+    let err = fs::read_to_string(farm.output.join("corrupt.error")).unwrap();
+    let first = err.lines().next().unwrap();
+    assert!(
+        first.contains("disk disk0") && first.contains("blake3 digest mismatch"),
+        "{err}"
+    );
+    assert!(err.contains(&id), "the error names the job: {err}");
+    assert!(
+        farm.queue
+            .join("failed")
+            .join(&id)
+            .join("disks/disk0.raw")
+            .is_file(),
+        "a failed job keeps its disks"
+    );
+    assert_eq!(farm.jobs_in("done"), vec![good]);
+    assert_identical(&raw, &farm.output.join("fine.qcow2"));
+}

@@ -1,0 +1,10 @@
+//! Integration tests: real binaries, real qemu-img, real processes and signals, one fresh
+//! directory tree per test. Build the binaries first (`scripts/test` does).
+
+#![allow(clippy::unwrap_used)]
+
+mod agent_lifecycle;
+mod bad_input;
+mod exporter;
+mod formats;
+mod seed;

@@ -1,0 +1,478 @@
+//! The integration-test harness: find the real binaries, run them in fresh directories, make
+//! disk images with the real qemu-img, and print everything useful when a test fails.
+//!
+//! Binaries are built by `cargo build --workspace` (scripts/test does it first); they are looked
+//! up beside the test executable's target directory.
+
+#![allow(clippy::unwrap_used)]
+
+pub mod images;
+
+use std::ffi::OsStr;
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// The path of a workspace binary (`hyperexport`, `hyper2kvm-agent`, `hyperctl`).
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    // target/<profile>/deps/integration-<hash> → target/<profile>/<name>
+    let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    let p = dir.join(name);
+    assert!(
+        p.is_file(),
+        "{} is missing: build the binaries first with `cargo build --workspace` (scripts/test does this)",
+        p.display()
+    );
+    p
+}
+
+/// Wait until `f` returns `Some`, polling every 20 ms, up to `limit`.
+pub fn wait_for<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(
+            start.elapsed() < limit,
+            "timed out after {limit:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A fresh directory tree: `queue/`, `output/`, `src/`, with logs kept for failure reports.
+pub struct Farm {
+    pub dir: tempfile::TempDir,
+    pub queue: PathBuf,
+    pub output: PathBuf,
+    pub src: PathBuf,
+}
+
+impl Default for Farm {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Farm {
+    pub fn new() -> Farm {
+        let dir = tempfile::Builder::new()
+            .prefix("hyperfarm-test-")
+            .tempdir()
+            .expect("tempdir");
+        let queue = dir.path().join("queue");
+        let output = dir.path().join("output");
+        let src = dir.path().join("src");
+        for d in [&queue, &output, &src] {
+            fs::create_dir_all(d).expect("mkdir");
+        }
+        Farm {
+            dir,
+            queue,
+            output,
+            src,
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Arguments an agent needs for this farm, with quick timings for tests.
+    pub fn agent_args(&self) -> Vec<String> {
+        vec![
+            "--watch-dir".into(),
+            self.queue.display().to_string(),
+            "--output-dir".into(),
+            self.output.display().to_string(),
+            "--poll-interval".into(),
+            "200ms".into(),
+            "--settle-time".into(),
+            "300ms".into(),
+            "--lease-timeout".into(),
+            "3s".into(),
+            "--shutdown-grace".into(),
+            "5s".into(),
+        ]
+    }
+
+    /// Start an agent with the farm's arguments plus `extra`, and wait until it is ready.
+    pub fn agent(&self, extra: &[&str]) -> Proc {
+        let mut args = self.agent_args();
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let mut p = Proc::spawn(&bin("hyper2kvm-agent"), &args, self.path(), &[]);
+        p.wait_log("ready", Duration::from_secs(30));
+        p
+    }
+
+    /// Run hyperexport in daemon mode against this farm, to completion.
+    pub fn export(&self, vm: &Path, extra: &[&str]) -> Ran {
+        let mut args: Vec<String> = vec![
+            "--vm".into(),
+            vm.display().to_string(),
+            "--pipeline".into(),
+            "--hyper2kvm-daemon".into(),
+            "--hyper2kvm-watch-dir".into(),
+            self.queue.display().to_string(),
+            "--hyper2kvm-output-dir".into(),
+            self.output.display().to_string(),
+            "--hyper2kvm-poll-interval".into(),
+            "100ms".into(),
+            "--hyper2kvm-daemon-timeout".into(),
+            "120s".into(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        Run::new(&bin("hyperexport"), &args)
+            .timeout(Duration::from_secs(180))
+            .run()
+    }
+
+    /// `ls -R` of the farm, for failure reports.
+    pub fn listing(&self) -> String {
+        let mut out = String::new();
+        walk(self.path(), self.path(), &mut out);
+        out
+    }
+
+    /// The ids of jobs in a queue state directory.
+    pub fn jobs_in(&self, state: &str) -> Vec<String> {
+        let mut v: Vec<String> = fs::read_dir(self.queue.join(state))
+            .map(|rd| {
+                rd.filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().into_owned()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        v.sort();
+        v
+    }
+
+    /// Result records in the output directory.
+    pub fn records(&self) -> Vec<serde_json::Value> {
+        let dir = self.output.join(".hyperfarm/results");
+        let mut v: Vec<_> = fs::read_dir(&dir)
+            .map(|rd| {
+                rd.filter_map(|e| e.ok())
+                    .filter_map(|e| fs::read(e.path()).ok())
+                    .filter_map(|b| serde_json::from_slice(&b).ok())
+                    .collect()
+            })
+            .unwrap_or_default();
+        v.sort_by_key(|r: &serde_json::Value| r["job_id"].as_str().unwrap_or_default().to_string());
+        v
+    }
+}
+
+impl Drop for Farm {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("--- farm {} ---\n{}", self.path().display(), self.listing());
+            if std::env::var_os("HYPERFARM_KEEP_TEST_DIRS").is_some() {
+                let kept = self.dir.path().to_path_buf();
+                eprintln!("kept {}", kept.display());
+                std::mem::forget(std::mem::replace(
+                    &mut self.dir,
+                    tempfile::tempdir().expect("tempdir"),
+                ));
+            }
+        }
+    }
+}
+
+fn walk(root: &Path, dir: &Path, out: &mut String) {
+    let Ok(rd) = fs::read_dir(dir) else { return };
+    let mut entries: Vec<_> = rd.filter_map(|e| e.ok()).collect();
+    entries.sort_by_key(|e| e.file_name());
+    for e in entries {
+        let p = e.path();
+        let md = fs::symlink_metadata(&p).ok();
+        let size = md.as_ref().map(|m| m.len()).unwrap_or(0);
+        out.push_str(&format!(
+            "{} {}\n",
+            p.strip_prefix(root).unwrap_or(&p).display(),
+            size
+        ));
+        if md.map(|m| m.is_dir()).unwrap_or(false) {
+            walk(root, &p, out);
+        }
+    }
+}
+
+/// A long-running child (an agent) whose stderr goes to a log file. Killed (SIGKILL) and reaped
+/// on drop; its log is printed if the test is failing.
+pub struct Proc {
+    pub child: Option<Child>,
+    pub log: PathBuf,
+    pub cmd: String,
+}
+
+impl Proc {
+    pub fn spawn(program: &Path, args: &[String], dir: &Path, env: &[(&str, &str)]) -> Proc {
+        static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let name = program
+            .file_name()
+            .and_then(OsStr::to_str)
+            .unwrap_or("proc");
+        let log = dir.join(format!("{name}-{n}.log"));
+        let f = fs::File::create(&log).expect("log file");
+        let mut c = Command::new(program);
+        c.args(args)
+            .stdin(Stdio::null())
+            .stdout(f.try_clone().expect("dup"))
+            .stderr(f);
+        for (k, v) in env {
+            c.env(k, v);
+        }
+        let child = c
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawning {}: {e}", program.display()));
+        Proc {
+            child: Some(child),
+            log,
+            cmd: format!("{} {}", program.display(), args.join(" ")),
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(|c| c.id()).unwrap_or(0)
+    }
+
+    pub fn log_text(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Wait for a log line containing `needle`.
+    pub fn wait_log(&mut self, needle: &str, limit: Duration) {
+        let start = Instant::now();
+        loop {
+            if self.log_text().contains(needle) {
+                return;
+            }
+            if let Some(status) = self.try_status() {
+                panic!(
+                    "{} exited ({status}) before logging {needle:?}:\n{}",
+                    self.cmd,
+                    self.log_text()
+                );
+            }
+            assert!(
+                start.elapsed() < limit,
+                "{} did not log {needle:?} within {limit:?}:\n{}",
+                self.cmd,
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Count of log lines containing `needle`.
+    pub fn log_count(&self, needle: &str) -> usize {
+        self.log_text()
+            .lines()
+            .filter(|l| l.contains(needle))
+            .count()
+    }
+
+    fn try_status(&mut self) -> Option<ExitStatus> {
+        self.child.as_mut()?.try_wait().ok()?
+    }
+
+    /// Send a signal.
+    pub fn signal(&self, sig: rustix::process::Signal) {
+        if let Some(pid) = rustix::process::Pid::from_raw(self.pid() as i32) {
+            let _ = rustix::process::kill_process(pid, sig);
+        }
+    }
+
+    /// Wait for exit (with a deadline) and return the status.
+    pub fn wait_exit(&mut self, limit: Duration) -> ExitStatus {
+        let start = Instant::now();
+        let child = self.child.as_mut().expect("running");
+        loop {
+            if let Some(st) = child.try_wait().expect("try_wait") {
+                self.child = None;
+                return st;
+            }
+            assert!(
+                start.elapsed() < limit,
+                "{} did not exit within {limit:?}:\n{}",
+                self.cmd,
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGKILL and reap.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("--- {} ---\n{}", self.cmd, self.log_text());
+        }
+        self.kill9();
+    }
+}
+
+/// A command run to completion.
+pub struct Run {
+    cmd: Command,
+    desc: String,
+    limit: Duration,
+    stdin: Option<Vec<u8>>,
+}
+
+/// The result of a [`Run`].
+#[derive(Debug)]
+pub struct Ran {
+    pub desc: String,
+    pub output: Output,
+}
+
+impl Ran {
+    pub fn code(&self) -> Option<i32> {
+        self.output.status.code()
+    }
+    pub fn stdout(&self) -> String {
+        String::from_utf8_lossy(&self.output.stdout).into_owned()
+    }
+    pub fn stderr(&self) -> String {
+        String::from_utf8_lossy(&self.output.stderr).into_owned()
+    }
+    /// Assert the exit code, printing everything on mismatch.
+    pub fn expect_code(&self, code: i32) -> &Self {
+        assert_eq!(
+            self.code(),
+            Some(code),
+            "{} exited {:?}, expected {code}\n--- stdout ---\n{}\n--- stderr ---\n{}",
+            self.desc,
+            self.output.status,
+            self.stdout(),
+            self.stderr()
+        );
+        self
+    }
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(self.stdout().trim()).unwrap_or_else(|e| {
+            panic!(
+                "{}: stdout is not JSON ({e}):\n{}",
+                self.desc,
+                self.stdout()
+            )
+        })
+    }
+}
+
+impl Run {
+    pub fn new(program: &Path, args: &[String]) -> Run {
+        let mut cmd = Command::new(program);
+        cmd.args(args);
+        Run {
+            cmd,
+            desc: format!("{} {}", program.display(), args.join(" ")),
+            limit: Duration::from_secs(120),
+            stdin: None,
+        }
+    }
+    pub fn timeout(mut self, d: Duration) -> Run {
+        self.limit = d;
+        self
+    }
+    pub fn env(mut self, k: &str, v: &str) -> Run {
+        self.cmd.env(k, v);
+        self
+    }
+    pub fn stdin(mut self, data: Vec<u8>) -> Run {
+        self.stdin = Some(data);
+        self
+    }
+    /// Start without waiting (for tests that signal it).
+    pub fn spawn(mut self) -> (Child, String) {
+        self.cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        (self.cmd.spawn().expect("spawn"), self.desc)
+    }
+    pub fn run(mut self) -> Ran {
+        self.cmd
+            .stdin(if self.stdin.is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = self
+            .cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawning {}: {e}", self.desc));
+        if let Some(data) = self.stdin.take() {
+            let mut si = child.stdin.take().expect("stdin");
+            si.write_all(&data).expect("stdin write");
+        }
+        let start = Instant::now();
+        loop {
+            if child.try_wait().expect("try_wait").is_some() {
+                break;
+            }
+            if start.elapsed() > self.limit {
+                let _ = child.kill();
+                let out = child.wait_with_output().expect("output");
+                panic!(
+                    "{} ran longer than {:?}\n--- stdout ---\n{}\n--- stderr ---\n{}",
+                    self.desc,
+                    self.limit,
+                    String::from_utf8_lossy(&out.stdout),
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let output = child.wait_with_output().expect("output");
+        Ran {
+            desc: self.desc,
+            output,
+        }
+    }
+}
+
+/// `(child, desc)` from [`Run::spawn`] collected after exit.
+pub fn collect(child: Child, desc: String, limit: Duration) -> Ran {
+    let start = Instant::now();
+    let mut child = child;
+    loop {
+        if child.try_wait().expect("try_wait").is_some() {
+            break;
+        }
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            let out = child.wait_with_output().expect("output");
+            panic!(
+                "{desc} ran longer than {limit:?}\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Ran {
+        desc,
+        output: child.wait_with_output().expect("output"),
+    }
+}
+
+/// Read `output/<name>`.
+pub fn file_exists(p: &Path) -> bool {
+    fs::symlink_metadata(p).is_ok()
+}

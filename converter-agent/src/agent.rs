@@ -306,7 +306,7 @@ fn scan(core: &Core) -> anyhow::Result<Vec<JobId>> {
     let n = core
         .scans
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let periodic = n % 20 == 0;
+    let periodic = n.is_multiple_of(20);
     let queue = &core.queue;
 
     if !core.shutdown.is_cancelled() {

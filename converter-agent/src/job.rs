@@ -110,7 +110,7 @@ enum Ended {
     /// Nothing to publish: give the job back (shutdown) or forget it (lost).
     Abandon,
     /// Already has a result (a previous attempt published it before dying).
-    AlreadyPublished(ResultRecord),
+    AlreadyPublished(Box<ResultRecord>),
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -127,7 +127,7 @@ async fn execute(
     // A previous attempt may have published before dying: the job is over.
     let out = core.output.clone();
     if let Ok(Ok(Some(rec))) = tokio::task::spawn_blocking(move || out.read_record(&id)).await {
-        return Err(Ended::AlreadyPublished(rec));
+        return Err(Ended::AlreadyPublished(Box::new(rec)));
     }
 
     let dir = claim
@@ -262,11 +262,15 @@ async fn finish(
     let Some(claim) = claim.lock().expect("claim lock").take() else {
         return;
     };
+    let result = match result {
+        Err(Ended::AlreadyPublished(rec)) => Ok(*rec),
+        other => other,
+    };
     let core2 = core.clone();
     let token = token.to_string();
     let engine = EngineKind::QemuImg.to_string();
     let (phase, summary, files) = match &result {
-        Ok(rec) | Err(Ended::AlreadyPublished(rec)) => (
+        Ok(rec) => (
             match rec.state {
                 ResultState::Done => Phase::Done,
                 ResultState::Failed => Phase::Failed,
@@ -284,12 +288,12 @@ async fn finish(
             Some(f.message.lines().next().unwrap_or_default().to_string()),
             vec![],
         ),
-        Err(Ended::Abandon) => (Phase::Queued, None, vec![]),
+        Err(Ended::Abandon | Ended::AlreadyPublished(_)) => (Phase::Queued, None, vec![]),
     };
     let reason = stop.reason();
     let outcome = tokio::task::spawn_blocking(move || -> Result<&'static str, String> {
         match result {
-            Ok(rec) | Err(Ended::AlreadyPublished(rec)) => {
+            Ok(rec) => {
                 let outcome = match rec.state {
                     ResultState::Done => Outcome::Done,
                     ResultState::Failed => Outcome::Failed,
@@ -348,6 +352,7 @@ async fn finish(
                     },
                 )
             }
+            Err(Ended::AlreadyPublished(_)) => unreachable!("turned into Ok above"),
             Err(Ended::Abandon) => match reason {
                 Some(StopReason::Lost) => Ok("lost to another agent"),
                 _ => match claim.requeue("agent shutting down") {

@@ -8,7 +8,7 @@ use serde::{Deserialize, Deserializer};
 pub fn parse(s: &str) -> Result<Duration, String> {
     let s = s.trim();
     if let Ok(secs) = s.parse::<f64>() {
-        if secs.is_finite() && secs >= 0.0 && secs < 1e10 {
+        if secs.is_finite() && (0.0..1e10).contains(&secs) {
             return Ok(Duration::from_secs_f64(secs));
         }
         return Err(format!("{s:?} is not a usable number of seconds"));

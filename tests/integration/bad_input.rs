@@ -36,7 +36,8 @@ fn hostile_jobs_fail_clearly_and_the_agent_keeps_serving() {
     let n = data.len();
     let secret = farm.path().join("secret.raw");
     fs::write(&secret, &data).unwrap();
-    let cases: Vec<(&str, String, Vec<(&str, Vec<u8>)>, &str)> = vec![
+    type Files<'a> = Vec<(&'a str, Vec<u8>)>;
+    let cases: Vec<(&str, String, Files, &str)> = vec![
         (
             "dotdot",
             manifest(

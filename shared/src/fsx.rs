@@ -404,7 +404,7 @@ mod tests {
         symlink(d.path(), root.join("dirlink")).expect("symlink");
         rustix::fs::mknodat(
             rustix::fs::CWD,
-            &root.join("fifo"),
+            root.join("fifo"),
             rustix::fs::FileType::Fifo,
             Mode::from_raw_mode(0o600),
             0,

@@ -15,9 +15,7 @@ use tracing::{error, info, warn};
 use hyperfarm_shared::JobId;
 use hyperfarm_shared::engine::QemuImg;
 use hyperfarm_shared::fsx;
-use hyperfarm_shared::queue::{
-    self, IngestOutcome, LeaseTracker, Liveness, Queue, RecoverAction, SeedTracker, State,
-};
+use hyperfarm_shared::queue::{self, IngestOutcome, LeaseTracker, Liveness, Queue, RecoverAction, SeedTracker, State};
 use hyperfarm_shared::results::{OutputDir, Publication, ResultState};
 use hyperfarm_shared::worker::WorkerSettings;
 
@@ -48,6 +46,12 @@ pub struct Core {
     pub shutdown: CancellationToken,
     pub started: Instant,
     pub qemu_version: String,
+    /// VM names of queued and finished jobs, for listings.
+    pub names: crate::grpc::jobs::NameCache,
+    /// The last health probe (directories writable, engine usable).
+    pub health: Arc<crate::grpc::HealthState>,
+    /// Queued jobs already announced on the board.
+    announced: Mutex<HashSet<JobId>>,
     tracker: Mutex<LeaseTracker>,
     seeds: Mutex<SeedTracker>,
     scans: std::sync::atomic::AtomicU64,
@@ -55,12 +59,7 @@ pub struct Core {
 
 impl Core {
     pub fn running_tokens(&self) -> HashSet<String> {
-        self.running
-            .lock()
-            .expect("running lock")
-            .values()
-            .map(|r| r.token.clone())
-            .collect()
+        self.running.lock().expect("running lock").values().map(|r| r.token.clone()).collect()
     }
     pub fn running_count(&self) -> usize {
         self.running.lock().expect("running lock").len()
@@ -89,11 +88,7 @@ pub async fn prepare(cfg: Config) -> anyhow::Result<Arc<Core>> {
     let qemu_version = qemu.version().await.map_err(|e| {
         fatal(EXIT_ENGINE, format!("qemu-img is not usable: {e}. Install qemu-utils (Debian) or qemu-img (RHEL), or set qemu_img in the configuration"))
     })?;
-    let settings = WorkerSettings {
-        qemu,
-        convert: cfg.convert.clone(),
-        allowed_source_dirs: allowed,
-    };
+    let settings = WorkerSettings { qemu, convert: cfg.convert.clone(), allowed_source_dirs: allowed };
     let agent_name = format!("{}@{}", cfg.instance, fsx::hostname());
     Ok(Arc::new(Core {
         tracker: Mutex::new(LeaseTracker::new(cfg.lease_timeout)),
@@ -105,6 +100,9 @@ pub async fn prepare(cfg: Config) -> anyhow::Result<Arc<Core>> {
         agent_name,
         board: Board::new(),
         running: Mutex::new(HashMap::new()),
+        names: Default::default(),
+        health: Default::default(),
+        announced: Default::default(),
         shutdown: CancellationToken::new(),
         started: Instant::now(),
         qemu_version,
@@ -112,51 +110,23 @@ pub async fn prepare(cfg: Config) -> anyhow::Result<Arc<Core>> {
     }))
 }
 
-fn check_dir(
-    what: &str,
-    dir: &Path,
-    init: impl FnOnce() -> std::io::Result<()>,
-) -> anyhow::Result<()> {
+fn check_dir(what: &str, dir: &Path, init: impl FnOnce() -> std::io::Result<()>) -> anyhow::Result<()> {
     let hint = "create it (and mount the share, if it is on NFS), give the agent's user write access to it, or point --{what}-dir elsewhere";
     let hint = hint.replace("{what}", what);
     match std::fs::metadata(dir) {
         Ok(md) if md.is_dir() => {}
         Ok(_) => {
-            return Err(fatal(
-                EXIT_DIRS,
-                format!(
-                    "the {what} directory {} is not a directory; {hint}",
-                    dir.display()
-                ),
-            ));
+            return Err(fatal(EXIT_DIRS, format!("the {what} directory {} is not a directory; {hint}", dir.display())));
         }
         Err(e) => {
-            return Err(fatal(
-                EXIT_DIRS,
-                format!(
-                    "the {what} directory {} is unusable ({e}); {hint}",
-                    dir.display()
-                ),
-            ));
+            return Err(fatal(EXIT_DIRS, format!("the {what} directory {} is unusable ({e}); {hint}", dir.display())));
         }
     }
     init().map_err(|e| {
-        fatal(
-            EXIT_DIRS,
-            format!(
-                "cannot prepare the {what} directory {} ({e}); {hint}",
-                dir.display()
-            ),
-        )
+        fatal(EXIT_DIRS, format!("cannot prepare the {what} directory {} ({e}); {hint}", dir.display()))
     })?;
     fsx::probe_writable(dir).map_err(|e| {
-        fatal(
-            EXIT_DIRS,
-            format!(
-                "the {what} directory {} is not writable ({e}); {hint}",
-                dir.display()
-            ),
-        )
+        fatal(EXIT_DIRS, format!("the {what} directory {} is not writable ({e}); {hint}", dir.display()))
     })?;
     Ok(())
 }
@@ -168,16 +138,14 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
 }
 
 /// The main loop. Returns after a signal (or `extra_stop` completing) and a graceful shutdown.
-pub async fn serve(
-    core: Arc<Core>,
-    extra_stop: impl std::future::Future<Output = ()>,
-) -> anyhow::Result<()> {
+pub async fn serve(core: Arc<Core>, extra_stop: impl std::future::Future<Output = ()>) -> anyhow::Result<()> {
     let cfg = &core.cfg;
     info!(
         instance = %cfg.instance, watch_dir = %cfg.watch_dir.display(), output_dir = %cfg.output_dir.display(),
         max_concurrent = cfg.max_concurrent, qemu_img = %core.qemu_version, "starting"
     );
 
+    let grpc = crate::grpc::start(core.clone(), core.health.clone()).await?;
     let wake = Arc::new(Notify::new());
     let _watcher = start_watcher(&core.queue, wake.clone());
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
@@ -197,26 +165,19 @@ pub async fn serve(
         match scan {
             Ok(Ok(queued)) => {
                 for id in queued {
-                    if core.running_count() >= core.cfg.max_concurrent
-                        || core.shutdown.is_cancelled()
-                    {
+                    if core.running_count() >= core.cfg.max_concurrent || core.shutdown.is_cancelled() {
                         break;
                     }
                     let c2 = core.clone();
-                    let claimed = tokio::task::spawn_blocking(move || {
-                        queue::claim(&c2.queue, id, &c2.agent_name)
-                    })
-                    .await;
+                    let claimed =
+                        tokio::task::spawn_blocking(move || queue::claim(&c2.queue, id, &c2.agent_name)).await;
                     match claimed {
                         Ok(Ok(Some(claim))) => {
                             let stop = Arc::new(JobStop::default());
-                            core.running.lock().expect("running lock").insert(
-                                id,
-                                RunningJob {
-                                    token: claim.token().to_string(),
-                                    stop: stop.clone(),
-                                },
-                            );
+                            core.running
+                                .lock()
+                                .expect("running lock")
+                                .insert(id, RunningJob { token: claim.token().to_string(), stop: stop.clone() });
                             let c3 = core.clone();
                             jobs.spawn(async move {
                                 job::run_claimed(c3.clone(), claim, stop).await;
@@ -255,16 +216,16 @@ pub async fn serve(
         }
     }
     shutdown(&core, jobs, &mut sigterm).await;
+    if let Some(g) = grpc {
+        g.shutdown().await;
+    }
+    info!("stopped");
     Ok(())
 }
 
 /// Stop claiming; let running jobs finish within the grace period; then stop them and return
 /// them to the queue. A second SIGTERM skips the grace period.
-async fn shutdown(
-    core: &Arc<Core>,
-    mut jobs: JoinSet<JobId>,
-    sigterm: &mut tokio::signal::unix::Signal,
-) {
+async fn shutdown(core: &Arc<Core>, mut jobs: JoinSet<JobId>, sigterm: &mut tokio::signal::unix::Signal) {
     core.shutdown.cancel();
     sdnotify::notify("STOPPING=1");
     let n = jobs.len();
@@ -280,32 +241,21 @@ async fn shutdown(
             }
         }
         if !jobs.is_empty() {
-            let running: Vec<Arc<JobStop>> = core
-                .running
-                .lock()
-                .expect("running lock")
-                .values()
-                .map(|r| r.stop.clone())
-                .collect();
-            info!(
-                jobs = running.len(),
-                "returning unfinished jobs to the queue"
-            );
+            let running: Vec<Arc<JobStop>> =
+                core.running.lock().expect("running lock").values().map(|r| r.stop.clone()).collect();
+            info!(jobs = running.len(), "returning unfinished jobs to the queue");
             for stop in running {
                 stop.stop(StopReason::Shutdown);
             }
             while jobs.join_next().await.is_some() {}
         }
     }
-    info!("stopped");
 }
 
 /// One pass over the queue (blocking I/O): ingest seed drops, recover stale claims, clean
 /// leftovers. Returns the queued job ids, oldest first.
 fn scan(core: &Core) -> anyhow::Result<Vec<JobId>> {
-    let n = core
-        .scans
-        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let n = core.scans.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let periodic = n.is_multiple_of(20);
     let queue = &core.queue;
 
@@ -322,10 +272,7 @@ fn scan(core: &Core) -> anyhow::Result<Vec<JobId>> {
                     }
                 }
             }
-            Err(e) => warn!(
-                "ingesting manifest drops in {}: {e}",
-                queue.root().display()
-            ),
+            Err(e) => warn!("ingesting manifest drops in {}: {e}", queue.root().display()),
         }
     }
 
@@ -336,11 +283,7 @@ fn scan(core: &Core) -> anyhow::Result<Vec<JobId>> {
         .with_context(|| format!("listing {}", converting.display()))?
         .filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().into_owned()))
         .collect::<Vec<_>>();
-    let server_now = if periodic {
-        queue::server_now(&queue.tmp_dir()).ok()
-    } else {
-        None
-    };
+    let server_now = if periodic { queue::server_now(&queue.tmp_dir()).ok() } else { None };
     let mut present = HashSet::new();
     let mut stale = Vec::new();
     {
@@ -367,11 +310,9 @@ fn scan(core: &Core) -> anyhow::Result<Vec<JobId>> {
 
     if periodic {
         match queue::cleanup_tmp(queue, core.cfg.staging_max_age, server_now) {
-            Ok(removed) if !removed.is_empty() => info!(
-                count = removed.len(),
-                "removed staging leftovers: {}",
-                removed.join(", ")
-            ),
+            Ok(removed) if !removed.is_empty() => {
+                info!(count = removed.len(), "removed staging leftovers: {}", removed.join(", "))
+            }
             Ok(_) => {}
             Err(e) => warn!("cleaning {}: {e}", queue.tmp_dir().display()),
         }
@@ -382,12 +323,42 @@ fn scan(core: &Core) -> anyhow::Result<Vec<JobId>> {
         }
     }
 
-    let mut queued: Vec<JobId> = queue::list(queue, &[State::Queued], false)?
-        .into_iter()
-        .map(|j| j.id)
-        .collect();
+    let entries = queue::list(queue, &[State::Queued], false)?;
+    announce_queued(core, &entries);
+    let mut queued: Vec<JobId> = entries.into_iter().map(|j| j.id).collect();
     queued.sort();
     Ok(queued)
+}
+
+/// Tell board watchers about jobs that newly appeared in `queued/` (at most 1000 a scan, so that
+/// a huge backlog at start-up does not flood them; the rest follow on later scans).
+fn announce_queued(core: &Core, entries: &[queue::JobEntry]) {
+    let mut announced = core.announced.lock().expect("announced lock");
+    let present: HashSet<JobId> = entries.iter().map(|e| e.id).collect();
+    announced.retain(|id| present.contains(id));
+    let mut n = 0;
+    for e in entries {
+        if n >= 1000 {
+            break;
+        }
+        if announced.insert(e.id) {
+            n += 1;
+            core.board.update(crate::board::JobView {
+                id: e.id,
+                vm_name: None,
+                progress: hyperfarm_shared::progress::Progress::phase(hyperfarm_shared::progress::Phase::Queued, 0),
+                started_at_ms: 0,
+                updated_at_ms: queue::now_ms(),
+                summary: None,
+                files: vec![],
+                engine: None,
+                agent: String::new(),
+                finished_at_ms: 0,
+                attempts: 0,
+                seed_drop: false,
+            });
+        }
+    }
 }
 
 /// Take back a stale claim: complete its publication if its agent got that far, else requeue it
@@ -454,10 +425,7 @@ fn start_watcher(queue: &Queue, wake: Arc<Notify>) -> Option<notify::Recommended
     };
     for dir in [queue.root().to_path_buf(), queue.state_dir(State::Queued)] {
         if let Err(e) = w.watch(&dir, RecursiveMode::NonRecursive) {
-            warn!(
-                "cannot watch {}: {e}; relying on the poll interval",
-                dir.display()
-            );
+            warn!("cannot watch {}: {e}; relying on the poll interval", dir.display());
         }
     }
     Some(w)

@@ -73,6 +73,36 @@ pub struct Cli {
     /// Staging leftovers of crashed exporters on other hosts are removed after this age [default: 24h]
     #[arg(long, env = "HYPER2KVM_AGENT_STAGING_MAX_AGE", value_parser = duration::parse, value_name = "DURATION")]
     pub staging_max_age: Option<Duration>,
+    /// gRPC listen address (`host:port`), or `off` [default: 127.0.0.1:50071]. Beyond loopback
+    /// it needs --tls-cert/--tls-key, or --insecure-listen
+    #[arg(long, env = "HYPER2KVM_AGENT_LISTEN", value_name = "ADDR")]
+    pub listen: Option<String>,
+    /// PEM certificate (chain) for gRPC over TLS
+    #[arg(long, env = "HYPER2KVM_AGENT_TLS_CERT", value_name = "FILE")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key for gRPC over TLS
+    #[arg(long, env = "HYPER2KVM_AGENT_TLS_KEY", value_name = "FILE")]
+    pub tls_key: Option<PathBuf>,
+    /// PEM CA: clients must present a certificate it signed (mutual TLS)
+    #[arg(long, env = "HYPER2KVM_AGENT_TLS_CLIENT_CA", value_name = "FILE")]
+    pub tls_client_ca: Option<PathBuf>,
+    /// Allow plaintext gRPC on a non-loopback address (logged as a warning)
+    #[arg(long, env = "HYPER2KVM_AGENT_INSECURE_LISTEN")]
+    pub insecure_listen: bool,
+    /// A file holding the bearer token that allows control calls (CancelJob)
+    #[arg(long, env = "HYPER2KVM_AGENT_CONTROL_TOKEN_FILE", value_name = "FILE")]
+    pub control_token_file: Option<PathBuf>,
+    /// Client certificate names (CN or DNS SAN) allowed to make control calls (repeatable)
+    #[arg(
+        long = "control-client",
+        env = "HYPER2KVM_AGENT_CONTROL_CLIENTS",
+        value_delimiter = ',',
+        value_name = "NAME"
+    )]
+    pub control_clients: Vec<String>,
+    /// Whether clients connecting over loopback may make control calls [default: true]
+    #[arg(long, env = "HYPER2KVM_AGENT_CONTROL_FROM_LOOPBACK", value_name = "BOOL")]
+    pub control_from_loopback: Option<bool>,
     /// Log format on stderr
     #[arg(long, env = "HYPER2KVM_AGENT_LOG_FORMAT", value_parser = ["text", "json"], default_value = "text")]
     pub log_format: String,
@@ -115,7 +145,32 @@ pub struct FileConfig {
     #[serde(default, deserialize_with = "duration::de_opt")]
     pub staging_max_age: Option<Duration>,
     pub convert: Option<ConvertOptions>,
+    pub listen: Option<String>,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    pub tls_client_ca: Option<PathBuf>,
+    pub insecure_listen: Option<bool>,
+    pub control_token_file: Option<PathBuf>,
+    pub control_clients: Option<Vec<String>>,
+    pub control_from_loopback: Option<bool>,
 }
+
+/// How the gRPC server listens and whom it lets control jobs.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct GrpcConfig {
+    /// `None`: gRPC is off.
+    pub listen: Option<std::net::SocketAddr>,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    pub tls_client_ca: Option<PathBuf>,
+    pub insecure_listen: bool,
+    pub control_token_file: Option<PathBuf>,
+    pub control_clients: Vec<String>,
+    pub control_from_loopback: bool,
+}
+
+/// The default gRPC address.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:50071";
 
 /// The validated configuration.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -143,6 +198,7 @@ pub struct Config {
     #[serde(serialize_with = "ser_dur")]
     pub staging_max_age: Duration,
     pub convert: ConvertOptions,
+    pub grpc: GrpcConfig,
     pub log_format: String,
 }
 
@@ -169,33 +225,16 @@ pub fn load(cli: &Cli) -> anyhow::Result<Config> {
         Some(path) => (read_file(path)?, Some(path.clone())),
         None => {
             let implicit = instance::config_file(instance_hint.as_deref());
-            if implicit.is_file() {
-                (read_file(&implicit)?, Some(implicit))
-            } else {
-                (FileConfig::default(), None)
-            }
+            if implicit.is_file() { (read_file(&implicit)?, Some(implicit)) } else { (FileConfig::default(), None) }
         }
     };
-    let instance = cli
-        .instance
-        .clone()
-        .or(file.instance)
-        .unwrap_or_else(|| instance::DEFAULT.to_string());
+    let instance = cli.instance.clone().or(file.instance).unwrap_or_else(|| instance::DEFAULT.to_string());
     instance::check_name(&instance).map_err(ConfigError)?;
     let name = Some(instance.as_str());
-    let watch_dir = cli
-        .watch_dir
-        .clone()
-        .or(file.watch_dir)
-        .unwrap_or_else(|| instance::watch_dir(name));
-    let output_dir = cli
-        .output_dir
-        .clone()
-        .or(file.output_dir)
-        .unwrap_or_else(|| instance::output_dir(name));
+    let watch_dir = cli.watch_dir.clone().or(file.watch_dir).unwrap_or_else(|| instance::watch_dir(name));
+    let output_dir = cli.output_dir.clone().or(file.output_dir).unwrap_or_else(|| instance::output_dir(name));
     let allowed_source_dirs = if cli.allowed_source_dirs.is_empty() {
-        file.allowed_source_dirs
-            .unwrap_or_else(|| vec![watch_dir.clone()])
+        file.allowed_source_dirs.unwrap_or_else(|| vec![watch_dir.clone()])
     } else {
         cli.allowed_source_dirs.clone()
     };
@@ -205,93 +244,93 @@ pub fn load(cli: &Cli) -> anyhow::Result<Config> {
         watch_dir,
         output_dir,
         max_concurrent: cli.max_concurrent.or(file.max_concurrent).unwrap_or(2),
-        poll_interval: cli
-            .poll_interval
-            .or(file.poll_interval)
-            .unwrap_or(Duration::from_secs(5)),
-        lease_timeout: cli
-            .lease_timeout
-            .or(file.lease_timeout)
-            .unwrap_or(Duration::from_secs(60)),
-        settle_time: cli
-            .settle_time
-            .or(file.settle_time)
-            .unwrap_or(Duration::from_secs(5)),
+        poll_interval: cli.poll_interval.or(file.poll_interval).unwrap_or(Duration::from_secs(5)),
+        lease_timeout: cli.lease_timeout.or(file.lease_timeout).unwrap_or(Duration::from_secs(60)),
+        settle_time: cli.settle_time.or(file.settle_time).unwrap_or(Duration::from_secs(5)),
         allowed_source_dirs,
         on_existing: cli.on_existing.or(file.on_existing).unwrap_or_default(),
-        qemu_img: cli
-            .qemu_img
-            .clone()
-            .or(file.qemu_img)
-            .unwrap_or_else(|| PathBuf::from("qemu-img")),
-        shutdown_grace: cli
-            .shutdown_grace
-            .or(file.shutdown_grace)
-            .unwrap_or(Duration::from_secs(30)),
+        qemu_img: cli.qemu_img.clone().or(file.qemu_img).unwrap_or_else(|| PathBuf::from("qemu-img")),
+        shutdown_grace: cli.shutdown_grace.or(file.shutdown_grace).unwrap_or(Duration::from_secs(30)),
         max_attempts: cli.max_attempts.or(file.max_attempts).unwrap_or(3),
-        job_timeout: cli
-            .job_timeout
-            .or(file.job_timeout)
-            .unwrap_or(Duration::from_secs(24 * 3600)),
-        keep_done_disks: cli
-            .keep_done_disks
-            .or(file.keep_done_disks)
-            .unwrap_or(false),
-        staging_max_age: cli
-            .staging_max_age
-            .or(file.staging_max_age)
-            .unwrap_or(Duration::from_secs(24 * 3600)),
+        job_timeout: cli.job_timeout.or(file.job_timeout).unwrap_or(Duration::from_secs(24 * 3600)),
+        keep_done_disks: cli.keep_done_disks.or(file.keep_done_disks).unwrap_or(false),
+        staging_max_age: cli.staging_max_age.or(file.staging_max_age).unwrap_or(Duration::from_secs(24 * 3600)),
         convert: file.convert.unwrap_or_default(),
+        grpc: GrpcConfig {
+            listen: parse_listen(cli.listen.as_deref().or(file.listen.as_deref()).unwrap_or(DEFAULT_LISTEN))?,
+            tls_cert: cli.tls_cert.clone().or(file.tls_cert),
+            tls_key: cli.tls_key.clone().or(file.tls_key),
+            tls_client_ca: cli.tls_client_ca.clone().or(file.tls_client_ca),
+            insecure_listen: cli.insecure_listen || file.insecure_listen.unwrap_or(false),
+            control_token_file: cli.control_token_file.clone().or(file.control_token_file),
+            control_clients: if cli.control_clients.is_empty() {
+                file.control_clients.unwrap_or_default()
+            } else {
+                cli.control_clients.clone()
+            },
+            control_from_loopback: cli.control_from_loopback.or(file.control_from_loopback).unwrap_or(true),
+        },
         log_format: cli.log_format.clone(),
     };
     validate(&cfg)?;
     Ok(cfg)
 }
 
+fn parse_listen(s: &str) -> anyhow::Result<Option<std::net::SocketAddr>> {
+    if matches!(s, "off" | "none" | "") {
+        return Ok(None);
+    }
+    use std::net::ToSocketAddrs;
+    let addr = s
+        .to_socket_addrs()
+        .map_err(|e| ConfigError(format!("listen = {s:?} is not an address such as 127.0.0.1:50071 ({e})")))?
+        .next()
+        .ok_or_else(|| ConfigError(format!("listen = {s:?} resolves to no address")))?;
+    Ok(Some(addr))
+}
+
 fn read_file(path: &Path) -> anyhow::Result<FileConfig> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("reading the configuration file {}", path.display()))?;
-    toml::from_str(&text)
-        .map_err(|e| ConfigError(format!("configuration file {}: {e}", path.display())).into())
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading the configuration file {}", path.display()))?;
+    toml::from_str(&text).map_err(|e| ConfigError(format!("configuration file {}: {e}", path.display())).into())
 }
 
 fn validate(cfg: &Config) -> anyhow::Result<()> {
     let bad = |m: String| -> anyhow::Result<()> { Err(ConfigError(m).into()) };
     if !(1..=64).contains(&cfg.max_concurrent) {
-        return bad(format!(
-            "max_concurrent = {} must be between 1 and 64",
-            cfg.max_concurrent
-        ));
+        return bad(format!("max_concurrent = {} must be between 1 and 64", cfg.max_concurrent));
     }
-    if cfg.poll_interval < Duration::from_millis(50)
-        || cfg.poll_interval > Duration::from_secs(3600)
-    {
-        return bad(format!(
-            "poll_interval = {} must be between 50ms and 1h",
-            duration::show(cfg.poll_interval)
-        ));
+    if cfg.poll_interval < Duration::from_millis(50) || cfg.poll_interval > Duration::from_secs(3600) {
+        return bad(format!("poll_interval = {} must be between 50ms and 1h", duration::show(cfg.poll_interval)));
     }
     if cfg.lease_timeout < Duration::from_millis(500) {
-        return bad(format!(
-            "lease_timeout = {} must be at least 500ms",
-            duration::show(cfg.lease_timeout)
-        ));
+        return bad(format!("lease_timeout = {} must be at least 500ms", duration::show(cfg.lease_timeout)));
     }
     if cfg.max_attempts == 0 {
         return bad("max_attempts must be at least 1".into());
     }
-    for (what, p) in [
-        ("watch_dir", &cfg.watch_dir),
-        ("output_dir", &cfg.output_dir),
-    ] {
+    for (what, p) in [("watch_dir", &cfg.watch_dir), ("output_dir", &cfg.output_dir)] {
         if !p.is_absolute() {
             return bad(format!("{what} = {} must be an absolute path", p.display()));
         }
     }
     if cfg.convert.coroutines == 0 || cfg.convert.coroutines > 16 {
+        return bad(format!("convert.coroutines = {} must be between 1 and 16", cfg.convert.coroutines));
+    }
+    let g = &cfg.grpc;
+    if g.tls_cert.is_some() != g.tls_key.is_some() {
+        return bad("tls_cert and tls_key must be given together".into());
+    }
+    if g.tls_client_ca.is_some() && g.tls_cert.is_none() {
+        return bad("tls_client_ca (mutual TLS) needs tls_cert and tls_key".into());
+    }
+    if let Some(addr) = g.listen
+        && !addr.ip().is_loopback()
+        && g.tls_cert.is_none()
+        && !g.insecure_listen
+    {
         return bad(format!(
-            "convert.coroutines = {} must be between 1 and 16",
-            cfg.convert.coroutines
+            "listen = {addr} is not a loopback address: give tls_cert and tls_key (and tls_client_ca for mutual TLS), or set insecure_listen = true to accept plaintext"
         ));
     }
     if cfg.watch_dir == cfg.output_dir {
@@ -306,10 +345,7 @@ pub fn canonical_allowed(cfg: &Config) -> anyhow::Result<Vec<PathBuf>> {
     for d in &cfg.allowed_source_dirs {
         match std::fs::canonicalize(d) {
             Ok(c) => out.push(c),
-            Err(e) => bail!(ConfigError(format!(
-                "allowed source directory {}: {e}",
-                d.display()
-            ))),
+            Err(e) => bail!(ConfigError(format!("allowed source directory {}: {e}", d.display()))),
         }
     }
     Ok(out)
@@ -328,13 +364,7 @@ mod tests {
         let d = tempfile::tempdir().expect("tempdir");
         let f = d.path().join("agent.toml");
         std::fs::write(&f, "watch_dir = \"/q\"\noutput_dir = \"/o\"\nmax_concurrent = 4\npoll_interval = \"2s\"\n[convert]\ncoroutines = 4\n").expect("write");
-        let c = load(&cli(&[
-            "--config",
-            f.to_str().expect("utf8"),
-            "--max-concurrent",
-            "3",
-        ]))
-        .expect("load");
+        let c = load(&cli(&["--config", f.to_str().expect("utf8"), "--max-concurrent", "3"])).expect("load");
         assert_eq!(c.watch_dir, PathBuf::from("/q"));
         assert_eq!(c.max_concurrent, 3, "flags beat the file");
         assert_eq!(c.poll_interval, Duration::from_secs(2));
@@ -346,14 +376,8 @@ mod tests {
     #[test]
     fn instance_selects_directories() {
         let c = load(&cli(&["--instance", "vsphere"])).expect("load");
-        assert_eq!(
-            c.watch_dir,
-            PathBuf::from("/var/lib/hyper2kvm/vsphere/queue")
-        );
-        assert_eq!(
-            c.output_dir,
-            PathBuf::from("/var/lib/hyper2kvm/vsphere/output")
-        );
+        assert_eq!(c.watch_dir, PathBuf::from("/var/lib/hyper2kvm/vsphere/queue"));
+        assert_eq!(c.output_dir, PathBuf::from("/var/lib/hyper2kvm/vsphere/output"));
     }
 
     #[test]
@@ -369,5 +393,11 @@ mod tests {
         assert!(format!("{e:#}").contains("absolute"));
         let e = load(&cli(&["--instance", "../x"])).expect_err("bad instance");
         assert!(format!("{e:#}").contains("instance name"));
+        let e = load(&cli(&["--listen", "0.0.0.0:50071"])).expect_err("plaintext beyond loopback");
+        assert!(format!("{e:#}").contains("tls_cert"), "{e:#}");
+        assert!(load(&cli(&["--listen", "0.0.0.0:50071", "--insecure-listen"])).is_ok());
+        let e = load(&cli(&["--tls-cert", "/x.pem"])).expect_err("cert without key");
+        assert!(format!("{e:#}").contains("together"));
+        assert!(load(&cli(&["--listen", "off"])).expect("off").grpc.listen.is_none());
     }
 }

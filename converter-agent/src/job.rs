@@ -63,7 +63,8 @@ pub async fn run_claimed(core: Arc<Core>, claim: Claim, stop: Arc<JobStop>) {
     async move {
         let token = claim.token().to_string();
         let started_at_ms = hyperfarm_shared::queue::now_ms();
-        info!(attempt = claim.attempts(), "claimed");
+        let attempts = claim.attempts() as u32;
+        info!(attempt = attempts, "claimed");
         let claim: SharedClaim = Arc::new(Mutex::new(Some(claim)));
         let (ptx, prx) = watch::channel(Progress::phase(Phase::Verifying, 0));
         let view = Arc::new(Mutex::new(JobView {
@@ -74,7 +75,11 @@ pub async fn run_claimed(core: Arc<Core>, claim: Claim, stop: Arc<JobStop>) {
             updated_at_ms: started_at_ms,
             summary: None,
             files: vec![],
-            engine: None,
+            engine: Some(EngineKind::QemuImg.to_string()),
+            agent: core.agent_name.clone(),
+            finished_at_ms: 0,
+            attempts,
+            seed_drop: false,
         }));
         core.board.update(view.lock().expect("view").clone());
         let hb = tokio::spawn(heartbeat_loop(core.clone(), claim.clone(), prx.clone(), stop.clone()));
@@ -130,25 +135,18 @@ async fn execute(
         return Err(Ended::AlreadyPublished(Box::new(rec)));
     }
 
-    let dir = claim
-        .lock()
-        .expect("claim lock")
-        .as_ref()
-        .map(|c| c.dir().to_path_buf())
-        .ok_or(Ended::Abandon)?;
+    let dir = claim.lock().expect("claim lock").as_ref().map(|c| c.dir().to_path_buf()).ok_or(Ended::Abandon)?;
     let allowed = core.settings.allowed_source_dirs.clone();
-    let loaded: LoadedJob =
-        tokio::task::spawn_blocking(move || worker::load_job(&dir, id, &allowed))
-            .await
-            .map_err(|e| {
-                Ended::Failed(JobFailure::new(
-                    None,
-                    format!("loading the job crashed: {e}"),
-                ))
-            })?
-            .map_err(Ended::Failed)?;
+    let loaded: LoadedJob = tokio::task::spawn_blocking(move || worker::load_job(&dir, id, &allowed))
+        .await
+        .map_err(|e| Ended::Failed(JobFailure::new(None, format!("loading the job crashed: {e}"))))?
+        .map_err(Ended::Failed)?;
     let vm = loaded.vm_name.clone();
-    view.lock().expect("view").vm_name = Some(vm.clone());
+    {
+        let mut v = view.lock().expect("view");
+        v.vm_name = Some(vm.clone());
+        v.seed_drop = loaded.seed_drop;
+    }
     info!(vm = %vm, disks = loaded.disks.len(), bytes = loaded.total_bytes(), seed_drop = loaded.seed_drop, "loaded");
 
     let names = loaded.output_names();
@@ -168,14 +166,7 @@ async fn execute(
             )))
         })?;
 
-    let converted = worker::convert_job(
-        &core.settings,
-        &loaded,
-        publication.work_dir(),
-        ptx,
-        &stop.token,
-    )
-    .await;
+    let converted = worker::convert_job(&core.settings, &loaded, publication.work_dir(), ptx, &stop.token).await;
     let converted = match converted {
         Ok(c) => c,
         Err(f) => {
@@ -191,17 +182,8 @@ async fn execute(
         return Err(Ended::Abandon);
     }
 
-    ptx.send_replace(Progress {
-        phase: Phase::Publishing,
-        percent: 100.0,
-        ..Default::default()
-    });
-    let attempts = claim
-        .lock()
-        .expect("claim lock")
-        .as_ref()
-        .map(|c| c.attempts())
-        .unwrap_or(1);
+    ptx.send_replace(Progress { phase: Phase::Publishing, percent: 100.0, ..Default::default() });
+    let attempts = claim.lock().expect("claim lock").as_ref().map(|c| c.attempts()).unwrap_or(1);
     let record = ResultRecord {
         job_id: id,
         state: ResultState::Done,
@@ -219,31 +201,18 @@ async fn execute(
         finished_at_ms: hyperfarm_shared::queue::now_ms(),
     };
     let policy = core.cfg.on_existing;
-    let claim_dir = claim
-        .lock()
-        .expect("claim lock")
-        .as_ref()
-        .map(|c| c.dir().to_path_buf())
-        .ok_or(Ended::Abandon)?;
-    let published = tokio::task::spawn_blocking(move || {
-        publication.publish(record, None, policy, || claim_dir.exists())
-    })
-    .await
-    .map_err(|e| {
-        Ended::Failed(JobFailure::new(
-            Some(&vm),
-            format!("publishing crashed: {e}"),
-        ))
-    })?;
+    let claim_dir = claim.lock().expect("claim lock").as_ref().map(|c| c.dir().to_path_buf()).ok_or(Ended::Abandon)?;
+    let published =
+        tokio::task::spawn_blocking(move || publication.publish(record, None, policy, || claim_dir.exists()))
+            .await
+            .map_err(|e| Ended::Failed(JobFailure::new(Some(&vm), format!("publishing crashed: {e}"))))?;
     match published {
         Ok(rec) => Ok(rec),
         Err(ResultError::Lost { .. }) => {
             stop.stop(StopReason::Lost);
             Err(Ended::Abandon)
         }
-        Err(e @ ResultError::Conflict { .. }) => {
-            Err(Ended::Failed(JobFailure::new(Some(&vm), e.to_string())))
-        }
+        Err(e @ ResultError::Conflict { .. }) => Err(Ended::Failed(JobFailure::new(Some(&vm), e.to_string()))),
         Err(e) => Err(Ended::Failed(JobFailure::new(Some(&vm), e.to_string()))),
     }
 }
@@ -280,11 +249,7 @@ async fn finish(
             rec.files.iter().map(|f| f.name.clone()).collect(),
         ),
         Err(Ended::Failed(f)) => (
-            if f.cancelled {
-                Phase::Cancelled
-            } else {
-                Phase::Failed
-            },
+            if f.cancelled { Phase::Cancelled } else { Phase::Failed },
             Some(f.message.lines().next().unwrap_or_default().to_string()),
             vec![],
         ),
@@ -302,15 +267,8 @@ async fn finish(
                 finish_claim(&core2, claim, outcome)
             }
             Err(Ended::Failed(f)) => {
-                let vm = f
-                    .vm_name
-                    .clone()
-                    .unwrap_or_else(|| fallback_vm_name(claim.dir(), &id));
-                let state = if f.cancelled {
-                    ResultState::Cancelled
-                } else {
-                    ResultState::Failed
-                };
+                let vm = f.vm_name.clone().unwrap_or_else(|| fallback_vm_name(claim.dir(), &id));
+                let state = if f.cancelled { ResultState::Cancelled } else { ResultState::Failed };
                 let message = format!("{}\njob: {id}\nagent: {}\n", f.message, core2.agent_name);
                 let record = ResultRecord {
                     job_id: id,
@@ -330,27 +288,14 @@ async fn finish(
                 };
                 let dir = claim.dir().to_path_buf();
                 let publication = Publication::begin(&core2.output, id, &token).map_err(|e| {
-                    format!(
-                        "cannot write the error result into {}: {e}",
-                        core2.output.tmp_dir().display()
-                    )
+                    format!("cannot write the error result into {}: {e}", core2.output.tmp_dir().display())
                 })?;
-                match publication.publish(record, Some(&message), core2.cfg.on_existing, || {
-                    dir.exists()
-                }) {
+                match publication.publish(record, Some(&message), core2.cfg.on_existing, || dir.exists()) {
                     Ok(_) => {}
                     Err(ResultError::Lost { .. }) => return Ok("lost to another agent"),
                     Err(e) => return Err(format!("cannot publish the error result: {e}")),
                 }
-                finish_claim(
-                    &core2,
-                    claim,
-                    if f.cancelled {
-                        Outcome::Cancelled
-                    } else {
-                        Outcome::Failed
-                    },
-                )
+                finish_claim(&core2, claim, if f.cancelled { Outcome::Cancelled } else { Outcome::Failed })
             }
             Err(Ended::AlreadyPublished(_)) => unreachable!("turned into Ok above"),
             Err(Ended::Abandon) => match reason {
@@ -375,9 +320,12 @@ async fn finish(
         return;
     }
     v.progress.phase = phase;
+    v.progress.rate = 0.0;
+    v.progress.eta_secs = None;
     v.summary = summary;
     v.files = files;
     v.updated_at_ms = hyperfarm_shared::queue::now_ms();
+    v.finished_at_ms = v.updated_at_ms;
     core.board.update(v);
 }
 
@@ -390,10 +338,7 @@ fn finish_claim(core: &Core, claim: Claim, outcome: Outcome) -> Result<&'static 
             // cancelled (failed jobs keep them for inspection). A seed drop's disks are the
             // exporter's and are never touched.
             if !seed && !core.cfg.keep_done_disks && outcome != Outcome::Failed {
-                let disks = core
-                    .queue
-                    .job_dir(outcome.state(), &id)
-                    .join(hyperfarm_shared::queue::DISKS);
+                let disks = core.queue.job_dir(outcome.state(), &id).join(hyperfarm_shared::queue::DISKS);
                 if let Err(e) = fsx::remove_tree(&disks) {
                     warn!("cannot remove {}: {e}", disks.display());
                 }
@@ -415,11 +360,7 @@ fn fallback_vm_name(job_dir: &Path, id: &JobId) -> String {
     let from_origin = std::fs::read(job_dir.join(ORIGIN))
         .ok()
         .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
-        .and_then(|v| {
-            v.get("original_name")
-                .and_then(|n| n.as_str())
-                .map(str::to_string)
-        })
+        .and_then(|v| v.get("original_name").and_then(|n| n.as_str()).map(str::to_string))
         .and_then(|n| names::sanitize_vm_name(n.trim_end_matches(".json")));
     from_origin.unwrap_or_else(|| format!("job-{id}"))
 }
@@ -429,10 +370,7 @@ pub fn publish_orphan_failure(core: &Core, id: JobId, job_dir: &Path, message: &
     let loaded = worker::load_job(job_dir, id, &core.settings.allowed_source_dirs);
     let vm = match &loaded {
         Ok(j) => j.vm_name.clone(),
-        Err(f) => f
-            .vm_name
-            .clone()
-            .unwrap_or_else(|| fallback_vm_name(job_dir, &id)),
+        Err(f) => f.vm_name.clone().unwrap_or_else(|| fallback_vm_name(job_dir, &id)),
     };
     let token = format!("recovery-{}", hyperfarm_shared::queue::claim_token());
     let record = ResultRecord {
@@ -459,12 +397,7 @@ pub fn publish_orphan_failure(core: &Core, id: JobId, job_dir: &Path, message: &
     }
 }
 
-async fn heartbeat_loop(
-    core: Arc<Core>,
-    claim: SharedClaim,
-    progress: watch::Receiver<Progress>,
-    stop: Arc<JobStop>,
-) {
+async fn heartbeat_loop(core: Arc<Core>, claim: SharedClaim, progress: watch::Receiver<Progress>, stop: Arc<JobStop>) {
     let every = core.cfg.heartbeat_interval();
     loop {
         tokio::time::sleep(every).await;
@@ -472,9 +405,7 @@ async fn heartbeat_loop(
         let c = claim.clone();
         let beat = tokio::task::spawn_blocking(move || {
             let mut g = c.lock().expect("claim lock");
-            g.as_mut().map(|claim| {
-                claim.heartbeat(p.phase.as_str(), p.percent, p.bytes_done, p.bytes_total)
-            })
+            g.as_mut().map(|claim| claim.heartbeat(p.phase.as_str(), p.percent, p.bytes_done, p.bytes_total))
         })
         .await;
         match beat {
@@ -484,9 +415,7 @@ async fn heartbeat_loop(
                 stop.stop(StopReason::Cancel(reason));
             }
             Ok(Some(Ok(Beat::Lost))) => {
-                warn!(
-                    "lost the job: another agent recovered it after our lease expired; stopping without publishing"
-                );
+                warn!("lost the job: another agent recovered it after our lease expired; stopping without publishing");
                 stop.stop(StopReason::Lost);
                 return;
             }
@@ -497,11 +426,7 @@ async fn heartbeat_loop(
     }
 }
 
-async fn forward_progress(
-    core: Arc<Core>,
-    view: Arc<Mutex<JobView>>,
-    mut rx: watch::Receiver<Progress>,
-) {
+async fn forward_progress(core: Arc<Core>, view: Arc<Mutex<JobView>>, mut rx: watch::Receiver<Progress>) {
     while rx.changed().await.is_ok() {
         let p = rx.borrow_and_update().clone();
         let v = {

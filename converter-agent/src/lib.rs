@@ -7,11 +7,13 @@
 //! - [`sdnotify`]: readiness and watchdog for systemd `Type=notify`.
 //!
 //! Exit codes: 0 clean shutdown, 1 runtime error, 2 usage, 3 configuration error,
-//! 4 qemu-img unusable, 6 watch or output directory unusable.
+//! 4 qemu-img unusable, 5 the gRPC listen address is unusable, 6 watch or output directory
+//! unusable.
 
 pub mod agent;
 pub mod board;
 pub mod config;
+pub mod grpc;
 pub mod job;
 pub mod sdnotify;
 
@@ -22,6 +24,7 @@ use clap::Parser;
 pub const EXIT_RUNTIME: u8 = 1;
 pub const EXIT_CONFIG: u8 = 3;
 pub const EXIT_ENGINE: u8 = 4;
+pub const EXIT_LISTEN: u8 = 5;
 pub const EXIT_DIRS: u8 = 6;
 
 /// A start-up failure with its exit code.
@@ -44,17 +47,10 @@ pub fn main_entry() -> ExitCode {
         }
     };
     if cli.check_config {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&cfg).expect("config serialises")
-        );
+        println!("{}", serde_json::to_string_pretty(&cfg).expect("config serialises"));
         return ExitCode::SUCCESS;
     }
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .max_blocking_threads(64)
-        .build()
-    {
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().max_blocking_threads(64).build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("hyper2kvm-agent: cannot start the runtime: {e}");
@@ -64,10 +60,7 @@ pub fn main_entry() -> ExitCode {
     match rt.block_on(agent::run(cfg)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            let code = e
-                .downcast_ref::<Fatal>()
-                .map(|f| f.code)
-                .unwrap_or(EXIT_RUNTIME);
+            let code = e.downcast_ref::<Fatal>().map(|f| f.code).unwrap_or(EXIT_RUNTIME);
             tracing::error!("{e:#}");
             eprintln!("hyper2kvm-agent: {e:#}");
             ExitCode::from(code)

@@ -69,6 +69,25 @@ pub struct Cli {
     /// Daemon mode: publish the job and exit without waiting for its result
     #[arg(long)]
     pub detach: bool,
+    /// Daemon mode: first check that an agent is there (gRPC, else the local systemd unit) and
+    /// convert on this host when none is; `false` always submits to the queue [default: true]
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
+    pub hyper2kvm_detect: Option<bool>,
+    /// The agent's gRPC address, for detection and live progress [default: http://127.0.0.1:50071]
+    #[arg(long, env = "HYPEREXPORT_AGENT", value_name = "URL")]
+    pub agent: Option<String>,
+    /// PEM CA that signed the agent's certificate (https:// agents)
+    #[arg(long, value_name = "FILE")]
+    pub agent_ca: Option<PathBuf>,
+    /// PEM client certificate for agents that require mutual TLS
+    #[arg(long, value_name = "FILE")]
+    pub agent_cert: Option<PathBuf>,
+    /// PEM key of the client certificate
+    #[arg(long, value_name = "FILE")]
+    pub agent_key: Option<PathBuf>,
+    /// The agent's TLS name when it differs from the URL's host
+    #[arg(long, value_name = "NAME")]
+    pub agent_domain: Option<String>,
     /// Print the result as JSON on stdout
     #[arg(long)]
     pub json: bool,
@@ -110,6 +129,12 @@ pub struct FileConfig {
     pub daemon_timeout: Option<Duration>,
     pub qemu_img: Option<PathBuf>,
     pub hyper2kvm_path: Option<PathBuf>,
+    pub agent_url: Option<String>,
+    pub agent_ca: Option<PathBuf>,
+    pub agent_cert: Option<PathBuf>,
+    pub agent_key: Option<PathBuf>,
+    pub agent_domain: Option<String>,
+    pub detect: Option<bool>,
 }
 
 pub const DEFAULT_CONFIG: &str = "/etc/hyper2kvm/hyperexport.toml";

@@ -54,46 +54,22 @@ struct Segment {
 /// Plan the segments of a disk: data extents of the source, holes as zero segments.
 fn plan(data: &DiskData) -> io::Result<(Vec<Segment>, u64)> {
     let mut segs = Vec::new();
-    let push_file = |file: Arc<File>,
-                     base: u64,
-                     len: u64,
-                     dst: u64,
-                     sparse: bool,
-                     segs: &mut Vec<Segment>|
-     -> io::Result<()> {
-        let extents = if sparse {
-            digest::data_extents(&file, len)?
-        } else {
-            vec![(0, len)]
-        };
-        let mut pos = 0u64;
-        for (start, elen) in extents {
-            if start > pos {
-                segs.push(Segment {
-                    src: None,
-                    src_off: 0,
-                    dst_off: dst + pos,
-                    len: start - pos,
-                });
+    let push_file =
+        |file: Arc<File>, base: u64, len: u64, dst: u64, sparse: bool, segs: &mut Vec<Segment>| -> io::Result<()> {
+            let extents = if sparse { digest::data_extents(&file, len)? } else { vec![(0, len)] };
+            let mut pos = 0u64;
+            for (start, elen) in extents {
+                if start > pos {
+                    segs.push(Segment { src: None, src_off: 0, dst_off: dst + pos, len: start - pos });
+                }
+                segs.push(Segment { src: Some(file.clone()), src_off: base + start, dst_off: dst + start, len: elen });
+                pos = start + elen;
             }
-            segs.push(Segment {
-                src: Some(file.clone()),
-                src_off: base + start,
-                dst_off: dst + start,
-                len: elen,
-            });
-            pos = start + elen;
-        }
-        if pos < len {
-            segs.push(Segment {
-                src: None,
-                src_off: 0,
-                dst_off: dst + pos,
-                len: len - pos,
-            });
-        }
-        Ok(())
-    };
+            if pos < len {
+                segs.push(Segment { src: None, src_off: 0, dst_off: dst + pos, len: len - pos });
+            }
+            Ok(())
+        };
     let total = data.len();
     match data {
         DiskData::File { path, len } => {
@@ -121,12 +97,7 @@ fn plan(data: &DiskData) -> io::Result<(Vec<Segment>, u64)> {
                         let whole = *offset == 0 && f.metadata()?.len() == *len;
                         push_file(f, *offset, *len, dst, whole, &mut segs)?;
                     }
-                    None => segs.push(Segment {
-                        src: None,
-                        src_off: 0,
-                        dst_off: dst,
-                        len: *len,
-                    }),
+                    None => segs.push(Segment { src: None, src_off: 0, dst_off: dst, len: *len }),
                 }
                 dst += len;
             }
@@ -144,18 +115,9 @@ enum ToHasher {
 }
 
 /// Copy `data` into the new file `dst` (which must not exist) and return its digest.
-pub fn copy_disk(
-    data: &DiskData,
-    dst: &Path,
-    member: Option<MemberHasher>,
-    ctl: &Control,
-) -> io::Result<Copied> {
+pub fn copy_disk(data: &DiskData, dst: &Path, member: Option<MemberHasher>, ctl: &Control) -> io::Result<Copied> {
     let (segs, total) = plan(data)?;
-    let out = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o644)
-        .open(dst)?;
+    let out = OpenOptions::new().write(true).create_new(true).mode(0o644).open(dst)?;
     out.set_len(total)?;
 
     let (to_hasher, hasher_rx) = mpsc::sync_channel::<ToHasher>(3);
@@ -211,9 +173,7 @@ pub fn copy_disk(
         let mut kernel = true;
         for seg in &segs {
             let Some(src) = &seg.src else {
-                to_hasher
-                    .send(ToHasher::Zeros(seg.len))
-                    .map_err(|_| hasher_gone())?;
+                to_hasher.send(ToHasher::Zeros(seg.len)).map_err(|_| hasher_gone())?;
                 ctl.done.fetch_add(seg.len, Ordering::Relaxed);
                 continue;
             };
@@ -227,9 +187,7 @@ pub fn copy_disk(
                 if kernel {
                     match kernel_copy(src, so, &out, d, k) {
                         Ok(()) => {
-                            to_hasher
-                                .send(ToHasher::Range(src.clone(), so, k))
-                                .map_err(|_| hasher_gone())?;
+                            to_hasher.send(ToHasher::Range(src.clone(), so, k)).map_err(|_| hasher_gone())?;
                             pos += k;
                             ctl.done.fetch_add(k, Ordering::Relaxed);
                             continue;
@@ -244,9 +202,7 @@ pub fn copy_disk(
                 if !is_zero(&buf[..n]) {
                     out.write_all_at(&buf[..n], d)?;
                 }
-                to_hasher
-                    .send(ToHasher::Buf(buf, n))
-                    .map_err(|_| hasher_gone())?;
+                to_hasher.send(ToHasher::Buf(buf, n)).map_err(|_| hasher_gone())?;
                 pos += k;
                 ctl.done.fetch_add(k, Ordering::Relaxed);
             }
@@ -254,9 +210,7 @@ pub fn copy_disk(
         Ok(kernel)
     })();
     drop(to_hasher);
-    let hashed = hasher
-        .join()
-        .map_err(|_| io::Error::other("the hashing thread panicked"))?;
+    let hashed = hasher.join().map_err(|_| io::Error::other("the hashing thread panicked"))?;
     let kernel_copy = result?;
     let (h, member_hex) = hashed?;
     out.sync_all()?;
@@ -278,10 +232,7 @@ fn kernel_copy(src: &File, src_off: u64, dst: &File, dst_off: u64, len: u64) -> 
     while left > 0 {
         let n = rustix::fs::copy_file_range(src, Some(&mut so), dst, Some(&mut d), left as usize)?;
         if n == 0 {
-            return Err(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                "the source ended early",
-            ));
+            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "the source ended early"));
         }
         left -= n as u64;
     }
@@ -291,11 +242,7 @@ fn kernel_copy(src: &File, src_off: u64, dst: &File, dst_off: u64, len: u64) -> 
 fn is_unsupported(e: &io::Error) -> bool {
     matches!(
         e.raw_os_error(),
-        Some(libc::EXDEV)
-            | Some(libc::EINVAL)
-            | Some(libc::ENOSYS)
-            | Some(libc::EOPNOTSUPP)
-            | Some(libc::EBADF)
+        Some(libc::EXDEV) | Some(libc::EINVAL) | Some(libc::ENOSYS) | Some(libc::EOPNOTSUPP) | Some(libc::EBADF)
     )
 }
 
@@ -303,9 +250,7 @@ fn is_unsupported(e: &io::Error) -> bool {
 pub fn is_zero(buf: &[u8]) -> bool {
     let words = buf.chunks_exact(16);
     words.remainder().iter().all(|&b| b == 0)
-        && words
-            .into_iter()
-            .all(|w| u128::from_ne_bytes(w.try_into().expect("16 bytes")) == 0)
+        && words.into_iter().all(|w| u128::from_ne_bytes(w.try_into().expect("16 bytes")) == 0)
 }
 
 #[cfg(test)]
@@ -331,28 +276,13 @@ mod tests {
         let src = sparse_file(d.path());
         let dst = d.path().join("dst.raw");
         let ctl = Control::default();
-        let c = copy_disk(
-            &DiskData::File {
-                path: src.clone(),
-                len: 40 << 20,
-            },
-            &dst,
-            None,
-            &ctl,
-        )
-        .expect("copy");
-        let (a, b) = (
-            std::fs::read(&src).expect("read"),
-            std::fs::read(&dst).expect("read"),
-        );
+        let c = copy_disk(&DiskData::File { path: src.clone(), len: 40 << 20 }, &dst, None, &ctl).expect("copy");
+        let (a, b) = (std::fs::read(&src).expect("read"), std::fs::read(&dst).expect("read"));
         assert!(a == b, "content differs");
         assert_eq!(c.blake3, *blake3::hash(&a).as_bytes());
         assert_eq!(ctl.done.load(Ordering::Relaxed), 40 << 20);
         use std::os::unix::fs::MetadataExt;
-        assert!(
-            std::fs::metadata(&dst).expect("md").blocks() * 512 < 20 << 20,
-            "the copy stayed sparse"
-        );
+        assert!(std::fs::metadata(&dst).expect("md").blocks() * 512 < 20 << 20, "the copy stayed sparse");
     }
 
     #[test]
@@ -363,11 +293,7 @@ mod tests {
         let dst = d.path().join("region");
         let member = crate::source::ova::MemberDigest::Sha256(String::new()).hasher();
         let c = copy_disk(
-            &DiskData::Region {
-                path: src.clone(),
-                offset: 1 << 20,
-                len: 10 << 20,
-            },
+            &DiskData::Region { path: src.clone(), offset: 1 << 20, len: 10 << 20 },
             &dst,
             Some(member),
             &Control::default(),
@@ -381,32 +307,11 @@ mod tests {
 
         let dst2 = d.path().join("concat");
         let parts = vec![
-            Part {
-                path: Some(src.clone()),
-                offset: 3 << 20,
-                len: 2 << 20,
-            },
-            Part {
-                path: None,
-                offset: 0,
-                len: 1 << 20,
-            },
-            Part {
-                path: Some(src.clone()),
-                offset: 0,
-                len: 40 << 20,
-            },
+            Part { path: Some(src.clone()), offset: 3 << 20, len: 2 << 20 },
+            Part { path: None, offset: 0, len: 1 << 20 },
+            Part { path: Some(src.clone()), offset: 0, len: 40 << 20 },
         ];
-        let c = copy_disk(
-            &DiskData::Concat {
-                parts,
-                len: 43 << 20,
-            },
-            &dst2,
-            None,
-            &Control::default(),
-        )
-        .expect("copy");
+        let c = copy_disk(&DiskData::Concat { parts, len: 43 << 20 }, &dst2, None, &Control::default()).expect("copy");
         let mut expect = all[3 << 20..5 << 20].to_vec();
         expect.extend(vec![0u8; 1 << 20]);
         expect.extend(&all);
@@ -421,29 +326,12 @@ mod tests {
         let dst = d.path().join("dst");
         std::fs::write(&dst, b"x").expect("write");
         assert!(
-            copy_disk(
-                &DiskData::File {
-                    path: src.clone(),
-                    len: 40 << 20
-                },
-                &dst,
-                None,
-                &Control::default()
-            )
-            .is_err()
+            copy_disk(&DiskData::File { path: src.clone(), len: 40 << 20 }, &dst, None, &Control::default()).is_err()
         );
         let ctl = Control::default();
         ctl.cancel.store(true, Ordering::Relaxed);
-        let e = copy_disk(
-            &DiskData::File {
-                path: src,
-                len: 40 << 20,
-            },
-            &d.path().join("dst2"),
-            None,
-            &ctl,
-        )
-        .expect_err("cancelled");
+        let e = copy_disk(&DiskData::File { path: src, len: 40 << 20 }, &d.path().join("dst2"), None, &ctl)
+            .expect_err("cancelled");
         assert_eq!(e.kind(), io::ErrorKind::Interrupted);
     }
 

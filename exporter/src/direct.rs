@@ -13,9 +13,7 @@ use hyperfarm_shared::format::DiskFormat;
 use hyperfarm_shared::fsx;
 use hyperfarm_shared::manifest::{Expected, Stages};
 use hyperfarm_shared::progress::{Phase, Progress};
-use hyperfarm_shared::results::{
-    OnExisting, OutputDir, Publication, ResultError, ResultRecord, ResultState,
-};
+use hyperfarm_shared::results::{OnExisting, OutputDir, Publication, ResultError, ResultRecord, ResultState};
 use hyperfarm_shared::worker::{self, LoadedJob, WorkerSettings};
 
 use crate::ExportError;
@@ -62,8 +60,7 @@ pub async fn convert(
         .enumerate()
         .map(|(i, d)| hyperfarm_shared::results::disk_file_name(&vm.name, &d.id, i == 0))
         .collect();
-    out.check_free(&vm.name, &names, params.on_existing)
-        .map_err(|e| ExportError::Conflict(e.to_string()))?;
+    out.check_free(&vm.name, &names, params.on_existing).map_err(|e| ExportError::Conflict(e.to_string()))?;
     let publication = Publication::begin(&out, id, &token).map_err(unreachable)?;
     let staged = publication.work_dir().join("sources");
     std::fs::create_dir_all(&staged).map_err(unreachable)?;
@@ -75,39 +72,19 @@ pub async fn convert(
             _ => {
                 let dst = staged.join(format!("{}.{}", d.id, d.format.extension()));
                 let c = copy_with_meter(d, &dst, None, &ctl, params.quiet).await?;
-                let fmt = if matches!(d.data, DiskData::Concat { .. }) {
-                    DiskFormat::Raw
-                } else {
-                    d.format
-                };
-                (
-                    dst,
-                    fmt,
-                    from_hex(&hyperfarm_shared::digest::to_hex(&c.blake3)).map(Expected::Blake3),
-                )
+                let fmt = if matches!(d.data, DiskData::Concat { .. }) { DiskFormat::Raw } else { d.format };
+                (dst, fmt, from_hex(&hyperfarm_shared::digest::to_hex(&c.blake3)).map(Expected::Blake3))
             }
         };
-        let file = fsx::open_regular(&path)
-            .map_err(|e| ExportError::BadInput(format!("{}: {e}", path.display())))?;
+        let file = fsx::open_regular(&path).map_err(|e| ExportError::BadInput(format!("{}: {e}", path.display())))?;
         let bytes = file.metadata().map(|m| m.len()).unwrap_or(0);
-        disks.push(worker::SourceDisk {
-            id: d.id.clone(),
-            format,
-            bytes,
-            path,
-            file,
-            expected,
-            boot: i == 0,
-        });
+        disks.push(worker::SourceDisk { id: d.id.clone(), format, bytes, path, file, expected, boot: i == 0 });
     }
     let job = LoadedJob {
         id,
         vm_name: vm.name.clone(),
         disks,
-        stages: Stages {
-            convert: true,
-            ..Default::default()
-        },
+        stages: Stages { convert: true, ..Default::default() },
         engine: None,
         manifest: None,
         seed_drop: false,
@@ -115,11 +92,7 @@ pub async fn convert(
     let settings = WorkerSettings {
         qemu: QemuImg::new(&params.qemu_img),
         convert: ConvertOptions::default(),
-        allowed_source_dirs: vm
-            .path
-            .parent()
-            .map(|p| vec![p.to_path_buf()])
-            .unwrap_or_default(),
+        allowed_source_dirs: vm.path.parent().map(|p| vec![p.to_path_buf()]).unwrap_or_default(),
     };
     let (tx, mut rx) = watch::channel(Progress::phase(Phase::Verifying, 0));
     let quiet = params.quiet;
@@ -132,8 +105,7 @@ pub async fn convert(
         }
     });
     let started_at_ms = hyperfarm_shared::queue::now_ms();
-    let converted =
-        worker::convert_job(&settings, &job, publication.work_dir(), &tx, &cancel).await;
+    let converted = worker::convert_job(&settings, &job, publication.work_dir(), &tx, &cancel).await;
     drop(tx);
     let _ = ui.await;
     let _ = std::fs::remove_dir_all(&staged);
@@ -141,11 +113,7 @@ pub async fn convert(
         Ok(c) => c,
         Err(f) => {
             publication.discard();
-            return Err(if f.cancelled {
-                ExportError::Interrupted(false)
-            } else {
-                ExportError::Conversion(f.message)
-            });
+            return Err(if f.cancelled { ExportError::Interrupted(false) } else { ExportError::Conversion(f.message) });
         }
     };
     let record = ResultRecord {

@@ -7,8 +7,10 @@
 //! unreachable or unwritable · 7 the job was cancelled · 8 the output name is taken by an earlier
 //! result · 130 interrupted.
 
+pub mod agent_client;
 pub mod cli;
 pub mod copy;
+pub mod detect;
 pub mod direct;
 pub mod source;
 pub mod submit;
@@ -28,6 +30,7 @@ use hyperfarm_shared::instance;
 use hyperfarm_shared::queue::{Queue, State};
 use hyperfarm_shared::results::{OutputDir, ResultRecord, ResultState};
 
+use crate::agent_client::AgentEndpoint;
 use crate::cli::{Cli, FileConfig};
 use crate::copy::Control;
 use crate::wait::{WaitParams, Waited};
@@ -87,10 +90,7 @@ impl ExportError {
 pub fn main_entry() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.quiet);
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("hyperexport: cannot start the runtime: {e}");
@@ -109,8 +109,7 @@ pub fn main_entry() -> ExitCode {
 fn init_logging(quiet: bool) {
     use tracing_subscriber::EnvFilter;
     let default = if quiet { "warn" } else { "info" };
-    let filter =
-        EnvFilter::try_from_env("HYPEREXPORT_LOG").unwrap_or_else(|_| EnvFilter::new(default));
+    let filter = EnvFilter::try_from_env("HYPEREXPORT_LOG").unwrap_or_else(|_| EnvFilter::new(default));
     use std::io::IsTerminal;
     tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -138,6 +137,11 @@ pub struct Settings {
     pub poll: Duration,
     pub timeout: Duration,
     pub qemu_img: PathBuf,
+    pub instance: Option<String>,
+    pub agent: AgentEndpoint,
+    /// Whether `--agent` (or `agent_url`) was given explicitly.
+    pub agent_explicit: bool,
+    pub detect: bool,
 }
 
 pub fn settings(cli: &Cli) -> Result<Settings, ExportError> {
@@ -166,46 +170,41 @@ pub fn settings(cli: &Cli) -> Result<Settings, ExportError> {
             _ => "export only (no --pipeline): give --output DIR, the queue directory a conversion agent watches (or add --pipeline)".into(),
         }));
     }
-    let poll = cli
-        .hyper2kvm_poll_interval
-        .or(file.poll_interval)
-        .unwrap_or(Duration::from_secs(5));
+    let poll = cli.hyper2kvm_poll_interval.or(file.poll_interval).unwrap_or(Duration::from_secs(5));
     if poll < Duration::from_millis(10) {
-        return Err(ExportError::Usage(
-            "--hyper2kvm-poll-interval must be at least 10ms".into(),
-        ));
+        return Err(ExportError::Usage("--hyper2kvm-poll-interval must be at least 10ms".into()));
+    }
+    let agent_url = cli.agent.clone().or(file.agent_url.clone());
+    let agent = AgentEndpoint {
+        url: agent_url.clone().unwrap_or_else(|| agent_client::DEFAULT_AGENT_URL.to_string()),
+        ca: cli.agent_ca.clone().or(file.agent_ca.clone()),
+        cert: cli.agent_cert.clone().or(file.agent_cert.clone()),
+        key: cli.agent_key.clone().or(file.agent_key.clone()),
+        domain: cli.agent_domain.clone().or(file.agent_domain.clone()),
+        connect_timeout: Duration::from_secs(2),
+    };
+    if agent.cert.is_some() != agent.key.is_some() {
+        return Err(ExportError::Usage("--agent-cert and --agent-key go together".into()));
     }
     Ok(Settings {
+        instance: instance_name.clone(),
+        agent,
+        agent_explicit: agent_url.is_some(),
+        detect: cli.hyper2kvm_detect.or(file.detect).unwrap_or(true) && !cli.detach,
         mode,
-        watch_dir: cli
-            .hyper2kvm_watch_dir
-            .clone()
-            .or(file.watch_dir)
-            .unwrap_or_else(|| instance::watch_dir(inst)),
-        output_dir: cli
-            .hyper2kvm_output_dir
-            .clone()
-            .or(file.output_dir)
-            .unwrap_or_else(|| instance::output_dir(inst)),
+        watch_dir: cli.hyper2kvm_watch_dir.clone().or(file.watch_dir).unwrap_or_else(|| instance::watch_dir(inst)),
+        output_dir: cli.hyper2kvm_output_dir.clone().or(file.output_dir).unwrap_or_else(|| instance::output_dir(inst)),
         export_dir: cli.output.clone(),
         poll,
-        timeout: cli
-            .hyper2kvm_daemon_timeout
-            .or(file.daemon_timeout)
-            .unwrap_or(Duration::from_secs(3600)),
-        qemu_img: cli
-            .qemu_img
-            .clone()
-            .or(file.qemu_img)
-            .unwrap_or_else(|| PathBuf::from("qemu-img")),
+        timeout: cli.hyper2kvm_daemon_timeout.or(file.daemon_timeout).unwrap_or(Duration::from_secs(3600)),
+        qemu_img: cli.qemu_img.clone().or(file.qemu_img).unwrap_or_else(|| PathBuf::from("qemu-img")),
     })
 }
 
 fn read_config(p: &std::path::Path) -> Result<FileConfig, ExportError> {
     let text = std::fs::read_to_string(p)
         .map_err(|e| ExportError::Usage(format!("configuration file {}: {e}", p.display())))?;
-    toml::from_str(&text)
-        .map_err(|e| ExportError::Usage(format!("configuration file {}: {e}", p.display())))
+    toml::from_str(&text).map_err(|e| ExportError::Usage(format!("configuration file {}: {e}", p.display())))
 }
 
 /// Run hyperexport.
@@ -231,10 +230,7 @@ pub async fn run(cli: Cli) -> Result<(), ExportError> {
         let (ctl, interrupt, cancel) = (ctl.clone(), interrupt.clone(), cancel.clone());
         tokio::spawn(async move {
             use tokio::signal::unix::{SignalKind, signal};
-            let (Ok(mut term), Ok(mut int)) = (
-                signal(SignalKind::terminate()),
-                signal(SignalKind::interrupt()),
-            ) else {
+            let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
                 return;
             };
             tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
@@ -248,8 +244,7 @@ pub async fn run(cli: Cli) -> Result<(), ExportError> {
         Mode::ExportOnly => {
             let dir = s.export_dir.clone().expect("checked in settings");
             let queue = Queue::new(&dir);
-            let sub =
-                submit::submit(&queue, &vm, submit::Stages::default(), ctl, cli.quiet).await?;
+            let sub = submit::submit(&queue, &vm, submit::Stages::default(), ctl, cli.quiet).await?;
             if cli.json {
                 println!(
                     "{}",
@@ -277,7 +272,44 @@ pub async fn run(cli: Cli) -> Result<(), ExportError> {
             print_success(&params.output, &rec, cli.json);
             Ok(())
         }
-        Mode::Daemon => daemon(&cli, &s, &vm, ctl, interrupt).await,
+        Mode::Daemon => {
+            // Detection: gRPC, else the local unit, else convert here.
+            let mut follow_over_grpc = s.agent_explicit;
+            if s.detect {
+                match detect::detect(&s.agent, s.instance.as_deref()).await {
+                    detect::Detected::Grpc(status) => {
+                        tracing::info!(agent = %format!("{}@{}", status.instance, status.host), url = %s.agent.url, "the agent answers over gRPC: daemon mode with live progress");
+                        if status.watch_dir != s.watch_dir.display().to_string() {
+                            tracing::warn!(
+                                "the agent watches {} while this job goes to {}; they must be the same share (mounted at different paths is fine)",
+                                status.watch_dir,
+                                s.watch_dir.display()
+                            );
+                        }
+                        follow_over_grpc = true;
+                    }
+                    detect::Detected::Systemd { unit, grpc_error } => {
+                        tracing::info!(unit = %unit, "{unit} is active but its gRPC does not answer ({grpc_error}): daemon mode, following by polling {}", s.output_dir.display());
+                        follow_over_grpc = false;
+                    }
+                    detect::Detected::Nothing { why } => {
+                        let out = s.export_dir.clone().unwrap_or_else(|| s.output_dir.clone());
+                        tracing::warn!("{why}: converting on this host instead (direct mode) into {}", out.display());
+                        let params = direct::DirectParams {
+                            output: OutputDir::new(out),
+                            qemu_img: s.qemu_img.clone(),
+                            on_existing: cli.on_existing.unwrap_or_default(),
+                            quiet: cli.quiet,
+                        };
+                        let rec = direct::convert(&vm, &params, ctl, cancel).await?;
+                        print_success(&params.output, &rec, cli.json);
+                        return Ok(());
+                    }
+                }
+            }
+            let agent = follow_over_grpc.then(|| s.agent.clone());
+            daemon(&cli, &s, &vm, ctl, interrupt, agent).await
+        }
     }
 }
 
@@ -287,6 +319,7 @@ async fn daemon(
     vm: &source::VmSource,
     ctl: Arc<Control>,
     interrupt: Arc<Notify>,
+    agent: Option<AgentEndpoint>,
 ) -> Result<(), ExportError> {
     for (what, dir) in [("watch", &s.watch_dir), ("output", &s.output_dir)] {
         if !dir.is_dir() {
@@ -302,10 +335,7 @@ async fn daemon(
     tracing::info!(job = %sub.id, "published; waiting for the result");
     if cli.detach {
         if cli.json {
-            println!(
-                "{}",
-                serde_json::json!({"job_id": sub.id, "vm": sub.vm_name, "state": "queued"})
-            );
+            println!("{}", serde_json::json!({"job_id": sub.id, "vm": sub.vm_name, "state": "queued"}));
         } else {
             println!("{}", sub.id);
         }
@@ -319,24 +349,16 @@ async fn daemon(
         timeout: s.timeout,
         quiet: cli.quiet,
         vm_name: sub.vm_name.clone(),
+        agent,
     };
-    match wait::poll(&params, interrupt).await {
+    match wait::follow(&params, interrupt).await {
         Waited::Result(rec) => finish(&output, rec, cli.json),
+        Waited::Remote(job) => remote_finish(&output, job, cli.json),
         Waited::EndedWithoutRecord { state, reason } => match state {
-            State::Cancelled => Err(ExportError::Cancelled(format!(
-                "job {} was cancelled: {reason}",
-                sub.id
-            ))),
-            _ => Err(ExportError::Conversion(format!(
-                "job {} ended as {state}: {reason}",
-                sub.id
-            ))),
+            State::Cancelled => Err(ExportError::Cancelled(format!("job {} was cancelled: {reason}", sub.id))),
+            _ => Err(ExportError::Conversion(format!("job {} ended as {state}: {reason}", sub.id))),
         },
-        Waited::TimedOut {
-            withdrawn,
-            state,
-            lease,
-        } => Err(ExportError::Timeout(if withdrawn {
+        Waited::TimedOut { withdrawn, state, lease } => Err(ExportError::Timeout(if withdrawn {
             format!(
                 "timed out after {}: no agent claimed job {} in {}; it was withdrawn from the queue (is an agent running and watching that directory?)",
                 hyperfarm_shared::duration::show(s.timeout),
@@ -344,16 +366,12 @@ async fn daemon(
                 s.watch_dir.display()
             )
         } else {
-            let who = lease
-                .map(|l| format!(" by {} ({} {:.0}%)", l.agent, l.phase, l.percent))
-                .unwrap_or_default();
+            let who = lease.map(|l| format!(" by {} ({} {:.0}%)", l.agent, l.phase, l.percent)).unwrap_or_default();
             format!(
                 "timed out after {}: job {} is {}{who} and was left to finish; its result will appear in {} (hyperctl jobs show {})",
                 hyperfarm_shared::duration::show(s.timeout),
                 sub.id,
-                state
-                    .map(|s| s.to_string())
-                    .unwrap_or_else(|| "in an unknown state".into()),
+                state.map(|s| s.to_string()).unwrap_or_else(|| "in an unknown state".into()),
                 s.output_dir.display(),
                 sub.id
             )
@@ -370,10 +388,7 @@ fn finish(output: &OutputDir, rec: ResultRecord, json: bool) -> Result<(), Expor
         }
         ResultState::Failed | ResultState::Cancelled => {
             if json {
-                println!(
-                    "{}",
-                    serde_json::to_string(&rec).expect("records serialise")
-                );
+                println!("{}", serde_json::to_string(&rec).expect("records serialise"));
             }
             let text = rec.error.clone().unwrap_or_else(|| rec.summary());
             if rec.state == ResultState::Cancelled {
@@ -382,6 +397,33 @@ fn finish(output: &OutputDir, rec: ResultRecord, json: bool) -> Result<(), Expor
                 Err(ExportError::Conversion(text))
             }
         }
+    }
+}
+
+/// The agent said the job ended, but its record is not readable from this host.
+fn remote_finish(output: &OutputDir, job: hyperfarm_proto::v1::Job, json: bool) -> Result<(), ExportError> {
+    use hyperfarm_proto::v1::JobState;
+    let paths: Vec<PathBuf> = job.files.iter().map(|f| output.path().join(f)).collect();
+    match job.state() {
+        JobState::Done => {
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({"job_id": job.id, "vm": job.vm_name, "state": "done", "files": paths, "engine": job.engine})
+                );
+            } else {
+                for p in paths {
+                    println!("{}", p.display());
+                }
+            }
+            Ok(())
+        }
+        JobState::Cancelled => Err(ExportError::Cancelled(job.error_summary)),
+        _ => Err(ExportError::Conversion(format!(
+            "{}\n(the full text is in {} on the conversion host)",
+            job.error_summary,
+            output.path().join(format!("{}.error", job.vm_name)).display()
+        ))),
     }
 }
 

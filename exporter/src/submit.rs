@@ -9,9 +9,7 @@ use std::time::Duration;
 use hyperfarm_shared::JobId;
 use hyperfarm_shared::digest::to_hex;
 use hyperfarm_shared::fsx;
-use hyperfarm_shared::manifest::{
-    self, Disk, HyperfarmInfo, Manifest, Pipeline, Source, Stage, Submitter, VmInfo,
-};
+use hyperfarm_shared::manifest::{self, Disk, HyperfarmInfo, Manifest, Pipeline, Source, Stage, Submitter, VmInfo};
 use hyperfarm_shared::queue::{self, Queue, Staging};
 
 use crate::ExportError;
@@ -62,8 +60,7 @@ pub async fn submit(
     )))?;
 
     let id = JobId::new();
-    let staging =
-        Staging::create(queue, id).map_err(|e| ExportError::Unreachable(format!("{e:#}")))?;
+    let staging = Staging::create(queue, id).map_err(|e| ExportError::Unreachable(format!("{e:#}")))?;
     tracing::info!(job = %id, vm = %vm.name, staging = %staging.dir().display(), "staging the job");
 
     let mut disks = Vec::new();
@@ -76,14 +73,7 @@ pub async fn submit(
             .iter()
             .find(|(name, _)| d.label.ends_with(&format!("({name})")))
             .map(|(name, dg)| (name.clone(), dg.clone()));
-        let copied = copy_with_meter(
-            d,
-            &dst,
-            member.as_ref().map(|(_, dg)| dg.hasher()),
-            &ctl,
-            quiet,
-        )
-        .await?;
+        let copied = copy_with_meter(d, &dst, member.as_ref().map(|(_, dg)| dg.hasher()), &ctl, quiet).await?;
         if let Some((name, dg)) = &member
             && copied.member_hex.as_deref() != Some(dg.hex())
         {
@@ -112,12 +102,7 @@ pub async fn submit(
         .await
         .map_err(|e| ExportError::Internal(e.to_string()))?
         .map_err(|e| ExportError::Unreachable(format!("{e:#}")))?;
-    Ok(Submitted {
-        id,
-        job_dir,
-        vm_name: vm.name.clone(),
-        bytes: total,
-    })
+    Ok(Submitted { id, job_dir, vm_name: vm.name.clone(), bytes: total })
 }
 
 /// Copy one disk on a blocking thread, showing progress.
@@ -131,8 +116,7 @@ pub async fn copy_with_meter(
     ctl.done.store(0, Ordering::Relaxed);
     let mut meter = Meter::new(format!("copying {}", d.id), d.data.len(), quiet);
     let (data, dst2, ctl2) = (d.data.clone(), dst.to_path_buf(), ctl.clone());
-    let mut task =
-        tokio::task::spawn_blocking(move || copy::copy_disk(&data, &dst2, member, &ctl2));
+    let mut task = tokio::task::spawn_blocking(move || copy::copy_disk(&data, &dst2, member, &ctl2));
     let copied = loop {
         tokio::select! {
             r = &mut task => break r,
@@ -143,15 +127,9 @@ pub async fn copy_with_meter(
     meter.finish();
     match copied.map_err(|e| ExportError::Internal(e.to_string()))? {
         Ok(c) => Ok(c),
-        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {
-            Err(ExportError::Interrupted(false))
-        }
+        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => Err(ExportError::Interrupted(false)),
         Err(e) => {
-            let hint = if e.raw_os_error() == Some(libc::ENOSPC) {
-                " (the queue's file system is full)"
-            } else {
-                ""
-            };
+            let hint = if e.raw_os_error() == Some(libc::ENOSPC) { " (the queue's file system is full)" } else { "" };
             Err(ExportError::Copy(format!(
                 "copying disk {} from {} to {}: {e}{hint}",
                 d.id,
@@ -163,12 +141,7 @@ pub async fn copy_with_meter(
 }
 
 fn build_manifest(vm: &VmSource, id: JobId, disks: Vec<Disk>, stages: Stages) -> Manifest {
-    let on = |enabled| {
-        Some(Stage {
-            enabled,
-            extra: Default::default(),
-        })
-    };
+    let on = |enabled| Some(Stage { enabled, extra: Default::default() });
     Manifest {
         manifest_version: manifest::MANIFEST_VERSION.to_string(),
         source: Some(Source {
@@ -176,14 +149,8 @@ fn build_manifest(vm: &VmSource, id: JobId, disks: Vec<Disk>, stages: Stages) ->
             vm_id: None,
             vm_name: Some(vm.name.clone()),
             extra: [
-                (
-                    "path".to_string(),
-                    serde_json::Value::String(vm.path.display().to_string()),
-                ),
-                (
-                    "kind".to_string(),
-                    serde_json::Value::String(vm.kind.to_string()),
-                ),
+                ("path".to_string(), serde_json::Value::String(vm.path.display().to_string())),
+                ("kind".to_string(), serde_json::Value::String(vm.kind.to_string())),
             ]
             .into_iter()
             .collect(),

@@ -22,24 +22,14 @@ impl Meter {
         let bar = (!quiet && std::io::stderr().is_terminal()).then(|| {
             let b = ProgressBar::new(total.max(1));
             b.set_style(
-                ProgressStyle::with_template(
-                    "{msg:20} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
-                )
-                .expect("the template is valid")
-                .progress_chars("=> "),
+                ProgressStyle::with_template("{msg:20} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}")
+                    .expect("the template is valid")
+                    .progress_chars("=> "),
             );
             b.set_message(label.clone());
             b
         });
-        Meter {
-            label,
-            total,
-            bar,
-            last_line: Instant::now(),
-            last_pct: -1,
-            started: Instant::now(),
-            quiet,
-        }
+        Meter { label, total, bar, last_line: Instant::now(), last_pct: -1, started: Instant::now(), quiet }
     }
 
     /// Bytes done so far (absolute), with an optional phase word for plain lines.
@@ -51,11 +41,7 @@ impl Meter {
         if self.quiet {
             return;
         }
-        let pct = if self.total == 0 {
-            100
-        } else {
-            (done as f64 * 100.0 / self.total as f64) as i64
-        };
+        let pct = if self.total == 0 { 100 } else { (done as f64 * 100.0 / self.total as f64) as i64 };
         if pct / 10 != self.last_pct / 10 || self.last_line.elapsed() >= Duration::from_secs(5) {
             let secs = self.started.elapsed().as_secs_f64().max(1e-3);
             eprintln!(
@@ -110,9 +96,5 @@ pub fn human(n: u64) -> String {
         v /= 1024.0;
         i += 1;
     }
-    if i == 0 {
-        format!("{n} B")
-    } else {
-        format!("{v:.1} {}", U[i])
-    }
+    if i == 0 { format!("{n} B") } else { format!("{v:.1} {}", U[i]) }
 }

@@ -1,16 +1,26 @@
-//! Daemon mode: wait for this job's own result record, checking at once and then every poll
-//! interval, until the timeout; on timeout, withdraw the job if no agent has claimed it.
+//! Daemon mode: follow this job to its own result.
+//!
+//! With an agent endpoint, the job is followed over the agent's gRPC watch stream (live
+//! progress, the result the moment it is published). When the agent cannot be reached, or the
+//! stream breaks, the exporter falls back to polling the output directory for its job's result
+//! record — at once, then every poll interval — and tries the stream again at every poll, going
+//! back to it when the agent answers. Either way it reports only this job's result (the record
+//! named by its job id) and honours the timeout; on timeout it withdraws the job if no agent has
+//! claimed it.
 
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::sync::Notify;
+use tokio_stream::StreamExt;
 
+use hyperfarm_proto::v1 as pb;
 use hyperfarm_shared::JobId;
 use hyperfarm_shared::queue::{self, LeaseInfo, Queue, State};
 use hyperfarm_shared::results::{OutputDir, ResultRecord};
 
+use crate::agent_client::AgentEndpoint;
 use crate::ui::Meter;
 
 /// How waiting ended.
@@ -18,6 +28,9 @@ use crate::ui::Meter;
 pub enum Waited {
     /// The job's record (done, failed or cancelled).
     Result(ResultRecord),
+    /// The agent reported the final state but the record is not readable from here (the output
+    /// directory is not mounted on this host).
+    Remote(pb::Job),
     /// The job ended without a record: cancelled/withdrawn by someone (the reason), or failed.
     EndedWithoutRecord {
         state: State,
@@ -41,24 +54,70 @@ pub struct WaitParams {
     pub timeout: Duration,
     pub quiet: bool,
     pub vm_name: String,
+    /// Follow over gRPC when set.
+    pub agent: Option<AgentEndpoint>,
 }
 
-/// Follow the job by polling the output directory (and the queue, for progress).
-pub async fn poll(p: &WaitParams, interrupt: Arc<Notify>) -> Waited {
+enum Step {
+    Done(Waited),
+    /// The stream is unusable: poll (and retry the stream at each poll).
+    Poll(String),
+}
+
+/// Follow the job until it ends, the timeout passes, or `interrupt` fires.
+pub async fn follow(p: &WaitParams, interrupt: Arc<Notify>) -> Waited {
     let deadline = Instant::now() + p.timeout;
     let mut meter = Meter::new(format!("job {}", p.id.short()), 1000, p.quiet);
+    let mut streaming = p.agent.is_some();
     let mut final_without_record = 0;
+    let mut first_poll = true;
     loop {
+        if streaming && let Some(agent) = &p.agent {
+            let step = tokio::select! {
+                s = stream(p, agent, &mut meter) => s,
+                _ = tokio::time::sleep_until(deadline.into()) => Step::Poll("timeout".into()),
+                _ = interrupt.notified() => return interrupted(p, &mut meter).await,
+            };
+            match step {
+                Step::Done(w) => {
+                    meter.finish();
+                    return w;
+                }
+                Step::Poll(why) => {
+                    if Instant::now() < deadline {
+                        tracing::warn!(job = %p.id, "following over gRPC failed ({why}); falling back to polling {}", p.output.path().display());
+                    }
+                    streaming = false;
+                    first_poll = true;
+                }
+            }
+        }
+        // Poll: check at once, then every poll interval.
+        if !first_poll {
+            let now = Instant::now();
+            if now >= deadline {
+                meter.finish();
+                return timed_out(p).await;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(p.poll.min(deadline - now)) => {}
+                _ = interrupt.notified() => return interrupted(p, &mut meter).await,
+            }
+        }
+        first_poll = false;
         let (q, o, id) = (p.queue.clone(), p.output.clone(), p.id);
-        let look = tokio::task::spawn_blocking(move || look(&q, &o, &id)).await;
-        match look {
-            Ok(Look::Record(r)) => return Waited::Result(r),
+        match tokio::task::spawn_blocking(move || look(&q, &o, &id)).await {
+            Ok(Look::Record(r)) => {
+                meter.finish();
+                return Waited::Result(r);
+            }
             Ok(Look::State(Some((state, lease)))) => {
                 if state.is_final() {
                     final_without_record += 1;
-                    // A recovering agent writes the record just after moving the job; give it
-                    // a few polls before reporting what the queue says.
+                    // A recovering agent writes the record just after moving the job; give it a
+                    // few polls before reporting what the queue says.
                     if final_without_record >= 3 {
+                        meter.finish();
                         let reason = reason_of(&p.queue, &p.id, state);
                         return Waited::EndedWithoutRecord { state, reason };
                     }
@@ -71,25 +130,86 @@ pub async fn poll(p: &WaitParams, interrupt: Arc<Notify>) -> Waited {
             Ok(Look::State(None)) => {}
             Err(e) => tracing::warn!("checking the result: {e}"),
         }
-        let now = Instant::now();
-        if now >= deadline {
+        if Instant::now() >= deadline {
             meter.finish();
             return timed_out(p).await;
         }
-        let sleep = p.poll.min(deadline - now);
-        tokio::select! {
-            _ = tokio::time::sleep(sleep) => {}
-            _ = interrupt.notified() => {
-                meter.finish();
-                let (q, id) = (p.queue.clone(), p.id);
-                let withdrawn = tokio::task::spawn_blocking(move || q.withdraw(&id, "hyperexport was interrupted while waiting"))
-                    .await
-                    .ok()
-                    .and_then(Result::ok)
-                    .unwrap_or(false);
-                return Waited::Interrupted { withdrawn };
+        // Back to the stream as soon as the agent answers again.
+        if let Some(agent) = &p.agent {
+            let mut quick = agent.clone();
+            quick.connect_timeout = quick.connect_timeout.min(p.poll).max(Duration::from_millis(200));
+            if quick.connect().await.is_ok() {
+                tracing::info!(job = %p.id, "the agent answers again at {}; back on the gRPC stream", agent.url);
+                streaming = true;
             }
         }
+    }
+}
+
+/// Follow the watch stream until the final state (or a failure of the stream).
+async fn stream(p: &WaitParams, agent: &AgentEndpoint, meter: &mut Meter) -> Step {
+    let mut client = match agent.connect().await {
+        Ok(c) => c,
+        Err(e) => return Step::Poll(e),
+    };
+    let req = pb::WatchJobRequest { id: p.id.to_string(), heartbeat_seconds: 2 };
+    let mut s = match client.watch_job(req).await {
+        Ok(r) => r.into_inner(),
+        Err(st) if st.code() == tonic::Code::NotFound => {
+            // The agent does not see the job (yet): its share may lag (NFS caches directory
+            // listings); poll, and come back.
+            return Step::Poll(format!("the agent does not see job {} yet: {}", p.id, st.message()));
+        }
+        Err(st) => return Step::Poll(format!("{}: {}", st.code(), st.message())),
+    };
+    // A heartbeat arrives every 2 s: silence for much longer means a dead link.
+    let silence = Duration::from_secs(10);
+    loop {
+        let next = match tokio::time::timeout(silence, s.next()).await {
+            Ok(n) => n,
+            Err(_) => return Step::Poll(format!("nothing from the agent for {}s", silence.as_secs())),
+        };
+        match next {
+            Some(Ok(u)) => {
+                let Some(job) = u.job else { continue };
+                let pct = job.progress.as_ref().map(|x| x.percent).unwrap_or(0.0);
+                meter.set_percent(phase_name(job.phase()), pct);
+                if u.is_final {
+                    return Step::Done(final_result(p, job).await);
+                }
+            }
+            Some(Err(st)) => return Step::Poll(format!("the stream broke: {}: {}", st.code(), st.message())),
+            None => return Step::Poll("the stream ended before the job did".into()),
+        }
+    }
+}
+
+/// The final state arrived over gRPC: the record in the output directory is authoritative.
+async fn final_result(p: &WaitParams, job: pb::Job) -> Waited {
+    for _ in 0..20 {
+        let (o, id) = (p.output.clone(), p.id);
+        if let Ok(Ok(Some(r))) = tokio::task::spawn_blocking(move || o.read_record(&id)).await {
+            return Waited::Result(r);
+        }
+        if !p.output.path().is_dir() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Waited::Remote(job)
+}
+
+pub fn phase_name(p: pb::Phase) -> &'static str {
+    match p {
+        pb::Phase::Queued => "queued",
+        pb::Phase::Verifying => "verifying",
+        pb::Phase::Converting => "converting",
+        pb::Phase::Checking => "checking",
+        pb::Phase::Publishing => "publishing",
+        pb::Phase::Done => "done",
+        pb::Phase::Failed => "failed",
+        pb::Phase::Cancelled => "cancelled",
+        pb::Phase::Unspecified => "unknown",
     }
 }
 
@@ -119,20 +239,23 @@ fn reason_of(q: &Queue, id: &JobId, state: State) -> String {
         .ok()
         .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
         .and_then(|v| v.get("reason").and_then(|r| r.as_str()).map(str::to_string))
-        .unwrap_or_else(|| {
-            format!(
-                "the job is in {}/ without a result record",
-                state.dir_name()
-            )
-        })
+        .unwrap_or_else(|| format!("the job is in {}/ without a result record", state.dir_name()))
+}
+
+async fn interrupted(p: &WaitParams, meter: &mut Meter) -> Waited {
+    meter.finish();
+    let (q, id) = (p.queue.clone(), p.id);
+    let withdrawn = tokio::task::spawn_blocking(move || q.withdraw(&id, "hyperexport was interrupted while waiting"))
+        .await
+        .ok()
+        .and_then(Result::ok)
+        .unwrap_or(false);
+    Waited::Interrupted { withdrawn }
 }
 
 async fn timed_out(p: &WaitParams) -> Waited {
     let (q, id) = (p.queue.clone(), p.id);
-    let reason = format!(
-        "hyperexport timed out after {}",
-        hyperfarm_shared::duration::show(p.timeout)
-    );
+    let reason = format!("hyperexport timed out after {}", hyperfarm_shared::duration::show(p.timeout));
     let res = tokio::task::spawn_blocking(move || {
         let withdrawn = q.withdraw(&id, &reason).unwrap_or(false);
         let located = q.locate(&id).ok().flatten();
@@ -145,20 +268,12 @@ async fn timed_out(p: &WaitParams) -> Waited {
     })
     .await;
     match res {
-        Ok((withdrawn, state, lease)) => Waited::TimedOut {
-            withdrawn,
-            state,
-            lease,
-        },
-        Err(_) => Waited::TimedOut {
-            withdrawn: false,
-            state: None,
-            lease: None,
-        },
+        Ok((withdrawn, state, lease)) => Waited::TimedOut { withdrawn, state, lease },
+        Err(_) => Waited::TimedOut { withdrawn: false, state: None, lease: None },
     }
 }
 
-/// Full paths of a record's files.
+/// Full paths of a record's files, boot disk first.
 pub fn result_paths(output: &OutputDir, r: &ResultRecord) -> Vec<PathBuf> {
     let mut files: Vec<_> = r.files.iter().collect();
     files.sort_by_key(|f| !f.boot);

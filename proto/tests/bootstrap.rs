@@ -23,7 +23,10 @@ fn generated_code_is_fresh() {
 
     let generated = root.join("src/generated");
     let pairs: Vec<(PathBuf, Vec<u8>)> = vec![
-        (generated.join("hyperfarm.v1.rs"), std::fs::read(out.path().join("hyperfarm.v1.rs")).expect("generated module")),
+        (
+            generated.join("hyperfarm.v1.rs"),
+            std::fs::read(out.path().join("hyperfarm.v1.rs")).expect("generated module"),
+        ),
         (generated.join("descriptor.bin"), descriptor),
     ];
     let bless = std::env::var_os("HYPERFARM_BLESS").is_some();

@@ -101,17 +101,9 @@ pub fn absorb_zeros(h: &mut impl Absorb, mut n: u64) {
 
 /// Hash a whole file, reading only its data extents. `progress` is called with the bytes covered
 /// so far; returning `false` stops the work with an `Interrupted` error.
-pub fn hash_file(
-    file: &File,
-    h: &mut impl Absorb,
-    mut progress: impl FnMut(u64) -> bool,
-) -> io::Result<u64> {
+pub fn hash_file(file: &File, h: &mut impl Absorb, mut progress: impl FnMut(u64) -> bool) -> io::Result<u64> {
     let mut report = |pos| {
-        if progress(pos) {
-            Ok(())
-        } else {
-            Err(io::Error::new(io::ErrorKind::Interrupted, "cancelled"))
-        }
+        if progress(pos) { Ok(()) } else { Err(io::Error::new(io::ErrorKind::Interrupted, "cancelled")) }
     };
     let len = file.metadata()?.len();
     let mut buf = vec![0u8; IO_CHUNK];
@@ -136,11 +128,7 @@ pub fn hash_file(
 
 /// Compute the digest of `file` in the algorithm of `expected` and compare.
 /// Returns the actual digest in hex on mismatch.
-pub fn verify(
-    file: &File,
-    expected: &Expected,
-    progress: impl FnMut(u64) -> bool,
-) -> io::Result<Result<(), String>> {
+pub fn verify(file: &File, expected: &Expected, progress: impl FnMut(u64) -> bool) -> io::Result<Result<(), String>> {
     let actual = match expected {
         Expected::Blake3(_) => {
             let mut h = blake3::Hasher::new();
@@ -159,11 +147,7 @@ pub fn verify(
     let want = match expected {
         Expected::Blake3(d) | Expected::Sha256(d) => d,
     };
-    Ok(if &actual == want {
-        Ok(())
-    } else {
-        Err(to_hex(&actual))
-    })
+    Ok(if &actual == want { Ok(()) } else { Err(to_hex(&actual)) })
 }
 
 #[cfg(test)]
@@ -192,10 +176,7 @@ mod tests {
         f.sync_all().expect("sync");
         let f = File::open(&p).expect("open");
         let extents = data_extents(&f, 64 << 20).expect("extents");
-        assert!(
-            extents.iter().map(|e| e.1).sum::<u64>() < 64 << 20,
-            "holes are found: {extents:?}"
-        );
+        assert!(extents.iter().map(|e| e.1).sum::<u64>() < 64 << 20, "holes are found: {extents:?}");
 
         let mut h = blake3::Hasher::new();
         hash_file(&f, &mut h, |_| true).expect("hash");
@@ -209,10 +190,6 @@ mod tests {
         let sha = sha2::Sha256::digest(std::fs::read(&p).expect("read"));
         let mut want = [0u8; 32];
         want.copy_from_slice(&sha);
-        assert!(
-            verify(&f, &Expected::Sha256(want), |_| true)
-                .expect("verify")
-                .is_ok()
-        );
+        assert!(verify(&f, &Expected::Sha256(want), |_| true).expect("verify").is_ok());
     }
 }

@@ -13,8 +13,7 @@ pub fn parse(s: &str) -> Result<Duration, String> {
         }
         return Err(format!("{s:?} is not a usable number of seconds"));
     }
-    humantime::parse_duration(s)
-        .map_err(|e| format!("{s:?} is not a duration such as \"5s\" or \"2m\": {e}"))
+    humantime::parse_duration(s).map_err(|e| format!("{s:?} is not a duration such as \"5s\" or \"2m\": {e}"))
 }
 
 /// Format for display: `"5s"`, `"1h 30m"`.

@@ -20,14 +20,8 @@ pub enum DiskFormat {
 }
 
 impl DiskFormat {
-    pub const ALL: [DiskFormat; 6] = [
-        DiskFormat::Raw,
-        DiskFormat::Qcow2,
-        DiskFormat::Vmdk,
-        DiskFormat::Vhd,
-        DiskFormat::Vhdx,
-        DiskFormat::Vdi,
-    ];
+    pub const ALL: [DiskFormat; 6] =
+        [DiskFormat::Raw, DiskFormat::Qcow2, DiskFormat::Vmdk, DiskFormat::Vhd, DiskFormat::Vhdx, DiskFormat::Vdi];
 
     /// The name in the manifest's `source_format` (hyper2kvm's vocabulary).
     pub fn manifest_name(self) -> &'static str {
@@ -126,9 +120,7 @@ pub fn sniff_bytes(head: &[u8], tail: Option<&[u8]>) -> Sniffed {
     if head.starts_with(VHD_MAGIC) {
         return Sniffed::Disk(DiskFormat::Vhd);
     }
-    if head.len() >= 0x44
-        && u32::from_le_bytes([head[0x40], head[0x41], head[0x42], head[0x43]]) == VDI_SIGNATURE
-    {
+    if head.len() >= 0x44 && u32::from_le_bytes([head[0x40], head[0x41], head[0x42], head[0x43]]) == VDI_SIGNATURE {
         return Sniffed::Disk(DiskFormat::Vdi);
     }
     if is_vmdk_descriptor(head) {
@@ -145,9 +137,7 @@ pub fn sniff_bytes(head: &[u8], tail: Option<&[u8]>) -> Sniffed {
 /// A VMDK text descriptor starts (after optional blank lines) with `# Disk DescriptorFile`.
 pub fn is_vmdk_descriptor(head: &[u8]) -> bool {
     let text = String::from_utf8_lossy(&head[..head.len().min(1024)]);
-    text.trim_start()
-        .to_ascii_lowercase()
-        .starts_with("# disk descriptorfile")
+    text.trim_start().to_ascii_lowercase().starts_with("# disk descriptorfile")
 }
 
 /// Read the whole file's first `max` bytes (for small text files such as descriptors).
@@ -163,39 +153,18 @@ mod tests {
 
     #[test]
     fn magic_numbers() {
-        assert_eq!(
-            sniff_bytes(b"QFI\xfb\0\0\0\x03", None),
-            Sniffed::Disk(DiskFormat::Qcow2)
-        );
-        assert_eq!(
-            sniff_bytes(b"KDMV\x01\0\0\0", None),
-            Sniffed::Disk(DiskFormat::Vmdk)
-        );
-        assert_eq!(
-            sniff_bytes(b"vhdxfile", None),
-            Sniffed::Disk(DiskFormat::Vhdx)
-        );
-        assert_eq!(
-            sniff_bytes(b"conectix", None),
-            Sniffed::Disk(DiskFormat::Vhd)
-        );
+        assert_eq!(sniff_bytes(b"QFI\xfb\0\0\0\x03", None), Sniffed::Disk(DiskFormat::Qcow2));
+        assert_eq!(sniff_bytes(b"KDMV\x01\0\0\0", None), Sniffed::Disk(DiskFormat::Vmdk));
+        assert_eq!(sniff_bytes(b"vhdxfile", None), Sniffed::Disk(DiskFormat::Vhdx));
+        assert_eq!(sniff_bytes(b"conectix", None), Sniffed::Disk(DiskFormat::Vhd));
         let mut tail = vec![0u8; 512];
         tail[..8].copy_from_slice(b"conectix");
-        assert_eq!(
-            sniff_bytes(&[0u8; 4096], Some(&tail)),
-            Sniffed::Disk(DiskFormat::Vhd)
-        );
+        assert_eq!(sniff_bytes(&[0u8; 4096], Some(&tail)), Sniffed::Disk(DiskFormat::Vhd));
         let mut vdi = vec![0u8; 512];
         vdi[0x40..0x44].copy_from_slice(&VDI_SIGNATURE.to_le_bytes());
         assert_eq!(sniff_bytes(&vdi, None), Sniffed::Disk(DiskFormat::Vdi));
-        assert_eq!(
-            sniff_bytes(b"\n# Disk DescriptorFile\nversion=1\n", None),
-            Sniffed::VmdkDescriptor
-        );
-        assert_eq!(
-            sniff_bytes(&[0u8; 4096], Some(&[0u8; 512])),
-            Sniffed::Unknown
-        );
+        assert_eq!(sniff_bytes(b"\n# Disk DescriptorFile\nversion=1\n", None), Sniffed::VmdkDescriptor);
+        assert_eq!(sniff_bytes(&[0u8; 4096], Some(&[0u8; 512])), Sniffed::Unknown);
     }
 
     #[test]

@@ -38,11 +38,7 @@ pub fn create_dir_all_durable(dir: &Path) -> io::Result<()> {
 /// Write `bytes` to a new file at `path` (which must not exist): write, fsync, close. The caller
 /// renames or links it into place and fsyncs the directory.
 pub fn write_new_file(path: &Path, bytes: &[u8]) -> io::Result<()> {
-    let mut f = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o644)
-        .open(path)?;
+    let mut f = OpenOptions::new().write(true).create_new(true).mode(0o644).open(path)?;
     f.write_all(bytes)?;
     f.sync_all()?;
     // On NFS, close reports deferred write errors; std's drop ignores them, so the fsync above is
@@ -111,13 +107,7 @@ pub enum Moved {
 /// it; elsewhere (some NFS clients answer EINVAL) an existence check then a plain rename, which is
 /// safe because every destination we use has exactly one possible writer (see the protocol).
 pub fn rename_noreplace(from: &Path, to: &Path) -> io::Result<Moved> {
-    let result = match rustix::fs::renameat_with(
-        rustix::fs::CWD,
-        from,
-        rustix::fs::CWD,
-        to,
-        RenameFlags::NOREPLACE,
-    ) {
+    let result = match rustix::fs::renameat_with(rustix::fs::CWD, from, rustix::fs::CWD, to, RenameFlags::NOREPLACE) {
         Ok(()) => Ok(()),
         Err(e) if e == rustix::io::Errno::INVAL || e == rustix::io::Errno::NOSYS => {
             if fs::symlink_metadata(to).is_ok() {
@@ -134,9 +124,7 @@ pub fn rename_noreplace(from: &Path, to: &Path) -> io::Result<Moved> {
             let to_exists = fs::symlink_metadata(to).is_ok();
             match (e.kind(), from_exists, to_exists) {
                 (io::ErrorKind::AlreadyExists, true, true) => Ok(Moved::DestinationExists),
-                (_, true, true) if e.raw_os_error() == Some(libc::ENOTEMPTY) => {
-                    Ok(Moved::DestinationExists)
-                }
+                (_, true, true) if e.raw_os_error() == Some(libc::ENOTEMPTY) => Ok(Moved::DestinationExists),
                 (io::ErrorKind::NotFound, false, _) => Ok(Moved::SourceGone),
                 // NFS: the first attempt of a retried rename succeeded; only our unique source name
                 // could have produced the destination, so we won.
@@ -168,11 +156,8 @@ pub fn remove_file(path: &Path) -> io::Result<()> {
 /// Open a regular file for reading without following a symlink in its last component and without
 /// blocking on a FIFO; anything but a regular file is refused with `InvalidInput`.
 pub fn open_regular(path: &Path) -> io::Result<File> {
-    let f = OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
-        .open(path)
-        .map_err(|e| {
+    let f =
+        OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK).open(path).map_err(|e| {
             if e.raw_os_error() == Some(libc::ELOOP) {
                 io::Error::new(io::ErrorKind::InvalidInput, "is a symbolic link")
             } else {
@@ -200,10 +185,7 @@ pub fn open_beneath(root: &Path, rel: &Path) -> io::Result<File> {
         }
         Err(e) if e == rustix::io::Errno::NOSYS => open_beneath_fallback(root, rel),
         Err(e) if e == rustix::io::Errno::XDEV || e == rustix::io::Errno::LOOP => {
-            Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                "leaves its directory or crosses a symbolic link",
-            ))
+            Err(io::Error::new(io::ErrorKind::InvalidInput, "leaves its directory or crosses a symbolic link"))
         }
         Err(e) => Err(e.into()),
     }
@@ -216,16 +198,10 @@ fn open_beneath_fallback(root: &Path, rel: &Path) -> io::Result<File> {
         cur.push(c.as_os_str());
         let md = fs::symlink_metadata(&cur)?;
         if md.file_type().is_symlink() {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                "crosses a symbolic link",
-            ));
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, "crosses a symbolic link"));
         }
         if i + 1 < comps.len() && !md.is_dir() {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                "a path component is not a directory",
-            ));
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, "a path component is not a directory"));
         }
     }
     open_regular(&cur)
@@ -290,16 +266,9 @@ fn describe_type(md: &fs::Metadata) -> &'static str {
 pub fn probe_writable(dir: &Path) -> io::Result<()> {
     let md = fs::metadata(dir)?;
     if !md.is_dir() {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            "is not a directory",
-        ));
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, "is not a directory"));
     }
-    let probe = dir.join(format!(
-        ".hyperfarm-probe-{}-{}",
-        hostname(),
-        std::process::id()
-    ));
+    let probe = dir.join(format!(".hyperfarm-probe-{}-{}", hostname(), std::process::id()));
     let _ = fs::remove_file(&probe);
     write_new_file(&probe, b"probe")?;
     fs::remove_file(&probe)
@@ -311,30 +280,28 @@ pub fn free_bytes(path: &Path) -> io::Result<u64> {
     Ok(st.f_bavail.saturating_mul(st.f_frsize))
 }
 
+/// Free (for unprivileged users) and total bytes of the file system holding `path`.
+pub fn space(path: &Path) -> io::Result<(u64, u64)> {
+    let st = rustix::fs::statvfs(path)?;
+    Ok((st.f_bavail.saturating_mul(st.f_frsize), st.f_blocks.saturating_mul(st.f_frsize)))
+}
+
 /// This host's name (from `uname`), used in leases and temporary names.
+
 pub fn hostname() -> String {
     let uname = rustix::system::uname();
     let name = uname.nodename().to_string_lossy().into_owned();
-    if name.is_empty() {
-        "localhost".to_string()
-    } else {
-        name
-    }
+    if name.is_empty() { "localhost".to_string() } else { name }
 }
 
 /// This boot's identity, to tell a process of a previous boot from a live one with the same pid.
 pub fn boot_id() -> String {
-    fs::read_to_string("/proc/sys/kernel/random/boot_id")
-        .map(|s| s.trim().to_string())
-        .unwrap_or_default()
+    fs::read_to_string("/proc/sys/kernel/random/boot_id").map(|s| s.trim().to_string()).unwrap_or_default()
 }
 
 /// Whether a process with this pid exists on this host.
 pub fn pid_alive(pid: u32) -> bool {
-    let Some(pid) = i32::try_from(pid)
-        .ok()
-        .and_then(rustix::process::Pid::from_raw)
-    else {
+    let Some(pid) = i32::try_from(pid).ok().and_then(rustix::process::Pid::from_raw) else {
         return false;
     };
     match rustix::process::test_kill_process(pid) {
@@ -344,10 +311,7 @@ pub fn pid_alive(pid: u32) -> bool {
 }
 
 fn sibling_tmp(path: &Path) -> PathBuf {
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     parent_of(path).join(format!(".{name}.tmp-{}-{}", hostname(), std::process::id()))
 }
 
@@ -382,14 +346,8 @@ mod tests {
         fs::create_dir(&c).expect("mkdir c");
         fs::write(c.join("x"), b"x").expect("write");
         assert_eq!(rename_noreplace(&a, &b).expect("move"), Moved::Yes);
-        assert_eq!(
-            rename_noreplace(&a, &d.path().join("z")).expect("gone"),
-            Moved::SourceGone
-        );
-        assert_eq!(
-            rename_noreplace(&b, &c).expect("exists"),
-            Moved::DestinationExists
-        );
+        assert_eq!(rename_noreplace(&a, &d.path().join("z")).expect("gone"), Moved::SourceGone);
+        assert_eq!(rename_noreplace(&b, &c).expect("exists"), Moved::DestinationExists);
         assert!(b.is_dir() && c.join("x").is_file());
     }
 
@@ -412,19 +370,8 @@ mod tests {
         .expect("mkfifo");
 
         assert!(open_beneath(&root, Path::new("disks/ok.raw")).is_ok());
-        for bad in [
-            "../secret",
-            "/etc/passwd",
-            "disks/link",
-            "dirlink/secret",
-            "fifo",
-            "disks",
-            "",
-        ] {
-            assert!(
-                open_beneath(&root, Path::new(bad)).is_err(),
-                "{bad} must be refused"
-            );
+        for bad in ["../secret", "/etc/passwd", "disks/link", "dirlink/secret", "fifo", "disks", ""] {
+            assert!(open_beneath(&root, Path::new(bad)).is_err(), "{bad} must be refused");
         }
         assert!(open_beneath_fallback(&root, Path::new("disks/link")).is_err());
         assert!(open_beneath_fallback(&root, Path::new("dirlink/secret")).is_err());

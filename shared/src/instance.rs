@@ -15,9 +15,7 @@ pub fn check_name(name: &str) -> Result<(), String> {
     let ok = !name.is_empty()
         && name.len() <= 64
         && !name.starts_with(['-', '.'])
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
     if ok {
         Ok(())
     } else {
@@ -75,22 +73,10 @@ mod tests {
     #[test]
     fn one_name_selects_everything() {
         assert_eq!(watch_dir(None), PathBuf::from("/var/lib/hyper2kvm/queue"));
-        assert_eq!(
-            output_dir(Some("default")),
-            PathBuf::from("/var/lib/hyper2kvm/output")
-        );
-        assert_eq!(
-            watch_dir(Some("vsphere-prod")),
-            PathBuf::from("/var/lib/hyper2kvm/vsphere-prod/queue")
-        );
-        assert_eq!(
-            unit_name(Some("vsphere-prod")),
-            "hyper2kvm-agent@vsphere-prod.service"
-        );
-        assert_eq!(
-            config_file(Some("x")),
-            PathBuf::from("/etc/hyper2kvm/agent-x.toml")
-        );
+        assert_eq!(output_dir(Some("default")), PathBuf::from("/var/lib/hyper2kvm/output"));
+        assert_eq!(watch_dir(Some("vsphere-prod")), PathBuf::from("/var/lib/hyper2kvm/vsphere-prod/queue"));
+        assert_eq!(unit_name(Some("vsphere-prod")), "hyper2kvm-agent@vsphere-prod.service");
+        assert_eq!(config_file(Some("x")), PathBuf::from("/etc/hyper2kvm/agent-x.toml"));
         assert!(check_name("vsphere-prod").is_ok());
         for bad in ["", "../x", "a/b", "-x", ".x", "a b"] {
             assert!(check_name(bad).is_err(), "{bad}");

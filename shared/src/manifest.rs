@@ -171,10 +171,7 @@ pub struct Submitter {
 /// Why a manifest was refused. The text is what an operator reads in `<vm>.error`.
 #[derive(Debug, thiserror::Error)]
 pub enum ManifestError {
-    #[error(
-        "the manifest is larger than {} bytes ({size} bytes); it cannot be a real manifest",
-        MAX_MANIFEST_BYTES
-    )]
+    #[error("the manifest is larger than {} bytes ({size} bytes); it cannot be a real manifest", MAX_MANIFEST_BYTES)]
     TooLarge { size: u64 },
     #[error("the manifest is not valid JSON: {0}")]
     Json(String),
@@ -194,21 +191,14 @@ pub enum ManifestError {
     },
     #[error("disks[{index}]: the disk id {id:?} appears twice")]
     DuplicateDiskId { index: usize, id: String },
-    #[error(
-        "disk {id}: source_format {format:?} is not supported (supported: raw, qcow2, vmdk, vhd, vhdx, vdi)"
-    )]
+    #[error("disk {id}: source_format {format:?} is not supported (supported: raw, qcow2, vmdk, vhd, vhdx, vdi)")]
     BadFormat { id: String, format: String },
     #[error("disk {id}: bytes = {bytes} is larger than the {} TiB limit", MAX_DISK_BYTES >> 40)]
     TooBig { id: String, bytes: u64 },
     #[error("disk {id}: local_path is empty")]
     EmptyPath { id: String },
     #[error("disk {id}: {field} {value:?} is not {expected}")]
-    BadDigest {
-        id: String,
-        field: &'static str,
-        value: String,
-        expected: &'static str,
-    },
+    BadDigest { id: String, field: &'static str, value: String, expected: &'static str },
     #[error("disk {id}: disk_type {value:?} is not one of boot, data, unknown")]
     BadDiskType { id: String, value: String },
     #[error("the manifest names no VM: set source.vm_name (or vm.name)")]
@@ -218,11 +208,7 @@ pub enum ManifestError {
     #[error("vm.firmware {0:?} is not one of bios, uefi, unknown")]
     BadFirmware(String),
     #[error("vm.{field} = {value} is out of range ({range})")]
-    OutOfRange {
-        field: &'static str,
-        value: u64,
-        range: &'static str,
-    },
+    OutOfRange { field: &'static str, value: u64, range: &'static str },
     #[error("pipeline.engine {0:?} is not one of auto, qemu-img, hyper2kvm")]
     BadEngine(String),
     #[error("output.format {0:?} is not supported; hyperfarm publishes qcow2")]
@@ -290,16 +276,11 @@ impl Manifest {
     /// Parse manifest bytes. Unknown fields are kept; types are checked; the error names the field.
     pub fn parse(bytes: &[u8]) -> Result<Manifest, ManifestError> {
         if bytes.len() as u64 > MAX_MANIFEST_BYTES {
-            return Err(ManifestError::TooLarge {
-                size: bytes.len() as u64,
-            });
+            return Err(ManifestError::TooLarge { size: bytes.len() as u64 });
         }
-        let value: Value =
-            serde_json::from_slice(bytes).map_err(|e| ManifestError::Json(e.to_string()))?;
+        let value: Value = serde_json::from_slice(bytes).map_err(|e| ManifestError::Json(e.to_string()))?;
         if !value.is_object() {
-            return Err(ManifestError::Schema(
-                "the manifest must be a JSON object".into(),
-            ));
+            return Err(ManifestError::Schema("the manifest must be a JSON object".into()));
         }
         let manifest: Manifest = serde_path_to_error::deserialize(value).map_err(|e| {
             let path = e.path().to_string();
@@ -350,20 +331,12 @@ impl Manifest {
             if let Some(cpu) = vm.cpu
                 && !(1..=1024).contains(&cpu)
             {
-                return Err(ManifestError::OutOfRange {
-                    field: "cpu",
-                    value: cpu.into(),
-                    range: "1 to 1024",
-                });
+                return Err(ManifestError::OutOfRange { field: "cpu", value: cpu.into(), range: "1 to 1024" });
             }
             if let Some(mem) = vm.mem_gb
                 && !(1..=65536).contains(&mem)
             {
-                return Err(ManifestError::OutOfRange {
-                    field: "mem_gb",
-                    value: mem,
-                    range: "1 to 65536",
-                });
+                return Err(ManifestError::OutOfRange { field: "mem_gb", value: mem, range: "1 to 65536" });
             }
         }
         if let Some(out) = &self.output
@@ -382,25 +355,14 @@ impl Manifest {
         let mut seen = BTreeMap::new();
         let mut disks = Vec::with_capacity(self.disks.len());
         for (index, d) in self.disks.iter().enumerate() {
-            names::check_disk_id(&d.id)
-                .map_err(|source| ManifestError::BadDiskId { index, source })?;
+            names::check_disk_id(&d.id).map_err(|source| ManifestError::BadDiskId { index, source })?;
             if seen.insert(d.id.clone(), index).is_some() {
-                return Err(ManifestError::DuplicateDiskId {
-                    index,
-                    id: d.id.clone(),
-                });
+                return Err(ManifestError::DuplicateDiskId { index, id: d.id.clone() });
             }
-            let format = DiskFormat::from_manifest_name(&d.source_format).ok_or_else(|| {
-                ManifestError::BadFormat {
-                    id: d.id.clone(),
-                    format: d.source_format.clone(),
-                }
-            })?;
+            let format = DiskFormat::from_manifest_name(&d.source_format)
+                .ok_or_else(|| ManifestError::BadFormat { id: d.id.clone(), format: d.source_format.clone() })?;
             if d.bytes > MAX_DISK_BYTES {
-                return Err(ManifestError::TooBig {
-                    id: d.id.clone(),
-                    bytes: d.bytes,
-                });
+                return Err(ManifestError::TooBig { id: d.id.clone(), bytes: d.bytes });
             }
             if d.local_path.is_empty() {
                 return Err(ManifestError::EmptyPath { id: d.id.clone() });
@@ -408,30 +370,25 @@ impl Manifest {
             if let Some(t) = &d.disk_type
                 && !matches!(t.as_str(), "boot" | "data" | "unknown")
             {
-                return Err(ManifestError::BadDiskType {
-                    id: d.id.clone(),
-                    value: t.clone(),
-                });
+                return Err(ManifestError::BadDiskType { id: d.id.clone(), value: t.clone() });
             }
             let expected = match (&d.blake3, &d.checksum) {
-                (Some(b3), _) => Some(Expected::Blake3(parse_hex32(b3).ok_or_else(|| {
-                    ManifestError::BadDigest {
-                        id: d.id.clone(),
-                        field: "blake3",
-                        value: b3.clone(),
-                        expected: "64 lowercase hex digits",
-                    }
+                (Some(b3), _) => Some(Expected::Blake3(parse_hex32(b3).ok_or_else(|| ManifestError::BadDigest {
+                    id: d.id.clone(),
+                    field: "blake3",
+                    value: b3.clone(),
+                    expected: "64 lowercase hex digits",
                 })?)),
-                (None, Some(sum)) => Some(Expected::Sha256(
-                    sum.strip_prefix("sha256:")
-                        .and_then(parse_hex32)
-                        .ok_or_else(|| ManifestError::BadDigest {
+                (None, Some(sum)) => {
+                    Some(Expected::Sha256(sum.strip_prefix("sha256:").and_then(parse_hex32).ok_or_else(|| {
+                        ManifestError::BadDigest {
                             id: d.id.clone(),
                             field: "checksum",
                             value: sum.clone(),
                             expected: "sha256:<64 lowercase hex digits>",
-                        })?,
-                )),
+                        }
+                    })?))
+                }
                 (None, None) => None,
             };
             disks.push((
@@ -447,12 +404,7 @@ impl Manifest {
             ));
         }
         // Boot order: an explicit boot disk_type first, then boot_order_hint, then manifest order.
-        disks.sort_by_key(|(d, _)| {
-            (
-                d.disk_type.as_deref() != Some("boot"),
-                d.boot_order_hint.unwrap_or(u32::MAX),
-            )
-        });
+        disks.sort_by_key(|(d, _)| (d.disk_type.as_deref() != Some("boot"), d.boot_order_hint.unwrap_or(u32::MAX)));
         let mut disks: Vec<CheckedDisk> = disks.into_iter().map(|(_, c)| c).collect();
         disks[0].boot = true;
 
@@ -469,13 +421,7 @@ impl Manifest {
             convert: pipeline.convert.as_ref().is_none_or(|s| s.enabled),
             validate: on(&pipeline.validate),
         };
-        Ok(CheckedManifest {
-            vm_name,
-            job_id: self.job_id(),
-            disks,
-            engine: pipeline.engine,
-            stages,
-        })
+        Ok(CheckedManifest { vm_name, job_id: self.job_id(), disks, engine: pipeline.engine, stages })
     }
 }
 
@@ -549,9 +495,7 @@ mod tests {
         assert!(refused(|v| v["disks"][0]["source_format"] = "iso".into()).contains("iso"));
         assert!(refused(|v| v["disks"][1]["blake3"] = "xyz".into()).contains("blake3"));
         assert!(refused(|v| v["disks"][0]["checksum"] = "md5:00".into()).contains("sha256"));
-        assert!(
-            refused(|v| v["source"]["vm_name"] = "../../etc/cron.d/x".into()).contains("VM name")
-        );
+        assert!(refused(|v| v["source"]["vm_name"] = "../../etc/cron.d/x".into()).contains("VM name"));
         assert!(
             refused(|v| {
                 v.as_object_mut().expect("obj").remove("source");
@@ -574,22 +518,10 @@ mod tests {
 
     #[test]
     fn refuses_non_objects_garbage_and_huge_input() {
-        assert!(matches!(
-            Manifest::parse(b"[1,2]"),
-            Err(ManifestError::Schema(_))
-        ));
-        assert!(matches!(
-            Manifest::parse(b"{\"manifest_version\": \"1.0\", "),
-            Err(ManifestError::Json(_))
-        ));
-        assert!(matches!(
-            Manifest::parse(b"\xff\xfe"),
-            Err(ManifestError::Json(_))
-        ));
+        assert!(matches!(Manifest::parse(b"[1,2]"), Err(ManifestError::Schema(_))));
+        assert!(matches!(Manifest::parse(b"{\"manifest_version\": \"1.0\", "), Err(ManifestError::Json(_))));
+        assert!(matches!(Manifest::parse(b"\xff\xfe"), Err(ManifestError::Json(_))));
         let huge = vec![b' '; (MAX_MANIFEST_BYTES + 1) as usize];
-        assert!(matches!(
-            Manifest::parse(&huge),
-            Err(ManifestError::TooLarge { .. })
-        ));
+        assert!(matches!(Manifest::parse(&huge), Err(ManifestError::TooLarge { .. })));
     }
 }

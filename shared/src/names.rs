@@ -31,11 +31,7 @@ fn bad(what: &'static str, name: &str, why: &'static str) -> BadName {
     if shown.len() < name.len() {
         shown.push('…');
     }
-    BadName {
-        what,
-        name: shown,
-        why,
-    }
+    BadName { what, name: shown, why }
 }
 
 fn vm_char_ok(c: char) -> bool {
@@ -74,10 +70,7 @@ pub fn check_vm_name(name: &str) -> Result<(), BadName> {
 /// leading and trailing unusable characters are dropped, and the result is cut to 128 bytes.
 /// Returns `None` if nothing usable is left.
 pub fn sanitize_vm_name(raw: &str) -> Option<String> {
-    let mapped: String = raw
-        .chars()
-        .map(|c| if vm_char_ok(c) { c } else { '_' })
-        .collect();
+    let mapped: String = raw.chars().map(|c| if vm_char_ok(c) { c } else { '_' }).collect();
     let trimmed = mapped.trim_matches(|c| matches!(c, '.' | '-' | ' ' | '_'));
     let mut out = String::new();
     for c in trimmed.chars() {
@@ -102,15 +95,8 @@ pub fn check_disk_id(id: &str) -> Result<(), BadName> {
     if id.starts_with('-') {
         return Err(bad(W, id, "must not start with '-'"));
     }
-    if !id
-        .bytes()
-        .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
-    {
-        return Err(bad(
-            W,
-            id,
-            "may contain only ASCII letters, digits, '_' and '-'",
-        ));
+    if !id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-') {
+        return Err(bad(W, id, "may contain only ASCII letters, digits, '_' and '-'"));
     }
     Ok(())
 }
@@ -121,14 +107,7 @@ mod tests {
 
     #[test]
     fn vm_names() {
-        for ok in [
-            "web01",
-            "Ubuntu Server 22.04",
-            "db_prod-1",
-            "Ünïcode-VM",
-            "a(1)",
-            "x.y",
-        ] {
+        for ok in ["web01", "Ubuntu Server 22.04", "db_prod-1", "Ünïcode-VM", "a(1)", "x.y"] {
             assert!(check_vm_name(ok).is_ok(), "{ok}");
         }
         for badname in [
@@ -157,20 +136,11 @@ mod tests {
 
     #[test]
     fn sanitizing() {
-        assert_eq!(
-            sanitize_vm_name("Ubuntu/Server").as_deref(),
-            Some("Ubuntu_Server")
-        );
-        assert_eq!(
-            sanitize_vm_name("../../etc/passwd").as_deref(),
-            Some("etc_passwd")
-        );
+        assert_eq!(sanitize_vm_name("Ubuntu/Server").as_deref(), Some("Ubuntu_Server"));
+        assert_eq!(sanitize_vm_name("../../etc/passwd").as_deref(), Some("etc_passwd"));
         assert_eq!(sanitize_vm_name("-rf").as_deref(), Some("rf"));
         assert_eq!(sanitize_vm_name("///"), None);
-        assert_eq!(
-            sanitize_vm_name(&"é".repeat(100)).map(|s| s.len()),
-            Some(128)
-        );
+        assert_eq!(sanitize_vm_name(&"é".repeat(100)).map(|s| s.len()), Some(128));
     }
 
     #[test]

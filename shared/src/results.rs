@@ -107,9 +107,7 @@ pub enum ResultError {
         "{path} already exists (an earlier result for VM {vm:?}); nothing was overwritten. Move or delete it, convert under another name (hyperexport --name), or set on_existing = \"archive\" in the agent's configuration"
     )]
     Conflict { vm: String, path: PathBuf },
-    #[error(
-        "this agent lost job {id} to another agent (its lease expired); its result stands and ours was discarded"
-    )]
+    #[error("this agent lost job {id} to another agent (its lease expired); its result stands and ours was discarded")]
     Lost { id: JobId },
     #[error("cannot publish the result of job {id} in {dir}: {source}")]
     Io {
@@ -129,11 +127,7 @@ impl ResultError {
 
 /// File name of a disk's result: the boot disk is `<vm>.qcow2`, the others `<vm>-<disk>.qcow2`.
 pub fn disk_file_name(vm: &str, disk_id: &str, boot: bool) -> String {
-    if boot {
-        format!("{vm}.qcow2")
-    } else {
-        format!("{vm}-{disk_id}.qcow2")
-    }
+    if boot { format!("{vm}.qcow2") } else { format!("{vm}-{disk_id}.qcow2") }
 }
 
 /// The output directory and our area in it.
@@ -155,10 +149,7 @@ impl OutputDir {
     pub fn init(&self) -> io::Result<()> {
         let md = fs::metadata(&self.dir)?;
         if !md.is_dir() {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                "is not a directory",
-            ));
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, "is not a directory"));
         }
         for d in [self.area(), self.results_dir(), self.tmp_dir()] {
             crate::queue::make_dir(&d)?;
@@ -185,31 +176,23 @@ impl OutputDir {
     /// The record of a job, if it has one. A record that does not parse is reported as an error.
     pub fn read_record(&self, id: &JobId) -> io::Result<Option<ResultRecord>> {
         match fs::read(self.record_path(id)) {
-            Ok(bytes) => serde_json::from_slice(&bytes)
-                .map(Some)
-                .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e)),
+            Ok(bytes) => {
+                serde_json::from_slice(&bytes).map(Some).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+            }
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(e),
         }
     }
 
     /// Before any work: would publishing these names collide with an earlier result?
-    pub fn check_free(
-        &self,
-        vm: &str,
-        names: &[String],
-        policy: OnExisting,
-    ) -> Result<(), ResultError> {
+    pub fn check_free(&self, vm: &str, names: &[String], policy: OnExisting) -> Result<(), ResultError> {
         if policy == OnExisting::Archive {
             return Ok(());
         }
         for name in names {
             let path = self.dir.join(name);
             if fs::symlink_metadata(&path).is_ok() {
-                return Err(ResultError::Conflict {
-                    vm: vm.to_string(),
-                    path,
-                });
+                return Err(ResultError::Conflict { vm: vm.to_string(), path });
             }
         }
         Ok(())
@@ -256,27 +239,15 @@ impl Publication {
         let work = out.work_dir(&id, token);
         fsx::remove_tree(&work)?;
         crate::queue::make_dir(&work)?;
-        Ok(Publication {
-            out: out.clone(),
-            id,
-            work,
-        })
+        Ok(Publication { out: out.clone(), id, work })
     }
 
     /// Re-open the work area of an attempt whose agent died after it began publishing (its
     /// record is in the work area). `None` if that attempt never got that far.
     pub fn resume(out: &OutputDir, id: JobId, token: &str) -> Option<(Publication, ResultRecord)> {
         let work = out.work_dir(&id, token);
-        let record: ResultRecord =
-            serde_json::from_slice(&fs::read(work.join(RECORD)).ok()?).ok()?;
-        Some((
-            Publication {
-                out: out.clone(),
-                id,
-                work,
-            },
-            record,
-        ))
+        let record: ResultRecord = serde_json::from_slice(&fs::read(work.join(RECORD)).ok()?).ok()?;
+        Some((Publication { out: out.clone(), id, work }, record))
     }
 
     pub fn work_dir(&self) -> &Path {
@@ -341,15 +312,8 @@ impl Publication {
                 Err(e) => {
                     undo(&linked);
                     return Err(match e {
-                        LinkError::Conflict(path) => ResultError::Conflict {
-                            vm: record.vm_name.clone(),
-                            path,
-                        },
-                        LinkError::Io(source) => ResultError::Io {
-                            id,
-                            dir: out_dir.clone(),
-                            source,
-                        },
+                        LinkError::Conflict(path) => ResultError::Conflict { vm: record.vm_name.clone(), path },
+                        LinkError::Io(source) => ResultError::Io { id, dir: out_dir.clone(), source },
                     });
                 }
             }
@@ -370,12 +334,9 @@ impl Publication {
         fsx::fsync_dir(&out_dir).map_err(io_err(&out_dir))?;
 
         // The commit: link the record. Never replaces a record.
-        fs::write(
-            &record_tmp,
-            serde_json::to_vec_pretty(&record).expect("records serialise"),
-        )
-        .and_then(|()| fs::File::open(&record_tmp)?.sync_all())
-        .map_err(io_err(&self.work))?;
+        fs::write(&record_tmp, serde_json::to_vec_pretty(&record).expect("records serialise"))
+            .and_then(|()| fs::File::open(&record_tmp)?.sync_all())
+            .map_err(io_err(&self.work))?;
         match fsx::link_noreplace(&record_tmp, &self.out.record_path(&id)) {
             Ok(true) => {}
             Ok(false) => {
@@ -435,12 +396,7 @@ fn link_or_resolve(
             OnExisting::Archive => {
                 let aside = archive_name(dst);
                 fs::rename(dst, &aside).map_err(LinkError::Io)?;
-                archived.push(
-                    aside
-                        .file_name()
-                        .map(|n| n.to_string_lossy().into_owned())
-                        .unwrap_or_default(),
-                );
+                archived.push(aside.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default());
             }
         },
         Err(_) => {}
@@ -454,10 +410,7 @@ fn link_or_resolve(
 
 fn archive_name(dst: &Path) -> PathBuf {
     let stamp = humantime_stamp();
-    let name = dst
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
+    let name = dst.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let (stem, ext) = name.rsplit_once('.').unwrap_or((name.as_str(), ""));
     let mut n = 0;
     loop {
@@ -502,21 +455,10 @@ mod tests {
     }
 
     fn file(disk: &str, name: &str, boot: bool) -> ResultFile {
-        ResultFile {
-            disk_id: disk.into(),
-            name: name.into(),
-            boot,
-            bytes: 3,
-            virtual_size: 3,
-        }
+        ResultFile { disk_id: disk.into(), name: name.into(), boot, bytes: 3, virtual_size: 3 }
     }
 
-    fn publish_ok(
-        out: &OutputDir,
-        vm: &str,
-        content: &[u8],
-        policy: OnExisting,
-    ) -> Result<ResultRecord, ResultError> {
+    fn publish_ok(out: &OutputDir, vm: &str, content: &[u8], policy: OnExisting) -> Result<ResultRecord, ResultError> {
         let id = JobId::new();
         let p = Publication::begin(out, id, "tok").expect("begin");
         fs::write(p.work_dir().join(format!("{vm}.qcow2")), content).expect("write");
@@ -524,10 +466,7 @@ mod tests {
         let rec = record(
             id,
             vm,
-            vec![
-                file("d0", &format!("{vm}.qcow2"), true),
-                file("d1", &format!("{vm}-d1.qcow2"), false),
-            ],
+            vec![file("d0", &format!("{vm}.qcow2"), true), file("d1", &format!("{vm}-d1.qcow2"), false)],
             ResultState::Done,
         );
         p.publish(rec, None, policy, || true)
@@ -541,14 +480,8 @@ mod tests {
         let rec = publish_ok(&out, "vm", b"new", OnExisting::Fail).expect("publish");
         assert_eq!(fs::read(d.path().join("vm.qcow2")).expect("read"), b"new");
         assert!(d.path().join("vm-d1.qcow2").is_file());
-        assert!(
-            !d.path().join("vm.error").exists(),
-            "a stale error must not contradict the result"
-        );
-        assert_eq!(
-            out.read_record(&rec.job_id).expect("read").expect("some"),
-            rec
-        );
+        assert!(!d.path().join("vm.error").exists(), "a stale error must not contradict the result");
+        assert_eq!(out.read_record(&rec.job_id).expect("read").expect("some"), rec);
         assert_eq!(fs::read_dir(out.tmp_dir()).expect("ls").count(), 0);
     }
 
@@ -560,14 +493,8 @@ mod tests {
         let err = publish_ok(&out, "vm", b"second", OnExisting::Fail).expect_err("conflict");
         assert!(matches!(err, ResultError::Conflict { .. }), "{err}");
         assert_eq!(fs::read(d.path().join("vm.qcow2")).expect("read"), b"first");
-        assert_eq!(
-            fs::read(d.path().join("vm-d1.qcow2")).expect("read"),
-            b"first"
-        );
-        assert!(
-            out.check_free("vm", &["vm.qcow2".into()], OnExisting::Fail)
-                .is_err()
-        );
+        assert_eq!(fs::read(d.path().join("vm-d1.qcow2")).expect("read"), b"first");
+        assert!(out.check_free("vm", &["vm.qcow2".into()], OnExisting::Fail).is_err());
 
         let rec = publish_ok(&out, "vm", b"third", OnExisting::Archive).expect("archive");
         assert_eq!(fs::read(d.path().join("vm.qcow2")).expect("read"), b"third");
@@ -584,23 +511,11 @@ mod tests {
         let id = JobId::new();
         let p = Publication::begin(&out, id, "tok").expect("begin");
         let rec = record(id, "vm", vec![], ResultState::Failed);
-        let rec = p
-            .publish(
-                rec,
-                Some("disk d0: digest mismatch\ndetails"),
-                OnExisting::Fail,
-                || true,
-            )
-            .expect("publish");
-        assert_eq!(
-            fs::read_to_string(d.path().join("vm.error")).expect("read"),
-            "disk d0: digest mismatch\ndetails"
-        );
+        let rec =
+            p.publish(rec, Some("disk d0: digest mismatch\ndetails"), OnExisting::Fail, || true).expect("publish");
+        assert_eq!(fs::read_to_string(d.path().join("vm.error")).expect("read"), "disk d0: digest mismatch\ndetails");
         assert_eq!(rec.summary(), "disk d0: digest mismatch");
-        assert_eq!(
-            out.read_record(&id).expect("read").expect("some").state,
-            ResultState::Failed
-        );
+        assert_eq!(out.read_record(&id).expect("read").expect("some").state, ResultState::Failed);
     }
 
     #[test]
@@ -610,29 +525,17 @@ mod tests {
         let id = JobId::new();
         let p = Publication::begin(&out, id, "a").expect("begin");
         fs::write(p.work_dir().join("vm.qcow2"), b"x").expect("write");
-        let rec = record(
-            id,
-            "vm",
-            vec![file("d0", "vm.qcow2", true)],
-            ResultState::Done,
-        );
-        assert!(matches!(
-            p.publish(rec.clone(), None, OnExisting::Fail, || false),
-            Err(ResultError::Lost { .. })
-        ));
+        let rec = record(id, "vm", vec![file("d0", "vm.qcow2", true)], ResultState::Done);
+        assert!(matches!(p.publish(rec.clone(), None, OnExisting::Fail, || false), Err(ResultError::Lost { .. })));
         assert!(!d.path().join("vm.qcow2").exists());
 
         // Two attempts of one job: the first to link the record wins; the second takes nothing.
         let p1 = Publication::begin(&out, id, "b").expect("begin");
         fs::write(p1.work_dir().join("vm.qcow2"), b"x").expect("write");
-        p1.publish(rec.clone(), None, OnExisting::Fail, || true)
-            .expect("first");
+        p1.publish(rec.clone(), None, OnExisting::Fail, || true).expect("first");
         let p2 = Publication::begin(&out, id, "c").expect("begin");
         fs::write(p2.work_dir().join("vm.qcow2"), b"y").expect("write");
-        assert!(matches!(
-            p2.publish(rec, None, OnExisting::Archive, || true),
-            Err(ResultError::Lost { .. })
-        ));
+        assert!(matches!(p2.publish(rec, None, OnExisting::Archive, || true), Err(ResultError::Lost { .. })));
         assert_eq!(fs::read(d.path().join("vm.qcow2")).expect("read"), b"x");
     }
 
@@ -643,23 +546,13 @@ mod tests {
         let id = JobId::new();
         let p = Publication::begin(&out, id, "a").expect("begin");
         fs::write(p.work_dir().join("vm.qcow2"), b"x").expect("write");
-        let rec = record(
-            id,
-            "vm",
-            vec![file("d0", "vm.qcow2", true)],
-            ResultState::Done,
-        );
+        let rec = record(id, "vm", vec![file("d0", "vm.qcow2", true)], ResultState::Done);
         // Simulate a crash right after the visible link: record in the work area, file linked.
-        fs::write(
-            p.work_dir().join(RECORD),
-            serde_json::to_vec(&rec).expect("json"),
-        )
-        .expect("write");
+        fs::write(p.work_dir().join(RECORD), serde_json::to_vec(&rec).expect("json")).expect("write");
         fs::hard_link(p.work_dir().join("vm.qcow2"), d.path().join("vm.qcow2")).expect("link");
         drop(p);
         let (p, rec) = Publication::resume(&out, id, "a").expect("resumable");
-        p.publish(rec, None, OnExisting::Fail, || true)
-            .expect("completed");
+        p.publish(rec, None, OnExisting::Fail, || true).expect("completed");
         assert!(out.read_record(&id).expect("read").is_some());
         assert!(Publication::resume(&out, id, "a").is_none());
     }

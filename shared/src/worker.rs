@@ -65,10 +65,7 @@ impl LoadedJob {
     }
     /// The names this job will publish, boot disk first.
     pub fn output_names(&self) -> Vec<String> {
-        self.disks
-            .iter()
-            .map(|d| disk_file_name(&self.vm_name, &d.id, d.boot))
-            .collect()
+        self.disks.iter().map(|d| disk_file_name(&self.vm_name, &d.id, d.boot)).collect()
     }
 }
 
@@ -84,18 +81,10 @@ pub struct JobFailure {
 
 impl JobFailure {
     pub fn new(vm_name: Option<&str>, message: impl Into<String>) -> Self {
-        JobFailure {
-            vm_name: vm_name.map(str::to_string),
-            cancelled: false,
-            message: message.into(),
-        }
+        JobFailure { vm_name: vm_name.map(str::to_string), cancelled: false, message: message.into() }
     }
     pub fn cancelled(vm_name: Option<&str>, reason: &str) -> Self {
-        JobFailure {
-            vm_name: vm_name.map(str::to_string),
-            cancelled: true,
-            message: format!("cancelled: {reason}"),
-        }
+        JobFailure { vm_name: vm_name.map(str::to_string), cancelled: true, message: format!("cancelled: {reason}") }
     }
 }
 
@@ -107,11 +96,7 @@ impl std::fmt::Display for JobFailure {
 
 /// Load and validate the job in `job_dir` (native: disks inside the job; seed drop: disks under
 /// the allowed source directories).
-pub fn load_job(
-    job_dir: &Path,
-    id: JobId,
-    allowed_source_dirs: &[PathBuf],
-) -> Result<LoadedJob, JobFailure> {
+pub fn load_job(job_dir: &Path, id: JobId, allowed_source_dirs: &[PathBuf]) -> Result<LoadedJob, JobFailure> {
     let manifest_path = job_dir.join(MANIFEST);
     let fail = |vm: Option<&str>, msg: String| JobFailure::new(vm, msg);
     let bytes = (|| -> io::Result<Vec<u8>> {
@@ -120,28 +105,13 @@ pub fn load_job(
         f.take(MAX_MANIFEST_BYTES + 1).read_to_end(&mut buf)?;
         Ok(buf)
     })()
-    .map_err(|e| {
-        fail(
-            None,
-            format!("cannot read the manifest {}: {e}", manifest_path.display()),
-        )
-    })?;
-    let manifest = Manifest::parse(&bytes).map_err(|e| {
-        fail(
-            None,
-            format!("invalid manifest {}: {e}", manifest_path.display()),
-        )
-    })?;
-    let vm_hint = manifest
-        .vm_name()
-        .filter(|n| crate::names::check_vm_name(n).is_ok())
-        .map(str::to_string);
-    let checked: CheckedManifest = manifest.check().map_err(|e| {
-        fail(
-            vm_hint.as_deref(),
-            format!("invalid manifest {}: {e}", manifest_path.display()),
-        )
-    })?;
+    .map_err(|e| fail(None, format!("cannot read the manifest {}: {e}", manifest_path.display())))?;
+    let manifest = Manifest::parse(&bytes)
+        .map_err(|e| fail(None, format!("invalid manifest {}: {e}", manifest_path.display())))?;
+    let vm_hint = manifest.vm_name().filter(|n| crate::names::check_vm_name(n).is_ok()).map(str::to_string);
+    let checked: CheckedManifest = manifest
+        .check()
+        .map_err(|e| fail(vm_hint.as_deref(), format!("invalid manifest {}: {e}", manifest_path.display())))?;
     let vm = Some(checked.vm_name.as_str());
     let seed_drop = job_dir.join(ORIGIN).is_file();
     if !seed_drop
@@ -161,14 +131,9 @@ pub fn load_job(
         let (path, file) = if seed_drop {
             open_seed_disk(job_dir, &d.local_path, allowed_source_dirs)
         } else {
-            fsx::open_beneath(job_dir, Path::new(&d.local_path))
-                .map(|f| (job_dir.join(&d.local_path), f))
-                .map_err(|e| {
-                    format!(
-                        "local_path {:?} must name a regular file inside the job directory ({e})",
-                        d.local_path
-                    )
-                })
+            fsx::open_beneath(job_dir, Path::new(&d.local_path)).map(|f| (job_dir.join(&d.local_path), f)).map_err(
+                |e| format!("local_path {:?} must name a regular file inside the job directory ({e})", d.local_path),
+            )
         }
         .map_err(|e| fail(vm, format!("disk {}: {e}", d.id)))?;
         let size = file.metadata().map(|m| m.len()).unwrap_or(0);
@@ -206,37 +171,20 @@ pub fn load_job(
 
 /// A seed-style drop's disk: absolute, or relative to the watch directory (where the drop was),
 /// and below one of the allowed source directories, opened without crossing a symlink.
-fn open_seed_disk(
-    job_dir: &Path,
-    local_path: &str,
-    allowed: &[PathBuf],
-) -> Result<(PathBuf, File), String> {
-    let watch_dir = job_dir
-        .parent()
-        .and_then(Path::parent)
-        .unwrap_or(Path::new("/"));
+fn open_seed_disk(job_dir: &Path, local_path: &str, allowed: &[PathBuf]) -> Result<(PathBuf, File), String> {
+    let watch_dir = job_dir.parent().and_then(Path::parent).unwrap_or(Path::new("/"));
     let p = Path::new(local_path);
-    let full = if p.is_absolute() {
-        p.to_path_buf()
-    } else {
-        watch_dir.join(p)
-    };
-    let canon =
-        std::fs::canonicalize(&full).map_err(|e| format!("local_path {}: {e}", full.display()))?;
+    let full = if p.is_absolute() { p.to_path_buf() } else { watch_dir.join(p) };
+    let canon = std::fs::canonicalize(&full).map_err(|e| format!("local_path {}: {e}", full.display()))?;
     let Some(root) = allowed.iter().find(|r| canon.starts_with(r)) else {
         return Err(format!(
             "local_path {} is outside the allowed source directories ({}); add its directory to allowed_source_dirs in the agent's configuration",
             full.display(),
-            allowed
-                .iter()
-                .map(|p| p.display().to_string())
-                .collect::<Vec<_>>()
-                .join(", ")
+            allowed.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
         ));
     };
     let rel = canon.strip_prefix(root).map_err(|e| e.to_string())?;
-    let file =
-        fsx::open_beneath(root, rel).map_err(|e| format!("local_path {}: {e}", full.display()))?;
+    let file = fsx::open_beneath(root, rel).map_err(|e| format!("local_path {}: {e}", full.display()))?;
     Ok((canon, file))
 }
 
@@ -289,13 +237,7 @@ pub async fn convert_job(
             .await;
         if let Err(e) = res {
             let _ = std::fs::remove_file(&dst);
-            return Err(engine_failure(
-                vm,
-                &format!("converting disk {}", disk.id),
-                &disk.path,
-                work_dir,
-                e,
-            ));
+            return Err(engine_failure(vm, &format!("converting disk {}", disk.id), &disk.path, work_dir, e));
         }
         done_virtual += info.virtual_size;
         outputs.push((disk, info, name, dst));
@@ -312,19 +254,14 @@ pub async fn convert_job(
                 bytes_done: 0,
                 bytes_total: total_virtual,
                 disk: Some(disk.id.clone()),
+                ..Default::default()
             },
         );
         if cancel.is_cancelled() {
             return Err(JobFailure::cancelled(vm, "stopped while checking"));
         }
         settings.qemu.check(dst).await.map_err(|e| {
-            engine_failure(
-                vm,
-                &format!("checking the converted disk {}", disk.id),
-                &disk.path,
-                work_dir,
-                e,
-            )
+            engine_failure(vm, &format!("checking the converted disk {}", disk.id), &disk.path, work_dir, e)
         })?;
         let bytes = std::fs::metadata(dst).map(|m| m.len()).unwrap_or(0);
         files.push(ResultFile {
@@ -335,10 +272,7 @@ pub async fn convert_job(
             virtual_size: info.virtual_size,
         });
     }
-    Ok(Converted {
-        files,
-        engine: EngineKind::QemuImg,
-    })
+    Ok(Converted { files, engine: EngineKind::QemuImg })
 }
 
 /// Verify every digest, then inspect every image. Returns each disk's image info, in order.
@@ -356,16 +290,8 @@ pub async fn verify_and_inspect(
             done.fetch_add(disk.bytes, Ordering::Relaxed);
             continue;
         };
-        let file = disk
-            .file
-            .try_clone()
-            .map_err(|e| JobFailure::new(vm, format!("disk {}: {e}", disk.id)))?;
-        let (tx, cancel2, done2, id) = (
-            progress.clone(),
-            cancel.clone(),
-            done.clone(),
-            disk.id.clone(),
-        );
+        let file = disk.file.try_clone().map_err(|e| JobFailure::new(vm, format!("disk {}: {e}", disk.id)))?;
+        let (tx, cancel2, done2, id) = (progress.clone(), cancel.clone(), done.clone(), disk.id.clone());
         let base = done.load(Ordering::Relaxed);
         let verdict = tokio::task::spawn_blocking(move || {
             let mut last_sent = 0u64;
@@ -379,6 +305,7 @@ pub async fn verify_and_inspect(
                         bytes_done: base + pos,
                         bytes_total: total,
                         disk: Some(id.clone()),
+                        ..Default::default()
                     });
                 }
                 !cancel2.is_cancelled()
@@ -406,10 +333,7 @@ pub async fn verify_and_inspect(
                 return Err(JobFailure::cancelled(vm, "stopped while verifying"));
             }
             Err(e) => {
-                return Err(JobFailure::new(
-                    vm,
-                    format!("disk {}: cannot read {}: {e}", disk.id, disk.path.display()),
-                ));
+                return Err(JobFailure::new(vm, format!("disk {}: cannot read {}: {e}", disk.id, disk.path.display())));
             }
         }
         done.store(base + disk.bytes, Ordering::Relaxed);
@@ -422,10 +346,7 @@ pub async fn verify_and_inspect(
         let allowed: Vec<PathBuf> = if job.seed_drop {
             settings.allowed_source_dirs.clone()
         } else {
-            disk.path
-                .parent()
-                .map(|p| vec![p.to_path_buf()])
-                .unwrap_or_default()
+            disk.path.parent().map(|p| vec![p.to_path_buf()]).unwrap_or_default()
         };
         let info = engine::inspect_image(
             &settings.qemu,
@@ -436,12 +357,7 @@ pub async fn verify_and_inspect(
             &allowed,
         )
         .await
-        .map_err(|e| {
-            JobFailure::new(
-                vm,
-                format!("disk {} ({}): {e}", disk.id, disk.path.display()),
-            )
-        })?;
+        .map_err(|e| JobFailure::new(vm, format!("disk {} ({}): {e}", disk.id, disk.path.display())))?;
         infos.push(info);
     }
     Ok(infos)
@@ -451,11 +367,8 @@ pub async fn verify_and_inspect(
 /// verified is the file converted), except for VMDK text descriptors, whose extents qemu-img
 /// resolves relative to the descriptor's real directory.
 pub fn qemu_source_path(disk: &SourceDisk) -> String {
-    let descriptor = disk.format == DiskFormat::Vmdk
-        && matches!(
-            crate::format::sniff(&disk.file),
-            Ok(Sniffed::VmdkDescriptor)
-        );
+    let descriptor =
+        disk.format == DiskFormat::Vmdk && matches!(crate::format::sniff(&disk.file), Ok(Sniffed::VmdkDescriptor));
     if descriptor {
         disk.path.display().to_string()
     } else {
@@ -464,19 +377,11 @@ pub fn qemu_source_path(disk: &SourceDisk) -> String {
 }
 
 /// Turn an engine error into the text of `<vm>.error`.
-pub fn engine_failure(
-    vm: Option<&str>,
-    doing: &str,
-    source: &Path,
-    work_dir: &Path,
-    e: EngineError,
-) -> JobFailure {
+pub fn engine_failure(vm: Option<&str>, doing: &str, source: &Path, work_dir: &Path, e: EngineError) -> JobFailure {
     match e {
         EngineError::Cancelled => JobFailure::cancelled(vm, &format!("stopped while {doing}")),
         EngineError::Failed { ref stderr, .. } if stderr.contains("No space left on device") => {
-            let free = fsx::free_bytes(work_dir)
-                .map(|b| format!("{b} bytes free"))
-                .unwrap_or_default();
+            let free = fsx::free_bytes(work_dir).map(|b| format!("{b} bytes free")).unwrap_or_default();
             JobFailure::new(
                 vm,
                 format!(

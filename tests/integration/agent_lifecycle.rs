@@ -10,7 +10,8 @@ use hyperfarm_tests::{Farm, Proc, Run, bin, wait_for};
 /// A config that makes qemu-img slow enough to be caught mid-conversion (O_DIRECT, one coroutine).
 fn slow_config(farm: &Farm) -> String {
     let p = farm.path().join("slow.toml");
-    fs::write(&p, "[convert]\ncoroutines = 1\nout_of_order = false\nsource_cache = \"none\"\ndest_cache = \"none\"\n").unwrap();
+    fs::write(&p, "[convert]\ncoroutines = 1\nout_of_order = false\nsource_cache = \"none\"\ndest_cache = \"none\"\n")
+        .unwrap();
     p.display().to_string()
 }
 
@@ -39,11 +40,7 @@ fn publish(farm: &Farm, vm: &std::path::Path, name: &str) -> String {
 }
 
 fn lease_phase(farm: &Farm) -> Option<String> {
-    let dir = fs::read_dir(farm.queue.join("converting"))
-        .ok()?
-        .filter_map(|e| e.ok())
-        .next()?
-        .path();
+    let dir = fs::read_dir(farm.queue.join("converting")).ok()?.filter_map(|e| e.ok()).next()?.path();
     let bytes = fs::read(dir.join("lease.json")).ok()?;
     let v: serde_json::Value = serde_json::from_slice(bytes.trim_ascii()).ok()?;
     v["phase"].as_str().map(str::to_string)
@@ -52,12 +49,7 @@ fn lease_phase(farm: &Farm) -> Option<String> {
 #[test]
 fn kill_9_mid_conversion_then_restart_ends_the_job_exactly_once() {
     let farm = Farm::new();
-    let raw = images::raw_disk(
-        &farm.src.join("big.raw"),
-        768 << 20,
-        &[(0, 256 << 20), (400 << 20, 256 << 20)],
-        50,
-    );
+    let raw = images::raw_disk(&farm.src.join("big.raw"), 768 << 20, &[(0, 256 << 20), (400 << 20, 256 << 20)], 50);
     let cfg = slow_config(&farm);
     let mut agent = farm.agent(&["--config", &cfg]);
     let id = publish(&farm, &raw, "crashy");
@@ -65,20 +57,11 @@ fn kill_9_mid_conversion_then_restart_ends_the_job_exactly_once() {
         (lease_phase(&farm).as_deref() == Some("converting")).then_some(())
     });
     agent.kill9();
-    assert!(
-        !farm.output.join("crashy.qcow2").exists(),
-        "no half-written output under the final name"
-    );
-    assert_eq!(
-        farm.jobs_in("converting").len(),
-        1,
-        "the dead agent's claim is still there"
-    );
+    assert!(!farm.output.join("crashy.qcow2").exists(), "no half-written output under the final name");
+    assert_eq!(farm.jobs_in("converting").len(), 1, "the dead agent's claim is still there");
 
     let _agent2 = farm.agent(&["--config", &cfg]);
-    wait_for("the result after restart", Duration::from_secs(120), || {
-        farm.records().first().cloned()
-    });
+    wait_for("the result after restart", Duration::from_secs(120), || farm.records().first().cloned());
     assert_identical(&raw, &farm.output.join("crashy.qcow2"));
     assert_eq!(farm.records().len(), 1);
     assert_eq!(farm.jobs_in("done"), vec![id.clone()]);
@@ -87,27 +70,11 @@ fn kill_9_mid_conversion_then_restart_ends_the_job_exactly_once() {
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .collect();
-    assert_eq!(
-        events.iter().filter(|e| e.contains("-claim-")).count(),
-        2,
-        "{events:?}"
-    );
-    assert_eq!(
-        events.iter().filter(|e| e.contains("-expired-")).count(),
-        1,
-        "{events:?}"
-    );
-    wait_for(
-        "the dead attempt's work area to be removed",
-        Duration::from_secs(10),
-        || {
-            (fs::read_dir(farm.output.join(".hyperfarm/tmp"))
-                .unwrap()
-                .count()
-                == 0)
-                .then_some(())
-        },
-    );
+    assert_eq!(events.iter().filter(|e| e.contains("-claim-")).count(), 2, "{events:?}");
+    assert_eq!(events.iter().filter(|e| e.contains("-expired-")).count(), 1, "{events:?}");
+    wait_for("the dead attempt's work area to be removed", Duration::from_secs(10), || {
+        (fs::read_dir(farm.output.join(".hyperfarm/tmp")).unwrap().count() == 0).then_some(())
+    });
 }
 
 #[test]
@@ -117,17 +84,10 @@ fn two_agents_on_one_queue_convert_every_job_exactly_once() {
     let _b = farm.agent(&["--max-concurrent", "2"]);
     let raw = images::sample_disk(&farm.src, "shared.raw", 8, 51);
     let n = 12;
-    let ids: Vec<String> = (0..n)
-        .map(|i| publish(&farm, &raw, &format!("vm-{i:02}")))
-        .collect();
-    wait_for("every result", Duration::from_secs(120), || {
-        (farm.records().len() == n).then_some(())
-    });
+    let ids: Vec<String> = (0..n).map(|i| publish(&farm, &raw, &format!("vm-{i:02}"))).collect();
+    wait_for("every result", Duration::from_secs(120), || (farm.records().len() == n).then_some(()));
     let records = farm.records();
-    let mut seen: Vec<&str> = records
-        .iter()
-        .map(|r| r["job_id"].as_str().unwrap())
-        .collect();
+    let mut seen: Vec<&str> = records.iter().map(|r| r["job_id"].as_str().unwrap()).collect();
     seen.sort();
     let mut want: Vec<&str> = ids.iter().map(String::as_str).collect();
     want.sort();
@@ -151,12 +111,7 @@ fn two_agents_on_one_queue_convert_every_job_exactly_once() {
 #[test]
 fn sigterm_returns_a_running_job_to_the_queue_after_the_grace_period() {
     let farm = Farm::new();
-    let raw = images::raw_disk(
-        &farm.src.join("big.raw"),
-        768 << 20,
-        &[(0, 256 << 20), (400 << 20, 256 << 20)],
-        52,
-    );
+    let raw = images::raw_disk(&farm.src.join("big.raw"), 768 << 20, &[(0, 256 << 20), (400 << 20, 256 << 20)], 52);
     let cfg = slow_config(&farm);
     let mut agent = farm.agent(&["--config", &cfg, "--shutdown-grace", "100ms"]);
     let id = publish(&farm, &raw, "graceful");
@@ -166,25 +121,13 @@ fn sigterm_returns_a_running_job_to_the_queue_after_the_grace_period() {
     agent.signal(rustix::process::Signal::TERM);
     let st = agent.wait_exit(Duration::from_secs(30));
     assert!(st.success(), "exit status {st}");
-    assert!(
-        agent.log_text().contains("returned to the queue"),
-        "{}",
-        agent.log_text()
-    );
+    assert!(agent.log_text().contains("returned to the queue"), "{}", agent.log_text());
     assert_eq!(farm.jobs_in("queued"), vec![id.clone()]);
     assert!(farm.records().is_empty() && !farm.output.join("graceful.qcow2").exists());
-    assert_eq!(
-        fs::read_dir(farm.output.join(".hyperfarm/tmp"))
-            .unwrap()
-            .count(),
-        0,
-        "partial output removed"
-    );
+    assert_eq!(fs::read_dir(farm.output.join(".hyperfarm/tmp")).unwrap().count(), 0, "partial output removed");
     // The next agent finishes it.
     let _b = farm.agent(&[]);
-    wait_for("the result", Duration::from_secs(120), || {
-        farm.records().first().cloned()
-    });
+    wait_for("the result", Duration::from_secs(120), || farm.records().first().cloned());
     assert_identical(&raw, &farm.output.join("graceful.qcow2"));
 }
 
@@ -201,12 +144,9 @@ fn sigterm_when_idle_exits_cleanly() {
 fn start_up_errors_have_documented_exit_codes() {
     let farm = Farm::new();
     let run = |args: &[&str]| {
-        Run::new(
-            &bin("hyper2kvm-agent"),
-            &args.iter().map(|s| s.to_string()).collect::<Vec<_>>(),
-        )
-        .timeout(Duration::from_secs(30))
-        .run()
+        Run::new(&bin("hyper2kvm-agent"), &args.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+            .timeout(Duration::from_secs(30))
+            .run()
     };
     let out = farm.output.to_str().unwrap();
     let r = run(&["--watch-dir", "/nonexistent/q", "--output-dir", out]);
@@ -217,14 +157,8 @@ fn start_up_errors_have_documented_exit_codes() {
     let r = run(&["--config", bad.to_str().unwrap()]);
     r.expect_code(3);
     assert!(r.stderr().contains("max_concurent"), "{}", r.stderr());
-    let r = run(&[
-        "--watch-dir",
-        farm.queue.to_str().unwrap(),
-        "--output-dir",
-        out,
-        "--qemu-img",
-        "/nonexistent/qemu-img",
-    ]);
+    let r =
+        run(&["--watch-dir", farm.queue.to_str().unwrap(), "--output-dir", out, "--qemu-img", "/nonexistent/qemu-img"]);
     r.expect_code(4);
     assert!(r.stderr().contains("qemu-img"), "{}", r.stderr());
 }
@@ -234,30 +168,15 @@ fn a_corrupted_disk_fails_its_job_naming_the_disk_and_the_agent_keeps_serving() 
     let farm = Farm::new();
     let raw = images::sample_disk(&farm.src, "c.raw", 8, 53);
     let id = publish(&farm, &raw, "corrupt");
-    images::corrupt(
-        &farm.queue.join("queued").join(&id).join("disks/disk0.raw"),
-        100,
-    );
+    images::corrupt(&farm.queue.join("queued").join(&id).join("disks/disk0.raw"), 100);
     let good = publish(&farm, &raw, "fine");
     let _agent: Proc = farm.agent(&[]);
-    wait_for("both results", Duration::from_secs(60), || {
-        (farm.records().len() == 2).then_some(())
-    });
+    wait_for("both results", Duration::from_secs(60), || (farm.records().len() == 2).then_some(()));
     let err = fs::read_to_string(farm.output.join("corrupt.error")).unwrap();
     let first = err.lines().next().unwrap();
-    assert!(
-        first.contains("disk disk0") && first.contains("blake3 digest mismatch"),
-        "{err}"
-    );
+    assert!(first.contains("disk disk0") && first.contains("blake3 digest mismatch"), "{err}");
     assert!(err.contains(&id), "the error names the job: {err}");
-    assert!(
-        farm.queue
-            .join("failed")
-            .join(&id)
-            .join("disks/disk0.raw")
-            .is_file(),
-        "a failed job keeps its disks"
-    );
+    assert!(farm.queue.join("failed").join(&id).join("disks/disk0.raw").is_file(), "a failed job keeps its disks");
     assert_eq!(farm.jobs_in("done"), vec![good]);
     assert_identical(&raw, &farm.output.join("fine.qcow2"));
 }

@@ -42,9 +42,7 @@ fn hostile_jobs_fail_clearly_and_the_agent_keeps_serving() {
             "dotdot",
             manifest(
                 "dotdot",
-                &format!(
-                    r#"{{"id":"d0","source_format":"raw","bytes":{n},"local_path":"../../../secret.raw"}}"#
-                ),
+                &format!(r#"{{"id":"d0","source_format":"raw","bytes":{n},"local_path":"../../../secret.raw"}}"#),
             ),
             vec![],
             "inside the job directory",
@@ -53,28 +51,17 @@ fn hostile_jobs_fail_clearly_and_the_agent_keeps_serving() {
             "absolute",
             manifest(
                 "absolute",
-                &format!(
-                    r#"{{"id":"d0","source_format":"raw","bytes":{n},"local_path":"{}"}}"#,
-                    secret.display()
-                ),
+                &format!(r#"{{"id":"d0","source_format":"raw","bytes":{n},"local_path":"{}"}}"#, secret.display()),
             ),
             vec![],
             "inside the job directory",
         ),
-        (
-            "badjson",
-            "{ this is not json".to_string(),
-            vec![],
-            "not valid JSON",
-        ),
+        ("badjson", "{ this is not json".to_string(), vec![], "not valid JSON"),
         (
             "size-lie",
             manifest(
                 "size-lie",
-                &format!(
-                    r#"{{"id":"d0","source_format":"raw","bytes":{},"local_path":"disks/d0.raw"}}"#,
-                    n + 512
-                ),
+                &format!(r#"{{"id":"d0","source_format":"raw","bytes":{},"local_path":"disks/d0.raw"}}"#, n + 512),
             ),
             vec![("disks/d0.raw", data.clone())],
             "the manifest says",
@@ -83,28 +70,20 @@ fn hostile_jobs_fail_clearly_and_the_agent_keeps_serving() {
             "format-lie",
             manifest(
                 "format-lie",
-                &format!(
-                    r#"{{"id":"d0","source_format":"qcow2","bytes":{n},"local_path":"disks/d0.raw"}}"#
-                ),
+                &format!(r#"{{"id":"d0","source_format":"qcow2","bytes":{n},"local_path":"disks/d0.raw"}}"#),
             ),
             vec![("disks/d0.raw", data.clone())],
             "declared format is qcow2",
         ),
         (
             "missing",
-            manifest(
-                "missing",
-                r#"{"id":"d0","source_format":"raw","bytes":512,"local_path":"disks/nope.raw"}"#,
-            ),
+            manifest("missing", r#"{"id":"d0","source_format":"raw","bytes":512,"local_path":"disks/nope.raw"}"#),
             vec![],
             "disk d0",
         ),
         (
             "bad-id",
-            manifest(
-                "bad-id",
-                r#"{"id":"-rf","source_format":"raw","bytes":512,"local_path":"disks/x"}"#,
-            ),
+            manifest("bad-id", r#"{"id":"-rf","source_format":"raw","bytes":512,"local_path":"disks/x"}"#),
             vec![],
             "disk id",
         ),
@@ -118,48 +97,30 @@ fn hostile_jobs_fail_clearly_and_the_agent_keeps_serving() {
         &farm,
         &manifest(
             "symlink",
-            &format!(
-                r#"{{"id":"d0","source_format":"raw","bytes":{n},"local_path":"disks/d0.raw"}}"#
-            ),
+            &format!(r#"{{"id":"d0","source_format":"raw","bytes":{n},"local_path":"disks/d0.raw"}}"#),
         ),
         &[],
     );
-    std::os::unix::fs::symlink(
-        &secret,
-        farm.queue
-            .join("queued")
-            .join(&link_id)
-            .join("disks/d0.raw"),
-    )
-    .unwrap();
+    std::os::unix::fs::symlink(&secret, farm.queue.join("queued").join(&link_id).join("disks/d0.raw")).unwrap();
     // A VM name that would escape the output directory.
     let esc = plant(
         &farm,
         &manifest(
             "../../escape",
-            &format!(
-                r#"{{"id":"d0","source_format":"raw","bytes":{n},"local_path":"disks/d0.raw"}}"#
-            ),
+            &format!(r#"{{"id":"d0","source_format":"raw","bytes":{n},"local_path":"disks/d0.raw"}}"#),
         ),
         &[("disks/d0.raw", data.clone())],
     );
     // And one good job after them all.
     let good = plant(
         &farm,
-        &manifest(
-            "good",
-            &format!(
-                r#"{{"id":"d0","source_format":"raw","bytes":{n},"local_path":"disks/d0.raw"}}"#
-            ),
-        ),
+        &manifest("good", &format!(r#"{{"id":"d0","source_format":"raw","bytes":{n},"local_path":"disks/d0.raw"}}"#)),
         &[("disks/d0.raw", data.clone())],
     );
 
     let _agent = farm.agent(&[]);
     let total = cases.len() + 3;
-    wait_for("every result", Duration::from_secs(120), || {
-        (farm.records().len() == total).then_some(())
-    });
+    wait_for("every result", Duration::from_secs(120), || (farm.records().len() == total).then_some(()));
     let records = farm.records();
     let by_id = |id: &str| records.iter().find(|r| r["job_id"] == id).cloned().unwrap();
     for ((id, name), (_, _, _, needle)) in ids.iter().zip(&cases) {
@@ -167,38 +128,21 @@ fn hostile_jobs_fail_clearly_and_the_agent_keeps_serving() {
         assert_eq!(r["state"], "failed", "{name}");
         let e = r["error"].as_str().unwrap();
         assert!(e.contains(needle), "{name}: {e}");
-        assert!(
-            e.contains(id.as_str()),
-            "{name}: the error names the job: {e}"
-        );
+        assert!(e.contains(id.as_str()), "{name}: the error names the job: {e}");
     }
     let r = by_id(&link_id);
-    assert!(
-        r["error"].as_str().unwrap().contains("symbolic link"),
-        "{r}"
-    );
+    assert!(r["error"].as_str().unwrap().contains("symbolic link"), "{r}");
     let r = by_id(&esc);
     assert!(r["error"].as_str().unwrap().contains("VM name"), "{r}");
-    assert_eq!(
-        r["vm_name"],
-        format!("job-{esc}"),
-        "an unusable name falls back to job-<id>"
-    );
-    assert!(
-        !farm.path().join("escape.error").exists() && !farm.path().join("escape.qcow2").exists()
-    );
+    assert_eq!(r["vm_name"], format!("job-{esc}"), "an unusable name falls back to job-<id>");
+    assert!(!farm.path().join("escape.error").exists() && !farm.path().join("escape.qcow2").exists());
     assert_eq!(by_id(&good)["state"], "done");
     assert_identical(&raw, &farm.output.join("good.qcow2"));
     // Nothing was converted from outside the job.
     assert_eq!(
         fs::read_dir(&farm.output)
             .unwrap()
-            .filter(|e| e
-                .as_ref()
-                .unwrap()
-                .file_name()
-                .to_string_lossy()
-                .ends_with(".qcow2"))
+            .filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().ends_with(".qcow2"))
             .count(),
         1
     );

@@ -7,10 +7,7 @@ use hyperfarm_tests::images::{self, assert_identical};
 use hyperfarm_tests::{Farm, Run, bin, wait_for};
 
 fn hyperexport(args: &[&str]) -> Run {
-    Run::new(
-        &bin("hyperexport"),
-        &args.iter().map(|s| s.to_string()).collect::<Vec<_>>(),
-    )
+    Run::new(&bin("hyperexport"), &args.iter().map(|s| s.to_string()).collect::<Vec<_>>())
 }
 
 #[test]
@@ -20,40 +17,18 @@ fn direct_mode_converts_here_with_the_same_engine() {
     let ova = images::ova(&farm.src, "direct", &[&raw, &raw]);
     let out = farm.path().join("out");
     fs::create_dir(&out).unwrap();
-    let ran = hyperexport(&[
-        "--vm",
-        ova.to_str().unwrap(),
-        "--pipeline",
-        "--output",
-        out.to_str().unwrap(),
-        "--json",
-    ])
-    .run();
+    let ran =
+        hyperexport(&["--vm", ova.to_str().unwrap(), "--pipeline", "--output", out.to_str().unwrap(), "--json"]).run();
     ran.expect_code(0);
     let j = ran.json();
     assert_eq!(j["state"], "done");
     assert_identical(&raw, &out.join("direct.qcow2"));
     assert_identical(&raw, &out.join("direct-vmdisk2.qcow2"));
-    assert_eq!(
-        fs::read_dir(out.join(".hyperfarm/tmp")).unwrap().count(),
-        0,
-        "no work area left"
-    );
+    assert_eq!(fs::read_dir(out.join(".hyperfarm/tmp")).unwrap().count(), 0, "no work area left");
     // A second run for the same VM name does not overwrite: exit 8 naming the file.
-    let ran = hyperexport(&[
-        "--vm",
-        ova.to_str().unwrap(),
-        "--pipeline",
-        "--output",
-        out.to_str().unwrap(),
-    ])
-    .run();
+    let ran = hyperexport(&["--vm", ova.to_str().unwrap(), "--pipeline", "--output", out.to_str().unwrap()]).run();
     ran.expect_code(8);
-    assert!(
-        ran.stderr().contains("direct.qcow2") && ran.stderr().contains("already exists"),
-        "{}",
-        ran.stderr()
-    );
+    assert!(ran.stderr().contains("direct.qcow2") && ran.stderr().contains("already exists"), "{}", ran.stderr());
     // With --on-existing archive the old one is moved aside, never lost.
     hyperexport(&[
         "--vm",
@@ -91,17 +66,13 @@ fn export_only_publishes_a_job_that_an_agent_later_converts() {
     ran.expect_code(0);
     let id = ran.json()["job_id"].as_str().unwrap().to_string();
     assert_eq!(farm.jobs_in("queued"), vec![id.clone()]);
-    let m: serde_json::Value = serde_json::from_slice(
-        &fs::read(farm.queue.join("queued").join(&id).join("manifest.json")).unwrap(),
-    )
-    .unwrap();
+    let m: serde_json::Value =
+        serde_json::from_slice(&fs::read(farm.queue.join("queued").join(&id).join("manifest.json")).unwrap()).unwrap();
     assert_eq!(m["hyperfarm"]["job_id"], id.as_str());
     assert_eq!(m["disks"][0]["local_path"], "disks/disk0.raw");
     assert_eq!(m["disks"][0]["blake3"].as_str().unwrap().len(), 64);
     let _agent = farm.agent(&[]);
-    wait_for("the result", Duration::from_secs(30), || {
-        farm.records().first().cloned()
-    });
+    wait_for("the result", Duration::from_secs(30), || farm.records().first().cloned());
     assert_identical(&raw, &farm.output.join("later.qcow2"));
 }
 
@@ -110,28 +81,13 @@ fn bad_input_and_unreachable_paths_have_their_own_exit_codes() {
     let farm = Farm::new();
     let out = farm.output.to_str().unwrap().to_string();
     // Missing file.
-    let r = hyperexport(&[
-        "--vm",
-        "/nonexistent/vm.ova",
-        "--pipeline",
-        "--output",
-        &out,
-    ])
-    .run();
+    let r = hyperexport(&["--vm", "/nonexistent/vm.ova", "--pipeline", "--output", &out]).run();
     r.expect_code(3);
     assert!(r.stderr().contains("/nonexistent/vm.ova"), "{}", r.stderr());
     // A text file is not a VM.
     let txt = farm.src.join("notes.txt");
     fs::write(&txt, "just some text\n".repeat(100)).unwrap();
-    hyperexport(&[
-        "--vm",
-        txt.to_str().unwrap(),
-        "--pipeline",
-        "--output",
-        &out,
-    ])
-    .run()
-    .expect_code(3);
+    hyperexport(&["--vm", txt.to_str().unwrap(), "--pipeline", "--output", &out]).run().expect_code(3);
     // A qcow2 with a backing file.
     let base = images::sample_disk(&farm.src, "base.raw", 8, 1);
     let overlay = farm.src.join("overlay.qcow2");
@@ -146,27 +102,11 @@ fn bad_input_and_unreachable_paths_have_their_own_exit_codes() {
         "raw",
         overlay.to_str().unwrap(),
     ]);
-    let r = hyperexport(&[
-        "--vm",
-        overlay.to_str().unwrap(),
-        "--pipeline",
-        "--output",
-        &out,
-    ])
-    .run();
+    let r = hyperexport(&["--vm", overlay.to_str().unwrap(), "--pipeline", "--output", &out]).run();
     r.expect_code(3);
     assert!(r.stderr().contains("backing file"), "{}", r.stderr());
     // A name that would escape the output directory.
-    let r = hyperexport(&[
-        "--vm",
-        base.to_str().unwrap(),
-        "--pipeline",
-        "--output",
-        &out,
-        "--name",
-        "../escape",
-    ])
-    .run();
+    let r = hyperexport(&["--vm", base.to_str().unwrap(), "--pipeline", "--output", &out, "--name", "../escape"]).run();
     r.expect_code(3);
     // Daemon mode with a watch directory that does not exist: unreachable.
     let r = hyperexport(&[
@@ -183,9 +123,7 @@ fn bad_input_and_unreachable_paths_have_their_own_exit_codes() {
     r.expect_code(6);
     assert!(r.stderr().contains("/nonexistent/queue"), "{}", r.stderr());
     // Usage: direct mode needs --output.
-    hyperexport(&["--vm", base.to_str().unwrap(), "--pipeline"])
-        .run()
-        .expect_code(2);
+    hyperexport(&["--vm", base.to_str().unwrap(), "--pipeline"]).run().expect_code(2);
 }
 
 #[test]
@@ -198,13 +136,7 @@ fn timeout_without_an_agent_withdraws_the_job() {
     assert!(farm.jobs_in("queued").is_empty());
     let cancelled = farm.jobs_in("cancelled");
     assert_eq!(cancelled.len(), 1);
-    let note = fs::read_to_string(
-        farm.queue
-            .join("cancelled")
-            .join(&cancelled[0])
-            .join("cancel.json"),
-    )
-    .unwrap();
+    let note = fs::read_to_string(farm.queue.join("cancelled").join(&cancelled[0]).join("cancel.json")).unwrap();
     assert!(note.contains("timed out"), "{note}");
 }
 
@@ -219,10 +151,7 @@ fn a_stale_result_of_an_earlier_job_is_never_taken() {
     ran.expect_code(0);
     assert!(!ran.stderr().contains("an old failure"));
     assert_identical(&raw, &farm.output.join("stale.qcow2"));
-    assert!(
-        !farm.output.join("stale.error").exists(),
-        "the contradicting old error is removed"
-    );
+    assert!(!farm.output.join("stale.error").exists(), "the contradicting old error is removed");
     // An earlier job's qcow2 for the same name: the new job fails (nothing overwritten) and its
     // exporter reports its own failure, not the old success.
     let before = fs::read(farm.output.join("stale.qcow2")).unwrap();

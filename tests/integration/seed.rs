@@ -38,36 +38,18 @@ fn a_half_written_drop_is_waited_for_then_converted_exactly_once() {
     // intervals (200 ms). It must neither be ingested nor fail.
     std::thread::sleep(Duration::from_millis(1500));
     assert!(drop_path.exists(), "a half-written drop must not be taken");
-    assert!(
-        farm.records().is_empty()
-            && farm.jobs_in("queued").is_empty()
-            && farm.jobs_in("failed").is_empty()
-    );
+    assert!(farm.records().is_empty() && farm.jobs_in("queued").is_empty() && farm.jobs_in("failed").is_empty());
     f.write_all(&text.as_bytes()[text.len() / 2..]).unwrap();
     drop(f);
 
     let out = farm.output.join("legacy-vm.qcow2");
-    wait_for("the seed drop's result", Duration::from_secs(60), || {
-        farm.records().first().cloned()
-    });
+    wait_for("the seed drop's result", Duration::from_secs(60), || farm.records().first().cloned());
     assert_identical(&disk, &out);
-    assert!(
-        !drop_path.exists(),
-        "the drop was taken out of the watch directory"
-    );
-    assert!(
-        disk.exists() && farm.queue.join("legacy-vm.ovf").exists(),
-        "other files are left alone"
-    );
+    assert!(!drop_path.exists(), "the drop was taken out of the watch directory");
+    assert!(disk.exists() && farm.queue.join("legacy-vm.ovf").exists(), "other files are left alone");
     let done = farm.jobs_in("done");
     assert_eq!(done.len(), 1);
-    assert!(
-        farm.queue
-            .join("done")
-            .join(&done[0])
-            .join("origin.json")
-            .is_file()
-    );
+    assert!(farm.queue.join("done").join(&done[0]).join("origin.json").is_file());
     // Exactly once: no second job appears later.
     std::thread::sleep(Duration::from_millis(800));
     assert_eq!(farm.records().len(), 1);
@@ -78,23 +60,11 @@ fn a_drop_pointing_outside_the_allowed_directories_fails_with_the_setting_to_cha
     let farm = Farm::new();
     let _agent = farm.agent(&[]);
     let disk = images::sample_disk(&farm.src, "elsewhere.raw", 8, 6);
-    fs::write(
-        farm.queue.join("artifact-manifest.json"),
-        seed_manifest("outside", &disk),
-    )
-    .unwrap();
-    wait_for("the error", Duration::from_secs(30), || {
-        farm.output.join("outside.error").exists().then_some(())
-    });
+    fs::write(farm.queue.join("artifact-manifest.json"), seed_manifest("outside", &disk)).unwrap();
+    wait_for("the error", Duration::from_secs(30), || farm.output.join("outside.error").exists().then_some(()));
     let err = fs::read_to_string(farm.output.join("outside.error")).unwrap();
     assert!(err.contains("allowed_source_dirs"), "{err}");
-    assert!(
-        err.lines()
-            .next()
-            .unwrap()
-            .contains("outside the allowed source directories"),
-        "{err}"
-    );
+    assert!(err.lines().next().unwrap().contains("outside the allowed source directories"), "{err}");
     assert!(!farm.output.join("outside.qcow2").exists());
     assert_eq!(farm.jobs_in("failed").len(), 1);
 }
@@ -105,14 +75,8 @@ fn allowed_source_directories_admit_disks_elsewhere() {
     let src = farm.src.display().to_string();
     let _agent = farm.agent(&["--allowed-source-dir", &src]);
     let disk = images::sample_disk(&farm.src, "ok.raw", 8, 7);
-    fs::write(
-        farm.queue.join("drop.json"),
-        seed_manifest("allowed", &disk),
-    )
-    .unwrap();
-    wait_for("the result", Duration::from_secs(30), || {
-        farm.records().first().cloned()
-    });
+    fs::write(farm.queue.join("drop.json"), seed_manifest("allowed", &disk)).unwrap();
+    wait_for("the result", Duration::from_secs(30), || farm.records().first().cloned());
     assert_identical(&disk, &farm.output.join("allowed.qcow2"));
     assert!(disk.exists(), "a seed drop's disks are never removed");
 }

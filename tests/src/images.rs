@@ -35,29 +35,13 @@ pub fn raw_disk(path: &Path, size: u64, regions: &[(u64, usize)], seed: u64) -> 
 /// A small sample disk: `size_mib` virtual, data at a few places.
 pub fn sample_disk(dir: &Path, name: &str, size_mib: u64, seed: u64) -> PathBuf {
     let size = size_mib << 20;
-    raw_disk(
-        &dir.join(name),
-        size,
-        &[
-            (0, 64 << 10),
-            (size / 3, 1 << 20),
-            (size - (256 << 10), 256 << 10),
-        ],
-        seed,
-    )
+    raw_disk(&dir.join(name), size, &[(0, 64 << 10), (size / 3, 1 << 20), (size - (256 << 10), 256 << 10)], seed)
 }
 
 /// Run qemu-img and require success.
 pub fn qemu_img(args: &[&str]) -> String {
-    let out = Command::new("qemu-img")
-        .args(args)
-        .output()
-        .expect("qemu-img runs");
-    assert!(
-        out.status.success(),
-        "qemu-img {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = Command::new("qemu-img").args(args).output().expect("qemu-img runs");
+    assert!(out.status.success(), "qemu-img {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
@@ -87,29 +71,16 @@ pub fn identical(raw: &Path, qcow2: &Path) -> bool {
 /// Assert identity with a useful message.
 pub fn assert_identical(raw: &Path, qcow2: &Path) {
     assert!(qcow2.is_file(), "{} does not exist", qcow2.display());
-    assert!(
-        identical(raw, qcow2),
-        "{} differs from {}",
-        qcow2.display(),
-        raw.display()
-    );
+    assert!(identical(raw, qcow2), "{} differs from {}", qcow2.display(), raw.display());
 }
 
 /// An OVF descriptor for disks (file name, disk id) in boot order.
-pub fn ovf_text(
-    name: &str,
-    cpu: u32,
-    mem_mib: u64,
-    firmware: &str,
-    disks: &[(String, String, u64)],
-) -> String {
+pub fn ovf_text(name: &str, cpu: u32, mem_mib: u64, firmware: &str, disks: &[(String, String, u64)]) -> String {
     let mut refs = String::new();
     let mut section = String::new();
     let mut items = String::new();
     for (i, (file, id, size)) in disks.iter().enumerate() {
-        refs.push_str(&format!(
-            "    <File ovf:id=\"file{i}\" ovf:href=\"{file}\" ovf:size=\"{size}\"/>\n"
-        ));
+        refs.push_str(&format!("    <File ovf:id=\"file{i}\" ovf:href=\"{file}\" ovf:size=\"{size}\"/>\n"));
         section.push_str(&format!("    <Disk ovf:diskId=\"{id}\" ovf:fileRef=\"file{i}\" ovf:capacity=\"1\" ovf:format=\"http://www.vmware.com/interfaces/specifications/vmdk.html#streamOptimized\"/>\n"));
         items.push_str(&format!(
             "      <Item><rasd:HostResource>ovf:/disk/{id}</rasd:HostResource><rasd:InstanceID>{}</rasd:InstanceID><rasd:ResourceType>17</rasd:ResourceType></Item>\n",
@@ -147,12 +118,7 @@ pub fn ova(dir: &Path, name: &str, raws: &[&Path]) -> PathBuf {
     let mut disks = Vec::new();
     for (i, raw) in raws.iter().enumerate() {
         let file = format!("{name}-disk{}.vmdk", i + 1);
-        convert(
-            raw,
-            &work.join(&file),
-            "vmdk",
-            Some("subformat=streamOptimized"),
-        );
+        convert(raw, &work.join(&file), "vmdk", Some("subformat=streamOptimized"));
         let size = fs::metadata(work.join(&file)).expect("md").len();
         disks.push((file, format!("vmdisk{}", i + 1), size));
     }
@@ -160,28 +126,15 @@ pub fn ova(dir: &Path, name: &str, raws: &[&Path]) -> PathBuf {
     fs::write(work.join(&ovf), ovf_text(name, 2, 2048, "efi", &disks)).expect("write ovf");
     let mut mf = String::new();
     for f in std::iter::once(&ovf).chain(disks.iter().map(|d| &d.0)) {
-        let out = Command::new("sha256sum")
-            .arg(work.join(f))
-            .output()
-            .expect("sha256sum");
-        let hex = String::from_utf8_lossy(&out.stdout)
-            .split_whitespace()
-            .next()
-            .unwrap_or_default()
-            .to_string();
+        let out = Command::new("sha256sum").arg(work.join(f)).output().expect("sha256sum");
+        let hex = String::from_utf8_lossy(&out.stdout).split_whitespace().next().unwrap_or_default().to_string();
         mf.push_str(&format!("SHA256({f})= {hex}\n"));
     }
     let mf_name = format!("{name}.mf");
     fs::write(work.join(&mf_name), mf).expect("write mf");
     let ova = dir.join(format!("{name}.ova"));
     let mut cmd = Command::new("tar");
-    cmd.arg("--format=ustar")
-        .arg("-cf")
-        .arg(&ova)
-        .arg("-C")
-        .arg(&work)
-        .arg(&ovf)
-        .arg(&mf_name);
+    cmd.arg("--format=ustar").arg("-cf").arg(&ova).arg("-C").arg(&work).arg(&ovf).arg(&mf_name);
     for d in &disks {
         cmd.arg(&d.0);
     }
@@ -195,9 +148,7 @@ pub fn vmx(dir: &Path, name: &str, disks: &[(&str, &str)]) -> PathBuf {
         ".encoding = \"UTF-8\"\nconfig.version = \"8\"\nvirtualHW.version = \"19\"\ndisplayName = \"{name}\"\nnumvcpus = \"4\"\nmemsize = \"3072\"\nfirmware = \"efi\"\n"
     );
     for (dev, file) in disks {
-        text.push_str(&format!(
-            "{dev}.present = \"TRUE\"\n{dev}.fileName = \"{file}\"\n"
-        ));
+        text.push_str(&format!("{dev}.present = \"TRUE\"\n{dev}.fileName = \"{file}\"\n"));
     }
     text.push_str("sata0:0.fileName = \"installer.iso\"\nsata0:0.deviceType = \"cdrom-image\"\n");
     let p = dir.join(format!("{name}.vmx"));
@@ -207,11 +158,7 @@ pub fn vmx(dir: &Path, name: &str, disks: &[(&str, &str)]) -> PathBuf {
 
 /// Flip one byte of a file in place (a corrupted disk).
 pub fn corrupt(path: &Path, offset: u64) {
-    let f = fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(path)
-        .expect("open");
+    let f = fs::OpenOptions::new().read(true).write(true).open(path).expect("open");
     let mut b = [0u8; 1];
     f.read_exact_at(&mut b, offset).expect("read");
     b[0] ^= 0xff;

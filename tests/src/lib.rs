@@ -36,10 +36,7 @@ pub fn wait_for<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Option<T>
         if let Some(v) = f() {
             return v;
         }
-        assert!(
-            start.elapsed() < limit,
-            "timed out after {limit:?} waiting for {what}"
-        );
+        assert!(start.elapsed() < limit, "timed out after {limit:?} waiting for {what}");
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -50,6 +47,8 @@ pub struct Farm {
     pub queue: PathBuf,
     pub output: PathBuf,
     pub src: PathBuf,
+    /// The gRPC URL of the last agent started by [`Farm::agent`].
+    pub agent_url: std::sync::Mutex<Option<String>>,
 }
 
 impl Default for Farm {
@@ -60,22 +59,14 @@ impl Default for Farm {
 
 impl Farm {
     pub fn new() -> Farm {
-        let dir = tempfile::Builder::new()
-            .prefix("hyperfarm-test-")
-            .tempdir()
-            .expect("tempdir");
+        let dir = tempfile::Builder::new().prefix("hyperfarm-test-").tempdir().expect("tempdir");
         let queue = dir.path().join("queue");
         let output = dir.path().join("output");
         let src = dir.path().join("src");
         for d in [&queue, &output, &src] {
             fs::create_dir_all(d).expect("mkdir");
         }
-        Farm {
-            dir,
-            queue,
-            output,
-            src,
-        }
+        Farm { dir, queue, output, src, agent_url: Default::default() }
     }
 
     pub fn path(&self) -> &Path {
@@ -97,6 +88,8 @@ impl Farm {
             "3s".into(),
             "--shutdown-grace".into(),
             "5s".into(),
+            "--listen".into(),
+            "127.0.0.1:0".into(),
         ]
     }
 
@@ -106,6 +99,7 @@ impl Farm {
         args.extend(extra.iter().map(|s| s.to_string()));
         let mut p = Proc::spawn(&bin("hyper2kvm-agent"), &args, self.path(), &[]);
         p.wait_log("ready", Duration::from_secs(30));
+        *self.agent_url.lock().expect("lock") = p.grpc_url();
         p
     }
 
@@ -125,10 +119,12 @@ impl Farm {
             "--hyper2kvm-daemon-timeout".into(),
             "120s".into(),
         ];
+        match self.agent_url.lock().expect("lock").clone() {
+            Some(url) => args.extend(["--agent".to_string(), url]),
+            None => args.push("--hyper2kvm-detect=false".into()),
+        }
         args.extend(extra.iter().map(|s| s.to_string()));
-        Run::new(&bin("hyperexport"), &args)
-            .timeout(Duration::from_secs(180))
-            .run()
+        Run::new(&bin("hyperexport"), &args).timeout(Duration::from_secs(180)).run()
     }
 
     /// `ls -R` of the farm, for failure reports.
@@ -141,10 +137,7 @@ impl Farm {
     /// The ids of jobs in a queue state directory.
     pub fn jobs_in(&self, state: &str) -> Vec<String> {
         let mut v: Vec<String> = fs::read_dir(self.queue.join(state))
-            .map(|rd| {
-                rd.filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().into_owned()))
-                    .collect()
-            })
+            .map(|rd| rd.filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().into_owned())).collect())
             .unwrap_or_default();
         v.sort();
         v
@@ -173,10 +166,7 @@ impl Drop for Farm {
             if std::env::var_os("HYPERFARM_KEEP_TEST_DIRS").is_some() {
                 let kept = self.dir.path().to_path_buf();
                 eprintln!("kept {}", kept.display());
-                std::mem::forget(std::mem::replace(
-                    &mut self.dir,
-                    tempfile::tempdir().expect("tempdir"),
-                ));
+                std::mem::forget(std::mem::replace(&mut self.dir, tempfile::tempdir().expect("tempdir")));
             }
         }
     }
@@ -190,11 +180,7 @@ fn walk(root: &Path, dir: &Path, out: &mut String) {
         let p = e.path();
         let md = fs::symlink_metadata(&p).ok();
         let size = md.as_ref().map(|m| m.len()).unwrap_or(0);
-        out.push_str(&format!(
-            "{} {}\n",
-            p.strip_prefix(root).unwrap_or(&p).display(),
-            size
-        ));
+        out.push_str(&format!("{} {}\n", p.strip_prefix(root).unwrap_or(&p).display(), size));
         if md.map(|m| m.is_dir()).unwrap_or(false) {
             walk(root, &p, out);
         }
@@ -213,31 +199,29 @@ impl Proc {
     pub fn spawn(program: &Path, args: &[String], dir: &Path, env: &[(&str, &str)]) -> Proc {
         static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
         let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let name = program
-            .file_name()
-            .and_then(OsStr::to_str)
-            .unwrap_or("proc");
+        let name = program.file_name().and_then(OsStr::to_str).unwrap_or("proc");
         let log = dir.join(format!("{name}-{n}.log"));
         let f = fs::File::create(&log).expect("log file");
         let mut c = Command::new(program);
-        c.args(args)
-            .stdin(Stdio::null())
-            .stdout(f.try_clone().expect("dup"))
-            .stderr(f);
+        c.args(args).stdin(Stdio::null()).stdout(f.try_clone().expect("dup")).stderr(f);
         for (k, v) in env {
             c.env(k, v);
         }
-        let child = c
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawning {}: {e}", program.display()));
-        Proc {
-            child: Some(child),
-            log,
-            cmd: format!("{} {}", program.display(), args.join(" ")),
-        }
+        let child = c.spawn().unwrap_or_else(|e| panic!("spawning {}: {e}", program.display()));
+        Proc { child: Some(child), log, cmd: format!("{} {}", program.display(), args.join(" ")) }
+    }
+
+    /// The agent's gRPC URL, from its "gRPC listening addr=…" log line.
+    pub fn grpc_url(&self) -> Option<String> {
+        let log = self.log_text();
+        let at = log.find("gRPC listening addr=")? + "gRPC listening addr=".len();
+        let addr: String = log[at..].chars().take_while(|c| !c.is_whitespace()).collect();
+        let tls = log[at..].lines().next().is_some_and(|l| l.contains("tls=true"));
+        Some(format!("{}://{addr}", if tls { "https" } else { "http" }))
     }
 
     pub fn pid(&self) -> u32 {
+
         self.child.as_ref().map(|c| c.id()).unwrap_or(0)
     }
 
@@ -253,11 +237,7 @@ impl Proc {
                 return;
             }
             if let Some(status) = self.try_status() {
-                panic!(
-                    "{} exited ({status}) before logging {needle:?}:\n{}",
-                    self.cmd,
-                    self.log_text()
-                );
+                panic!("{} exited ({status}) before logging {needle:?}:\n{}", self.cmd, self.log_text());
             }
             assert!(
                 start.elapsed() < limit,
@@ -271,10 +251,7 @@ impl Proc {
 
     /// Count of log lines containing `needle`.
     pub fn log_count(&self, needle: &str) -> usize {
-        self.log_text()
-            .lines()
-            .filter(|l| l.contains(needle))
-            .count()
+        self.log_text().lines().filter(|l| l.contains(needle)).count()
     }
 
     fn try_status(&mut self) -> Option<ExitStatus> {
@@ -297,12 +274,7 @@ impl Proc {
                 self.child = None;
                 return st;
             }
-            assert!(
-                start.elapsed() < limit,
-                "{} did not exit within {limit:?}:\n{}",
-                self.cmd,
-                self.log_text()
-            );
+            assert!(start.elapsed() < limit, "{} did not exit within {limit:?}:\n{}", self.cmd, self.log_text());
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -364,13 +336,8 @@ impl Ran {
         self
     }
     pub fn json(&self) -> serde_json::Value {
-        serde_json::from_str(self.stdout().trim()).unwrap_or_else(|e| {
-            panic!(
-                "{}: stdout is not JSON ({e}):\n{}",
-                self.desc,
-                self.stdout()
-            )
-        })
+        serde_json::from_str(self.stdout().trim())
+            .unwrap_or_else(|e| panic!("{}: stdout is not JSON ({e}):\n{}", self.desc, self.stdout()))
     }
 }
 
@@ -399,25 +366,15 @@ impl Run {
     }
     /// Start without waiting (for tests that signal it).
     pub fn spawn(mut self) -> (Child, String) {
-        self.cmd
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
+        self.cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
         (self.cmd.spawn().expect("spawn"), self.desc)
     }
     pub fn run(mut self) -> Ran {
         self.cmd
-            .stdin(if self.stdin.is_some() {
-                Stdio::piped()
-            } else {
-                Stdio::null()
-            })
+            .stdin(if self.stdin.is_some() { Stdio::piped() } else { Stdio::null() })
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
-        let mut child = self
-            .cmd
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawning {}: {e}", self.desc));
+        let mut child = self.cmd.spawn().unwrap_or_else(|e| panic!("spawning {}: {e}", self.desc));
         if let Some(data) = self.stdin.take() {
             let mut si = child.stdin.take().expect("stdin");
             si.write_all(&data).expect("stdin write");
@@ -441,10 +398,7 @@ impl Run {
             std::thread::sleep(Duration::from_millis(10));
         }
         let output = child.wait_with_output().expect("output");
-        Ran {
-            desc: self.desc,
-            output,
-        }
+        Ran { desc: self.desc, output }
     }
 }
 
@@ -459,17 +413,11 @@ pub fn collect(child: Child, desc: String, limit: Duration) -> Ran {
         if start.elapsed() > limit {
             let _ = child.kill();
             let out = child.wait_with_output().expect("output");
-            panic!(
-                "{desc} ran longer than {limit:?}\n{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
+            panic!("{desc} ran longer than {limit:?}\n{}", String::from_utf8_lossy(&out.stderr));
         }
         std::thread::sleep(Duration::from_millis(10));
     }
-    Ran {
-        desc,
-        output: child.wait_with_output().expect("output"),
-    }
+    Ran { desc, output: child.wait_with_output().expect("output") }
 }
 
 /// Read `output/<name>`.

@@ -20,11 +20,7 @@ pub enum DiskData {
     /// A whole file (holes are found with SEEK_DATA/SEEK_HOLE and not copied).
     File { path: PathBuf, len: u64 },
     /// A byte range of a file (a member of an OVA).
-    Region {
-        path: PathBuf,
-        offset: u64,
-        len: u64,
-    },
+    Region { path: PathBuf, offset: u64, len: u64 },
     /// Extents laid end to end (a flat VMDK: descriptor + extent files) copied as one raw disk;
     /// a part without a path is zeros.
     Concat { parts: Vec<Part>, len: u64 },
@@ -40,9 +36,7 @@ pub struct Part {
 impl DiskData {
     pub fn len(&self) -> u64 {
         match self {
-            DiskData::File { len, .. }
-            | DiskData::Region { len, .. }
-            | DiskData::Concat { len, .. } => *len,
+            DiskData::File { len, .. } | DiskData::Region { len, .. } | DiskData::Concat { len, .. } => *len,
         }
     }
     pub fn is_empty(&self) -> bool {
@@ -116,10 +110,7 @@ pub struct SourceError {
 }
 
 pub fn bad(path: &Path, message: impl Into<String>) -> SourceError {
-    SourceError {
-        path: path.to_path_buf(),
-        message: message.into(),
-    }
+    SourceError { path: path.to_path_buf(), message: message.into() }
 }
 
 fn io_bad(path: &Path, e: io::Error) -> SourceError {
@@ -137,11 +128,7 @@ pub enum InputKind {
 
 /// Detect and load the VM at `path`. `name` overrides the VM name.
 pub fn load(path: &Path, name: Option<&str>) -> Result<VmSource, SourceError> {
-    let path = if path.is_dir() {
-        find_descriptor_in(path)?
-    } else {
-        path.to_path_buf()
-    };
+    let path = if path.is_dir() { find_descriptor_in(path)? } else { path.to_path_buf() };
     let file = File::open(&path).map_err(|e| io_bad(&path, e))?;
     let kind = detect(&file).map_err(|e| io_bad(&path, e))?;
     let mut vm = match kind {
@@ -150,10 +137,7 @@ pub fn load(path: &Path, name: Option<&str>) -> Result<VmSource, SourceError> {
         InputKind::Vmx => vmx::load(&path)?,
         InputKind::Disk => {
             let disk = load_disk_file(&path, "disk0")?;
-            let stem = path
-                .file_stem()
-                .map(|s| s.to_string_lossy().into_owned())
-                .unwrap_or_default();
+            let stem = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
             let stem = stem.trim_end_matches("-flat").to_string();
             VmSource {
                 name: stem,
@@ -173,13 +157,7 @@ pub fn load(path: &Path, name: Option<&str>) -> Result<VmSource, SourceError> {
             n.to_string()
         }
         None => names::sanitize_vm_name(&vm.name).ok_or_else(|| {
-            bad(
-                &path,
-                format!(
-                    "the VM name {:?} has no usable characters; give one with --name",
-                    vm.name
-                ),
-            )
+            bad(&path, format!("the VM name {:?} has no usable characters; give one with --name", vm.name))
         })?,
     };
     if vm.disks.is_empty() {
@@ -192,10 +170,7 @@ fn find_descriptor_in(dir: &Path) -> Result<PathBuf, SourceError> {
     let mut found = Vec::new();
     for e in std::fs::read_dir(dir).map_err(|e| io_bad(dir, e))? {
         let p = e.map_err(|e| io_bad(dir, e))?.path();
-        let ext = p
-            .extension()
-            .map(|x| x.to_string_lossy().to_ascii_lowercase())
-            .unwrap_or_default();
+        let ext = p.extension().map(|x| x.to_string_lossy().to_ascii_lowercase()).unwrap_or_default();
         if matches!(ext.as_str(), "ovf" | "vmx" | "ova") {
             found.push(p);
         }
@@ -210,11 +185,7 @@ fn find_descriptor_in(dir: &Path) -> Result<PathBuf, SourceError> {
             dir,
             format!(
                 "holds several VM descriptors ({}); point --vm at one of them",
-                found
-                    .iter()
-                    .map(|p| p.display().to_string())
-                    .collect::<Vec<_>>()
-                    .join(", ")
+                found.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
             ),
         )),
     }
@@ -228,10 +199,7 @@ pub fn detect(file: &File) -> io::Result<InputKind> {
     if head.len() >= 262 && &head[257..262] == b"ustar" {
         return Ok(InputKind::Ova);
     }
-    if matches!(
-        format::sniff(file)?,
-        Sniffed::Disk(_) | Sniffed::VmdkDescriptor
-    ) {
+    if matches!(format::sniff(file)?, Sniffed::Disk(_) | Sniffed::VmdkDescriptor) {
         return Ok(InputKind::Disk);
     }
     let text = String::from_utf8_lossy(&head);
@@ -246,24 +214,14 @@ pub fn detect(file: &File) -> io::Result<InputKind> {
 
 fn looks_like_vmx(text: &str) -> bool {
     text.lines().any(|l| {
-        let k = l
-            .split('=')
-            .next()
-            .unwrap_or_default()
-            .trim()
-            .to_ascii_lowercase();
-        matches!(
-            k.as_str(),
-            "config.version" | "virtualhw.version" | ".encoding"
-        )
+        let k = l.split('=').next().unwrap_or_default().trim().to_ascii_lowercase();
+        matches!(k.as_str(), "config.version" | "virtualhw.version" | ".encoding")
     })
 }
 
 fn looks_like_text(head: &[u8]) -> bool {
     !head.is_empty()
-        && head.iter().all(|&b| {
-            b == b'\n' || b == b'\r' || b == b'\t' || (0x20..0x7f).contains(&b) || b >= 0x80
-        })
+        && head.iter().all(|&b| b == b'\n' || b == b'\r' || b == b'\t' || (0x20..0x7f).contains(&b) || b >= 0x80)
 }
 
 /// Load one disk image file (any supported format, or a VMDK descriptor with flat extents).
@@ -275,17 +233,13 @@ pub fn load_disk_file(path: &Path, id: &str) -> Result<SourceDisk, SourceError> 
     }
     let len = md.len();
     let mut head = vec![0u8; 4096.min(len as usize)];
-    file.read_exact_at(&mut head, 0)
-        .map_err(|e| io_bad(path, e))?;
+    file.read_exact_at(&mut head, 0).map_err(|e| io_bad(path, e))?;
     let sniffed = format::sniff(&file).map_err(|e| io_bad(path, e))?;
     let label = path.display().to_string();
     let whole = |format| SourceDisk {
         id: id.to_string(),
         format,
-        data: DiskData::File {
-            path: path.to_path_buf(),
-            len,
-        },
+        data: DiskData::File { path: path.to_path_buf(), len },
         label: label.clone(),
     };
     match sniffed {
@@ -295,11 +249,8 @@ pub fn load_disk_file(path: &Path, id: &str) -> Result<SourceDisk, SourceError> 
         }
         Sniffed::VmdkDescriptor => {
             let text = String::from_utf8_lossy(
-                &format::read_head(
-                    &mut file.try_clone().map_err(|e| io_bad(path, e))?,
-                    64 * 1024,
-                )
-                .map_err(|e| io_bad(path, e))?,
+                &format::read_head(&mut file.try_clone().map_err(|e| io_bad(path, e))?, 64 * 1024)
+                    .map_err(|e| io_bad(path, e))?,
             )
             .into_owned();
             flat_vmdk(path, id, &vmdk::parse(&text))
@@ -321,12 +272,7 @@ pub fn load_disk_file(path: &Path, id: &str) -> Result<SourceDisk, SourceError> 
 
 /// Refuse images that depend on other files (snapshots, backing files): they would not be
 /// complete on the conversion host.
-pub fn check_self_contained(
-    path: &Path,
-    f: DiskFormat,
-    head: &[u8],
-    file: &File,
-) -> Result<(), SourceError> {
+pub fn check_self_contained(path: &Path, f: DiskFormat, head: &[u8], file: &File) -> Result<(), SourceError> {
     match f {
         DiskFormat::Vmdk => {
             if let Some(d) = vmdk::embedded_descriptor(head, file)
@@ -346,8 +292,7 @@ pub fn check_self_contained(
                     "is a qcow2 image with a backing file; flatten it first (qemu-img convert -O qcow2 in out)",
                 ));
             }
-            if head.len() >= 80 && u32::from_be_bytes(head[4..8].try_into().expect("4 bytes")) >= 3
-            {
+            if head.len() >= 80 && u32::from_be_bytes(head[4..8].try_into().expect("4 bytes")) >= 3 {
                 let incompatible = u64::from_be_bytes(head[72..80].try_into().expect("8 bytes"));
                 if incompatible & 0b100 != 0 {
                     return Err(bad(
@@ -361,16 +306,10 @@ pub fn check_self_contained(
             // The footer's disk type (offset 60): 4 = differencing.
             let len = file.metadata().map(|m| m.len()).unwrap_or(0);
             let mut footer = [0u8; 512];
-            if len >= 512
-                && file.read_exact_at(&mut footer, len - 512).is_ok()
-                && &footer[..8] == b"conectix"
-            {
+            if len >= 512 && file.read_exact_at(&mut footer, len - 512).is_ok() && &footer[..8] == b"conectix" {
                 let kind = u32::from_be_bytes(footer[60..64].try_into().expect("4 bytes"));
                 if kind == 4 {
-                    return Err(bad(
-                        path,
-                        "is a differencing VHD (a snapshot); merge it into its parent first",
-                    ));
+                    return Err(bad(path, "is a differencing VHD (a snapshot); merge it into its parent first"));
                 }
             }
         }
@@ -383,10 +322,7 @@ pub fn check_self_contained(
 /// is their concatenation, exported as raw.
 fn flat_vmdk(path: &Path, id: &str, d: &vmdk::Descriptor) -> Result<SourceDisk, SourceError> {
     if d.is_delta() {
-        return Err(bad(
-            path,
-            "is a VMDK snapshot (delta) descriptor; consolidate or delete the VM's snapshots first",
-        ));
+        return Err(bad(path, "is a VMDK snapshot (delta) descriptor; consolidate or delete the VM's snapshots first"));
     }
     if d.extents.is_empty() {
         return Err(bad(path, "is a VMDK descriptor without extents"));
@@ -394,23 +330,13 @@ fn flat_vmdk(path: &Path, id: &str, d: &vmdk::Descriptor) -> Result<SourceDisk, 
     let mut parts = Vec::new();
     let mut total = 0u64;
     for e in &d.extents {
-        let len = e
-            .sectors
-            .checked_mul(512)
-            .ok_or_else(|| bad(path, "has an absurd extent size"))?;
+        let len = e.sectors.checked_mul(512).ok_or_else(|| bad(path, "has an absurd extent size"))?;
         match e.kind.as_str() {
             "FLAT" | "VMFS" => {
-                let name = e
-                    .file
-                    .as_deref()
-                    .ok_or_else(|| bad(path, "has a flat extent without a file name"))?;
+                let name = e.file.as_deref().ok_or_else(|| bad(path, "has a flat extent without a file name"))?;
                 let p = vmdk::extent_path(path, name).map_err(|m| bad(path, m))?;
-                let md = std::fs::metadata(&p).map_err(|err| {
-                    bad(
-                        path,
-                        format!("its extent {} is unreadable: {err}", p.display()),
-                    )
-                })?;
+                let md = std::fs::metadata(&p)
+                    .map_err(|err| bad(path, format!("its extent {} is unreadable: {err}", p.display())))?;
                 let start = e.offset_sectors * 512;
                 if md.len() < start + len {
                     return Err(bad(
@@ -423,17 +349,9 @@ fn flat_vmdk(path: &Path, id: &str, d: &vmdk::Descriptor) -> Result<SourceDisk, 
                         ),
                     ));
                 }
-                parts.push(Part {
-                    path: Some(p),
-                    offset: start,
-                    len,
-                });
+                parts.push(Part { path: Some(p), offset: start, len });
             }
-            "ZERO" => parts.push(Part {
-                path: None,
-                offset: 0,
-                len,
-            }),
+            "ZERO" => parts.push(Part { path: None, offset: 0, len }),
             other => {
                 return Err(bad(
                     path,
@@ -448,22 +366,13 @@ fn flat_vmdk(path: &Path, id: &str, d: &vmdk::Descriptor) -> Result<SourceDisk, 
     }
     // A single flat extent from offset 0 that is exactly the disk: copy the file itself, so its
     // holes are detected.
-    if let [
-        Part {
-            path: Some(p),
-            offset: 0,
-            len,
-        },
-    ] = parts.as_slice()
+    if let [Part { path: Some(p), offset: 0, len }] = parts.as_slice()
         && std::fs::metadata(p).map(|m| m.len()).ok() == Some(*len)
     {
         return Ok(SourceDisk {
             id: id.into(),
             format: DiskFormat::Raw,
-            data: DiskData::File {
-                path: p.clone(),
-                len: *len,
-            },
+            data: DiskData::File { path: p.clone(), len: *len },
             label: path.display().to_string(),
         });
     }
@@ -477,22 +386,10 @@ fn flat_vmdk(path: &Path, id: &str, d: &vmdk::Descriptor) -> Result<SourceDisk, 
 
 /// A disk id usable in the manifest: `preferred` if valid, else `disk<N>`.
 pub fn disk_id(preferred: &str, index: usize) -> String {
-    let cleaned: String = preferred
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '_' || c == '-' {
-                c
-            } else {
-                '-'
-            }
-        })
-        .collect();
+    let cleaned: String =
+        preferred.chars().map(|c| if c.is_ascii_alphanumeric() || c == '_' || c == '-' { c } else { '-' }).collect();
     let cleaned = cleaned.trim_start_matches('-').to_string();
-    if names::check_disk_id(&cleaned).is_ok() {
-        cleaned
-    } else {
-        format!("disk{index}")
-    }
+    if names::check_disk_id(&cleaned).is_ok() { cleaned } else { format!("disk{index}") }
 }
 
 /// Make ids unique (append `-2`, `-3` …).

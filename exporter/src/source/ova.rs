@@ -8,10 +8,7 @@ use std::path::Path;
 
 use sha2::Digest as _;
 
-use super::{
-    DiskData, SourceDisk, SourceError, VmSource, bad, check_self_contained, dedupe_ids, disk_id,
-    ovf,
-};
+use super::{DiskData, SourceDisk, SourceError, VmSource, bad, check_self_contained, dedupe_ids, disk_id, ovf};
 use hyperfarm_shared::format::{self, Sniffed};
 
 /// A digest from the OVA's `.mf`.
@@ -106,16 +103,11 @@ pub fn load(path: &Path, file: &File) -> Result<VmSource, SourceError> {
     let mut members: HashMap<String, Member> = HashMap::new();
     let mut order = Vec::new();
     let mut archive = tar::Archive::new(file.try_clone().map_err(|e| bad(path, e.to_string()))?);
-    let entries = archive
-        .entries_with_seek()
-        .map_err(|e| bad(path, format!("is not a readable OVA (tar): {e}")))?;
+    let entries = archive.entries_with_seek().map_err(|e| bad(path, format!("is not a readable OVA (tar): {e}")))?;
     for entry in entries {
         let entry = entry.map_err(|e| bad(path, format!("is a damaged OVA (tar): {e}")))?;
-        let name = entry
-            .path()
-            .map_err(|e| bad(path, format!("has a bad member name: {e}")))?
-            .to_string_lossy()
-            .into_owned();
+        let name =
+            entry.path().map_err(|e| bad(path, format!("has a bad member name: {e}")))?.to_string_lossy().into_owned();
         let kind = entry.header().entry_type();
         if kind.is_gnu_sparse() {
             return Err(bad(
@@ -132,46 +124,25 @@ pub fn load(path: &Path, file: &File) -> Result<VmSource, SourceError> {
             return Err(bad(path, "has more than 10,000 members; it is not an OVA"));
         }
         order.push(name.clone());
-        members.insert(
-            name,
-            Member {
-                offset: entry.raw_file_position(),
-                size: entry.size(),
-            },
-        );
+        members.insert(name, Member { offset: entry.raw_file_position(), size: entry.size() });
     }
     let ovf_name = order
         .iter()
         .find(|n| n.to_ascii_lowercase().ends_with(".ovf"))
         .cloned()
-        .ok_or_else(|| {
-            bad(
-                path,
-                "is a tar archive without an .ovf descriptor, so not an OVA",
-            )
-        })?;
+        .ok_or_else(|| bad(path, "is a tar archive without an .ovf descriptor, so not an OVA"))?;
     let read_member = |name: &str, limit: u64| -> Result<Vec<u8>, SourceError> {
         let m = &members[name];
         if m.size > limit {
-            return Err(bad(
-                path,
-                format!(
-                    "member {name} is {} bytes, too large for a descriptor",
-                    m.size
-                ),
-            ));
+            return Err(bad(path, format!("member {name} is {} bytes, too large for a descriptor", m.size)));
         }
         let mut buf = vec![0u8; m.size as usize];
         use std::os::unix::fs::FileExt;
-        file.read_exact_at(&mut buf, m.offset)
-            .map_err(|e| bad(path, format!("reading member {name}: {e}")))?;
+        file.read_exact_at(&mut buf, m.offset).map_err(|e| bad(path, format!("reading member {name}: {e}")))?;
         Ok(buf)
     };
     let ovf_bytes = read_member(&ovf_name, 16 << 20)?;
-    let mf = order
-        .iter()
-        .find(|n| n.to_ascii_lowercase().ends_with(".mf"))
-        .cloned();
+    let mf = order.iter().find(|n| n.to_ascii_lowercase().ends_with(".mf")).cloned();
     let digests = match &mf {
         Some(n) => parse_mf(&String::from_utf8_lossy(&read_member(n, 1 << 20)?)),
         None => vec![],
@@ -190,36 +161,22 @@ pub fn load(path: &Path, file: &File) -> Result<VmSource, SourceError> {
             ));
         }
     }
-    let info = ovf::parse(&String::from_utf8_lossy(&ovf_bytes))
-        .map_err(|m| bad(path, format!("{ovf_name} {m}")))?;
+    let info = ovf::parse(&String::from_utf8_lossy(&ovf_bytes)).map_err(|m| bad(path, format!("{ovf_name} {m}")))?;
     let mut disks = Vec::new();
     for (i, d) in info.disks.iter().enumerate() {
         ovf::check_href(&d.href).map_err(|m| bad(path, format!("{ovf_name} {m}")))?;
         let m = members.get(&d.href).ok_or_else(|| {
-            bad(
-                path,
-                format!(
-                    "{ovf_name} refers to {}, which is not in the archive; the OVA is incomplete",
-                    d.href
-                ),
-            )
+            bad(path, format!("{ovf_name} refers to {}, which is not in the archive; the OVA is incomplete", d.href))
         })?;
         if let Some(size) = d.size
             && size != m.size
         {
             return Err(bad(
                 path,
-                format!(
-                    "member {} is {} bytes but the OVF says {size}; the OVA is incomplete",
-                    d.href, m.size
-                ),
+                format!("member {} is {} bytes but the OVF says {size}; the OVA is incomplete", d.href, m.size),
             ));
         }
-        let region = RegionFile {
-            file,
-            offset: m.offset,
-            len: m.size,
-        };
+        let region = RegionFile { file, offset: m.offset, len: m.size };
         let head = region.head(4096).map_err(|e| bad(path, e.to_string()))?;
         let tail = region.tail(512).map_err(|e| bad(path, e.to_string()))?;
         let fmt = match format::sniff_bytes(&head, tail.as_deref()) {
@@ -235,10 +192,7 @@ pub fn load(path: &Path, file: &File) -> Result<VmSource, SourceError> {
             }
             Sniffed::Unknown => {
                 if m.size % 512 != 0 {
-                    return Err(bad(
-                        path,
-                        format!("member {} is not a recognised disk image", d.href),
-                    ));
+                    return Err(bad(path, format!("member {} is not a recognised disk image", d.href)));
                 }
                 hyperfarm_shared::format::DiskFormat::Raw
             }
@@ -249,10 +203,7 @@ pub fn load(path: &Path, file: &File) -> Result<VmSource, SourceError> {
         {
             return Err(bad(
                 path,
-                format!(
-                    "member {} is a VMDK snapshot (delta) disk; export the VM without snapshots",
-                    d.href
-                ),
+                format!("member {} is a VMDK snapshot (delta) disk; export the VM without snapshots", d.href),
             ));
         }
         if fmt != hyperfarm_shared::format::DiskFormat::Vmdk {
@@ -261,24 +212,16 @@ pub fn load(path: &Path, file: &File) -> Result<VmSource, SourceError> {
         disks.push(SourceDisk {
             id: disk_id(&d.disk_id, i),
             format: fmt,
-            data: DiskData::Region {
-                path: path.to_path_buf(),
-                offset: m.offset,
-                len: m.size,
-            },
+            data: DiskData::Region { path: path.to_path_buf(), offset: m.offset, len: m.size },
             label: format!("{} ({})", d.disk_id, d.href),
         });
     }
     dedupe_ids(&mut disks);
-    let expected_member_digests = digests
-        .into_iter()
-        .filter(|(n, _)| info.disks.iter().any(|d| &d.href == n))
-        .collect();
+    let expected_member_digests =
+        digests.into_iter().filter(|(n, _)| info.disks.iter().any(|d| &d.href == n)).collect();
     Ok(VmSource {
         name: if info.name.is_empty() {
-            path.file_stem()
-                .map(|s| s.to_string_lossy().into_owned())
-                .unwrap_or_default()
+            path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default()
         } else {
             info.name
         },
@@ -292,11 +235,7 @@ pub fn load(path: &Path, file: &File) -> Result<VmSource, SourceError> {
     })
 }
 
-fn embedded_descriptor_at(
-    file: &File,
-    offset: u64,
-    head: &[u8],
-) -> Option<super::vmdk::Descriptor> {
+fn embedded_descriptor_at(file: &File, offset: u64, head: &[u8]) -> Option<super::vmdk::Descriptor> {
     use std::os::unix::fs::FileExt;
     if head.len() < 44 || &head[..4] != b"KDMV" {
         return None;
@@ -331,8 +270,7 @@ impl RegionFile<'_> {
             return Ok(None);
         }
         let mut buf = vec![0u8; n as usize];
-        self.file
-            .read_exact_at(&mut buf, self.offset + self.len - n)?;
+        self.file.read_exact_at(&mut buf, self.offset + self.len - n)?;
         Ok(Some(buf))
     }
 }
@@ -345,16 +283,10 @@ mod tests {
     fn parses_manifest_lines() {
         let mf = parse_mf("SHA256(web.ovf)= ABCDEF\nSHA1(disk1.vmdk)=0123\nMD5(x)= 00\ngarbage\n");
         assert_eq!(mf.len(), 2);
-        assert_eq!(
-            mf[0],
-            ("web.ovf".into(), MemberDigest::Sha256("abcdef".into()))
-        );
+        assert_eq!(mf[0], ("web.ovf".into(), MemberDigest::Sha256("abcdef".into())));
         assert_eq!(mf[1].1.algorithm(), "SHA1");
         let mut h = MemberDigest::Sha256(String::new()).hasher();
         h.update(b"abc");
-        assert_eq!(
-            h.finish_hex(),
-            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
-        );
+        assert_eq!(h.finish_hex(), "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
     }
 }

@@ -24,26 +24,17 @@ pub struct OvfInfo {
 }
 
 fn attr<'a>(n: &roxmltree::Node<'a, '_>, local: &str) -> Option<&'a str> {
-    n.attributes()
-        .find(|a| a.name() == local)
-        .map(|a| a.value())
+    n.attributes().find(|a| a.name() == local).map(|a| a.value())
 }
 
 fn child_text<'a>(n: &roxmltree::Node<'a, '_>, local: &str) -> Option<&'a str> {
-    n.children()
-        .find(|c| c.is_element() && c.tag_name().name() == local)
-        .and_then(|c| c.text())
-        .map(str::trim)
+    n.children().find(|c| c.is_element() && c.tag_name().name() == local).and_then(|c| c.text()).map(str::trim)
 }
 
 /// Parse OVF XML.
 pub fn parse(xml: &str) -> Result<OvfInfo, String> {
-    let opts = roxmltree::ParsingOptions {
-        allow_dtd: false,
-        ..Default::default()
-    };
-    let doc = roxmltree::Document::parse_with_options(xml, opts)
-        .map_err(|e| format!("is not valid OVF XML: {e}"))?;
+    let opts = roxmltree::ParsingOptions { allow_dtd: false, ..Default::default() };
+    let doc = roxmltree::Document::parse_with_options(xml, opts).map_err(|e| format!("is not valid OVF XML: {e}"))?;
     let root = doc.root_element();
     if root.tag_name().name() != "Envelope" {
         return Err("is XML but not an OVF envelope".into());
@@ -64,13 +55,7 @@ pub fn parse(xml: &str) -> Result<OvfInfo, String> {
                 "references {href} compressed with {c:?}, which is not supported; re-export the OVF without compression"
             ));
         }
-        files.insert(
-            id.to_string(),
-            (
-                href.to_string(),
-                attr(&f, "size").and_then(|s| s.parse().ok()),
-            ),
-        );
+        files.insert(id.to_string(), (href.to_string(), attr(&f, "size").and_then(|s| s.parse().ok())));
     }
     // DiskSection: disk id -> file ref.
     let mut disk_files = Vec::new();
@@ -83,33 +68,24 @@ pub fn parse(xml: &str) -> Result<OvfInfo, String> {
                 "disk {id} has no file (an empty disk); remove it from the VM or export it with its data"
             ));
         };
-        let (href, size) = files.get(file_ref).cloned().ok_or_else(|| {
-            format!("disk {id} refers to file {file_ref:?}, which is not in the References section")
-        })?;
-        disk_files.push(OvfDisk {
-            disk_id: id.to_string(),
-            href,
-            size,
-        });
+        let (href, size) = files
+            .get(file_ref)
+            .cloned()
+            .ok_or_else(|| format!("disk {id} refers to file {file_ref:?}, which is not in the References section"))?;
+        disk_files.push(OvfDisk { disk_id: id.to_string(), href, size });
     }
 
     let vs = elements().find(|n| n.tag_name().name() == "VirtualSystem");
     let name = vs
         .as_ref()
-        .and_then(|v| {
-            child_text(v, "Name")
-                .map(str::to_string)
-                .or_else(|| attr(v, "id").map(str::to_string))
-        })
+        .and_then(|v| child_text(v, "Name").map(str::to_string).or_else(|| attr(v, "id").map(str::to_string)))
         .unwrap_or_default();
 
     let mut cpu = None;
     let mut memory_mib = None;
     let mut order = Vec::new();
     for item in elements().filter(|n| matches!(n.tag_name().name(), "Item" | "StorageItem")) {
-        let rt: u32 = child_text(&item, "ResourceType")
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(0);
+        let rt: u32 = child_text(&item, "ResourceType").and_then(|s| s.parse().ok()).unwrap_or(0);
         let qty: Option<u64> = child_text(&item, "VirtualQuantity").and_then(|s| s.parse().ok());
         match rt {
             3 => cpu = qty.and_then(|q| u32::try_from(q).ok()),
@@ -143,13 +119,7 @@ pub fn parse(xml: &str) -> Result<OvfInfo, String> {
         }
     }
     disks.extend(disk_files);
-    Ok(OvfInfo {
-        name,
-        cpu,
-        memory_mib,
-        firmware,
-        disks,
-    })
+    Ok(OvfInfo { name, cpu, memory_mib, firmware, disks })
 }
 
 /// `byte * 2^20`, `MegaBytes`, `byte * 1024 * 1024`… to MiB.
@@ -165,8 +135,7 @@ fn to_mib(qty: u64, units: &str) -> Option<u64> {
             if let Some(exp) = rest.strip_prefix("2^") {
                 1u64.checked_shl(exp.parse().ok()?)?
             } else {
-                rest.split('*')
-                    .try_fold(1u64, |acc, f| acc.checked_mul(f.parse().ok()?))?
+                rest.split('*').try_fold(1u64, |acc, f| acc.checked_mul(f.parse().ok()?))?
             }
         }
     };
@@ -176,10 +145,7 @@ fn to_mib(qty: u64, units: &str) -> Option<u64> {
 /// An href must stay inside the OVF's directory (or the OVA).
 pub fn check_href(href: &str) -> Result<(), String> {
     let p = Path::new(href);
-    if href.contains("://")
-        || p.is_absolute()
-        || p.components()
-            .any(|c| !matches!(c, std::path::Component::Normal(_)))
+    if href.contains("://") || p.is_absolute() || p.components().any(|c| !matches!(c, std::path::Component::Normal(_)))
     {
         return Err(format!(
             "refers to {href:?}, which is not a file beside the OVF; only relative names without '..' are accepted"
@@ -192,10 +158,7 @@ pub fn check_href(href: &str) -> Result<(), String> {
 pub fn load_file(path: &Path) -> Result<VmSource, SourceError> {
     let text = std::fs::read(path).map_err(|e| bad(path, format!("cannot read it: {e}")))?;
     if text.len() > 16 << 20 {
-        return Err(bad(
-            path,
-            "is larger than 16 MiB; it cannot be an OVF descriptor",
-        ));
+        return Err(bad(path, "is larger than 16 MiB; it cannot be an OVF descriptor"));
     }
     let info = parse(&String::from_utf8_lossy(&text)).map_err(|m| bad(path, m))?;
     let dir = path.parent().unwrap_or(Path::new("."));
@@ -209,10 +172,7 @@ pub fn load_file(path: &Path) -> Result<VmSource, SourceError> {
         {
             return Err(bad(
                 &disk_path,
-                format!(
-                    "is {} bytes but the OVF says {size}; the export is incomplete",
-                    disk.data.len()
-                ),
+                format!("is {} bytes but the OVF says {size}; the export is incomplete", disk.data.len()),
             ));
         }
         disk.label = format!("{} ({})", d.disk_id, d.href);
@@ -221,9 +181,7 @@ pub fn load_file(path: &Path) -> Result<VmSource, SourceError> {
     dedupe_ids(&mut disks);
     Ok(VmSource {
         name: if info.name.is_empty() {
-            path.file_stem()
-                .map(|s| s.to_string_lossy().into_owned())
-                .unwrap_or_default()
+            path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default()
         } else {
             info.name
         },
@@ -289,18 +247,15 @@ mod tests {
     #[test]
     fn refuses_bad_ovfs() {
         assert!(parse("<notovf/>").is_err());
-        assert!(parse("<Envelope><References><File id=\"f\" href=\"x\" compression=\"gzip\"/></References></Envelope>").is_err());
-        assert!(parse("<Envelope><DiskSection><Disk diskId=\"d\" fileRef=\"nope\"/></DiskSection></Envelope>").is_err());
         assert!(
-            parse("<!DOCTYPE x [<!ENTITY a \"b\">]><Envelope/>").is_err(),
-            "no DTDs (entity expansion)"
+            parse("<Envelope><References><File id=\"f\" href=\"x\" compression=\"gzip\"/></References></Envelope>")
+                .is_err()
         );
-        for href in [
-            "../etc/shadow",
-            "/etc/shadow",
-            "http://x/y.vmdk",
-            "a/../../b",
-        ] {
+        assert!(
+            parse("<Envelope><DiskSection><Disk diskId=\"d\" fileRef=\"nope\"/></DiskSection></Envelope>").is_err()
+        );
+        assert!(parse("<!DOCTYPE x [<!ENTITY a \"b\">]><Envelope/>").is_err(), "no DTDs (entity expansion)");
+        for href in ["../etc/shadow", "/etc/shadow", "http://x/y.vmdk", "a/../../b"] {
             assert!(check_href(href).is_err(), "{href}");
         }
         assert!(check_href("disk1.vmdk").is_ok());

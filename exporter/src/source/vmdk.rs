@@ -22,9 +22,7 @@ pub struct Descriptor {
 impl Descriptor {
     /// A snapshot (delta) disk refers to a parent.
     pub fn is_delta(&self) -> bool {
-        self.parent_cid
-            .as_deref()
-            .is_some_and(|p| !p.eq_ignore_ascii_case("ffffffff"))
+        self.parent_cid.as_deref().is_some_and(|p| !p.eq_ignore_ascii_case("ffffffff"))
     }
 }
 
@@ -73,17 +71,8 @@ fn parse_extent(line: &str) -> Option<Extent> {
     } else {
         (None, rest)
     };
-    let offset_sectors = rest
-        .split_whitespace()
-        .next()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    Some(Extent {
-        sectors,
-        kind: kind.to_ascii_uppercase(),
-        file,
-        offset_sectors,
-    })
+    let offset_sectors = rest.split_whitespace().next().and_then(|s| s.parse().ok()).unwrap_or(0);
+    Some(Extent { sectors, kind: kind.to_ascii_uppercase(), file, offset_sectors })
 }
 
 /// The descriptor embedded in a monolithic sparse or stream-optimized VMDK (`KDMV` header).
@@ -107,13 +96,8 @@ pub fn embedded_descriptor(head: &[u8], file: &std::fs::File) -> Option<Descript
 /// and `..` (a descriptor must not make us read elsewhere).
 pub fn extent_path(descriptor: &Path, name: &str) -> Result<PathBuf, String> {
     let p = Path::new(name);
-    if p.is_absolute()
-        || p.components()
-            .any(|c| matches!(c, std::path::Component::ParentDir))
-    {
-        return Err(format!(
-            "extent {name:?} is outside the descriptor's directory"
-        ));
+    if p.is_absolute() || p.components().any(|c| matches!(c, std::path::Component::ParentDir)) {
+        return Err(format!("extent {name:?} is outside the descriptor's directory"));
     }
     Ok(descriptor.parent().unwrap_or(Path::new(".")).join(p))
 }
@@ -133,12 +117,7 @@ mod tests {
         assert_eq!(d.extents.len(), 3);
         assert_eq!(
             d.extents[0],
-            Extent {
-                sectors: 2097152,
-                kind: "VMFS".into(),
-                file: Some("web-flat.vmdk".into()),
-                offset_sectors: 0
-            }
+            Extent { sectors: 2097152, kind: "VMFS".into(), file: Some("web-flat.vmdk".into()), offset_sectors: 0 }
         );
         assert_eq!(d.extents[1].kind, "ZERO");
         assert_eq!(d.extents[2].offset_sectors, 8);
@@ -149,9 +128,6 @@ mod tests {
         assert!(parse("parentCID=1234abcd\n").is_delta());
         assert!(extent_path(Path::new("/vm/a.vmdk"), "../etc/shadow").is_err());
         assert!(extent_path(Path::new("/vm/a.vmdk"), "/dev/sda").is_err());
-        assert_eq!(
-            extent_path(Path::new("/vm/a.vmdk"), "a-flat.vmdk").expect("ok"),
-            PathBuf::from("/vm/a-flat.vmdk")
-        );
+        assert_eq!(extent_path(Path::new("/vm/a.vmdk"), "a-flat.vmdk").expect("ok"), PathBuf::from("/vm/a-flat.vmdk"));
     }
 }

@@ -15,10 +15,7 @@ pub fn parse(text: &str) -> HashMap<String, String> {
         }
         if let Some((k, v)) = line.split_once('=') {
             let v = v.trim();
-            let v = v
-                .strip_prefix('"')
-                .and_then(|s| s.strip_suffix('"'))
-                .unwrap_or(v);
+            let v = v.strip_prefix('"').and_then(|s| s.strip_suffix('"')).unwrap_or(v);
             out.insert(k.trim().to_ascii_lowercase(), v.to_string());
         }
     }
@@ -53,50 +50,27 @@ pub fn disks(keys: &HashMap<String, String>) -> Vec<VmxDisk> {
         let Some((bus_n, unit)) = dev.split_once(':') else {
             continue;
         };
-        let bus: String = bus_n
-            .chars()
-            .take_while(|c| c.is_ascii_alphabetic())
-            .collect();
+        let bus: String = bus_n.chars().take_while(|c| c.is_ascii_alphabetic()).collect();
         if !matches!(bus.as_str(), "ide" | "scsi" | "sata" | "nvme") {
             continue;
         }
         let (Ok(n), Ok(u)) = (bus_n[bus.len()..].parse::<u32>(), unit.parse::<u32>()) else {
             continue;
         };
-        if keys
-            .get(&format!("{dev}.present"))
-            .is_some_and(|p| p.eq_ignore_ascii_case("false"))
-        {
+        if keys.get(&format!("{dev}.present")).is_some_and(|p| p.eq_ignore_ascii_case("false")) {
             continue;
         }
-        let dtype = keys
-            .get(&format!("{dev}.devicetype"))
-            .map(|s| s.to_ascii_lowercase())
-            .unwrap_or_default();
-        if dtype.contains("cdrom")
-            || dtype.contains("floppy")
-            || v.to_ascii_lowercase().ends_with(".iso")
-        {
+        let dtype = keys.get(&format!("{dev}.devicetype")).map(|s| s.to_ascii_lowercase()).unwrap_or_default();
+        if dtype.contains("cdrom") || dtype.contains("floppy") || v.to_ascii_lowercase().ends_with(".iso") {
             continue;
         }
-        found.push((
-            (bus_rank(&bus), n, u),
-            VmxDisk {
-                device: dev.to_string(),
-                file_name: v.clone(),
-            },
-        ));
+        found.push(((bus_rank(&bus), n, u), VmxDisk { device: dev.to_string(), file_name: v.clone() }));
     }
     found.sort_by_key(|(k, _)| *k);
     let mut disks: Vec<VmxDisk> = found.into_iter().map(|(_, d)| d).collect();
     if let Some(order) = keys.get("bios.hddorder") {
-        for (pos, dev) in order
-            .split(',')
-            .map(|s| s.trim().to_ascii_lowercase())
-            .enumerate()
-            .collect::<Vec<_>>()
-            .into_iter()
-            .rev()
+        for (pos, dev) in
+            order.split(',').map(|s| s.trim().to_ascii_lowercase()).enumerate().collect::<Vec<_>>().into_iter().rev()
         {
             let _ = pos;
             if let Some(i) = disks.iter().position(|d| d.device == dev) {
@@ -119,36 +93,23 @@ pub fn load(path: &Path) -> Result<VmSource, SourceError> {
     let mut disks = Vec::new();
     for (i, d) in disks_of(&keys).iter().enumerate() {
         let p = Path::new(&d.file_name);
-        let full = if p.is_absolute() {
-            p.to_path_buf()
-        } else {
-            dir.join(p)
-        };
+        let full = if p.is_absolute() { p.to_path_buf() } else { dir.join(p) };
         let mut disk = load_disk_file(&full, &disk_id(&d.device.replace(':', "-"), i))?;
         disk.label = format!("{} ({})", d.device, d.file_name);
         disks.push(disk);
     }
     dedupe_ids(&mut disks);
-    let name = keys.get("displayname").cloned().unwrap_or_else(|| {
-        path.file_stem()
-            .map(|s| s.to_string_lossy().into_owned())
-            .unwrap_or_default()
-    });
-    let firmware = match keys
-        .get("firmware")
-        .map(|s| s.to_ascii_lowercase())
-        .as_deref()
-    {
+    let name = keys
+        .get("displayname")
+        .cloned()
+        .unwrap_or_else(|| path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default());
+    let firmware = match keys.get("firmware").map(|s| s.to_ascii_lowercase()).as_deref() {
         Some("efi") => Firmware::Uefi,
         _ => Firmware::Bios,
     };
     Ok(VmSource {
         name,
-        cpu: Some(
-            keys.get("numvcpus")
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(1),
-        ),
+        cpu: Some(keys.get("numvcpus").and_then(|v| v.parse().ok()).unwrap_or(1)),
         memory_mib: keys.get("memsize").and_then(|v| v.parse().ok()),
         firmware,
         disks,

@@ -23,23 +23,14 @@ pub enum InspectError {
     #[error(
         "its declared format is {declared} but its content is {actual}; fix source_format in the manifest or re-export the VM"
     )]
-    FormatMismatch {
-        declared: DiskFormat,
-        actual: String,
-    },
-    #[error(
-        "it refers to a backing file {0:?}; flatten it first (qemu-img convert) so that it is self-contained"
-    )]
+    FormatMismatch { declared: DiskFormat, actual: String },
+    #[error("it refers to a backing file {0:?}; flatten it first (qemu-img convert) so that it is self-contained")]
     BackingFile(String),
-    #[error(
-        "it uses an external data file {0:?}; flatten it first (qemu-img convert) so that it is self-contained"
-    )]
+    #[error("it uses an external data file {0:?}; flatten it first (qemu-img convert) so that it is self-contained")]
     DataFile(String),
     #[error("it is encrypted; decrypt it before exporting")]
     Encrypted,
-    #[error(
-        "its extent {0:?} is outside the allowed source directories (agent setting allowed_source_dirs)"
-    )]
+    #[error("its extent {0:?} is outside the allowed source directories (agent setting allowed_source_dirs)")]
     ExtentOutside(PathBuf),
     #[error("its extent {0:?} is missing or not a regular file")]
     ExtentMissing(PathBuf),
@@ -77,15 +68,9 @@ pub async fn inspect_image(
         _ => false,
     };
     if !matches {
-        return Err(InspectError::FormatMismatch {
-            declared,
-            actual: sniffed_name(&sniffed),
-        });
+        return Err(InspectError::FormatMismatch { declared, actual: sniffed_name(&sniffed) });
     }
-    let info = qemu
-        .info(qemu_path, declared)
-        .await
-        .map_err(InspectError::Unreadable)?;
+    let info = qemu.info(qemu_path, declared).await.map_err(InspectError::Unreadable)?;
     if let Some(b) = info.get("backing-filename").and_then(|v| v.as_str()) {
         return Err(InspectError::BackingFile(b.to_string()));
     }
@@ -93,44 +78,28 @@ pub async fn inspect_image(
         return Err(InspectError::Encrypted);
     }
     let data = info.pointer("/format-specific/data");
-    if let Some(df) = data
-        .and_then(|d| d.get("data-file"))
-        .and_then(|v| v.as_str())
-    {
+    if let Some(df) = data.and_then(|d| d.get("data-file")).and_then(|v| v.as_str()) {
         return Err(InspectError::DataFile(df.to_string()));
     }
-    let virtual_size = info
-        .get("virtual-size")
-        .and_then(|v| v.as_u64())
-        .unwrap_or(0);
+    let virtual_size = info.get("virtual-size").and_then(|v| v.as_u64()).unwrap_or(0);
     if virtual_size > MAX_VIRTUAL_SIZE {
         return Err(InspectError::TooLarge(virtual_size));
     }
     let mut extents = Vec::new();
     if declared == DiskFormat::Vmdk
-        && let Some(list) = data
-            .and_then(|d| d.get("extents"))
-            .and_then(|e| e.as_array())
+        && let Some(list) = data.and_then(|d| d.get("extents")).and_then(|e| e.as_array())
     {
         let base = real_path.parent().unwrap_or(Path::new("/"));
         for e in list {
             let Some(name) = e.get("filename").and_then(|f| f.as_str()) else {
                 continue;
             };
-            let p = if Path::new(name).is_absolute() {
-                PathBuf::from(name)
-            } else {
-                base.join(name)
-            };
+            let p = if Path::new(name).is_absolute() { PathBuf::from(name) } else { base.join(name) };
             if p == real_path || name == qemu_path {
                 continue;
             }
-            let canon =
-                std::fs::canonicalize(&p).map_err(|_| InspectError::ExtentMissing(p.clone()))?;
-            if !std::fs::metadata(&canon)
-                .map(|m| m.is_file())
-                .unwrap_or(false)
-            {
+            let canon = std::fs::canonicalize(&p).map_err(|_| InspectError::ExtentMissing(p.clone()))?;
+            if !std::fs::metadata(&canon).map(|m| m.is_file()).unwrap_or(false) {
                 return Err(InspectError::ExtentMissing(p));
             }
             if canon == real_path {
@@ -142,9 +111,5 @@ pub async fn inspect_image(
             extents.push(canon);
         }
     }
-    Ok(ImageInfo {
-        format: declared,
-        virtual_size,
-        extents,
-    })
+    Ok(ImageInfo { format: declared, virtual_size, extents })
 }

@@ -29,11 +29,7 @@ pub enum EngineError {
         source: std::io::Error,
     },
     #[error("{program} failed ({status}): {stderr}")]
-    Failed {
-        program: String,
-        status: String,
-        stderr: String,
-    },
+    Failed { program: String, status: String, stderr: String },
     #[error("{program} did not finish within {}s and was killed", timeout.as_secs())]
     Timeout { program: String, timeout: Duration },
     #[error("cancelled")]

@@ -34,21 +34,11 @@ pub async fn run(
     mut on_stdout: impl FnMut(&[u8]),
     mut on_stderr: impl FnMut(&[u8]),
 ) -> Result<Finished, EngineError> {
-    cmd.stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .process_group(0)
-        .kill_on_drop(true);
-    let mut child = cmd.spawn().map_err(|source| EngineError::Spawn {
-        program: program.to_path_buf(),
-        source,
-    })?;
+    cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).process_group(0).kill_on_drop(true);
+    let mut child = cmd.spawn().map_err(|source| EngineError::Spawn { program: program.to_path_buf(), source })?;
     let mut stdout = child.stdout.take().expect("stdout is piped");
     let mut stderr = child.stderr.take().expect("stderr is piped");
-    let name = program
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
+    let name = program.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
 
     let mut err_buf: Vec<u8> = Vec::new();
     let mut out_chunk = vec![0u8; 8192];
@@ -95,10 +85,7 @@ fn far_future() -> tokio::time::Instant {
 
 /// SIGTERM to the child's process group, then SIGKILL after [`KILL_GRACE`]; always reaped.
 pub async fn stop(child: &mut Child) {
-    if let Some(pid) = child
-        .id()
-        .and_then(|p| rustix::process::Pid::from_raw(p as i32))
-    {
+    if let Some(pid) = child.id().and_then(|p| rustix::process::Pid::from_raw(p as i32)) {
         let _ = rustix::process::kill_process_group(pid, rustix::process::Signal::TERM);
         if tokio::time::timeout(KILL_GRACE, child.wait()).await.is_ok() {
             // The leader is gone; make sure nothing of its group survives.

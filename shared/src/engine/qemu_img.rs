@@ -27,12 +27,7 @@ pub struct ConvertOptions {
 
 impl Default for ConvertOptions {
     fn default() -> Self {
-        ConvertOptions {
-            coroutines: 8,
-            out_of_order: true,
-            source_cache: None,
-            dest_cache: None,
-        }
+        ConvertOptions { coroutines: 8, out_of_order: true, source_cache: None, dest_cache: None }
     }
 }
 
@@ -54,19 +49,13 @@ pub struct QemuImg {
 
 impl Default for QemuImg {
     fn default() -> Self {
-        QemuImg {
-            program: PathBuf::from("qemu-img"),
-            quick_timeout: Duration::from_secs(120),
-        }
+        QemuImg { program: PathBuf::from("qemu-img"), quick_timeout: Duration::from_secs(120) }
     }
 }
 
 impl QemuImg {
     pub fn new(program: impl Into<PathBuf>) -> Self {
-        QemuImg {
-            program: program.into(),
-            ..Default::default()
-        }
+        QemuImg { program: program.into(), ..Default::default() }
     }
 
     fn cmd(&self) -> Command {
@@ -75,10 +64,7 @@ impl QemuImg {
         c
     }
 
-    async fn run_quick(
-        &self,
-        cmd: Command,
-    ) -> Result<(std::process::ExitStatus, String, String), EngineError> {
+    async fn run_quick(&self, cmd: Command) -> Result<(std::process::ExitStatus, String, String), EngineError> {
         let mut out = Vec::new();
         let fin = process::run(
             cmd,
@@ -93,11 +79,7 @@ impl QemuImg {
             |_| {},
         )
         .await?;
-        Ok((
-            fin.status,
-            String::from_utf8_lossy(&out).into_owned(),
-            fin.stderr,
-        ))
+        Ok((fin.status, String::from_utf8_lossy(&out).into_owned(), fin.stderr))
     }
 
     /// `qemu-img --version`, first line.
@@ -116,11 +98,7 @@ impl QemuImg {
     }
 
     /// `qemu-img info --output=json -f <format> <path>`.
-    pub async fn info(
-        &self,
-        path: &str,
-        format: DiskFormat,
-    ) -> Result<serde_json::Value, EngineError> {
+    pub async fn info(&self, path: &str, format: DiskFormat) -> Result<serde_json::Value, EngineError> {
         let mut c = self.cmd();
         c.args(["info", "--output=json", "-f", format.qemu_name(), path]);
         let (status, out, err) = self.run_quick(c).await?;
@@ -131,11 +109,8 @@ impl QemuImg {
                 stderr: err,
             });
         }
-        serde_json::from_str(&out).map_err(|e| {
-            EngineError::Output(format!(
-                "qemu-img info printed something that is not JSON: {e}"
-            ))
-        })
+        serde_json::from_str(&out)
+            .map_err(|e| EngineError::Output(format!("qemu-img info printed something that is not JSON: {e}")))
     }
 
     /// Convert `src` (a path qemu-img opens; see the worker for how it is made safe) to a new
@@ -150,16 +125,7 @@ impl QemuImg {
         mut on_progress: impl FnMut(f64),
     ) -> Result<(), EngineError> {
         let mut c = self.cmd();
-        c.args([
-            "convert",
-            "-p",
-            "-f",
-            format.qemu_name(),
-            "-O",
-            "qcow2",
-            "-o",
-            "compat=1.1",
-        ]);
+        c.args(["convert", "-p", "-f", format.qemu_name(), "-O", "qcow2", "-o", "compat=1.1"]);
         let m = opts.coroutines.clamp(1, 16);
         c.arg("-m").arg(m.to_string());
         if opts.out_of_order {
@@ -205,11 +171,7 @@ impl QemuImg {
         let (status, out, err) = self.run_quick(c).await?;
         let v: serde_json::Value = serde_json::from_str(&out).unwrap_or_default();
         let n = |k: &str| v.get(k).and_then(|x| x.as_u64()).unwrap_or(0);
-        let report = CheckReport {
-            corruptions: n("corruptions"),
-            leaks: n("leaks"),
-            check_errors: n("check-errors"),
-        };
+        let report = CheckReport { corruptions: n("corruptions"), leaks: n("leaks"), check_errors: n("check-errors") };
         match status.code() {
             Some(0) | Some(3) if report.corruptions == 0 && report.check_errors == 0 => Ok(report),
             _ => Err(EngineError::Failed {

@@ -7,10 +7,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use super::{
-    CANCEL, EVENTS, FILE_MODE, LEASE, Queue, State, make_dir, now_ms, read_names,
-    write_json_noreplace,
-};
+use super::{CANCEL, EVENTS, FILE_MODE, LEASE, Queue, State, make_dir, now_ms, read_names, write_json_noreplace};
 use crate::fsx::{self, Moved};
 use crate::jobid::JobId;
 
@@ -124,20 +121,13 @@ pub fn claim(queue: &Queue, id: JobId, agent: &str) -> Result<Option<Claim>, Cla
     let from = queue.job_dir(State::Queued, &id);
     let converting = queue.state_dir(State::Converting);
     let dir = converting.join(format!("{id}@{token}"));
-    let err = |source| ClaimError::Io {
-        id,
-        dir: converting.clone(),
-        source,
-    };
+    let err = |source| ClaimError::Io { id, dir: converting.clone(), source };
     make_dir(&converting).map_err(err)?;
     match fsx::rename_noreplace(&from, &dir).map_err(err)? {
         Moved::Yes => {}
         Moved::SourceGone => return Ok(None),
         Moved::DestinationExists => {
-            return Err(err(io::Error::new(
-                io::ErrorKind::AlreadyExists,
-                "claim token collision",
-            )));
+            return Err(err(io::Error::new(io::ErrorKind::AlreadyExists, "claim token collision")));
         }
     }
     let durable = (|| {
@@ -166,20 +156,12 @@ pub fn claim(queue: &Queue, id: JobId, agent: &str) -> Result<Option<Claim>, Cla
         // A previous attempt's lease (its agent died and the job was recovered) is history now;
         // ours is a new file, so a paused former owner still writing its old one changes nothing.
         fsx::remove_file(&dir.join(LEASE))?;
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .mode(FILE_MODE)
-            .open(dir.join(LEASE))?;
+        let file = OpenOptions::new().read(true).write(true).create_new(true).mode(FILE_MODE).open(dir.join(LEASE))?;
         // A same-host guard: a later agent on this host that can take this lock knows we are dead.
         match file.try_lock() {
             Ok(()) => {}
             Err(fs::TryLockError::WouldBlock) => {
-                return Err(io::Error::new(
-                    io::ErrorKind::WouldBlock,
-                    "lease file already locked",
-                ));
+                return Err(io::Error::new(io::ErrorKind::WouldBlock, "lease file already locked"));
             }
             Err(fs::TryLockError::Error(e)) => return Err(e),
         }
@@ -188,19 +170,9 @@ pub fn claim(queue: &Queue, id: JobId, agent: &str) -> Result<Option<Claim>, Cla
         fsx::fsync_dir(&dir)?;
         Ok(lease)
     })()
-    .map_err(|source| ClaimError::Io {
-        id,
-        dir: dir.clone(),
-        source,
-    })?;
+    .map_err(|source| ClaimError::Io { id, dir: dir.clone(), source })?;
 
-    let claim = Claim {
-        queue: queue.clone(),
-        id,
-        token,
-        dir,
-        lease,
-    };
+    let claim = Claim { queue: queue.clone(), id, token, dir, lease };
     claim.record_event("claim", serde_json::json!({"agent": agent}));
     Ok(Some(claim))
 }
@@ -229,13 +201,7 @@ impl Claim {
 
     /// Refresh the lease (and publish progress), then look for a cancel request and for the loss of
     /// the claim. Call it from a blocking thread.
-    pub fn heartbeat(
-        &mut self,
-        phase: &str,
-        percent: f64,
-        bytes_done: u64,
-        bytes_total: u64,
-    ) -> io::Result<Beat> {
+    pub fn heartbeat(&mut self, phase: &str, percent: f64, bytes_done: u64, bytes_total: u64) -> io::Result<Beat> {
         if fs::symlink_metadata(&self.dir).is_err() {
             return Ok(Beat::Lost);
         }
@@ -273,10 +239,7 @@ impl Claim {
             Moved::SourceGone => Ok(false),
             Moved::DestinationExists => Err(io::Error::new(
                 io::ErrorKind::AlreadyExists,
-                format!(
-                    "{} already exists: the job ended twice (report this as a bug)",
-                    target.display()
-                ),
+                format!("{} already exists: the job ended twice (report this as a bug)", target.display()),
             )),
         }
     }
@@ -325,21 +288,14 @@ pub(crate) fn count_claims(job_dir: &Path) -> usize {
 /// How many events of this kind a job's history holds.
 pub(crate) fn count_events(job_dir: &Path, kind: &str) -> usize {
     let needle = format!("-{kind}-");
-    read_names(&job_dir.join(EVENTS))
-        .map(|names| names.iter().filter(|n| n.contains(&needle)).count())
-        .unwrap_or(0)
+    read_names(&job_dir.join(EVENTS)).map(|names| names.iter().filter(|n| n.contains(&needle)).count()).unwrap_or(0)
 }
 
 /// The reason of a pending cancel request, if any.
 pub(crate) fn cancel_reason(job_dir: &Path) -> Option<String> {
     let bytes = fs::read(job_dir.join(CANCEL)).ok()?;
     let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_default();
-    Some(
-        v.get("reason")
-            .and_then(|r| r.as_str())
-            .unwrap_or("cancel requested")
-            .to_string(),
-    )
+    Some(v.get("reason").and_then(|r| r.as_str()).unwrap_or("cancel requested").to_string())
 }
 
 /// Read a lease file (tolerating padding).
@@ -379,40 +335,23 @@ mod tests {
         assert!(a.finish(Outcome::Done).expect("finish"));
         assert!(q.job_dir(State::Done, &id).join(EVENTS).is_dir());
         // Released with the file: the lock can be taken now.
-        assert!(
-            File::open(q.job_dir(State::Done, &id).join(LEASE))
-                .expect("open")
-                .try_lock()
-                .is_ok()
-        );
+        assert!(File::open(q.job_dir(State::Done, &id).join(LEASE)).expect("open").try_lock().is_ok());
     }
 
     #[test]
     fn heartbeat_sees_cancel_and_loss() {
         let (_d, q, id) = queue_with_job();
         let mut c = claim(&q, id, "a").expect("claim").expect("won");
-        assert_eq!(
-            c.heartbeat("converting", 10.0, 1, 10).expect("beat"),
-            Beat::Owned
-        );
-        assert_eq!(
-            q.request_cancel(&id, "operator said so").expect("cancel"),
-            Some(State::Converting)
-        );
+        assert_eq!(c.heartbeat("converting", 10.0, 1, 10).expect("beat"), Beat::Owned);
+        assert_eq!(q.request_cancel(&id, "operator said so").expect("cancel"), Some(State::Converting));
         assert_eq!(
             c.heartbeat("converting", 20.0, 2, 10).expect("beat"),
             Beat::CancelRequested("operator said so".into())
         );
         // Another agent recovers the job: our directory disappears.
         fs::rename(c.dir(), q.job_dir(State::Queued, &id)).expect("steal");
-        assert_eq!(
-            c.heartbeat("converting", 30.0, 3, 10).expect("beat"),
-            Beat::Lost
-        );
-        assert!(
-            !c.finish(Outcome::Done).expect("finish"),
-            "a lost claim must not finish"
-        );
+        assert_eq!(c.heartbeat("converting", 30.0, 3, 10).expect("beat"), Beat::Lost);
+        assert!(!c.finish(Outcome::Done).expect("finish"), "a lost claim must not finish");
         assert!(!q.job_dir(State::Done, &id).exists());
     }
 

@@ -35,11 +35,7 @@ pub struct JobEntry {
 /// List the jobs in the given states (all if empty), oldest first. With `details`, each job's
 /// manifest, lease and history are read too (one small read each).
 pub fn list(queue: &Queue, states: &[State], details: bool) -> io::Result<Vec<JobEntry>> {
-    let states: Vec<State> = if states.is_empty() {
-        State::ALL.to_vec()
-    } else {
-        states.to_vec()
-    };
+    let states: Vec<State> = if states.is_empty() { State::ALL.to_vec() } else { states.to_vec() };
     let mut out = Vec::new();
     for state in states {
         let dir = queue.state_dir(state);
@@ -134,19 +130,13 @@ pub fn summarize(queue: &Queue, lease_timeout: Duration) -> io::Result<QueueSumm
     for j in &jobs {
         *counts.entry(j.state).or_default() += 1;
     }
-    let oldest = jobs
-        .iter()
-        .filter(|j| j.state == State::Queued)
-        .map(|j| j.id)
-        .min();
+    let oldest = jobs.iter().filter(|j| j.state == State::Queued).map(|j| j.id).min();
     let now_ms = super::now_ms();
     let server_now = super::server_now(&queue.tmp_dir()).ok();
     let mut stale_claims = Vec::new();
     for j in jobs.iter().filter(|j| j.state == State::Converting) {
         let lease_path = j.dir.join(LEASE);
-        let mtime = fs::metadata(&lease_path)
-            .or_else(|_| fs::metadata(&j.dir))
-            .and_then(|m| m.modified());
+        let mtime = fs::metadata(&lease_path).or_else(|_| fs::metadata(&j.dir)).and_then(|m| m.modified());
         let age = match (server_now, mtime) {
             (Some(now), Ok(m)) => now.duration_since(m).unwrap_or_default(),
             _ => Duration::ZERO,
@@ -162,15 +152,10 @@ pub fn summarize(queue: &Queue, lease_timeout: Duration) -> io::Result<QueueSumm
             });
         }
     }
-    let staging_entries = read_names(&queue.tmp_dir())
-        .map(|n| n.iter().filter(|n| !n.starts_with(".clock.")).count())
-        .unwrap_or(0);
+    let staging_entries =
+        read_names(&queue.tmp_dir()).map(|n| n.iter().filter(|n| !n.starts_with(".clock.")).count()).unwrap_or(0);
     let pending_drops = read_names(queue.root())
-        .map(|n| {
-            n.iter()
-                .filter(|n| !n.starts_with('.') && n.to_ascii_lowercase().ends_with(".json"))
-                .count()
-        })
+        .map(|n| n.iter().filter(|n| !n.starts_with('.') && n.to_ascii_lowercase().ends_with(".json")).count())
         .unwrap_or(0);
     Ok(QueueSummary {
         watch_dir: queue.root().to_path_buf(),

@@ -27,17 +27,14 @@ pub use claim::{Beat, Claim, ClaimError, Lease, LeaseInfo, Outcome, claim, claim
 pub use inspect::{JobEntry, QueueSummary, StaleClaim, list, read_events, summarize};
 pub use publish::{PublishError, Staging, cleanup_own_staging};
 pub use recover::{
-    LeaseTracker, Liveness, RecoverAction, cleanup_tmp, finish_foreign, parse_claim_name,
-    recover_claim,
+    LeaseTracker, Liveness, RecoverAction, cleanup_tmp, finish_foreign, parse_claim_name, recover_claim,
 };
 pub use seed::{IngestOutcome, SeedTracker, ingest_seed_drops};
 
 use crate::jobid::JobId;
 
 /// The states a job can be in; each is a directory of the queue.
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
-)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum State {
     Queued,
@@ -48,13 +45,7 @@ pub enum State {
 }
 
 impl State {
-    pub const ALL: [State; 5] = [
-        State::Queued,
-        State::Converting,
-        State::Done,
-        State::Failed,
-        State::Cancelled,
-    ];
+    pub const ALL: [State; 5] = [State::Queued, State::Converting, State::Done, State::Failed, State::Cancelled];
 
     pub fn dir_name(self) -> &'static str {
         match self {
@@ -122,10 +113,7 @@ impl Queue {
     pub fn init(&self) -> io::Result<()> {
         let md = fs::metadata(&self.root)?;
         if !md.is_dir() {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                "is not a directory",
-            ));
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, "is not a directory"));
         }
         for sub in State::ALL.iter().map(|s| s.dir_name()).chain([TMP]) {
             make_dir(&self.root.join(sub))?;
@@ -151,10 +139,7 @@ impl Queue {
         for state in State::ALL {
             if state == State::Converting {
                 let prefix = format!("{id}@");
-                if let Some(name) = read_names(&self.state_dir(state))?
-                    .into_iter()
-                    .find(|n| n.starts_with(&prefix))
-                {
+                if let Some(name) = read_names(&self.state_dir(state))?.into_iter().find(|n| n.starts_with(&prefix)) {
                     return Ok(Some((state, self.state_dir(state).join(name))));
                 }
             } else {
@@ -246,26 +231,16 @@ pub(crate) fn write_json_noreplace(path: &Path, value: &serde_json::Value) -> io
 
 /// Milliseconds since the Unix epoch, by this host's clock.
 pub fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
 /// The file server's idea of "now": the mtime of a file we just wrote in `dir`. Lease and age
 /// decisions compare server timestamps with server timestamps, never with a client clock.
 pub fn server_now(dir: &Path) -> io::Result<std::time::SystemTime> {
-    let probe = dir.join(format!(
-        ".clock.{}.{}",
-        crate::fsx::hostname(),
-        std::process::id()
-    ));
+    let probe = dir.join(format!(".clock.{}.{}", crate::fsx::hostname(), std::process::id()));
     let _ = fs::remove_file(&probe);
     {
-        let f = fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&probe)?;
+        let f = fs::OpenOptions::new().write(true).create_new(true).open(&probe)?;
         f.sync_all()?;
     }
     let t = fs::metadata(&probe)?.modified();

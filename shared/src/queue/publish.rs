@@ -24,9 +24,7 @@ pub enum PublishError {
         #[source]
         source: io::Error,
     },
-    #[error(
-        "job {id} already exists in {dir}; job ids are unique, so this is a bug or a copied queue"
-    )]
+    #[error("job {id} already exists in {dir}; job ids are unique, so this is a bug or a copied queue")]
     Exists { id: JobId, dir: PathBuf },
 }
 
@@ -43,23 +41,12 @@ impl Staging {
     /// Create `tmp/<id>.<host>.<pid>/disks/` in the queue (on the same file system as `queued/`, so
     /// that the publishing rename cannot cross mounts).
     pub fn create(queue: &Queue, id: JobId) -> Result<Staging, PublishError> {
-        let dir = queue
-            .tmp_dir()
-            .join(format!("{id}.{}.{}", fsx::hostname(), std::process::id()));
-        let err = |source| PublishError::Stage {
-            id,
-            dir: dir.clone(),
-            source,
-        };
+        let dir = queue.tmp_dir().join(format!("{id}.{}.{}", fsx::hostname(), std::process::id()));
+        let err = |source| PublishError::Stage { id, dir: dir.clone(), source };
         make_dir(&queue.tmp_dir()).map_err(err)?;
         make_dir(&dir).map_err(err)?;
         make_dir(&dir.join(DISKS)).map_err(err)?;
-        Ok(Staging {
-            queue: queue.clone(),
-            id,
-            dir,
-            done: false,
-        })
+        Ok(Staging { queue: queue.clone(), id, dir, done: false })
     }
 
     pub fn id(&self) -> JobId {
@@ -79,22 +66,14 @@ impl Staging {
     /// The disk files must already be complete and fsynced by the caller.
     pub fn publish(mut self, manifest: &Manifest) -> Result<PathBuf, PublishError> {
         let id = self.id;
-        let stage_err = |source| PublishError::Stage {
-            id,
-            dir: self.dir.clone(),
-            source,
-        };
+        let stage_err = |source| PublishError::Stage { id, dir: self.dir.clone(), source };
         fsx::write_new_file(&self.dir.join(MANIFEST), &manifest.to_json()).map_err(stage_err)?;
         fsx::fsync_dir(&self.dir.join(DISKS)).map_err(stage_err)?;
         fsx::fsync_dir(&self.dir).map_err(stage_err)?;
 
         let queued = self.queue.state_dir(State::Queued);
         let target = queued.join(id.to_string());
-        let pub_err = |source| PublishError::Publish {
-            id,
-            dir: queued.clone(),
-            source,
-        };
+        let pub_err = |source| PublishError::Publish { id, dir: queued.clone(), source };
         make_dir(&queued).map_err(pub_err)?;
         match fsx::rename_noreplace(&self.dir, &target).map_err(pub_err)? {
             fsx::Moved::Yes => {}

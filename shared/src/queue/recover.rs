@@ -35,12 +35,7 @@ pub struct LeaseTracker {
 
 impl LeaseTracker {
     pub fn new(timeout: Duration) -> Self {
-        LeaseTracker {
-            timeout,
-            seen: HashMap::new(),
-            host: fsx::hostname(),
-            boot_id: fsx::boot_id(),
-        }
+        LeaseTracker { timeout, seen: HashMap::new(), host: fsx::hostname(), boot_id: fsx::boot_id() }
     }
 
     pub fn timeout(&self) -> Duration {
@@ -49,23 +44,12 @@ impl LeaseTracker {
 
     /// Judge the claim `converting/<name>`. `server_now` is the file server's clock (see
     /// [`super::server_now`]); without it only the observer's clock is used.
-    pub fn assess(
-        &mut self,
-        queue: &Queue,
-        name: &str,
-        server_now: Option<SystemTime>,
-    ) -> Liveness {
+    pub fn assess(&mut self, queue: &Queue, name: &str, server_now: Option<SystemTime>) -> Liveness {
         self.assess_at(queue, name, server_now, Instant::now())
     }
 
     /// [`Self::assess`] with the observer's clock given.
-    pub fn assess_at(
-        &mut self,
-        queue: &Queue,
-        name: &str,
-        server_now: Option<SystemTime>,
-        now: Instant,
-    ) -> Liveness {
+    pub fn assess_at(&mut self, queue: &Queue, name: &str, server_now: Option<SystemTime>, now: Instant) -> Liveness {
         let dir = queue.state_dir(State::Converting).join(name);
         let lease_path = dir.join(LEASE);
         let (content, mtime) = match read_lease(&lease_path) {
@@ -94,17 +78,13 @@ impl LeaseTracker {
                         ));
                     }
                 }
-                (
-                    bytes,
-                    fs::metadata(&lease_path).and_then(|m| m.modified()).ok(),
-                )
+                (bytes, fs::metadata(&lease_path).and_then(|m| m.modified()).ok())
             }
             // No lease yet: the claimer died between the rename and writing its lease, or is
             // writing it now. Judge by the directory.
-            Err(e) if e.kind() == io::ErrorKind::NotFound => (
-                Vec::new(),
-                fs::metadata(&dir).and_then(|m| m.modified()).ok(),
-            ),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                (Vec::new(), fs::metadata(&dir).and_then(|m| m.modified()).ok())
+            }
             // Unreadable now (ESTALE, EIO): no conclusion this time.
             Err(_) => return Liveness::Alive,
         };
@@ -157,12 +137,7 @@ pub enum RecoverAction {
 /// Take a stale claim `converting/<id>@<token>` back: to `queued/` while its agents died fewer
 /// than `max_attempts` times, else to `failed/` (a job that kills its agent must not do so
 /// forever). A graceful requeue does not count. Exactly one recoverer wins the rename.
-pub fn recover_claim(
-    queue: &Queue,
-    name: &str,
-    why: &str,
-    max_attempts: usize,
-) -> io::Result<RecoverAction> {
+pub fn recover_claim(queue: &Queue, name: &str, why: &str, max_attempts: usize) -> io::Result<RecoverAction> {
     let Some((id, token)) = parse_claim_name(name) else {
         return Ok(RecoverAction::Gone);
     };
@@ -191,12 +166,7 @@ pub fn finish_foreign(queue: &Queue, name: &str, state: State) -> io::Result<boo
         return Ok(false);
     };
     let dir = queue.state_dir(State::Converting).join(name);
-    record_event(
-        &dir,
-        state.dir_name(),
-        token,
-        serde_json::json!({"completed_by_recovery": true}),
-    );
+    record_event(&dir, state.dir_name(), token, serde_json::json!({"completed_by_recovery": true}));
     make_dir(&queue.state_dir(state))?;
     Ok(fsx::rename_noreplace(&dir, &queue.job_dir(state, &id))? == Moved::Yes)
 }
@@ -209,11 +179,7 @@ pub fn parse_claim_name(name: &str) -> Option<(JobId, &str)> {
 
 /// Remove staging leftovers: this host's whose exporter is gone, at once; anybody's once nothing
 /// in them changed for `max_age` by the file server's clock. Returns the names removed.
-pub fn cleanup_tmp(
-    queue: &Queue,
-    max_age: Duration,
-    server_now: Option<SystemTime>,
-) -> io::Result<Vec<String>> {
+pub fn cleanup_tmp(queue: &Queue, max_age: Duration, server_now: Option<SystemTime>) -> io::Result<Vec<String>> {
     let tmp = queue.tmp_dir();
     let mut removed = Vec::new();
     let names = match read_names(&tmp) {
@@ -229,11 +195,10 @@ pub fn cleanup_tmp(
             continue;
         }
         let path = tmp.join(&name);
-        let own_dead = super::publish::parse_staging_name(&name)
-            .is_some_and(|(_, h, pid)| h == host && !fsx::pid_alive(pid));
+        let own_dead =
+            super::publish::parse_staging_name(&name).is_some_and(|(_, h, pid)| h == host && !fsx::pid_alive(pid));
         let old = server_now.is_some_and(|now| {
-            newest_mtime(&path)
-                .is_some_and(|m| now.duration_since(m).is_ok_and(|age| age >= max_age))
+            newest_mtime(&path).is_some_and(|m| now.duration_since(m).is_ok_and(|age| age >= max_age))
         });
         if own_dead || old {
             fsx::remove_tree(&path)?;
@@ -273,12 +238,7 @@ mod tests {
         let id = JobId::new();
         fs::create_dir(q.job_dir(State::Queued, &id)).expect("mkdir");
         let mut c = claim(&q, id, "a").expect("claim").expect("won");
-        let name = c
-            .dir()
-            .file_name()
-            .expect("name")
-            .to_string_lossy()
-            .into_owned();
+        let name = c.dir().file_name().expect("name").to_string_lossy().into_owned();
 
         // Same host, live process holding the lock: alive until the lease stops changing.
         let mut t = LeaseTracker::new(Duration::from_secs(60));
@@ -287,34 +247,14 @@ mod tests {
         assert_eq!(t.assess_at(&q, &name, None, at(0)), Liveness::Alive);
         assert_eq!(t.assess_at(&q, &name, None, at(50)), Liveness::Alive);
         c.heartbeat("converting", 1.0, 1, 100).expect("beat");
-        assert_eq!(
-            t.assess_at(&q, &name, None, at(70)),
-            Liveness::Alive,
-            "changed: the timer restarts"
-        );
-        assert_eq!(
-            t.assess_at(&q, &name, None, at(120)),
-            Liveness::Alive,
-            "50 s without change"
-        );
-        assert!(matches!(
-            t.assess_at(&q, &name, None, at(131)),
-            Liveness::Stale(_)
-        ));
+        assert_eq!(t.assess_at(&q, &name, None, at(70)), Liveness::Alive, "changed: the timer restarts");
+        assert_eq!(t.assess_at(&q, &name, None, at(120)), Liveness::Alive, "50 s without change");
+        assert!(matches!(t.assess_at(&q, &name, None, at(131)), Liveness::Stale(_)));
 
-        assert_eq!(
-            recover_claim(&q, &name, "test", 3).expect("recover"),
-            RecoverAction::Requeued { attempts: 1 }
-        );
-        assert_eq!(
-            recover_claim(&q, &name, "test", 3).expect("again"),
-            RecoverAction::Gone
-        );
+        assert_eq!(recover_claim(&q, &name, "test", 3).expect("recover"), RecoverAction::Requeued { attempts: 1 });
+        assert_eq!(recover_claim(&q, &name, "test", 3).expect("again"), RecoverAction::Gone);
         assert!(q.job_dir(State::Queued, &id).is_dir());
-        assert!(
-            !c.finish(claim::Outcome::Done).expect("finish"),
-            "the old owner lost it"
-        );
+        assert!(!c.finish(claim::Outcome::Done).expect("finish"), "the old owner lost it");
     }
 
     #[test]
@@ -323,9 +263,7 @@ mod tests {
         let q = Queue::new(d.path());
         q.init().expect("init");
         let id = JobId::new();
-        let dir = q
-            .state_dir(State::Converting)
-            .join(format!("{id}@deadbeef"));
+        let dir = q.state_dir(State::Converting).join(format!("{id}@deadbeef"));
         fs::create_dir(&dir).expect("mkdir");
         let lease = serde_json::json!({
             "job_id": id, "token": "deadbeef", "agent": "x", "host": fsx::hostname(),
@@ -353,10 +291,7 @@ mod tests {
         assert_eq!(t.assess(&q, &name, Some(now)), Liveness::Alive);
         let mut t = LeaseTracker::new(Duration::from_secs(60));
         let later = now + Duration::from_secs(61);
-        assert!(matches!(
-            t.assess(&q, &name, Some(later)),
-            Liveness::Stale(_)
-        ));
+        assert!(matches!(t.assess(&q, &name, Some(later)), Liveness::Stale(_)));
     }
 
     #[test]
@@ -368,12 +303,7 @@ mod tests {
         fs::create_dir(q.job_dir(State::Queued, &id)).expect("mkdir");
         for _ in 0..2 {
             let c = claim(&q, id, "a").expect("claim").expect("won");
-            let name = c
-                .dir()
-                .file_name()
-                .expect("name")
-                .to_string_lossy()
-                .into_owned();
+            let name = c.dir().file_name().expect("name").to_string_lossy().into_owned();
             drop(c);
             let _ = recover_claim(&q, &name, "crash", 2).expect("recover");
         }
@@ -385,15 +315,8 @@ mod tests {
         let d = tempfile::tempdir().expect("tempdir");
         let q = Queue::new(d.path());
         q.init().expect("init");
-        let dead = q
-            .tmp_dir()
-            .join(format!("{}.{}.999999999", JobId::new(), fsx::hostname()));
-        let live = q.tmp_dir().join(format!(
-            "{}.{}.{}",
-            JobId::new(),
-            fsx::hostname(),
-            std::process::id()
-        ));
+        let dead = q.tmp_dir().join(format!("{}.{}.999999999", JobId::new(), fsx::hostname()));
+        let live = q.tmp_dir().join(format!("{}.{}.{}", JobId::new(), fsx::hostname(), std::process::id()));
         let foreign = q.tmp_dir().join(format!("{}.otherhost.12", JobId::new()));
         for p in [&dead, &live, &foreign] {
             fs::create_dir(p).expect("mkdir");
@@ -402,12 +325,8 @@ mod tests {
         let removed = cleanup_tmp(&q, Duration::from_secs(3600), Some(now)).expect("cleanup");
         assert_eq!(removed.len(), 1);
         assert!(!dead.exists() && live.exists() && foreign.exists());
-        let removed = cleanup_tmp(
-            &q,
-            Duration::from_secs(3600),
-            Some(now + Duration::from_secs(7200)),
-        )
-        .expect("cleanup");
+        let removed =
+            cleanup_tmp(&q, Duration::from_secs(3600), Some(now + Duration::from_secs(7200))).expect("cleanup");
         assert_eq!(removed.len(), 2);
     }
 }

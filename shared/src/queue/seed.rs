@@ -42,11 +42,7 @@ impl SeedTracker {
 }
 
 /// Look at the watch directory's top level and ingest every drop that is complete and stable.
-pub fn ingest_seed_drops(
-    queue: &Queue,
-    tracker: &mut SeedTracker,
-    settle: Duration,
-) -> io::Result<Vec<IngestOutcome>> {
+pub fn ingest_seed_drops(queue: &Queue, tracker: &mut SeedTracker, settle: Duration) -> io::Result<Vec<IngestOutcome>> {
     ingest_seed_drops_at(queue, tracker, settle, Instant::now())
 }
 
@@ -114,15 +110,11 @@ fn taken_name(id: &JobId, host: &str, pid: u32) -> String {
 fn ingest_one(queue: &Queue, name: &str, stable: blake3::Hash) -> io::Result<IngestOutcome> {
     let id = JobId::new();
     make_dir(&queue.tmp_dir())?;
-    let taken = queue
-        .tmp_dir()
-        .join(taken_name(&id, &fsx::hostname(), std::process::id()));
+    let taken = queue.tmp_dir().join(taken_name(&id, &fsx::hostname(), std::process::id()));
     match fsx::rename_noreplace(&queue.root().join(name), &taken)? {
         Moved::Yes => {}
         _ => {
-            return Ok(IngestOutcome::TakenByOther {
-                name: name.to_string(),
-            });
+            return Ok(IngestOutcome::TakenByOther { name: name.to_string() });
         }
     }
     fsx::fsync_dir(queue.root())?;
@@ -134,22 +126,11 @@ fn ingest_one(queue: &Queue, name: &str, stable: blake3::Hash) -> io::Result<Ing
         tracing::warn!(file = name, job = %id, "the drop changed while it was being ingested; using its latest content");
     }
     publish_taken(queue, id, name, &taken, &bytes)?;
-    Ok(IngestOutcome::Ingested {
-        name: name.to_string(),
-        id,
-    })
+    Ok(IngestOutcome::Ingested { name: name.to_string(), id })
 }
 
-fn publish_taken(
-    queue: &Queue,
-    id: JobId,
-    original: &str,
-    taken: &Path,
-    bytes: &[u8],
-) -> io::Result<()> {
-    let staging = queue
-        .tmp_dir()
-        .join(format!("{id}.{}.{}", fsx::hostname(), std::process::id()));
+fn publish_taken(queue: &Queue, id: JobId, original: &str, taken: &Path, bytes: &[u8]) -> io::Result<()> {
+    let staging = queue.tmp_dir().join(format!("{id}.{}.{}", fsx::hostname(), std::process::id()));
     let _ = fsx::remove_tree(&staging);
     make_dir(&staging)?;
     fsx::write_new_file(&staging.join(MANIFEST), bytes)?;
@@ -170,9 +151,7 @@ fn publish_taken(
             fsx::fsync_dir(&queued)?;
         }
         other => {
-            return Err(io::Error::other(format!(
-                "publishing ingested drop {original} as job {id}: {other:?}"
-            )));
+            return Err(io::Error::other(format!("publishing ingested drop {original} as job {id}: {other:?}")));
         }
     }
     fsx::remove_file(taken)?;
@@ -238,51 +217,21 @@ mod tests {
         let settle = Duration::from_secs(2);
         let t0 = Instant::now();
         let at = |ms: u64| t0 + Duration::from_millis(ms);
-        assert!(
-            ingest_seed_drops_at(&q, &mut t, settle, at(0))
-                .expect("scan")
-                .is_empty()
-        );
+        assert!(ingest_seed_drops_at(&q, &mut t, settle, at(0)).expect("scan").is_empty());
         // Stable but unparsable: still waits (up to ten settle times).
-        assert!(
-            ingest_seed_drops_at(&q, &mut t, settle, at(5000))
-                .expect("scan")
-                .is_empty()
-        );
+        assert!(ingest_seed_drops_at(&q, &mut t, settle, at(5000)).expect("scan").is_empty());
         f.write_all(&GOOD.as_bytes()[40..]).expect("write rest");
         drop(f);
-        assert!(
-            ingest_seed_drops_at(&q, &mut t, settle, at(6000))
-                .expect("scan")
-                .is_empty(),
-            "changed: restart"
-        );
-        assert!(
-            ingest_seed_drops_at(&q, &mut t, settle, at(7000))
-                .expect("scan")
-                .is_empty(),
-            "not settled"
-        );
+        assert!(ingest_seed_drops_at(&q, &mut t, settle, at(6000)).expect("scan").is_empty(), "changed: restart");
+        assert!(ingest_seed_drops_at(&q, &mut t, settle, at(7000)).expect("scan").is_empty(), "not settled");
         let out = ingest_seed_drops_at(&q, &mut t, settle, at(8100)).expect("scan");
-        let [IngestOutcome::Ingested { id, .. }] = out.as_slice() else {
-            panic!("{out:?}")
-        };
+        let [IngestOutcome::Ingested { id, .. }] = out.as_slice() else { panic!("{out:?}") };
         assert!(!path.exists());
         let job = q.job_dir(State::Queued, id);
-        assert_eq!(
-            fs::read_to_string(job.join(MANIFEST)).expect("manifest"),
-            GOOD
-        );
+        assert_eq!(fs::read_to_string(job.join(MANIFEST)).expect("manifest"), GOOD);
         assert!(job.join(ORIGIN).is_file());
-        assert!(
-            read_names(&q.tmp_dir()).expect("tmp").is_empty(),
-            "nothing left in tmp"
-        );
-        assert!(
-            ingest_seed_drops_at(&q, &mut t, settle, at(20000))
-                .expect("scan")
-                .is_empty()
-        );
+        assert!(read_names(&q.tmp_dir()).expect("tmp").is_empty(), "nothing left in tmp");
+        assert!(ingest_seed_drops_at(&q, &mut t, settle, at(20000)).expect("scan").is_empty());
     }
 
     #[test]
@@ -295,24 +244,12 @@ mod tests {
         let mut t = SeedTracker::new();
         let settle = Duration::from_secs(1);
         let t0 = Instant::now();
-        assert!(
-            ingest_seed_drops_at(&q, &mut t, settle, t0)
-                .expect("scan")
-                .is_empty()
-        );
-        assert!(
-            ingest_seed_drops_at(&q, &mut t, settle, t0 + Duration::from_secs(5))
-                .expect("scan")
-                .is_empty()
-        );
-        let out =
-            ingest_seed_drops_at(&q, &mut t, settle, t0 + Duration::from_secs(11)).expect("scan");
+        assert!(ingest_seed_drops_at(&q, &mut t, settle, t0).expect("scan").is_empty());
+        assert!(ingest_seed_drops_at(&q, &mut t, settle, t0 + Duration::from_secs(5)).expect("scan").is_empty());
+        let out = ingest_seed_drops_at(&q, &mut t, settle, t0 + Duration::from_secs(11)).expect("scan");
         assert_eq!(out.len(), 1, "{out:?}");
         for kept in ["vm.ovf", ".hidden.json", "link.json"] {
-            assert!(
-                fs::symlink_metadata(q.root().join(kept)).is_ok(),
-                "{kept} must be left alone"
-            );
+            assert!(fs::symlink_metadata(q.root().join(kept)).is_ok(), "{kept} must be left alone");
         }
     }
 
@@ -320,12 +257,9 @@ mod tests {
     fn an_interrupted_ingestion_is_resumed() {
         let (_d, q) = setup();
         let id = JobId::new();
-        let taken = q
-            .tmp_dir()
-            .join(taken_name(&id, &fsx::hostname(), 999_999_999));
+        let taken = q.tmp_dir().join(taken_name(&id, &fsx::hostname(), 999_999_999));
         fs::write(&taken, GOOD).expect("write");
-        let out =
-            ingest_seed_drops(&q, &mut SeedTracker::new(), Duration::from_secs(1)).expect("scan");
+        let out = ingest_seed_drops(&q, &mut SeedTracker::new(), Duration::from_secs(1)).expect("scan");
         assert_eq!(out.len(), 1);
         assert!(q.job_dir(State::Queued, &id).join(MANIFEST).is_file());
         assert!(!taken.exists());

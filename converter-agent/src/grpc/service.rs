@@ -1,0 +1,328 @@
+//! The `hyperfarm.v1.AgentService` implementation.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{broadcast, mpsc};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+
+use hyperfarm_proto::v1 as pb;
+use hyperfarm_shared::JobId;
+use hyperfarm_shared::fsx;
+use hyperfarm_shared::queue::State;
+
+use super::HealthState;
+use super::auth::ControlPolicy;
+use super::jobs;
+use crate::agent::Core;
+use crate::job::StopReason;
+
+/// Messages buffered per streaming client; a client that lets them pile up is dropped.
+const STREAM_BUFFER: usize = 32;
+/// Default heartbeat period of the watch streams.
+const HEARTBEAT: Duration = Duration::from_secs(5);
+/// How often a watched job that this agent is not running is re-read from disk.
+const DISK_POLL: Duration = Duration::from_millis(500);
+
+/// The service: a thin layer over the agent's [`Core`].
+#[derive(Debug, Clone)]
+pub struct AgentApi {
+    core: Arc<Core>,
+    policy: ControlPolicy,
+    health: Arc<HealthState>,
+    tls: bool,
+    mutual_tls: bool,
+}
+
+impl AgentApi {
+    pub fn new(core: Arc<Core>, policy: ControlPolicy, health: Arc<HealthState>, tls: bool, mutual_tls: bool) -> Self {
+        AgentApi { core, policy, health, tls, mutual_tls }
+    }
+}
+
+fn parse_id(s: &str) -> Result<JobId, Status> {
+    s.parse().map_err(|e| Status::invalid_argument(format!("{e}")))
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, Status> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| Status::internal(format!("worker task failed: {e}")))
+}
+
+fn space(path: &std::path::Path, writable: Result<(), String>) -> pb::FileSystemSpace {
+    let (free, total) = fsx::space(path).unwrap_or((0, 0));
+    pb::FileSystemSpace {
+        path: path.display().to_string(),
+        free_bytes: free,
+        total_bytes: total,
+
+        writable: writable.is_ok(),
+        error: writable.err().unwrap_or_default(),
+    }
+}
+
+#[tonic::async_trait]
+impl pb::agent_service_server::AgentService for AgentApi {
+    async fn get_status(&self, req: Request<pb::GetStatusRequest>) -> Result<Response<pb::AgentStatus>, Status> {
+        let may_control = self.policy.allows(&req);
+        let core = self.core.clone();
+        let health = self.health.snapshot();
+        let (depth, queue_fs, output_fs) = blocking(move || {
+            let mut depth = pb::QueueDepth::default();
+            if let Ok(entries) = hyperfarm_shared::queue::list(&core.queue, &[], false) {
+                for e in entries {
+                    match e.state {
+                        State::Queued => depth.queued += 1,
+                        State::Converting => depth.converting += 1,
+                        State::Done => depth.done += 1,
+                        State::Failed => depth.failed += 1,
+                        State::Cancelled => depth.cancelled += 1,
+                    }
+                }
+            }
+            (
+                depth,
+                space(&core.cfg.watch_dir, health.queue.clone()),
+                space(&core.cfg.output_dir, health.output.clone()),
+            )
+        })
+        .await?;
+        let core = &self.core;
+        let health = self.health.snapshot();
+        let now = hyperfarm_shared::queue::now_ms();
+        let started_at_ms = now.saturating_sub(core.started.elapsed().as_millis() as u64);
+        Ok(Response::new(pb::AgentStatus {
+            instance: core.cfg.instance.clone(),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            host: fsx::hostname(),
+            pid: std::process::id(),
+            started_at_ms,
+            uptime_seconds: core.started.elapsed().as_secs(),
+            engines: vec![pb::Engine {
+                name: "qemu-img".into(),
+                version: core.qemu_version.clone(),
+                available: health.engine.is_ok(),
+                path: core.cfg.qemu_img.display().to_string(),
+                stages: vec!["convert".into(), "validate".into()],
+                detail: health.engine.clone().err().unwrap_or_default(),
+            }],
+            default_engine: "qemu-img".into(),
+            queue_depth: Some(depth),
+            running: core.board.running().iter().map(jobs::from_view).collect(),
+            queue_fs: Some(queue_fs),
+            output_fs: Some(output_fs),
+            watch_dir: core.cfg.watch_dir.display().to_string(),
+            output_dir: core.cfg.output_dir.display().to_string(),
+            max_concurrent: core.cfg.max_concurrent as u32,
+            shutting_down: core.shutdown.is_cancelled(),
+            caller_may_control: may_control,
+            tls: self.tls,
+            mutual_tls: self.mutual_tls,
+            serving: health.serving(),
+        }))
+    }
+
+    async fn list_jobs(&self, req: Request<pb::ListJobsRequest>) -> Result<Response<pb::ListJobsResponse>, Status> {
+        let r = req.into_inner();
+        let mut states = Vec::new();
+        for s in r.states() {
+            states.push(
+                jobs::state_from_pb(s)
+                    .ok_or_else(|| Status::invalid_argument("JOB_STATE_UNSPECIFIED is not a filter"))?,
+            );
+        }
+        let core = self.core.clone();
+        let limit = r.limit as usize;
+        let (list, total) = blocking(move || jobs::list(&core, &states, limit)).await?.map_err(|e| {
+            Status::unavailable(format!("cannot read the queue {}: {e}", self.core.cfg.watch_dir.display()))
+        })?;
+        Ok(Response::new(pb::ListJobsResponse { jobs: list, total }))
+    }
+
+    async fn get_job(&self, req: Request<pb::GetJobRequest>) -> Result<Response<pb::Job>, Status> {
+        let id = parse_id(&req.get_ref().id)?;
+        let core = self.core.clone();
+        match blocking(move || jobs::lookup(&core, &id, true)).await? {
+            Some(j) => Ok(Response::new(j)),
+            None => Err(Status::not_found(format!("no job {id} in {}", self.core.cfg.watch_dir.display()))),
+        }
+    }
+
+    async fn cancel_job(&self, req: Request<pb::CancelJobRequest>) -> Result<Response<pb::CancelJobResponse>, Status> {
+        self.policy.check(&req)?;
+        let r = req.into_inner();
+        let id = parse_id(&r.id)?;
+        let reason = if r.reason.trim().is_empty() {
+            "cancelled through the agent's API".to_string()
+        } else {
+            r.reason.trim().chars().take(500).collect()
+        };
+        let core = self.core.clone();
+        let reason2 = reason.clone();
+        let seen = blocking(move || core.queue.request_cancel(&id, &reason2))
+            .await?
+            .map_err(|e| Status::unavailable(format!("cannot write the cancel request: {e}")))?;
+        // A job this agent runs stops now rather than at its next heartbeat.
+        if let Some(r) = self.core.running.lock().expect("running lock").get(&id) {
+            r.stop.stop(StopReason::Cancel(reason.clone()));
+        }
+        tracing::info!(job = %id, reason = %reason, "cancel requested through the API");
+        let (state, message) = match seen {
+            Some(State::Cancelled) => {
+                (pb::JobState::Cancelled, "withdrawn from the queue before any agent claimed it".to_string())
+            }
+            Some(State::Converting) => (
+                pb::JobState::Converting,
+                "the agent converting it will stop it and publish a cancelled result".to_string(),
+            ),
+            Some(s) => (jobs::state_to_pb(s), format!("the job had already ended ({s}); nothing to cancel")),
+            None => return Err(Status::not_found(format!("no job {id} in {}", self.core.cfg.watch_dir.display()))),
+        };
+        let mut resp = pb::CancelJobResponse { message, ..Default::default() };
+        resp.set_state(state);
+        Ok(Response::new(resp))
+    }
+
+    type WatchJobStream = ReceiverStream<Result<pb::JobUpdate, Status>>;
+
+    async fn watch_job(&self, req: Request<pb::WatchJobRequest>) -> Result<Response<Self::WatchJobStream>, Status> {
+        let r = req.into_inner();
+        let id = parse_id(&r.id)?;
+        let heartbeat = if r.heartbeat_seconds == 0 {
+            HEARTBEAT
+        } else {
+            Duration::from_secs(u64::from(r.heartbeat_seconds.clamp(1, 300)))
+        };
+        let (_, mut sub) = self.core.board.subscribe();
+        let core = self.core.clone();
+        let first = blocking(move || jobs::lookup(&core, &id, false))
+            .await?
+            .ok_or_else(|| Status::not_found(format!("no job {id} in {}", self.core.cfg.watch_dir.display())))?;
+        let (tx, rx) = mpsc::channel(STREAM_BUFFER);
+        let core = self.core.clone();
+        tokio::spawn(async move {
+            let send = |job: pb::Job, heartbeat: bool| {
+                let is_final = jobs::is_final(&job);
+                let update = pb::JobUpdate { job: Some(job), heartbeat, is_final, seq: core.board.seq() };
+                match tx.try_send(Ok(update)) {
+                    Ok(()) => true,
+                    Err(mpsc::error::TrySendError::Full(_)) => {
+                        tracing::info!(job = %id, "dropping a watch client that does not keep up");
+                        false
+                    }
+                    Err(mpsc::error::TrySendError::Closed(_)) => false,
+                }
+            };
+            let mut last = first;
+            if !send(last.clone(), false) || jobs::is_final(&last) {
+                return;
+            }
+            let mut beat = tokio::time::interval_at(tokio::time::Instant::now() + heartbeat, heartbeat);
+            let mut poll = tokio::time::interval(DISK_POLL);
+            loop {
+                let next = tokio::select! {
+                    r = sub.recv() => match r {
+                        Ok(change) if change.view.id == id => Some(jobs::from_view(&change.view)),
+                        Ok(_) => None,
+                        Err(broadcast::error::RecvError::Lagged(_)) => lookup_async(&core, id).await,
+                        Err(broadcast::error::RecvError::Closed) => return,
+                    },
+                    _ = poll.tick() => {
+                        if core.board.get(&id).is_some_and(|v| !v.progress.phase.is_final()) { None } else { lookup_async(&core, id).await }
+                    }
+                    _ = beat.tick() => {
+                        if !send(last.clone(), true) { return; }
+                        None
+                    }
+                    _ = tx.closed() => return,
+                };
+                let Some(job) = next else { continue };
+                if job != last {
+                    last = job;
+                    if !send(last.clone(), false) {
+                        return;
+                    }
+                    beat.reset();
+                }
+                if jobs::is_final(&last) {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    type WatchJobsStream = ReceiverStream<Result<pb::JobsUpdate, Status>>;
+
+    async fn watch_jobs(&self, req: Request<pb::WatchJobsRequest>) -> Result<Response<Self::WatchJobsStream>, Status> {
+        let from = req.into_inner().from_seq;
+        let (tx, rx) = mpsc::channel(STREAM_BUFFER);
+        let core = self.core.clone();
+        let (mut sub, mut seq) = if from == 0 {
+            let (seq, views, sub) = core.board.snapshot();
+            let c2 = core.clone();
+            let mut jobs_now: Vec<pb::Job> = views.iter().map(jobs::from_view).collect();
+            let queued =
+                blocking(move || jobs::list(&c2, &[State::Queued], 0)).await?.map(|(j, _)| j).unwrap_or_default();
+            jobs_now.extend(queued.into_iter().filter(|q| !views.iter().any(|v| v.id.to_string() == q.id)));
+            let update = pb::JobsUpdate {
+                seq,
+                update: Some(pb::jobs_update::Update::Snapshot(pb::JobsSnapshot { jobs: jobs_now })),
+            };
+            tx.try_send(Ok(update)).map_err(|_| Status::internal("stream buffer"))?;
+            (sub, seq)
+        } else {
+            let (changes, sub) = core.board.since(from).map_err(|oldest| {
+                Status::out_of_range(format!(
+                    "changes after {from} are no longer remembered (the oldest is {oldest}); list again with from_seq = 0"
+                ))
+            })?;
+            let mut seq = from;
+            for c in changes {
+                seq = c.seq;
+                let update = pb::JobsUpdate {
+                    seq: c.seq,
+                    update: Some(pb::jobs_update::Update::Change(jobs::from_view(&c.view))),
+                };
+                if tx.try_send(Ok(update)).is_err() {
+                    return Err(Status::resource_exhausted("too many changes to replay; list again with from_seq = 0"));
+                }
+            }
+            (sub, seq)
+        };
+        tokio::spawn(async move {
+            let mut beat = tokio::time::interval_at(tokio::time::Instant::now() + HEARTBEAT, HEARTBEAT);
+            loop {
+                let update = tokio::select! {
+                    r = sub.recv() => match r {
+                        Ok(c) if c.seq <= seq => continue,
+                        Ok(c) => {
+                            seq = c.seq;
+                            beat.reset();
+                            pb::JobsUpdate { seq: c.seq, update: Some(pb::jobs_update::Update::Change(jobs::from_view(&c.view))) }
+                        }
+                        Err(broadcast::error::RecvError::Lagged(n)) => {
+                            let _ = tx.try_send(Err(Status::out_of_range(format!(
+                                "this client fell {n} changes behind; resume with from_seq = {seq} or list again"
+                            ))));
+                            return;
+                        }
+                        Err(broadcast::error::RecvError::Closed) => return,
+                    },
+                    _ = beat.tick() => pb::JobsUpdate { seq, update: Some(pb::jobs_update::Update::Heartbeat(true)) },
+                    _ = tx.closed() => return,
+                };
+                if tx.try_send(Ok(update)).is_err() {
+                    tracing::info!("dropping a jobs watcher that does not keep up");
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}
+
+async fn lookup_async(core: &Arc<Core>, id: JobId) -> Option<pb::Job> {
+    let c = core.clone();
+    tokio::task::spawn_blocking(move || jobs::lookup(&c, &id, false)).await.ok().flatten()
+}

@@ -79,8 +79,20 @@ t=$(now)
 step "rendering the templates (tests/render.yml)"
 out="$scratch/render"
 mkdir -p "$out"
+# The newest built agent, if any.
+agent=""
+for candidate in "$repo/target/release/hyper2kvm-agent" "$repo/target/debug/hyper2kvm-agent"; do
+    if [[ -x $candidate && (-z $agent || $candidate -nt $agent) ]]; then
+        agent=$candidate
+    fi
+done
+# hyperfarm_agent_extra_config is exercised with a key the built agent knows, if it has one.
+extra='{"hyperfarm_render_extra_config": {}}'
+if [[ -n $agent ]] && "$agent" --help | grep -q -- '--listen'; then
+    extra='{"hyperfarm_render_extra_config": {"listen": "127.0.0.1:50099"}}'
+fi
 ansible-playbook -i localhost, -c local tests/render.yml -e "hyperfarm_render_dir=$out" \
-    -e "ansible_python_interpreter=$venv/bin/python" \
+    -e "ansible_python_interpreter=$venv/bin/python" -e "$extra" \
     >"$scratch/render.log" 2>&1 || {
     cat "$scratch/render.log" >&2
     echo "FAIL: tests/render.yml" >&2
@@ -93,10 +105,6 @@ fail() {
     failures=$((failures + 1))
 }
 
-agent=""
-for candidate in "$repo/target/release/hyper2kvm-agent" "$repo/target/debug/hyper2kvm-agent"; do
-    [[ -x $candidate ]] && { agent=$candidate; break; }
-done
 if [[ -n $agent ]]; then
     for f in agent-default.toml agent-vsphere.toml; do
         if ! json=$("$agent" --config "$out/$f" --check-config 2>&1); then
@@ -104,6 +112,8 @@ if [[ -n $agent ]]; then
             printf '%s\n%s\n' "$json" "$(cat "$out/$f")" | sed 's/^/    /' >&2
         elif [[ $f == agent-vsphere.toml && $json != *'"watch_dir": "/srv/hyperfarm/queue"'* ]]; then
             fail "agent-vsphere.toml does not carry hyperfarm_agent_watch_dir: $json"
+        elif [[ $f == agent-vsphere.toml && $extra == *50099* && $json != *'127.0.0.1:50099'* ]]; then
+            fail "agent-vsphere.toml does not carry hyperfarm_agent_extra_config: $json"
         else
             echo "ok: rendered $f passes $agent --check-config"
         fi

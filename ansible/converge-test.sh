@@ -44,10 +44,14 @@ pick_bin() {
         echo "${!var}"
         return
     fi
-    for d in release debug; do
-        [[ -x $repo/target/$d/$name ]] && { echo "$repo/target/$d/$name"; return; }
+    local found="" d
+    for d in release debug; do # the newest build
+        if [[ -x $repo/target/$d/$name && (-z $found || $repo/target/$d/$name -nt $found) ]]; then
+            found=$repo/target/$d/$name
+        fi
     done
-    die "no built $name under target/ (cargo build), or set $var"
+    [[ -n $found ]] || die "no built $name under target/ (cargo build), or set $var"
+    echo "$found"
 }
 agent_bin=$(pick_bin hyper2kvm-agent HYPERFARM_AGENT_BIN)
 export_bin=$(pick_bin hyperexport HYPERFARM_EXPORT_BIN)
@@ -190,8 +194,14 @@ playbook() {
     "$venv/bin/ansible-playbook" -i "$machine," -c community.docker.nsenter \
         -e "ansible_nsenter_pid=$pid1" -e ansible_python_interpreter=/usr/bin/python3 \
         -e "hyperfarm_agent_binary_src=$agent_bin" -e "hyperfarm_exporter_binary_src=$export_bin" \
-        "$here/tests/converge.yml" "$@"
+        -e "$share_extra" "$here/tests/converge.yml" "$@"
 }
+# An agent with a gRPC server listens on 127.0.0.1:50071 by default: the second instance on the
+# host needs another address.
+share_extra='{"hyperfarm_converge_share_extra_config": {}}'
+if "$agent_bin" --help | grep -q -- '--listen'; then
+    share_extra='{"hyperfarm_converge_share_extra_config": {"listen": "127.0.0.1:50072"}}'
+fi
 recap() { grep -E "^$machine +: " "$1" | tail -n1; }
 
 log "ansible-playbook --check on the fresh root"

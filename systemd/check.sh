@@ -85,11 +85,47 @@ else
     echo "ok: template and default unit agree"
 fi
 
+# agent.toml.example must document exactly the keys the agent accepts: FileConfig in
+# converter-agent/src/config.rs and, under [convert], ConvertOptions in shared/src/engine/qemu_img.rs.
+struct_fields() { # FILE STRUCT
+    sed -n "/^pub struct $2 {/,/^}/p" "$1" | sed -n 's/^ *pub \([a-z_0-9]*\):.*/\1/p' | sort
+}
+example_keys() { # SECTION: "top" or "convert"
+    awk -v want="$1" '
+        /^\[convert\]/ { section = "convert"; next }
+        /^\[/ { section = "other"; next }
+        { if (section == "") section = "top" }
+        section == want && match($0, /^#?[a-z_0-9]+ = /) {
+            k = substr($0, 1, RLENGTH); sub(/^#/, "", k); sub(/ = $/, "", k); print k
+        }' "$here/agent.toml.example" | sort -u
+}
+config_rs="$repo/converter-agent/src/config.rs"
+convert_rs="$repo/shared/src/engine/qemu_img.rs"
+if [[ -f $config_rs && -f $convert_rs ]]; then
+    before=$failures
+    for pair in "top:$config_rs:FileConfig" "convert:$convert_rs:ConvertOptions"; do
+        IFS=: read -r section file struct <<<"$pair"
+        code=$(struct_fields "$file" "$struct" | grep -vx convert || true)
+        doc=$(example_keys "$section")
+        if [[ -z $code ]]; then
+            fail "found no fields of $struct in $file (has it moved?)"
+        elif [[ $code != "$doc" ]]; then
+            fail "agent.toml.example ($section) and $struct differ (< only in the code, > only in the example):"
+            { diff <(echo "$code") <(echo "$doc") || true; } | grep '^[<>]' | sed 's/^/    /' >&2
+        fi
+    done
+    if [[ $failures -eq $before ]]; then
+        echo "ok: agent.toml.example documents exactly the keys of FileConfig and ConvertOptions"
+    fi
+else
+    echo "skip: agent sources not found, agent.toml.example keys not compared"
+fi
+
+# The newest built agent, if any (a stale release build must not judge a newer example).
 agent=""
 for candidate in "$repo/target/release/hyper2kvm-agent" "$repo/target/debug/hyper2kvm-agent"; do
-    if [[ -x $candidate ]]; then
+    if [[ -x $candidate && (-z $agent || $candidate -nt $agent) ]]; then
         agent=$candidate
-        break
     fi
 done
 if [[ -n $agent ]]; then

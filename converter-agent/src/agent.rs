@@ -48,6 +48,8 @@ pub struct Core {
     pub qemu_version: String,
     /// VM names of queued and finished jobs, for listings.
     pub names: crate::grpc::jobs::NameCache,
+    /// Result records of finished jobs, for listings.
+    pub records: crate::grpc::jobs::RecordCache,
     /// The last health probe (directories writable, engine usable).
     pub health: Arc<crate::grpc::HealthState>,
     /// Queued jobs already announced on the board.
@@ -101,6 +103,8 @@ pub async fn prepare(cfg: Config) -> anyhow::Result<Arc<Core>> {
         board: Board::new(),
         running: Mutex::new(HashMap::new()),
         names: Default::default(),
+        records: Default::default(),
+
         health: Default::default(),
         announced: Default::default(),
         shutdown: CancellationToken::new(),

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use hyperfarm_proto::v1 as pb;
 
-use crate::agent_client::AgentEndpoint;
+use hyperfarm_proto::client::AgentEndpoint;
 
 #[derive(Debug)]
 pub enum Detected {

@@ -7,7 +7,6 @@
 //! unreachable or unwritable · 7 the job was cancelled · 8 the output name is taken by an earlier
 //! result · 130 interrupted.
 
-pub mod agent_client;
 pub mod cli;
 pub mod copy;
 pub mod detect;
@@ -30,7 +29,7 @@ use hyperfarm_shared::instance;
 use hyperfarm_shared::queue::{Queue, State};
 use hyperfarm_shared::results::{OutputDir, ResultRecord, ResultState};
 
-use crate::agent_client::AgentEndpoint;
+use hyperfarm_proto::client::AgentEndpoint;
 use crate::cli::{Cli, FileConfig};
 use crate::copy::Control;
 use crate::wait::{WaitParams, Waited};
@@ -176,12 +175,13 @@ pub fn settings(cli: &Cli) -> Result<Settings, ExportError> {
     }
     let agent_url = cli.agent.clone().or(file.agent_url.clone());
     let agent = AgentEndpoint {
-        url: agent_url.clone().unwrap_or_else(|| agent_client::DEFAULT_AGENT_URL.to_string()),
+        url: agent_url.clone().unwrap_or_else(|| hyperfarm_proto::client::DEFAULT_AGENT_URL.to_string()),
         ca: cli.agent_ca.clone().or(file.agent_ca.clone()),
         cert: cli.agent_cert.clone().or(file.agent_cert.clone()),
         key: cli.agent_key.clone().or(file.agent_key.clone()),
         domain: cli.agent_domain.clone().or(file.agent_domain.clone()),
         connect_timeout: Duration::from_secs(2),
+        token: None,
     };
     if agent.cert.is_some() != agent.key.is_some() {
         return Err(ExportError::Usage("--agent-cert and --agent-key go together".into()));

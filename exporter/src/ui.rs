@@ -87,14 +87,4 @@ impl Drop for Meter {
     }
 }
 
-/// 1.5 GiB, 20 MiB, 512 B.
-pub fn human(n: u64) -> String {
-    const U: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
-    let mut v = n as f64;
-    let mut i = 0;
-    while v >= 1024.0 && i + 1 < U.len() {
-        v /= 1024.0;
-        i += 1;
-    }
-    if i == 0 { format!("{n} B") } else { format!("{v:.1} {}", U[i]) }
-}
+pub use hyperfarm_shared::human::bytes as human;

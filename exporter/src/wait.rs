@@ -20,7 +20,7 @@ use hyperfarm_shared::JobId;
 use hyperfarm_shared::queue::{self, LeaseInfo, Queue, State};
 use hyperfarm_shared::results::{OutputDir, ResultRecord};
 
-use crate::agent_client::AgentEndpoint;
+use hyperfarm_proto::client::AgentEndpoint;
 use crate::ui::Meter;
 
 /// How waiting ended.

@@ -5,7 +5,10 @@
 
 #![allow(clippy::all, missing_docs, unused_qualifications)]
 
+pub mod client;
+
 /// `hyperfarm.v1`.
+
 pub mod v1 {
     include!("generated/hyperfarm.v1.rs");
 }

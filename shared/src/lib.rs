@@ -16,6 +16,7 @@ pub mod duration;
 pub mod engine;
 pub mod format;
 pub mod fsx;
+pub mod human;
 pub mod instance;
 pub mod jobid;
 pub mod manifest;

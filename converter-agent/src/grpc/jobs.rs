@@ -248,7 +248,40 @@ pub fn list(core: &Core, states: &[State], limit: usize) -> std::io::Result<(Vec
             State::Failed => pb::Phase::Failed,
             State::Cancelled => pb::Phase::Cancelled,
         });
+        if e.state.is_final()
+            && let Some(r) = core.records.get(&core.output, &e.id)
+        {
+            apply_record(&mut j, &r, false);
+        }
         out.push(j);
     }
     Ok((out, total))
 }
+
+/// Result records by job id. A record never changes once written, so it is read once.
+#[derive(Debug, Default)]
+pub struct RecordCache {
+    records: Mutex<HashMap<JobId, std::sync::Arc<ResultRecord>>>,
+}
+
+impl RecordCache {
+    /// The record of a finished job (blocking: may read it).
+    pub fn get(&self, out: &hyperfarm_shared::results::OutputDir, id: &JobId) -> Option<std::sync::Arc<ResultRecord>> {
+        if let Some(r) = self.records.lock().expect("record cache").get(id) {
+            return Some(r.clone());
+        }
+        let mut r = out.read_record(id).ok().flatten()?;
+        // Lists show the summary only; keep the cache small.
+        if let Some(e) = &r.error {
+            r.error = Some(e.lines().next().unwrap_or_default().to_string());
+        }
+        let r = std::sync::Arc::new(r);
+        let mut g = self.records.lock().expect("record cache");
+        if g.len() > 100_000 {
+            g.clear();
+        }
+        g.insert(*id, r.clone());
+        Some(r)
+    }
+}
+

@@ -1,23 +1,27 @@
-//! Talking to a conversion agent over gRPC (status for detection, the watch stream for progress).
+//! Dialing an agent: the endpoint (URL, TLS, mutual TLS, control token) every client uses.
 
 use std::path::PathBuf;
 use std::time::Duration;
 
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
-use hyperfarm_proto::v1 as pb;
-use hyperfarm_proto::v1::agent_service_client::AgentServiceClient;
+use crate::v1 as pb;
+use crate::v1::agent_service_client::AgentServiceClient;
 
 /// How to reach an agent.
 #[derive(Debug, Clone)]
 pub struct AgentEndpoint {
     pub url: String,
+    /// PEM CA that signed the agent's certificate.
     pub ca: Option<PathBuf>,
+    /// PEM client certificate and key, for agents that require mutual TLS.
     pub cert: Option<PathBuf>,
     pub key: Option<PathBuf>,
     /// TLS server name, when it differs from the URL's host.
     pub domain: Option<String>,
     pub connect_timeout: Duration,
+    /// Bearer token sent with control calls.
+    pub token: Option<String>,
 }
 
 /// The default address of a local agent.
@@ -32,6 +36,7 @@ impl AgentEndpoint {
             key: None,
             domain: None,
             connect_timeout: Duration::from_secs(2),
+            token: None,
         }
     }
 
@@ -67,15 +72,24 @@ impl AgentEndpoint {
         Ok(AgentServiceClient::new(channel))
     }
 
+    /// A request carrying the control token, if one is configured.
+    pub fn request<T>(&self, msg: T) -> tonic::Request<T> {
+        let mut req = tonic::Request::new(msg);
+        if let Some(t) = &self.token
+            && let Ok(v) = format!("Bearer {t}").parse()
+        {
+            req.metadata_mut().insert("authorization", v);
+        }
+        req.set_timeout(Duration::from_secs(30));
+        req
+    }
+
     /// The agent's status, or why it could not be had.
     pub async fn status(&self) -> Result<pb::AgentStatus, String> {
         let mut c = self.connect().await?;
-        let mut req = tonic::Request::new(pb::GetStatusRequest {});
-        req.set_timeout(self.connect_timeout);
-        c.get_status(req)
-            .await
-            .map(|r| r.into_inner())
-            .map_err(|s| format!("{} answered {}: {}", self.url, s.code(), s.message()))
+        let mut req = self.request(pb::GetStatusRequest {});
+        req.set_timeout(self.connect_timeout.max(Duration::from_secs(2)));
+        c.get_status(req).await.map(|r| r.into_inner()).map_err(|s| format!("{} answered {}: {}", self.url, s.code(), s.message()))
     }
 }
 

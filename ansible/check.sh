@@ -86,13 +86,8 @@ for candidate in "$repo/target/release/hyper2kvm-agent" "$repo/target/debug/hype
         agent=$candidate
     fi
 done
-# hyperfarm_agent_extra_config is exercised with a key the built agent knows, if it has one.
-extra='{"hyperfarm_render_extra_config": {}}'
-if [[ -n $agent ]] && "$agent" --help | grep -q -- '--listen'; then
-    extra='{"hyperfarm_render_extra_config": {"listen": "127.0.0.1:50099"}}'
-fi
 ansible-playbook -i localhost, -c local tests/render.yml -e "hyperfarm_render_dir=$out" \
-    -e "ansible_python_interpreter=$venv/bin/python" -e "$extra" \
+    -e "ansible_python_interpreter=$venv/bin/python" \
     >"$scratch/render.log" 2>&1 || {
     cat "$scratch/render.log" >&2
     echo "FAIL: tests/render.yml" >&2
@@ -112,8 +107,8 @@ if [[ -n $agent ]]; then
             printf '%s\n%s\n' "$json" "$(cat "$out/$f")" | sed 's/^/    /' >&2
         elif [[ $f == agent-vsphere.toml && $json != *'"watch_dir": "/srv/hyperfarm/queue"'* ]]; then
             fail "agent-vsphere.toml does not carry hyperfarm_agent_watch_dir: $json"
-        elif [[ $f == agent-vsphere.toml && $extra == *50099* && $json != *'127.0.0.1:50099'* ]]; then
-            fail "agent-vsphere.toml does not carry hyperfarm_agent_extra_config: $json"
+        elif [[ $f == agent-vsphere.toml && ($json != *'127.0.0.1:50072'* || $json != *'"ops.example.internal"'*) ]]; then
+            fail "agent-vsphere.toml does not carry hyperfarm_agent_listen/extra_config: $json"
         else
             echo "ok: rendered $f passes $agent --check-config"
         fi
@@ -152,6 +147,7 @@ unknown = set(doc) - accepted
 assert not unknown, f"keys hyperexport rejects: {sorted(unknown)}"
 assert doc["watch_dir"] == "/var/lib/hyper2kvm/vsphere/queue", doc
 assert doc["daemon_timeout"] == "90m", doc
+assert doc["detect"] is False and doc["agent_domain"] == "convert01.example.internal", doc
 EOF
     fail "the rendered hyperexport.toml is not what hyperexport accepts"
 else

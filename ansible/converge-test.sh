@@ -194,14 +194,8 @@ playbook() {
     "$venv/bin/ansible-playbook" -i "$machine," -c community.docker.nsenter \
         -e "ansible_nsenter_pid=$pid1" -e ansible_python_interpreter=/usr/bin/python3 \
         -e "hyperfarm_agent_binary_src=$agent_bin" -e "hyperfarm_exporter_binary_src=$export_bin" \
-        -e "$share_extra" "$here/tests/converge.yml" "$@"
+        "$here/tests/converge.yml" "$@"
 }
-# An agent with a gRPC server listens on 127.0.0.1:50071 by default: the second instance on the
-# host needs another address.
-share_extra='{"hyperfarm_converge_share_extra_config": {}}'
-if "$agent_bin" --help | grep -q -- '--listen'; then
-    share_extra='{"hyperfarm_converge_share_extra_config": {"listen": "127.0.0.1:50072"}}'
-fi
 recap() { grep -E "^$machine +: " "$1" | tail -n1; }
 
 log "ansible-playbook --check on the fresh root"

@@ -34,6 +34,7 @@ if [[ ! -x $venv/bin/ansible-lint || ! -f $stamp || $(cat "$stamp") != "$want" ]
         if ! "$python" -m venv "$venv" 2>"$scratch/venv.err"; then
             # Debian's python3 needs python3-venv for `-m venv`.
             if [[ $(id -u) -eq 0 ]] && command -v apt-get >/dev/null; then
+                apt-get update -qq
                 DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >/dev/null
                 rm -rf "$venv"
                 "$python" -m venv "$venv"

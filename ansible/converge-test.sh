@@ -61,6 +61,7 @@ command -v systemd-nspawn >/dev/null || missing+=(systemd-container)
 command -v debootstrap >/dev/null || missing+=(debootstrap)
 if [[ ${#missing[@]} -gt 0 ]]; then
     log "installing ${missing[*]}"
+    apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 
@@ -108,7 +109,9 @@ cleanup_cgroups() {
     # nspawn --keep-unit leaves payload/ and supervisor/ in our cgroup; the next boot needs them gone.
     local d
     for d in /sys/fs/cgroup/*/payload /sys/fs/cgroup/*/supervisor /sys/fs/cgroup/payload /sys/fs/cgroup/supervisor; do
-        [[ -d $d ]] && find "$d" -depth -type d -exec rmdir {} \; 2>/dev/null || true
+        if [[ -d $d ]]; then
+            find "$d" -depth -type d -exec rmdir {} \; 2>/dev/null || true
+        fi
     done
     rm -rf "/run/systemd/nspawn/propagate/$machine" 2>/dev/null || true
 }
@@ -118,7 +121,9 @@ in_machine() { nsenter -t "$pid1" -a "$@"; }
 poweroff_machine() {
     [[ -n $nspawn_pid ]] || return 0
     if kill -0 "$nspawn_pid" 2>/dev/null; then
-        [[ -n $pid1 ]] && in_machine systemctl poweroff >/dev/null 2>&1 || true
+        if [[ -n $pid1 ]]; then
+            in_machine systemctl poweroff >/dev/null 2>&1 || true
+        fi
         for _ in $(seq 1 100); do
             kill -0 "$nspawn_pid" 2>/dev/null || break
             sleep 0.1
@@ -144,12 +149,21 @@ on_exit() {
     poweroff_machine
     cleanup_cgroups
     if [[ -n ${HYPERFARM_CONVERGE_LOGS:-} ]]; then
-        mkdir -p "$HYPERFARM_CONVERGE_LOGS" && cp "$work"/*.log "$HYPERFARM_CONVERGE_LOGS"/ 2>/dev/null || true
+        mkdir -p "$HYPERFARM_CONVERGE_LOGS"
+        cp "$work"/*.log "$HYPERFARM_CONVERGE_LOGS"/ 2>/dev/null || true
     fi
     rm -rf "$work"
     exit "$rc"
 }
 trap on_exit EXIT
+
+# Snapshot the binaries: a rebuild during the test must not look like a non-idempotent role.
+mkdir -p "$work/bin"
+cp "$agent_bin" "$work/bin/hyper2kvm-agent"
+cp "$export_bin" "$work/bin/hyperexport"
+log "agent: $agent_bin; exporter: $export_bin"
+agent_bin="$work/bin/hyper2kvm-agent"
+export_bin="$work/bin/hyperexport"
 
 # --- restore and prepare the root ---------------------------------------------------------------
 log "restoring the Debian root"

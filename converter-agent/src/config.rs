@@ -314,6 +314,9 @@ fn validate(cfg: &Config) -> anyhow::Result<()> {
             return bad(format!("{what} = {} must be an absolute path", p.display()));
         }
     }
+    if let Err(e) = cfg.convert.validate() {
+        return bad(e);
+    }
     if cfg.convert.coroutines == 0 || cfg.convert.coroutines > 16 {
         return bad(format!("convert.coroutines = {} must be between 1 and 16", cfg.convert.coroutines));
     }

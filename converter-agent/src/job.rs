@@ -427,8 +427,10 @@ async fn heartbeat_loop(core: Arc<Core>, claim: SharedClaim, progress: watch::Re
 }
 
 async fn forward_progress(core: Arc<Core>, view: Arc<Mutex<JobView>>, mut rx: watch::Receiver<Progress>) {
+    let mut rate = hyperfarm_shared::progress::RateMeter::default();
     while rx.changed().await.is_ok() {
-        let p = rx.borrow_and_update().clone();
+        let mut p = rx.borrow_and_update().clone();
+        rate.update(&mut p);
         let v = {
             let mut g = view.lock().expect("view");
             g.progress = p;

@@ -29,10 +29,10 @@ use hyperfarm_shared::instance;
 use hyperfarm_shared::queue::{Queue, State};
 use hyperfarm_shared::results::{OutputDir, ResultRecord, ResultState};
 
-use hyperfarm_proto::client::AgentEndpoint;
 use crate::cli::{Cli, FileConfig};
 use crate::copy::Control;
 use crate::wait::{WaitParams, Waited};
+use hyperfarm_proto::client::AgentEndpoint;
 
 pub const EXIT_INTERNAL: u8 = 1;
 pub const EXIT_USAGE: u8 = 2;

@@ -20,8 +20,8 @@ use hyperfarm_shared::JobId;
 use hyperfarm_shared::queue::{self, LeaseInfo, Queue, State};
 use hyperfarm_shared::results::{OutputDir, ResultRecord};
 
-use hyperfarm_proto::client::AgentEndpoint;
 use crate::ui::Meter;
+use hyperfarm_proto::client::AgentEndpoint;
 
 /// How waiting ended.
 #[derive(Debug)]
@@ -59,7 +59,7 @@ pub struct WaitParams {
 }
 
 enum Step {
-    Done(Waited),
+    Done(Box<Waited>),
     /// The stream is unusable: poll (and retry the stream at each poll).
     Poll(String),
 }
@@ -81,7 +81,7 @@ pub async fn follow(p: &WaitParams, interrupt: Arc<Notify>) -> Waited {
             match step {
                 Step::Done(w) => {
                     meter.finish();
-                    return w;
+                    return *w;
                 }
                 Step::Poll(why) => {
                     if Instant::now() < deadline {
@@ -175,7 +175,7 @@ async fn stream(p: &WaitParams, agent: &AgentEndpoint, meter: &mut Meter) -> Ste
                 let pct = job.progress.as_ref().map(|x| x.percent).unwrap_or(0.0);
                 meter.set_percent(phase_name(job.phase()), pct);
                 if u.is_final {
-                    return Step::Done(final_result(p, job).await);
+                    return Step::Done(Box::new(final_result(p, job).await));
                 }
             }
             Some(Err(st)) => return Step::Poll(format!("the stream broke: {}: {}", st.code(), st.message())),

@@ -44,7 +44,7 @@ pub struct AgentRow {
 }
 
 fn row_from_status(url: &str, s: &pb::AgentStatus) -> AgentRow {
-    let depth = s.queue_depth.clone().unwrap_or_default();
+    let depth = s.queue_depth.unwrap_or_default();
     AgentRow {
         instance: s.instance.clone(),
         service: instance::unit_name(Some(&s.instance)),
@@ -121,7 +121,9 @@ pub async fn gather(cli: &Cli) -> Result<Vec<AgentRow>, CtlError> {
             let Some(name) = systemd::instance_of(&unit) else { continue };
             let Ok(state) = systemd::show(&unit).await else { continue };
             let (url, watch, output) = local_config(&name);
-            if let Some(r) = rows.iter_mut().find(|r| r.instance == name && r.source == "grpc" && r.status != "unreachable") {
+            if let Some(r) =
+                rows.iter_mut().find(|r| r.instance == name && r.source == "grpc" && r.status != "unreachable")
+            {
                 r.service = unit.clone();
                 continue;
             }
@@ -176,7 +178,10 @@ pub async fn run(cli: &Cli, op: &DaemonOp) -> Result<(), CtlError> {
     if let DaemonOp::Status { instance: Some(name) } = op {
         rows.retain(|r| &r.instance == name);
         if rows.is_empty() {
-            return Err(crate::err(crate::EXIT_NOT_FOUND, format!("no agent instance {name:?} answers or is known to systemd here")));
+            return Err(crate::err(
+                crate::EXIT_NOT_FOUND,
+                format!("no agent instance {name:?} answers or is known to systemd here"),
+            ));
         }
     }
     if cli.json {
@@ -195,7 +200,9 @@ pub async fn run(cli: &Cli, op: &DaemonOp) -> Result<(), CtlError> {
                             opt(&r.pid),
                             r.uptime_seconds.map(table::duration).unwrap_or_else(|| "-".into()),
                             opt(&r.queued),
-                            r.running_jobs.map(|n| format!("{n}/{}", opt(&r.max_concurrent))).unwrap_or_else(|| "-".into()),
+                            r.running_jobs
+                                .map(|n| format!("{n}/{}", opt(&r.max_concurrent)))
+                                .unwrap_or_else(|| "-".into()),
                             opt(&r.watch_dir),
                             opt(&r.output_dir),
                         ]

@@ -7,8 +7,8 @@ use hyperfarm_proto::client::AgentEndpoint;
 use hyperfarm_proto::v1 as pb;
 
 use crate::{
-    Cli, CtlError, EXIT_ERROR, EXIT_JOB_CANCELLED, EXIT_JOB_FAILED, EXIT_UNREACHABLE, EXIT_USAGE, JobsOp, endpoints, err,
-    from_status, print_json, table,
+    Cli, CtlError, EXIT_ERROR, EXIT_JOB_CANCELLED, EXIT_JOB_FAILED, EXIT_UNREACHABLE, EXIT_USAGE, JobsOp, endpoints,
+    err, from_status, print_json, table,
 };
 
 /// A job as `--json` prints it (stable: fields are only ever added).
@@ -101,7 +101,12 @@ fn parse_state(s: &str) -> Result<pb::JobState, CtlError> {
         "done" => pb::JobState::Done,
         "failed" => pb::JobState::Failed,
         "cancelled" => pb::JobState::Cancelled,
-        other => return Err(err(EXIT_USAGE, format!("{other:?} is not a state (queued, converting, done, failed, cancelled)"))),
+        other => {
+            return Err(err(
+                EXIT_USAGE,
+                format!("{other:?} is not a state (queued, converting, done, failed, cancelled)"),
+            ));
+        }
     })
 }
 
@@ -130,7 +135,10 @@ async fn agent(cli: &Cli) -> Result<AgentEndpoint, CtlError> {
 pub async fn run(cli: &Cli, op: &JobsOp) -> Result<(), CtlError> {
     let ep = agent(cli).await?;
     let mut client = ep.connect().await.map_err(|e| {
-        err(EXIT_UNREACHABLE, format!("{e}\n(`hyperctl queue` reads the queue directly from shared storage without an agent)"))
+        err(
+            EXIT_UNREACHABLE,
+            format!("{e}\n(`hyperctl queue` reads the queue directly from shared storage without an agent)"),
+        )
     })?;
     let now = hyperfarm_shared::queue::now_ms();
     match op {
@@ -165,7 +173,10 @@ pub async fn run(cli: &Cli, op: &JobsOp) -> Result<(), CtlError> {
             }
         }
         JobsOp::Show { id } => {
-            let j = client.get_job(ep.request(pb::GetJobRequest { id: id.clone() })).await.map_err(|s| from_status(&ep.url, s))?;
+            let j = client
+                .get_job(ep.request(pb::GetJobRequest { id: id.clone() }))
+                .await
+                .map_err(|s| from_status(&ep.url, s))?;
             let j = JobJson::from(&j.into_inner());
             if cli.json {
                 print_json(&j);
@@ -202,7 +213,9 @@ pub async fn run(cli: &Cli, op: &JobsOp) -> Result<(), CtlError> {
                 let Some(job) = u.job else { continue };
                 let j = JobJson::from(&job);
                 if cli.json {
-                    print_json(&serde_json::json!({"seq": u.seq, "heartbeat": u.heartbeat, "final": u.is_final, "job": j}));
+                    print_json(
+                        &serde_json::json!({"seq": u.seq, "heartbeat": u.heartbeat, "final": u.is_final, "job": j}),
+                    );
                 } else if !u.heartbeat {
                     println!("{} {} {}", j.state, j.vm, progress_cell(&j));
                 }
@@ -213,7 +226,12 @@ pub async fn run(cli: &Cli, op: &JobsOp) -> Result<(), CtlError> {
             }
             match last.as_ref().map(|j| j.state.as_str()) {
                 Some("done") => {}
-                Some("failed") => return Err(err(EXIT_JOB_FAILED, format!("job {id} failed: {}", last.map(|j| j.error_summary).unwrap_or_default()))),
+                Some("failed") => {
+                    return Err(err(
+                        EXIT_JOB_FAILED,
+                        format!("job {id} failed: {}", last.map(|j| j.error_summary).unwrap_or_default()),
+                    ));
+                }
                 Some("cancelled") => return Err(err(EXIT_JOB_CANCELLED, format!("job {id} was cancelled"))),
                 _ => return Err(err(EXIT_ERROR, format!("the stream of job {id} ended before the job did"))),
             }

@@ -218,7 +218,8 @@ pub fn endpoints(cli: &Cli) -> Result<Vec<(Option<String>, AgentEndpoint)>, CtlE
 }
 
 fn read_config(p: &std::path::Path) -> Result<FileConfig, CtlError> {
-    let text = std::fs::read_to_string(p).map_err(|e| err(EXIT_USAGE, format!("configuration file {}: {e}", p.display())))?;
+    let text =
+        std::fs::read_to_string(p).map_err(|e| err(EXIT_USAGE, format!("configuration file {}: {e}", p.display())))?;
     toml::from_str(&text).map_err(|e| err(EXIT_USAGE, format!("configuration file {}: {e}", p.display())))
 }
 

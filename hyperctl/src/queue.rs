@@ -8,10 +8,18 @@ use hyperfarm_shared::queue::{Queue, State, summarize};
 
 use crate::{CtlError, EXIT_UNREACHABLE, err, print_json, table};
 
-pub async fn run(watch_dir: Option<PathBuf>, inst: Option<&str>, lease_timeout: Duration, json: bool) -> Result<(), CtlError> {
+pub async fn run(
+    watch_dir: Option<PathBuf>,
+    inst: Option<&str>,
+    lease_timeout: Duration,
+    json: bool,
+) -> Result<(), CtlError> {
     let dir = watch_dir.unwrap_or_else(|| instance::watch_dir(inst));
     if !dir.is_dir() {
-        return Err(err(EXIT_UNREACHABLE, format!("the queue directory {} does not exist (is the share mounted?)", dir.display())));
+        return Err(err(
+            EXIT_UNREACHABLE,
+            format!("the queue directory {} does not exist (is the share mounted?)", dir.display()),
+        ));
     }
     let q = Queue::new(&dir);
     let s = tokio::task::spawn_blocking(move || summarize(&q, lease_timeout))
@@ -25,7 +33,10 @@ pub async fn run(watch_dir: Option<PathBuf>, inst: Option<&str>, lease_timeout: 
     println!("queue {}", s.watch_dir.display());
     table::print(
         &["STATE", "JOBS"],
-        &State::ALL.iter().map(|st| vec![st.to_string(), s.counts.get(st).copied().unwrap_or(0).to_string()]).collect::<Vec<_>>(),
+        &State::ALL
+            .iter()
+            .map(|st| vec![st.to_string(), s.counts.get(st).copied().unwrap_or(0).to_string()])
+            .collect::<Vec<_>>(),
     );
     match (s.oldest_queued, s.oldest_queued_age_secs) {
         (Some(id), Some(age)) => println!("oldest queued: {id} ({} old)", table::duration(age)),

@@ -109,12 +109,16 @@ mod tests {
 
     #[test]
     fn parses_show_output() {
-        let kv = parse_show("LoadState=loaded\nActiveState=active\nSubState=running\nMainPID=4242\nActiveEnterTimestampMonotonic=5000000\n");
+        let kv = parse_show(
+            "LoadState=loaded\nActiveState=active\nSubState=running\nMainPID=4242\nActiveEnterTimestampMonotonic=5000000\n",
+        );
         let s = state_from("hyper2kvm-agent.service", &kv, Some(65_000_000));
         assert_eq!(s.main_pid, Some(4242));
         assert_eq!(s.uptime_seconds, Some(60));
         assert_eq!(s.sub_state, "running");
-        let kv = parse_show("LoadState=loaded\nActiveState=inactive\nSubState=dead\nMainPID=0\nActiveEnterTimestampMonotonic=0\n");
+        let kv = parse_show(
+            "LoadState=loaded\nActiveState=inactive\nSubState=dead\nMainPID=0\nActiveEnterTimestampMonotonic=0\n",
+        );
         let s = state_from("x", &kv, Some(1));
         assert_eq!((s.main_pid, s.uptime_seconds), (None, None));
         assert_eq!(instance_of("hyper2kvm-agent@vsphere.service").as_deref(), Some("vsphere"));

@@ -89,7 +89,10 @@ impl AgentEndpoint {
         let mut c = self.connect().await?;
         let mut req = self.request(pb::GetStatusRequest {});
         req.set_timeout(self.connect_timeout.max(Duration::from_secs(2)));
-        c.get_status(req).await.map(|r| r.into_inner()).map_err(|s| format!("{} answered {}: {}", self.url, s.code(), s.message()))
+        c.get_status(req)
+            .await
+            .map(|r| r.into_inner())
+            .map_err(|s| format!("{} answered {}: {}", self.url, s.code(), s.message()))
     }
 }
 

@@ -276,8 +276,7 @@ pub fn probe_writable(dir: &Path) -> io::Result<()> {
 
 /// Free bytes available to unprivileged users on the file system holding `path`.
 pub fn free_bytes(path: &Path) -> io::Result<u64> {
-    let st = rustix::fs::statvfs(path)?;
-    Ok(st.f_bavail.saturating_mul(st.f_frsize))
+    space(path).map(|(free, _)| free)
 }
 
 /// Free (for unprivileged users) and total bytes of the file system holding `path`.
@@ -287,7 +286,6 @@ pub fn space(path: &Path) -> io::Result<(u64, u64)> {
 }
 
 /// This host's name (from `uname`), used in leases and temporary names.
-
 pub fn hostname() -> String {
     let uname = rustix::system::uname();
     let name = uname.nodename().to_string_lossy().into_owned();

@@ -5,51 +5,12 @@ use std::fs;
 use std::time::Duration;
 
 use hyperfarm_tests::images::{self, assert_identical};
-use hyperfarm_tests::{Farm, Proc, Run, bin, wait_for};
-
-/// A config that makes qemu-img slow enough to be caught mid-conversion (O_DIRECT, one coroutine).
-fn slow_config(farm: &Farm) -> String {
-    let p = farm.path().join("slow.toml");
-    fs::write(&p, "[convert]\ncoroutines = 1\nout_of_order = false\nsource_cache = \"none\"\ndest_cache = \"none\"\n")
-        .unwrap();
-    p.display().to_string()
-}
-
-/// Publish a job without waiting; returns its id.
-fn publish(farm: &Farm, vm: &std::path::Path, name: &str) -> String {
-    let args: Vec<String> = [
-        "--vm",
-        vm.to_str().unwrap(),
-        "--name",
-        name,
-        "--pipeline",
-        "--hyper2kvm-daemon",
-        "--detach",
-        "--json",
-        "--hyper2kvm-watch-dir",
-        farm.queue.to_str().unwrap(),
-        "--hyper2kvm-output-dir",
-        farm.output.to_str().unwrap(),
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    let ran = Run::new(&bin("hyperexport"), &args).run();
-    ran.expect_code(0);
-    ran.json()["job_id"].as_str().unwrap().to_string()
-}
-
-fn lease_phase(farm: &Farm) -> Option<String> {
-    let dir = fs::read_dir(farm.queue.join("converting")).ok()?.filter_map(|e| e.ok()).next()?.path();
-    let bytes = fs::read(dir.join("lease.json")).ok()?;
-    let v: serde_json::Value = serde_json::from_slice(bytes.trim_ascii()).ok()?;
-    v["phase"].as_str().map(str::to_string)
-}
+use hyperfarm_tests::{Farm, Proc, Run, bin, lease_phase, publish, slow_config, slow_disk, wait_for};
 
 #[test]
 fn kill_9_mid_conversion_then_restart_ends_the_job_exactly_once() {
     let farm = Farm::new();
-    let raw = images::raw_disk(&farm.src.join("big.raw"), 768 << 20, &[(0, 256 << 20), (400 << 20, 256 << 20)], 50);
+    let raw = slow_disk(&farm, "big.raw", 50);
     let cfg = slow_config(&farm);
     let mut agent = farm.agent(&["--config", &cfg]);
     let id = publish(&farm, &raw, "crashy");
@@ -85,7 +46,8 @@ fn two_agents_on_one_queue_convert_every_job_exactly_once() {
     let raw = images::sample_disk(&farm.src, "shared.raw", 8, 51);
     let n = 12;
     let ids: Vec<String> = (0..n).map(|i| publish(&farm, &raw, &format!("vm-{i:02}"))).collect();
-    wait_for("every result", Duration::from_secs(120), || (farm.records().len() == n).then_some(()));
+    wait_for("every result", Duration::from_secs(120), || (farm.jobs_in("done").len() == n).then_some(()));
+
     let records = farm.records();
     let mut seen: Vec<&str> = records.iter().map(|r| r["job_id"].as_str().unwrap()).collect();
     seen.sort();
@@ -111,7 +73,7 @@ fn two_agents_on_one_queue_convert_every_job_exactly_once() {
 #[test]
 fn sigterm_returns_a_running_job_to_the_queue_after_the_grace_period() {
     let farm = Farm::new();
-    let raw = images::raw_disk(&farm.src.join("big.raw"), 768 << 20, &[(0, 256 << 20), (400 << 20, 256 << 20)], 52);
+    let raw = slow_disk(&farm, "big.raw", 52);
     let cfg = slow_config(&farm);
     let mut agent = farm.agent(&["--config", &cfg, "--shutdown-grace", "100ms"]);
     let id = publish(&farm, &raw, "graceful");
@@ -176,7 +138,9 @@ fn a_corrupted_disk_fails_its_job_naming_the_disk_and_the_agent_keeps_serving() 
     let first = err.lines().next().unwrap();
     assert!(first.contains("disk disk0") && first.contains("blake3 digest mismatch"), "{err}");
     assert!(err.contains(&id), "the error names the job: {err}");
+    wait_for("both jobs to reach their final directory", Duration::from_secs(10), || {
+        (farm.jobs_in("done") == vec![good.clone()] && farm.jobs_in("failed") == vec![id.clone()]).then_some(())
+    });
     assert!(farm.queue.join("failed").join(&id).join("disks/disk0.raw").is_file(), "a failed job keeps its disks");
-    assert_eq!(farm.jobs_in("done"), vec![good]);
     assert_identical(&raw, &farm.output.join("fine.qcow2"));
 }

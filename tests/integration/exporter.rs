@@ -108,8 +108,9 @@ fn bad_input_and_unreachable_paths_have_their_own_exit_codes() {
     // A name that would escape the output directory.
     let r = hyperexport(&["--vm", base.to_str().unwrap(), "--pipeline", "--output", &out, "--name", "../escape"]).run();
     r.expect_code(3);
-    // Daemon mode with a watch directory that does not exist: unreachable.
+    // Daemon mode without detection, with a watch directory that does not exist: unreachable.
     let r = hyperexport(&[
+        "--hyper2kvm-detect=false",
         "--vm",
         base.to_str().unwrap(),
         "--pipeline",
@@ -122,6 +123,27 @@ fn bad_input_and_unreachable_paths_have_their_own_exit_codes() {
     .run();
     r.expect_code(6);
     assert!(r.stderr().contains("/nonexistent/queue"), "{}", r.stderr());
+    // With detection (the default) and no agent anywhere: direct mode, with a warning saying why.
+    let r = hyperexport(&[
+        "--vm",
+        base.to_str().unwrap(),
+        "--name",
+        "fallback",
+        "--pipeline",
+        "--hyper2kvm-daemon",
+        "--agent",
+        "http://127.0.0.1:1",
+        "--hyper2kvm-watch-dir",
+        "/nonexistent/queue",
+        "--hyper2kvm-output-dir",
+        &out,
+    ])
+    .run();
+    r.expect_code(0);
+    assert!(r.stderr().contains("no agent answered at http://127.0.0.1:1"), "{}", r.stderr());
+    assert!(r.stderr().contains("converting on this host"), "{}", r.stderr());
+    assert_identical(&base, &farm.output.join("fallback.qcow2"));
+
     // Usage: direct mode needs --output.
     hyperexport(&["--vm", base.to_str().unwrap(), "--pipeline"]).run().expect_code(2);
 }

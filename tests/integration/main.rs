@@ -7,4 +7,5 @@ mod agent_lifecycle;
 mod bad_input;
 mod exporter;
 mod formats;
+mod grpc;
 mod seed;

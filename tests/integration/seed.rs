@@ -47,8 +47,11 @@ fn a_half_written_drop_is_waited_for_then_converted_exactly_once() {
     assert_identical(&disk, &out);
     assert!(!drop_path.exists(), "the drop was taken out of the watch directory");
     assert!(disk.exists() && farm.queue.join("legacy-vm.ovf").exists(), "other files are left alone");
-    let done = farm.jobs_in("done");
-    assert_eq!(done.len(), 1);
+    let done = wait_for("the job in done/", Duration::from_secs(10), || {
+        let d = farm.jobs_in("done");
+        (d.len() == 1).then_some(d)
+    });
+
     assert!(farm.queue.join("done").join(&done[0]).join("origin.json").is_file());
     // Exactly once: no second job appears later.
     std::thread::sleep(Duration::from_millis(800));
@@ -66,7 +69,7 @@ fn a_drop_pointing_outside_the_allowed_directories_fails_with_the_setting_to_cha
     assert!(err.contains("allowed_source_dirs"), "{err}");
     assert!(err.lines().next().unwrap().contains("outside the allowed source directories"), "{err}");
     assert!(!farm.output.join("outside.qcow2").exists());
-    assert_eq!(farm.jobs_in("failed").len(), 1);
+    wait_for("the job in failed/", Duration::from_secs(10), || (farm.jobs_in("failed").len() == 1).then_some(()));
 }
 
 #[test]

@@ -6,6 +6,7 @@
 
 #![allow(clippy::unwrap_used)]
 
+pub mod certs;
 pub mod images;
 
 use std::ffi::OsStr;
@@ -221,7 +222,6 @@ impl Proc {
     }
 
     pub fn pid(&self) -> u32 {
-
         self.child.as_ref().map(|c| c.id()).unwrap_or(0)
     }
 
@@ -423,4 +423,73 @@ pub fn collect(child: Child, desc: String, limit: Duration) -> Ran {
 /// Read `output/<name>`.
 pub fn file_exists(p: &Path) -> bool {
     fs::symlink_metadata(p).is_ok()
+}
+
+/// Run `hyperctl` with these arguments to completion.
+pub fn hyperctl(args: &[&str]) -> Ran {
+    Run::new(&bin("hyperctl"), &args.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+        .timeout(Duration::from_secs(60))
+        .run()
+}
+
+/// A TCP port on loopback that was free a moment ago (for a server that must keep its port
+/// across a restart).
+pub fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    l.local_addr().expect("addr").port()
+}
+
+/// The lease phase of the (single) converting job, if any.
+pub fn lease_phase(farm: &Farm) -> Option<String> {
+    let dir = fs::read_dir(farm.queue.join("converting")).ok()?.filter_map(|e| e.ok()).next()?.path();
+    let bytes = fs::read(dir.join("lease.json")).ok()?;
+    let v: serde_json::Value = serde_json::from_slice(bytes.trim_ascii()).ok()?;
+    v["phase"].as_str().map(str::to_string)
+}
+
+/// A config file that makes conversions slow enough to be caught in the middle: qemu-img's own
+/// rate limit (`-r 16M`), so a disk with 128 MiB of data converts in about 8 s.
+pub fn slow_config(farm: &Farm) -> String {
+    let p = farm.path().join("slow.toml");
+    fs::write(&p, "[convert]\nrate_limit = \"16M\"\n").expect("write config");
+    p.display().to_string()
+}
+
+/// A 256 MiB raw disk with 128 MiB of data (8 s to convert under [`slow_config`]).
+pub fn slow_disk(farm: &Farm, name: &str, seed: u64) -> PathBuf {
+    images::raw_disk(&farm.src.join(name), 256 << 20, &[(0, 64 << 20), (150 << 20, 64 << 20)], seed)
+}
+
+/// Publish a job with hyperexport (daemon mode, detached: no detection, no waiting); its id.
+pub fn publish(farm: &Farm, vm: &Path, name: &str) -> String {
+    let args: Vec<String> = [
+        "--vm",
+        &vm.display().to_string(),
+        "--name",
+        name,
+        "--pipeline",
+        "--hyper2kvm-daemon",
+        "--detach",
+        "--json",
+        "--hyper2kvm-watch-dir",
+        &farm.queue.display().to_string(),
+        "--hyper2kvm-output-dir",
+        &farm.output.display().to_string(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let ran = Run::new(&bin("hyperexport"), &args).run();
+    ran.expect_code(0);
+    ran.json()["job_id"].as_str().expect("job id").to_string()
+}
+
+/// The Python of the test venv (grpcio and friends), made by `scripts/setup-python`.
+pub fn python() -> PathBuf {
+    if let Some(p) = std::env::var_os("HYPERFARM_TEST_PYTHON") {
+        return PathBuf::from(p);
+    }
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/test-venv/bin/python");
+    assert!(p.is_file(), "{} is missing: run scripts/setup-python (scripts/test does)", p.display());
+    p
 }

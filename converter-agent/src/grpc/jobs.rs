@@ -213,10 +213,14 @@ fn apply_record(j: &mut pb::Job, r: &ResultRecord, with_error: bool) {
 
 /// A job, preferring this agent's live view. Blocking.
 pub fn lookup(core: &Core, id: &JobId, with_error: bool) -> Option<pb::Job> {
-    if let Some(v) = core.board.get(id)
-        && (!v.progress.phase.is_final() || !with_error)
-    {
-        return Some(from_view(&v));
+    if let Some(v) = core.board.get(id) {
+        let final_on_board = v.progress.phase.is_final();
+        // The result record is written before the board hears of the end: once it exists, the
+        // disk is the truth (and has the full error text).
+        let published = !final_on_board && core.output.record_path(id).exists();
+        if !published && (!final_on_board || !with_error) {
+            return Some(from_view(&v));
+        }
     }
     from_disk(core, id, with_error)
 }
@@ -284,4 +288,3 @@ impl RecordCache {
         Some(r)
     }
 }
-

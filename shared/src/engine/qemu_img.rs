@@ -23,11 +23,41 @@ pub struct ConvertOptions {
     pub source_cache: Option<String>,
     /// Destination cache mode (`-t`).
     pub dest_cache: Option<String>,
+    /// I/O rate limit (`-r`), such as `200M` (bytes per second, K/M/G/T suffixes): keeps a
+    /// conversion from saturating shared storage.
+    pub rate_limit: Option<String>,
+}
+
+impl ConvertOptions {
+    /// Check values that reach qemu-img's command line.
+    pub fn validate(&self) -> Result<(), String> {
+        let mode_ok = |m: &str| matches!(m, "none" | "writeback" | "writethrough" | "directsync" | "unsafe");
+        for (k, v) in [("source_cache", &self.source_cache), ("dest_cache", &self.dest_cache)] {
+            if let Some(m) = v
+                && !mode_ok(m)
+            {
+                return Err(format!(
+                    "convert.{k} = {m:?} is not one of none, writeback, writethrough, directsync, unsafe"
+                ));
+            }
+        }
+        if let Some(r) = &self.rate_limit {
+            let digits = r.trim_end_matches(['K', 'M', 'G', 'T', 'k', 'm', 'g', 't']);
+            if digits.is_empty()
+                || !digits.bytes().all(|b| b.is_ascii_digit())
+                || r.len() - digits.len() > 1
+                || digits == "0"
+            {
+                return Err(format!("convert.rate_limit = {r:?} is not a rate such as 200M (bytes per second)"));
+            }
+        }
+        Ok(())
+    }
 }
 
 impl Default for ConvertOptions {
     fn default() -> Self {
-        ConvertOptions { coroutines: 8, out_of_order: true, source_cache: None, dest_cache: None }
+        ConvertOptions { coroutines: 8, out_of_order: true, source_cache: None, dest_cache: None, rate_limit: None }
     }
 }
 
@@ -137,6 +167,10 @@ impl QemuImg {
         if let Some(t) = &opts.dest_cache {
             c.arg("-t").arg(t);
         }
+        if let Some(r) = &opts.rate_limit {
+            c.arg("-r").arg(r);
+        }
+
         // Paths are always absolute, so none can be read as an option or a protocol prefix.
         c.arg(src).arg(dst);
         let mut parser = ProgressParser::default();
@@ -221,6 +255,19 @@ fn parse_progress(line: &[u8]) -> Option<f64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn validates_options_that_reach_the_command_line() {
+        let ok =
+            ConvertOptions { rate_limit: Some("200M".into()), source_cache: Some("none".into()), ..Default::default() };
+        assert!(ok.validate().is_ok());
+        for bad in ["", "0", "12MB", "-r", "1 M", "M"] {
+            let o = ConvertOptions { rate_limit: Some(bad.into()), ..Default::default() };
+            assert!(o.validate().is_err(), "{bad:?}");
+        }
+        let o = ConvertOptions { dest_cache: Some("--help".into()), ..Default::default() };
+        assert!(o.validate().is_err());
+    }
 
     #[test]
     fn parses_progress_across_chunks() {

@@ -13,7 +13,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use hyperfarm_shared::JobId;
-use hyperfarm_shared::engine::QemuImg;
+use hyperfarm_shared::engine::hyper2kvm::Hyper2kvm;
+use hyperfarm_shared::engine::{EngineChoice, QemuImg};
+
 use hyperfarm_shared::fsx;
 use hyperfarm_shared::queue::{self, IngestOutcome, LeaseTracker, Liveness, Queue, RecoverAction, SeedTracker, State};
 use hyperfarm_shared::results::{OutputDir, Publication, ResultState};
@@ -90,7 +92,34 @@ pub async fn prepare(cfg: Config) -> anyhow::Result<Arc<Core>> {
     let qemu_version = qemu.version().await.map_err(|e| {
         fatal(EXIT_ENGINE, format!("qemu-img is not usable: {e}. Install qemu-utils (Debian) or qemu-img (RHEL), or set qemu_img in the configuration"))
     })?;
-    let settings = WorkerSettings { qemu, convert: cfg.convert.clone(), allowed_source_dirs: allowed };
+    let hyper2kvm = match cfg.engine {
+        EngineChoice::QemuImg => Err("the agent's engine is qemu-img".to_string()),
+        choice => match Hyper2kvm::probe(&cfg.hyper2kvm_path, Some(cfg.hyper2kvm_timeout)).await {
+            Ok(h) => {
+                info!(path = %h.program.display(), version = %h.version, stages = %h.stages().join(","), "hyper2kvm engine available");
+                Ok(h)
+            }
+            Err(e) if choice == EngineChoice::Hyper2kvm => {
+                return Err(fatal(
+                    EXIT_ENGINE,
+                    format!(
+                        "engine = hyper2kvm but hyper2kvm is not usable: {e}. Install it (pip install 'hyper2kvm[ui,daemon]==0.2.1' requests) and set hyper2kvm_path, or use engine = auto"
+                    ),
+                ));
+            }
+            Err(e) => {
+                info!("hyper2kvm is not usable ({e}); converting with qemu-img");
+                Err(e)
+            }
+        },
+    };
+    let settings = WorkerSettings {
+        qemu,
+        convert: cfg.convert.clone(),
+        allowed_source_dirs: allowed,
+        engine: cfg.engine,
+        hyper2kvm,
+    };
     let agent_name = format!("{}@{}", cfg.instance, fsx::hostname());
     Ok(Arc::new(Core {
         tracker: Mutex::new(LeaseTracker::new(cfg.lease_timeout)),
@@ -416,10 +445,13 @@ fn recover(core: &Core, name: &str, why: &str) -> anyhow::Result<()> {
 fn start_watcher(queue: &Queue, wake: Arc<Notify>) -> Option<notify::RecommendedWatcher> {
     use notify::{RecursiveMode, Watcher};
     let handler = move |res: notify::Result<notify::Event>| {
-        if res.is_ok() {
+        if let Ok(event) = res
+            && wakes(&event)
+        {
             wake.notify_one();
         }
     };
+
     let mut w = match notify::recommended_watcher(handler) {
         Ok(w) => w,
         Err(e) => {
@@ -433,4 +465,32 @@ fn start_watcher(queue: &Queue, wake: Arc<Notify>) -> Option<notify::Recommended
         }
     }
     Some(w)
+}
+
+/// Whether a file-system event is news: a name created, renamed, written or removed — not the
+/// agent's own reads (opening and listing a directory generates access events, which would
+/// otherwise wake the loop for ever) and not its own probe files.
+fn wakes(event: &notify::Event) -> bool {
+    use notify::EventKind;
+    let relevant = matches!(event.kind, EventKind::Create(_) | EventKind::Modify(_) | EventKind::Remove(_));
+    let own_probe = event.paths.iter().all(|p| {
+        p.file_name()
+            .map(|n| n.to_string_lossy())
+            .is_some_and(|n| n.starts_with(".hyperfarm-probe-") || n.starts_with(".clock."))
+    });
+    relevant && !own_probe
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use notify::event::{AccessKind, CreateKind, EventKind};
+
+    #[test]
+    fn only_news_wakes_the_loop() {
+        let ev = |kind, path: &str| notify::Event::new(kind).add_path(path.into());
+        assert!(wakes(&ev(EventKind::Create(CreateKind::Folder), "/q/queued/01a")));
+        assert!(!wakes(&ev(EventKind::Access(AccessKind::Open(notify::event::AccessMode::Any)), "/q/queued")));
+        assert!(!wakes(&ev(EventKind::Create(CreateKind::File), "/q/.hyperfarm-probe-host-1")));
+    }
 }

@@ -9,7 +9,8 @@ use clap::Parser;
 use serde::Deserialize;
 
 use hyperfarm_shared::duration;
-use hyperfarm_shared::engine::ConvertOptions;
+use hyperfarm_shared::engine::{ConvertOptions, EngineChoice};
+
 use hyperfarm_shared::instance;
 use hyperfarm_shared::results::OnExisting;
 
@@ -73,6 +74,17 @@ pub struct Cli {
     /// Staging leftovers of crashed exporters on other hosts are removed after this age [default: 24h]
     #[arg(long, env = "HYPER2KVM_AGENT_STAGING_MAX_AGE", value_parser = duration::parse, value_name = "DURATION")]
     pub staging_max_age: Option<Duration>,
+    /// Conversion engine: auto (hyper2kvm when usable, else qemu-img), qemu-img, or hyper2kvm
+    /// [default: auto]. A job's pipeline.engine overrides it
+    #[arg(long, env = "HYPER2KVM_AGENT_ENGINE", value_parser = parse_engine, value_name = "auto|qemu-img|hyper2kvm")]
+    pub engine: Option<EngineChoice>,
+    /// The hyper2kvm program [default: hyper2kvm from PATH]
+    #[arg(long, env = "HYPER2KVM_AGENT_HYPER2KVM_PATH", value_name = "PATH")]
+    pub hyper2kvm_path: Option<PathBuf>,
+    /// One hyper2kvm run may take at most this long; it is then stopped (SIGTERM, then SIGKILL)
+    /// [default: the job timeout]
+    #[arg(long, env = "HYPER2KVM_AGENT_HYPER2KVM_TIMEOUT", value_parser = duration::parse, value_name = "DURATION")]
+    pub hyper2kvm_timeout: Option<Duration>,
     /// gRPC listen address (`host:port`), or `off` [default: 127.0.0.1:50071]. Beyond loopback
     /// it needs --tls-cert/--tls-key, or --insecure-listen
     #[arg(long, env = "HYPER2KVM_AGENT_LISTEN", value_name = "ADDR")]
@@ -111,6 +123,10 @@ pub struct Cli {
     pub check_config: bool,
 }
 
+fn parse_engine(s: &str) -> Result<EngineChoice, String> {
+    EngineChoice::parse(s).ok_or_else(|| format!("{s:?} is not auto, qemu-img or hyper2kvm"))
+}
+
 fn parse_on_existing(s: &str) -> Result<OnExisting, String> {
     match s {
         "fail" => Ok(OnExisting::Fail),
@@ -145,6 +161,10 @@ pub struct FileConfig {
     #[serde(default, deserialize_with = "duration::de_opt")]
     pub staging_max_age: Option<Duration>,
     pub convert: Option<ConvertOptions>,
+    pub engine: Option<EngineChoice>,
+    pub hyper2kvm_path: Option<PathBuf>,
+    #[serde(default, deserialize_with = "duration::de_opt")]
+    pub hyper2kvm_timeout: Option<Duration>,
     pub listen: Option<String>,
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
@@ -198,6 +218,10 @@ pub struct Config {
     #[serde(serialize_with = "ser_dur")]
     pub staging_max_age: Duration,
     pub convert: ConvertOptions,
+    pub engine: EngineChoice,
+    pub hyper2kvm_path: PathBuf,
+    #[serde(serialize_with = "ser_dur")]
+    pub hyper2kvm_timeout: Duration,
     pub grpc: GrpcConfig,
     pub log_format: String,
 }
@@ -256,6 +280,18 @@ pub fn load(cli: &Cli) -> anyhow::Result<Config> {
         keep_done_disks: cli.keep_done_disks.or(file.keep_done_disks).unwrap_or(false),
         staging_max_age: cli.staging_max_age.or(file.staging_max_age).unwrap_or(Duration::from_secs(24 * 3600)),
         convert: file.convert.unwrap_or_default(),
+        engine: cli.engine.or(file.engine).unwrap_or_default(),
+        hyper2kvm_path: cli
+            .hyper2kvm_path
+            .clone()
+            .or(file.hyper2kvm_path)
+            .unwrap_or_else(|| PathBuf::from("hyper2kvm")),
+        hyper2kvm_timeout: cli
+            .hyper2kvm_timeout
+            .or(file.hyper2kvm_timeout)
+            .or(cli.job_timeout)
+            .or(file.job_timeout)
+            .unwrap_or(Duration::from_secs(24 * 3600)),
         grpc: GrpcConfig {
             listen: parse_listen(cli.listen.as_deref().or(file.listen.as_deref()).unwrap_or(DEFAULT_LISTEN))?,
             tls_cert: cli.tls_cert.clone().or(file.tls_cert),

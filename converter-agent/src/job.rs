@@ -75,7 +75,7 @@ pub async fn run_claimed(core: Arc<Core>, claim: Claim, stop: Arc<JobStop>) {
             updated_at_ms: started_at_ms,
             summary: None,
             files: vec![],
-            engine: Some(EngineKind::QemuImg.to_string()),
+            engine: Some(core.settings.default_engine().to_string()),
             agent: core.agent_name.clone(),
             finished_at_ms: 0,
             attempts,
@@ -237,7 +237,8 @@ async fn finish(
     };
     let core2 = core.clone();
     let token = token.to_string();
-    let engine = EngineKind::QemuImg.to_string();
+    let engine = core.settings.default_engine().to_string();
+    let result_engine = result.as_ref().ok().map(|r| r.engine.clone());
     let (phase, summary, files) = match &result {
         Ok(rec) => (
             match rec.state {
@@ -324,6 +325,10 @@ async fn finish(
     v.progress.eta_secs = None;
     v.summary = summary;
     v.files = files;
+    if let Some(e) = result_engine {
+        v.engine = Some(e);
+    }
+
     v.updated_at_ms = hyperfarm_shared::queue::now_ms();
     v.finished_at_ms = v.updated_at_ms;
     core.board.update(v);

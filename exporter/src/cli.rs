@@ -7,6 +7,8 @@ use clap::Parser;
 use serde::Deserialize;
 
 use hyperfarm_shared::duration;
+use hyperfarm_shared::engine::EngineChoice;
+
 use hyperfarm_shared::results::OnExisting;
 
 /// hyperexport: export a VM (OVA, OVF, VMX, VMDK, VHD, VHDX, raw, qcow2) into a hyperfarm queue
@@ -60,6 +62,14 @@ pub struct Cli {
     /// Minutes to wait for the result (or a duration such as 90s) [default: 60]
     #[arg(long, value_parser = parse_minutes, value_name = "MINUTES")]
     pub hyper2kvm_daemon_timeout: Option<Duration>,
+    /// Conversion engine: in direct mode the one used here; in daemon mode written into the job
+    /// (pipeline.engine) to override the agent's [default: auto = hyper2kvm when usable, else qemu-img]
+    #[arg(long, value_parser = parse_engine, value_name = "auto|qemu-img|hyper2kvm")]
+    pub engine: Option<EngineChoice>,
+    /// hyper2kvm pipeline stages the job asks for besides convert: inspect, fix, validate
+    /// (comma-separated; fix needs root and nbd on the converting host)
+    #[arg(long, value_delimiter = ',', value_parser = ["inspect", "fix", "validate"], value_name = "STAGES")]
+    pub hyper2kvm_stages: Vec<String>,
     /// qemu-img program for direct mode [default: qemu-img from PATH]
     #[arg(long, value_name = "PATH")]
     pub qemu_img: Option<PathBuf>,
@@ -94,6 +104,10 @@ pub struct Cli {
     /// No progress output
     #[arg(long, short)]
     pub quiet: bool,
+}
+
+fn parse_engine(s: &str) -> Result<EngineChoice, String> {
+    EngineChoice::parse(s).ok_or_else(|| format!("{s:?} is not auto, qemu-img or hyper2kvm"))
 }
 
 fn parse_seconds(s: &str) -> Result<Duration, String> {

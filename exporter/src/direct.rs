@@ -8,7 +8,9 @@ use tokio_util::sync::CancellationToken;
 
 use hyperfarm_shared::JobId;
 use hyperfarm_shared::digest::from_hex;
-use hyperfarm_shared::engine::{ConvertOptions, QemuImg};
+use hyperfarm_shared::engine::hyper2kvm::Hyper2kvm;
+use hyperfarm_shared::engine::{ConvertOptions, EngineChoice, QemuImg};
+
 use hyperfarm_shared::format::DiskFormat;
 use hyperfarm_shared::fsx;
 use hyperfarm_shared::manifest::{Expected, Stages};
@@ -27,6 +29,9 @@ pub struct DirectParams {
     pub qemu_img: std::path::PathBuf,
     pub on_existing: OnExisting,
     pub quiet: bool,
+    pub engine: EngineChoice,
+    pub hyper2kvm_path: std::path::PathBuf,
+    pub stages: Stages,
 }
 
 /// Convert `vm` into `params.output`. Whole-file disks are read in place; disks inside an OVA or
@@ -84,16 +89,27 @@ pub async fn convert(
         id,
         vm_name: vm.name.clone(),
         disks,
-        stages: Stages { convert: true, ..Default::default() },
+        stages: params.stages,
         engine: None,
         manifest: None,
         seed_drop: false,
     };
+    let hyper2kvm = match params.engine {
+        EngineChoice::QemuImg => Err("the engine is qemu-img".to_string()),
+        _ => Hyper2kvm::probe(&params.hyper2kvm_path, None).await,
+    };
+    if let (EngineChoice::Hyper2kvm, Err(e)) = (params.engine, &hyper2kvm) {
+        publication.discard();
+        return Err(ExportError::Unreachable(format!("--engine hyper2kvm: {e} (give --hyper2kvm-path)")));
+    }
     let settings = WorkerSettings {
         qemu: QemuImg::new(&params.qemu_img),
         convert: ConvertOptions::default(),
         allowed_source_dirs: vm.path.parent().map(|p| vec![p.to_path_buf()]).unwrap_or_default(),
+        engine: params.engine,
+        hyper2kvm,
     };
+    tracing::info!(engine = %settings.default_engine(), "converting on this host");
     let (tx, mut rx) = watch::channel(Progress::phase(Phase::Verifying, 0));
     let quiet = params.quiet;
     let label = format!("converting {}", vm.name);

@@ -136,6 +136,7 @@ pub struct Settings {
     pub poll: Duration,
     pub timeout: Duration,
     pub qemu_img: PathBuf,
+    pub hyper2kvm_path: PathBuf,
     pub instance: Option<String>,
     pub agent: AgentEndpoint,
     /// Whether `--agent` (or `agent_url`) was given explicitly.
@@ -188,6 +189,11 @@ pub fn settings(cli: &Cli) -> Result<Settings, ExportError> {
     }
     Ok(Settings {
         instance: instance_name.clone(),
+        hyper2kvm_path: cli
+            .hyper2kvm_path
+            .clone()
+            .or(file.hyper2kvm_path.clone())
+            .unwrap_or_else(|| PathBuf::from("hyper2kvm")),
         agent,
         agent_explicit: agent_url.is_some(),
         detect: cli.hyper2kvm_detect.or(file.detect).unwrap_or(true) && !cli.detach,
@@ -205,6 +211,35 @@ fn read_config(p: &std::path::Path) -> Result<FileConfig, ExportError> {
     let text = std::fs::read_to_string(p)
         .map_err(|e| ExportError::Usage(format!("configuration file {}: {e}", p.display())))?;
     toml::from_str(&text).map_err(|e| ExportError::Usage(format!("configuration file {}: {e}", p.display())))
+}
+
+/// What the job asks of its agent.
+fn submit_options(cli: &Cli) -> submit::Options {
+    let st = stages(cli);
+    submit::Options { inspect: st.inspect, fix: st.fix, validate: st.validate, engine: cli.engine }
+}
+
+/// The stages the job asks for besides convert.
+fn stages(cli: &Cli) -> hyperfarm_shared::manifest::Stages {
+    let has = |s: &str| cli.hyper2kvm_stages.iter().any(|x| x == s);
+    hyperfarm_shared::manifest::Stages {
+        inspect: has("inspect"),
+        fix: has("fix"),
+        convert: true,
+        validate: has("validate"),
+    }
+}
+
+fn direct_params(cli: &Cli, s: &Settings, out: PathBuf) -> direct::DirectParams {
+    direct::DirectParams {
+        output: OutputDir::new(out),
+        qemu_img: s.qemu_img.clone(),
+        on_existing: cli.on_existing.unwrap_or_default(),
+        quiet: cli.quiet,
+        engine: cli.engine.unwrap_or_default(),
+        hyper2kvm_path: s.hyper2kvm_path.clone(),
+        stages: stages(cli),
+    }
 }
 
 /// Run hyperexport.
@@ -244,7 +279,7 @@ pub async fn run(cli: Cli) -> Result<(), ExportError> {
         Mode::ExportOnly => {
             let dir = s.export_dir.clone().expect("checked in settings");
             let queue = Queue::new(&dir);
-            let sub = submit::submit(&queue, &vm, submit::Stages::default(), ctl, cli.quiet).await?;
+            let sub = submit::submit(&queue, &vm, submit_options(&cli), ctl, cli.quiet).await?;
             if cli.json {
                 println!(
                     "{}",
@@ -262,12 +297,7 @@ pub async fn run(cli: Cli) -> Result<(), ExportError> {
             Ok(())
         }
         Mode::Direct => {
-            let params = direct::DirectParams {
-                output: OutputDir::new(s.export_dir.clone().expect("checked in settings")),
-                qemu_img: s.qemu_img.clone(),
-                on_existing: cli.on_existing.unwrap_or_default(),
-                quiet: cli.quiet,
-            };
+            let params = direct_params(&cli, &s, s.export_dir.clone().expect("checked in settings"));
             let rec = direct::convert(&vm, &params, ctl, cancel).await?;
             print_success(&params.output, &rec, cli.json);
             Ok(())
@@ -295,12 +325,7 @@ pub async fn run(cli: Cli) -> Result<(), ExportError> {
                     detect::Detected::Nothing { why } => {
                         let out = s.export_dir.clone().unwrap_or_else(|| s.output_dir.clone());
                         tracing::warn!("{why}: converting on this host instead (direct mode) into {}", out.display());
-                        let params = direct::DirectParams {
-                            output: OutputDir::new(out),
-                            qemu_img: s.qemu_img.clone(),
-                            on_existing: cli.on_existing.unwrap_or_default(),
-                            quiet: cli.quiet,
-                        };
+                        let params = direct_params(&cli, &s, out);
                         let rec = direct::convert(&vm, &params, ctl, cancel).await?;
                         print_success(&params.output, &rec, cli.json);
                         return Ok(());
@@ -331,7 +356,7 @@ async fn daemon(
     }
     let queue = Queue::new(&s.watch_dir);
     let output = OutputDir::new(&s.output_dir);
-    let sub = submit::submit(&queue, vm, submit::Stages::default(), ctl, cli.quiet).await?;
+    let sub = submit::submit(&queue, vm, submit_options(&cli), ctl, cli.quiet).await?;
     tracing::info!(job = %sub.id, "published; waiting for the result");
     if cli.detach {
         if cli.json {

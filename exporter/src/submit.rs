@@ -26,20 +26,21 @@ pub struct Submitted {
     pub bytes: u64,
 }
 
-/// Which hyper2kvm pipeline stages the job asks for (only convert and validate by default: the
-/// agent's qemu-img engine converts and checks).
+/// What the job asks of its agent: hyper2kvm pipeline stages besides convert (none by default:
+/// every engine converts and `qemu-img check`s), and an engine to override the agent's.
 #[derive(Debug, Clone, Copy, Default)]
-pub struct Stages {
+pub struct Options {
     pub inspect: bool,
     pub fix: bool,
     pub validate: bool,
+    pub engine: Option<hyperfarm_shared::engine::EngineChoice>,
 }
 
 /// Copy the VM's disks into a new job in `queue` and publish it.
 pub async fn submit(
     queue: &Queue,
     vm: &VmSource,
-    stages: Stages,
+    stages: Options,
     ctl: Arc<Control>,
     quiet: bool,
 ) -> Result<Submitted, ExportError> {
@@ -140,7 +141,7 @@ pub async fn copy_with_meter(
     }
 }
 
-fn build_manifest(vm: &VmSource, id: JobId, disks: Vec<Disk>, stages: Stages) -> Manifest {
+fn build_manifest(vm: &VmSource, id: JobId, disks: Vec<Disk>, stages: Options) -> Manifest {
     let on = |enabled| Some(Stage { enabled, extra: Default::default() });
     Manifest {
         manifest_version: manifest::MANIFEST_VERSION.to_string(),
@@ -168,7 +169,7 @@ fn build_manifest(vm: &VmSource, id: JobId, disks: Vec<Disk>, stages: Stages) ->
             fix: on(stages.fix),
             convert: on(true),
             validate: on(stages.validate),
-            engine: None,
+            engine: stages.engine.map(|e| e.as_str().to_string()),
             extra: Default::default(),
         }),
         output: Some(manifest::Output {

@@ -13,7 +13,8 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::digest;
-use crate::engine::{self, ConvertOptions, EngineError, EngineKind, ImageInfo, QemuImg};
+use crate::engine::hyper2kvm::{self, Hyper2kvm};
+use crate::engine::{self, ConvertOptions, EngineChoice, EngineError, EngineKind, ImageInfo, QemuImg};
 use crate::format::{DiskFormat, Sniffed};
 use crate::fsx;
 use crate::jobid::JobId;
@@ -29,6 +30,10 @@ pub struct WorkerSettings {
     pub convert: ConvertOptions,
     /// Canonical directories that seed-style manifests may point into.
     pub allowed_source_dirs: Vec<PathBuf>,
+    /// The engine jobs get unless they choose.
+    pub engine: EngineChoice,
+    /// A usable hyper2kvm, or why there is none.
+    pub hyper2kvm: Result<Hyper2kvm, String>,
 }
 
 /// One disk of a loaded job, open for reading.
@@ -195,15 +200,90 @@ fn send(tx: &ProgressTx, p: Progress) {
     tx.send_replace(p);
 }
 
-/// What the qemu-img engine produced, ready to publish.
+/// What an engine produced, ready to publish.
 #[derive(Debug, Clone)]
 pub struct Converted {
     pub files: Vec<ResultFile>,
     pub engine: EngineKind,
 }
 
+impl WorkerSettings {
+    /// The engine a job gets when it does not choose.
+    pub fn default_engine(&self) -> EngineKind {
+        match (self.engine, &self.hyper2kvm) {
+            (EngineChoice::QemuImg, _) => EngineKind::QemuImg,
+            (_, Ok(_)) => EngineKind::Hyper2kvm,
+            _ => EngineKind::QemuImg,
+        }
+    }
+}
+
+/// Choose the engine for `job` (its `pipeline.engine`, else the agent's choice) and check that this
+/// host can run every stage it asks for — before any work starts.
+pub fn choose_engine(settings: &WorkerSettings, job: &LoadedJob) -> Result<EngineKind, JobFailure> {
+    let vm = Some(job.vm_name.as_str());
+    let (choice, whose) = match job.engine.as_deref().and_then(EngineChoice::parse) {
+        Some(c) => (c, "the job's pipeline.engine"),
+        None => (settings.engine, "the agent's engine setting"),
+    };
+    let needs = |stage: &str| {
+        format!("the job asks for the {stage} stage (pipeline.{stage}.enabled), which only the hyper2kvm engine runs")
+    };
+    let kind = match choice {
+        EngineChoice::QemuImg => {
+            for (on, stage) in [(job.stages.inspect, "inspect"), (job.stages.fix, "fix")] {
+                if on {
+                    return Err(JobFailure::new(
+                        vm,
+                        format!(
+                            "{}, but {whose} is qemu-img; remove the stage or choose the hyper2kvm engine",
+                            needs(stage)
+                        ),
+                    ));
+                }
+            }
+            EngineKind::QemuImg
+        }
+        EngineChoice::Hyper2kvm => match &settings.hyper2kvm {
+            Ok(_) => EngineKind::Hyper2kvm,
+            Err(why) => {
+                return Err(JobFailure::new(
+                    vm,
+                    format!(
+                        "{whose} is hyper2kvm, which is not usable on this host ({why}); install it (pip install 'hyper2kvm[ui,daemon]==0.2.1' requests) and set hyper2kvm_path, or choose qemu-img"
+                    ),
+                ));
+            }
+        },
+        EngineChoice::Auto => match &settings.hyper2kvm {
+            Ok(_) => EngineKind::Hyper2kvm,
+            Err(why) if job.stages.inspect || job.stages.fix => {
+                let stage = if job.stages.fix { "fix" } else { "inspect" };
+                return Err(JobFailure::new(
+                    vm,
+                    format!("{}, and hyper2kvm is not usable on this host ({why})", needs(stage)),
+                ));
+            }
+            Err(_) => EngineKind::QemuImg,
+        },
+    };
+    if kind == EngineKind::Hyper2kvm
+        && job.stages.fix
+        && let Ok(h) = &settings.hyper2kvm
+        && let Err(why) = h.caps.can_fix()
+    {
+        return Err(JobFailure::new(
+            vm,
+            format!(
+                "the job asks for hyper2kvm's fix stage (pipeline.fix.enabled), which needs root, the nbd kernel module and qemu-nbd (or libguestfs); {why}. Nothing was started: disable the fix stage, or run the job on a conversion host that can fix guests"
+            ),
+        ));
+    }
+    Ok(kind)
+}
+
 /// Verify, inspect, convert and check every disk of `job` into `work_dir` (named with their
-/// final names).
+/// final names), with the engine [`choose_engine`] picks.
 pub async fn convert_job(
     settings: &WorkerSettings,
     job: &LoadedJob,
@@ -212,13 +292,75 @@ pub async fn convert_job(
     cancel: &CancellationToken,
 ) -> Result<Converted, JobFailure> {
     let vm = Some(job.vm_name.as_str());
+    let engine = choose_engine(settings, job)?;
     let infos = verify_and_inspect(settings, job, progress, cancel).await?;
     let total_virtual: u64 = infos.iter().map(|i| i.virtual_size).sum::<u64>().max(1);
+    let outputs = match engine {
+        EngineKind::QemuImg => convert_qemu_img(settings, job, &infos, work_dir, progress, cancel).await?,
+        EngineKind::Hyper2kvm => {
+            let h = settings.hyper2kvm.as_ref().map_err(|why| JobFailure::new(vm, why.clone()))?;
+            convert_hyper2kvm(h, job, work_dir, progress, cancel).await?
+        }
+    };
 
-    // Convert.
+    // Check every output, whatever produced it.
+    let mut files = Vec::new();
+    for (i, ((disk, info), (name, dst))) in job.disks.iter().zip(&infos).zip(&outputs).enumerate() {
+        send(
+            progress,
+            Progress {
+                phase: Phase::Checking,
+                percent: i as f64 * 100.0 / outputs.len() as f64,
+                bytes_total: total_virtual,
+                disk: Some(disk.id.clone()),
+                ..Default::default()
+            },
+        );
+        if cancel.is_cancelled() {
+            return Err(JobFailure::cancelled(vm, "stopped while checking"));
+        }
+        settings.qemu.check(dst).await.map_err(|e| {
+            engine_failure(vm, &format!("checking the converted disk {}", disk.id), &disk.path, work_dir, e)
+        })?;
+        let out_info = settings.qemu.info(&dst.display().to_string(), DiskFormat::Qcow2).await.map_err(|e| {
+            engine_failure(vm, &format!("reading the converted disk {}", disk.id), &disk.path, work_dir, e)
+        })?;
+        let out_virtual = out_info.get("virtual-size").and_then(|v| v.as_u64()).unwrap_or(0);
+        if out_virtual != info.virtual_size {
+            return Err(JobFailure::new(
+                vm,
+                format!(
+                    "disk {}: the {engine} engine produced a qcow2 of {out_virtual} bytes (virtual) from a source of {} bytes; not publishing it",
+                    disk.id, info.virtual_size
+                ),
+            ));
+        }
+        let bytes = std::fs::metadata(dst).map(|m| m.len()).unwrap_or(0);
+        files.push(ResultFile {
+            disk_id: disk.id.clone(),
+            name: name.clone(),
+            boot: disk.boot,
+            bytes,
+            virtual_size: info.virtual_size,
+        });
+    }
+    Ok(Converted { files, engine })
+}
+
+/// The built-in engine: `qemu-img convert` per disk with its `-p` progress.
+async fn convert_qemu_img(
+    settings: &WorkerSettings,
+    job: &LoadedJob,
+    infos: &[ImageInfo],
+    work_dir: &Path,
+    progress: &ProgressTx,
+    cancel: &CancellationToken,
+) -> Result<Vec<(String, PathBuf)>, JobFailure> {
+    let vm = Some(job.vm_name.as_str());
+    let total_virtual: u64 = infos.iter().map(|i| i.virtual_size).sum::<u64>().max(1);
     let mut done_virtual = 0u64;
     let mut outputs = Vec::new();
-    for (disk, info) in job.disks.iter().zip(&infos) {
+    for (disk, info) in job.disks.iter().zip(infos) {
         let name = disk_file_name(&job.vm_name, &disk.id, disk.boot);
         let dst = work_dir.join(&name);
         let src = qemu_source_path(disk);
@@ -240,39 +382,80 @@ pub async fn convert_job(
             return Err(engine_failure(vm, &format!("converting disk {}", disk.id), &disk.path, work_dir, e));
         }
         done_virtual += info.virtual_size;
-        outputs.push((disk, info, name, dst));
+        outputs.push((name, dst));
     }
+    Ok(outputs)
+}
 
-    // Check.
-    let mut files = Vec::new();
-    for (i, (disk, info, name, dst)) in outputs.iter().enumerate() {
-        send(
-            progress,
-            Progress {
-                phase: Phase::Checking,
-                percent: i as f64 * 100.0 / outputs.len() as f64,
-                bytes_done: 0,
-                bytes_total: total_virtual,
-                disk: Some(disk.id.clone()),
-                ..Default::default()
-            },
-        );
-        if cancel.is_cancelled() {
-            return Err(JobFailure::cancelled(vm, "stopped while checking"));
+/// The hyper2kvm engine: one `hyper2kvm --manifest` run in a private directory inside the work
+/// area (same file system, so its outputs move into place by rename), removed afterwards.
+async fn convert_hyper2kvm(
+    h: &Hyper2kvm,
+    job: &LoadedJob,
+    work_dir: &Path,
+    progress: &ProgressTx,
+    cancel: &CancellationToken,
+) -> Result<Vec<(String, PathBuf)>, JobFailure> {
+    let vm = Some(job.vm_name.as_str());
+    let vm_facts = job
+        .manifest
+        .as_ref()
+        .and_then(|m| m.vm.as_ref())
+        .map(|v| {
+            let mut o = serde_json::Map::new();
+            if let Some(c) = v.cpu {
+                o.insert("cpu".into(), c.into());
+            }
+            if let Some(m) = v.mem_gb {
+                o.insert("mem_gb".into(), m.into());
+            }
+            if let Some(f) = &v.firmware {
+                o.insert("firmware".into(), f.clone().into());
+            }
+            serde_json::Value::Object(o)
+        })
+        .unwrap_or_else(|| serde_json::json!({}));
+    let spec = hyper2kvm::RunSpec {
+        vm_name: job.vm_name.clone(),
+        disks: job
+            .disks
+            .iter()
+            .map(|d| hyper2kvm::RunDisk {
+                id: d.id.clone(),
+                source_format: d.format.manifest_name(),
+                bytes: d.bytes,
+                path: d.path.clone(),
+                boot: d.boot,
+            })
+            .collect(),
+        stages: job.stages,
+        vm: vm_facts,
+        dir: work_dir.join(".hyper2kvm"),
+    };
+    send(progress, Progress::phase(Phase::Converting, 0));
+    let result = hyper2kvm::run(h, &spec, cancel, progress).await;
+    let outcome = match result {
+        Ok(()) => {
+            let mut outputs = Vec::new();
+            for d in &job.disks {
+                let name = disk_file_name(&job.vm_name, &d.id, d.boot);
+                let dst = work_dir.join(&name);
+                if let Err(e) = std::fs::rename(spec.output_of(&d.id), &dst) {
+                    hyper2kvm::clean(&spec);
+                    return Err(JobFailure::new(vm, format!("moving hyper2kvm's output for disk {}: {e}", d.id)));
+                }
+                outputs.push((name, dst));
+            }
+            Ok(outputs)
         }
-        settings.qemu.check(dst).await.map_err(|e| {
-            engine_failure(vm, &format!("checking the converted disk {}", disk.id), &disk.path, work_dir, e)
-        })?;
-        let bytes = std::fs::metadata(dst).map(|m| m.len()).unwrap_or(0);
-        files.push(ResultFile {
-            disk_id: disk.id.clone(),
-            name: name.clone(),
-            boot: disk.boot,
-            bytes,
-            virtual_size: info.virtual_size,
-        });
-    }
-    Ok(Converted { files, engine: EngineKind::QemuImg })
+        Err(hyper2kvm::RunError::Failed(text)) => Err(JobFailure::new(vm, text)),
+        Err(hyper2kvm::RunError::Engine(e)) => {
+            let source = job.disks.first().map(|d| d.path.clone()).unwrap_or_default();
+            Err(engine_failure(vm, "converting with hyper2kvm", &source, work_dir, e))
+        }
+    };
+    hyper2kvm::clean(&spec);
+    outcome
 }
 
 /// Verify every digest, then inspect every image. Returns each disk's image info, in order.

@@ -8,4 +8,5 @@ mod bad_input;
 mod exporter;
 mod formats;
 mod grpc;
+mod hyper2kvm;
 mod seed;

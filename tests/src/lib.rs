@@ -493,3 +493,36 @@ pub fn python() -> PathBuf {
     assert!(p.is_file(), "{} is missing: run scripts/setup-python (scripts/test does)", p.display());
     p
 }
+
+/// The real hyper2kvm 0.2.1 of the test venv, made by `scripts/setup-python`.
+pub fn hyper2kvm() -> PathBuf {
+    if let Some(p) = std::env::var_os("HYPERFARM_TEST_HYPER2KVM") {
+        return PathBuf::from(p);
+    }
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/hyper2kvm-venv/bin/hyper2kvm");
+    assert!(p.is_file(), "{} is missing: run scripts/setup-python (scripts/test does)", p.display());
+    p.canonicalize().expect("canonical path")
+}
+
+/// Write an executable shell script.
+pub fn script(path: &Path, body: &str) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    fs::write(path, format!("#!/bin/sh\n{body}\n")).expect("write script");
+    fs::set_permissions(path, fs::Permissions::from_mode(0o755)).expect("chmod");
+    path.to_path_buf()
+}
+
+/// All files below `dir` whose name ends with `suffix`.
+pub fn find_files(dir: &Path, suffix: &str) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let Ok(rd) = fs::read_dir(dir) else { return out };
+    for e in rd.flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(find_files(&p, suffix));
+        } else if p.file_name().is_some_and(|n| n.to_string_lossy().ends_with(suffix)) {
+            out.push(p);
+        }
+    }
+    out
+}

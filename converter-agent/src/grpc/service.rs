@@ -98,15 +98,35 @@ impl pb::agent_service_server::AgentService for AgentApi {
             pid: std::process::id(),
             started_at_ms,
             uptime_seconds: core.started.elapsed().as_secs(),
-            engines: vec![pb::Engine {
-                name: "qemu-img".into(),
-                version: core.qemu_version.clone(),
-                available: health.engine.is_ok(),
-                path: core.cfg.qemu_img.display().to_string(),
-                stages: vec!["convert".into(), "validate".into()],
-                detail: health.engine.clone().err().unwrap_or_default(),
-            }],
-            default_engine: "qemu-img".into(),
+            engines: vec![
+                pb::Engine {
+                    name: "qemu-img".into(),
+                    version: core.qemu_version.clone(),
+                    available: health.engine.is_ok(),
+                    path: core.cfg.qemu_img.display().to_string(),
+                    stages: vec!["convert".into(), "validate".into()],
+                    detail: health.engine.clone().err().unwrap_or_default(),
+                },
+                match &core.settings.hyper2kvm {
+                    Ok(h) => pb::Engine {
+                        name: "hyper2kvm".into(),
+                        version: h.version.clone(),
+                        available: true,
+                        path: h.program.display().to_string(),
+                        stages: h.stages().iter().map(|s| s.to_string()).collect(),
+                        detail: h.caps.can_fix().err().map(|why| format!("no fix stage: {why}")).unwrap_or_default(),
+                    },
+                    Err(why) => pb::Engine {
+                        name: "hyper2kvm".into(),
+                        available: false,
+                        path: core.cfg.hyper2kvm_path.display().to_string(),
+                        detail: why.clone(),
+                        ..Default::default()
+                    },
+                },
+            ],
+            default_engine: core.settings.default_engine().to_string(),
+
             queue_depth: Some(depth),
             running: core.board.running().iter().map(jobs::from_view).collect(),
             queue_fs: Some(queue_fs),

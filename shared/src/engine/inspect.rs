@@ -36,6 +36,8 @@ pub enum InspectError {
     ExtentMissing(PathBuf),
     #[error("its virtual size of {0} bytes is larger than the 64 TiB limit")]
     TooLarge(u64),
+    #[error("it is damaged ({0}); export the VM again")]
+    Damaged(String),
     #[error("qemu-img cannot read it: {0}")]
     Unreadable(#[source] EngineError),
     #[error("cannot read it: {0}")]
@@ -110,6 +112,15 @@ pub async fn inspect_image(
             }
             extents.push(canon);
         }
+    }
+    // A damaged image can convert "successfully" with missing data (a truncated sparse VMDK reads
+    // its lost grains as zeros): check its metadata first, where the format has a check.
+    match qemu.check_source(qemu_path, declared).await {
+        Ok(_) => {}
+        Err(EngineError::Failed { stderr, .. }) => {
+            return Err(InspectError::Damaged(stderr.lines().next().unwrap_or("qemu-img check failed").to_string()));
+        }
+        Err(e) => return Err(InspectError::Unreadable(e)),
     }
     Ok(ImageInfo { format: declared, virtual_size, extents })
 }

@@ -5,6 +5,7 @@
 //! must not reach for other files (backing files, external data files, VMDK extents outside the
 //! allowed directories).
 
+pub mod hyper2kvm;
 pub mod inspect;
 pub mod process;
 pub mod qemu_img;
@@ -54,6 +55,35 @@ impl EngineKind {
         match self {
             EngineKind::QemuImg => "qemu-img",
             EngineKind::Hyper2kvm => "hyper2kvm",
+        }
+    }
+}
+
+/// Which engine an agent (or a job) asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum EngineChoice {
+    /// hyper2kvm when a usable one is found, else qemu-img.
+    #[default]
+    Auto,
+    QemuImg,
+    Hyper2kvm,
+}
+
+impl EngineChoice {
+    pub fn parse(s: &str) -> Option<EngineChoice> {
+        match s {
+            "auto" => Some(EngineChoice::Auto),
+            "qemu-img" => Some(EngineChoice::QemuImg),
+            "hyper2kvm" => Some(EngineChoice::Hyper2kvm),
+            _ => None,
+        }
+    }
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EngineChoice::Auto => "auto",
+            EngineChoice::QemuImg => "qemu-img",
+            EngineChoice::Hyper2kvm => "hyper2kvm",
         }
     }
 }

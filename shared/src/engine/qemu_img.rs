@@ -197,7 +197,25 @@ impl QemuImg {
         Ok(())
     }
 
+    /// `qemu-img check -f <format>` of a source image. `Ok(false)`: the format has no check
+    /// (raw, vpc); `Ok(true)`: consistent (leaks allowed); `Err`: damaged, with qemu-img's words.
+    pub async fn check_source(&self, path: &str, format: DiskFormat) -> Result<bool, EngineError> {
+        let mut c = self.cmd();
+        c.args(["check", "-q", "-f", format.qemu_name(), path]);
+        let (status, out, err) = self.run_quick(c).await?;
+        match status.code() {
+            Some(0) | Some(3) => Ok(true),
+            Some(63) => Ok(false),
+            _ => Err(EngineError::Failed {
+                program: "qemu-img check".into(),
+                status: describe(&status),
+                stderr: format!("{}{}", out.trim(), err.trim()).trim().to_string(),
+            }),
+        }
+    }
+
     /// `qemu-img check` of a qcow2 file. Leaked clusters are harmless (reported); corruptions
+
     /// and failures to check are errors.
     pub async fn check(&self, path: &Path) -> Result<CheckReport, EngineError> {
         let mut c = self.cmd();

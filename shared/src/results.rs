@@ -294,7 +294,16 @@ impl Publication {
             return self.finish_lost_or_done(&record_tmp);
         }
 
+        // The engines write through the page cache: make every output durable before any name
+        // points at it (write, fsync, then link).
+        for f in &record.files {
+            let p = self.work.join(&f.name);
+            if let Ok(file) = fs::File::open(&p) {
+                file.sync_all().map_err(io_err(&self.work))?;
+            }
+        }
         let mut linked: Vec<PathBuf> = Vec::new();
+
         let undo = |linked: &[PathBuf]| {
             for p in linked {
                 let _ = fs::remove_file(p);

@@ -424,10 +424,12 @@ async fn convert_hyper2kvm(
                 id: d.id.clone(),
                 source_format: d.format.manifest_name(),
                 bytes: d.bytes,
-                path: d.path.clone(),
+                // hyper2kvm resolves relative paths against its own working directory.
+                path: std::path::absolute(&d.path).unwrap_or_else(|_| d.path.clone()),
                 boot: d.boot,
             })
             .collect(),
+
         stages: job.stages,
         vm: vm_facts,
         dir: work_dir.join(".hyper2kvm"),

@@ -157,3 +157,22 @@ fn cancel_mid_run_leaves_nothing_behind() {
         .collect();
     assert!(left.is_empty(), "processes left behind: {left:?}");
 }
+
+#[test]
+fn direct_mode_uses_the_same_hyper2kvm_engine_code() {
+    let farm = Farm::new();
+    let raw = images::sample_disk(&farm.src, "d.raw", 24, 87);
+    images::convert(&raw, &farm.src.join("d.vhdx"), "vhdx", None);
+    let h2k = hyper2kvm();
+    let out = farm.path().join("direct");
+    fs::create_dir(&out).unwrap();
+    // A relative --vm path: hyper2kvm must still get absolute paths.
+    let args: Vec<String> = ["--vm", "d.vhdx", "--pipeline", "--output", out.to_str().unwrap(), "--engine", "hyper2kvm", "--hyper2kvm-path", h2k.to_str().unwrap(), "--json"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    let ran = hyperfarm_tests::Run::new(&hyperfarm_tests::bin("hyperexport"), &args).cwd(&farm.src).run();
+    ran.expect_code(0);
+    assert_eq!(ran.json()["engine"], "hyper2kvm");
+    assert_identical(&raw, &out.join("d.qcow2"));
+}

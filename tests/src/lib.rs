@@ -356,7 +356,12 @@ impl Run {
         self.limit = d;
         self
     }
+    pub fn cwd(mut self, dir: &Path) -> Run {
+        self.cmd.current_dir(dir);
+        self
+    }
     pub fn env(mut self, k: &str, v: &str) -> Run {
+
         self.cmd.env(k, v);
         self
     }

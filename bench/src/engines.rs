@@ -67,7 +67,9 @@ fn agent_runs(ctx: &Ctx, dir: &Path, disk: &Path, b3: &str, engine_args: &[&str]
     let mut times = Vec::new();
     for i in 0..ctx.runs {
         let (id, st, m) = stage(&queue, disk, b3, &format!("bench-{i}"));
+        util::sync_all();
         let t = Instant::now();
+
         st.publish(&m).expect("publish");
         let done = util::until(Duration::from_secs(600), Duration::from_millis(2), || out.record_path(&id).exists());
         assert!(done, "no result for job {id}");

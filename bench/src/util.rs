@@ -69,11 +69,14 @@ pub fn run_out(program: &str, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// Median wall time of `runs` runs of `f`; `setup` runs before each, untimed.
+/// Median wall time of `runs` runs of `f`; `setup` runs before each, untimed, followed by a
+/// `sync` so that write-back left by earlier runs does not land in this one.
 pub fn time(runs: usize, mut setup: impl FnMut(), mut f: impl FnMut()) -> Duration {
     let mut v = Vec::with_capacity(runs);
     for _ in 0..runs {
         setup();
+        sync_all();
+
         let t = Instant::now();
         f();
         v.push(t.elapsed());
@@ -256,4 +259,9 @@ impl Drop for Agent {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Flush every dirty page of the machine (untimed), like `sync`.
+pub fn sync_all() {
+    let _ = Command::new("sync").status();
 }

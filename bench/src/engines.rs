@@ -22,7 +22,12 @@ pub fn stage(queue: &Queue, disk: &Path, blake3: &str, vm: &str) -> (JobId, Stag
     std::fs::File::open(st.disk_path("d0.raw")).expect("open").sync_all().expect("sync");
     let m = Manifest {
         manifest_version: "1.0".into(),
-        source: Some(Source { provider: Some("bench".into()), vm_id: None, vm_name: Some(vm.into()), extra: Default::default() }),
+        source: Some(Source {
+            provider: Some("bench".into()),
+            vm_id: None,
+            vm_name: Some(vm.into()),
+            extra: Default::default(),
+        }),
         vm: None,
         disks: vec![Disk {
             id: "d0".into(),
@@ -121,7 +126,14 @@ pub fn run(ctx: &Ctx, report: &mut Report) {
     });
     let agent_q = agent_runs(ctx, &d, &disk, &b3, &["--engine", "qemu-img"]);
     let r = agent_q.as_secs_f64() / bare.as_secs_f64();
-    report.add("agent (qemu-img)", util::secs(agent_q), format!("qemu-img convert {}", util::secs(bare)), Some(r), "<= 1.05x qemu-img", Some(r <= 1.05));
+    report.add(
+        "agent (qemu-img)",
+        util::secs(agent_q),
+        format!("qemu-img convert {}", util::secs(bare)),
+        Some(r),
+        "<= 1.05x qemu-img",
+        Some(r <= 1.05),
+    );
     report.add(
         "agent (qemu-img)",
         util::secs(agent_q),

@@ -21,7 +21,8 @@ fn export(ctx: &Ctx, vm: &Path, queue: &Path) -> String {
 
 fn blake3_of_job(queue: &Path, id: &str) -> String {
     let m: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(queue.join("queued").join(id).join("manifest.json")).expect("manifest")).expect("json");
+        serde_json::from_slice(&std::fs::read(queue.join("queued").join(id).join("manifest.json")).expect("manifest"))
+            .expect("json");
     m["disks"][0]["blake3"].as_str().expect("blake3").to_string()
 }
 
@@ -79,7 +80,14 @@ pub fn run(ctx: &Ctx, report: &mut Report) {
         println!("  digests: identical to b3sum for the dense and the sparse disk");
     }
     let r = ours.as_secs_f64() / cp.as_secs_f64();
-    report.add("export dense", util::secs(ours), format!("cp {}", util::secs(cp)), Some(r), "<= 1.10x cp", Some(r <= 1.10));
+    report.add(
+        "export dense",
+        util::secs(ours),
+        format!("cp {}", util::secs(cp)),
+        Some(r),
+        "<= 1.10x cp",
+        Some(r <= 1.10),
+    );
     report.add(
         "export dense",
         util::secs(ours),

@@ -20,7 +20,9 @@ fn now_ms_f() -> f64 {
 pub fn run(ctx: &Ctx, report: &mut Report) {
     let jobs = if ctx.quick { 20 } else { 50 };
     let polled_jobs = 5;
-    println!("\n== latency: {jobs} small jobs, agent with its default 5 s poll interval (so claims come from file-system events)");
+    println!(
+        "\n== latency: {jobs} small jobs, agent with its default 5 s poll interval (so claims come from file-system events)"
+    );
     let d = ctx.sub("latency");
     let disk = d.join("small.raw");
     util::make_file(&disk, 1 << 20, &[(0, 1 << 20)]);
@@ -45,7 +47,11 @@ pub fn run(ctx: &Ctx, report: &mut Report) {
             let t0 = Instant::now();
             st.publish(&m).expect("publish");
             // The watch starts right away, as hyperexport's does.
-            let mut stream = client.watch_job(pb::WatchJobRequest { id: id.to_string(), heartbeat_seconds: 5 }).await.expect("watch").into_inner();
+            let mut stream = client
+                .watch_job(pb::WatchJobRequest { id: id.to_string(), heartbeat_seconds: 5 })
+                .await
+                .expect("watch")
+                .into_inner();
             let queued = queue.job_dir(State::Queued, &id);
             let claimed = util::until(Duration::from_secs(30), Duration::from_micros(200), || !queued.exists());
             assert!(claimed, "job {id} was not claimed");
@@ -84,7 +90,14 @@ pub fn run(ctx: &Ctx, report: &mut Report) {
     let res_med = util::median(&mut results.clone());
     let res_p99 = util::percentile(&mut results, 0.99);
     let poll_med = util::median(&mut polled);
-    report.add("submit -> claim (median)", util::ms(claim_med), "poll interval 5000 ms".into(), Some(claim_med.as_secs_f64() / 5.0), "<= 100 ms", Some(claim_med <= Duration::from_millis(100)));
+    report.add(
+        "submit -> claim (median)",
+        util::ms(claim_med),
+        "poll interval 5000 ms".into(),
+        Some(claim_med.as_secs_f64() / 5.0),
+        "<= 100 ms",
+        Some(claim_med <= Duration::from_millis(100)),
+    );
     report.add("submit -> claim (p99)", util::ms(claim_p99), "poll interval 5000 ms".into(), None, "(info)", None);
     report.add(
         "result -> exporter, gRPC (median)",
@@ -94,6 +107,13 @@ pub fn run(ctx: &Ctx, report: &mut Report) {
         "<= 100 ms",
         Some(res_med <= Duration::from_millis(100)),
     );
-    report.add("result -> exporter, gRPC (p99)", util::ms(res_p99), format!("polling 1 s: {}", util::ms(poll_med)), None, "(info)", None);
+    report.add(
+        "result -> exporter, gRPC (p99)",
+        util::ms(res_p99),
+        format!("polling 1 s: {}", util::ms(poll_med)),
+        None,
+        "(info)",
+        None,
+    );
     let _ = std::fs::remove_dir_all(&d);
 }

@@ -41,7 +41,10 @@ pub fn run(ctx: &Ctx, report: &mut Report) {
     let mut listed = 0;
     for _ in 0..ctx.runs.max(3) {
         let t = Instant::now();
-        let out = Command::new(ctx.bin("hyperctl")).args(["--agent", &url, "--json", "jobs", "list"]).output().expect("hyperctl");
+        let out = Command::new(ctx.bin("hyperctl"))
+            .args(["--agent", &url, "--json", "jobs", "list"])
+            .output()
+            .expect("hyperctl");
         list_times.push(t.elapsed());
         assert!(out.status.success(), "hyperctl: {}", String::from_utf8_lossy(&out.stderr));
         let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
@@ -53,9 +56,34 @@ pub fn run(ctx: &Ctx, report: &mut Report) {
     let list = util::median(&mut list_times);
     assert!(listed as usize >= n, "hyperctl listed {listed} jobs of {n}");
     // Baseline for the scan: listing the same directory tree with `find`.
-    let find = util::time(ctx.runs, || {}, || util::run(Command::new("find").arg(&qd).args(["-maxdepth", "2"]).stdout(std::process::Stdio::null())));
-    report.add(&format!("agent start-up scan, {n} jobs"), util::secs(scan), format!("find -maxdepth 2 {}", util::secs(find)), Some(scan.as_secs_f64() / find.as_secs_f64()), "<= 1 s", Some(scan <= Duration::from_secs(1)));
-    report.add(&format!("agent RSS, {n} jobs"), format!("{rss_mib:.1} MiB"), "-".into(), None, "<= 100 MiB", Some(rss_mib <= 100.0));
-    report.add(&format!("hyperctl jobs list --json, {n} jobs"), util::secs(list), format!("first call {}", util::secs(first)), None, "<= 0.5 s", Some(list <= Duration::from_millis(500)));
+    let find = util::time(
+        ctx.runs,
+        || {},
+        || util::run(Command::new("find").arg(&qd).args(["-maxdepth", "2"]).stdout(std::process::Stdio::null())),
+    );
+    report.add(
+        &format!("agent start-up scan, {n} jobs"),
+        util::secs(scan),
+        format!("find -maxdepth 2 {}", util::secs(find)),
+        Some(scan.as_secs_f64() / find.as_secs_f64()),
+        "<= 1 s",
+        Some(scan <= Duration::from_secs(1)),
+    );
+    report.add(
+        &format!("agent RSS, {n} jobs"),
+        format!("{rss_mib:.1} MiB"),
+        "-".into(),
+        None,
+        "<= 100 MiB",
+        Some(rss_mib <= 100.0),
+    );
+    report.add(
+        &format!("hyperctl jobs list --json, {n} jobs"),
+        util::secs(list),
+        format!("first call {}", util::secs(first)),
+        None,
+        "<= 0.5 s",
+        Some(list <= Duration::from_millis(500)),
+    );
     let _ = std::fs::remove_dir_all(&d);
 }

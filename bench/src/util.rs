@@ -46,7 +46,11 @@ impl Ctx {
 pub fn header(ctx: &Ctx) {
     let cpu = fs::read_to_string("/proc/cpuinfo")
         .ok()
-        .and_then(|c| c.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string()))
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
         .unwrap_or_default();
     let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     let mem = fs::read_to_string("/proc/meminfo")
@@ -54,8 +58,16 @@ pub fn header(ctx: &Ctx) {
         .and_then(|m| m.lines().next().map(|l| l.split_whitespace().nth(1).unwrap_or("0").parse::<u64>().unwrap_or(0)))
         .unwrap_or(0);
     let qemu = run_out("qemu-img", &["--version"]).lines().next().unwrap_or_default().to_string();
-    println!("machine: {cpu}, {cores} cores, {} GiB; {qemu}; work dir {}{}", mem >> 20, ctx.dir.display(), if ctx.quick { " (quick)" } else { "" });
-    println!("each figure is the median of {} runs unless noted; files are in the page cache (just written)\n", ctx.runs);
+    println!(
+        "machine: {cpu}, {cores} cores, {} GiB; {qemu}; work dir {}{}",
+        mem >> 20,
+        ctx.dir.display(),
+        if ctx.quick { " (quick)" } else { "" }
+    );
+    println!(
+        "each figure is the median of {} runs unless noted; files are in the page cache (just written)\n",
+        ctx.runs
+    );
 }
 
 /// Run a command to completion; panic with its stderr on failure.
@@ -152,7 +164,15 @@ pub struct Report {
 }
 
 impl Report {
-    pub fn add(&mut self, what: &str, figure: String, baseline: String, ratio: Option<f64>, target: &str, met: Option<bool>) {
+    pub fn add(
+        &mut self,
+        what: &str,
+        figure: String,
+        baseline: String,
+        ratio: Option<f64>,
+        target: &str,
+        met: Option<bool>,
+    ) {
         println!(
             "  {what}: {figure} | baseline {baseline}{} | target {target}{}",
             ratio.map(|r| format!(" | ratio {r:.2}")).unwrap_or_default(),
@@ -202,7 +222,9 @@ pub fn until(limit: Duration, every: Duration, mut f: impl FnMut() -> bool) -> b
 pub fn rss_kib(pid: u32) -> u64 {
     fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok()))
+        .and_then(|s| {
+            s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
         .unwrap_or(0)
 }
 
@@ -234,7 +256,9 @@ impl Agent {
             .stderr(f)
             .spawn()
             .expect("agent");
-        let ok = until(Duration::from_secs(120), Duration::from_millis(2), || fs::read_to_string(&log).unwrap_or_default().contains(" ready"));
+        let ok = until(Duration::from_secs(120), Duration::from_millis(2), || {
+            fs::read_to_string(&log).unwrap_or_default().contains(" ready")
+        });
         assert!(ok, "the agent did not become ready: {}", fs::read_to_string(&log).unwrap_or_default());
         let ready_after = t.elapsed();
         let text = fs::read_to_string(&log).unwrap_or_default();
@@ -253,7 +277,11 @@ impl Agent {
 impl Drop for Agent {
     fn drop(&mut self) {
         if std::thread::panicking() {
-            eprintln!("--- agent log {} ---\n{}", self.log.display(), fs::read_to_string(&self.log).unwrap_or_default());
+            eprintln!(
+                "--- agent log {} ---\n{}",
+                self.log.display(),
+                fs::read_to_string(&self.log).unwrap_or_default()
+            );
         }
 
         let _ = self.child.kill();

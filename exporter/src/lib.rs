@@ -356,7 +356,7 @@ async fn daemon(
     }
     let queue = Queue::new(&s.watch_dir);
     let output = OutputDir::new(&s.output_dir);
-    let sub = submit::submit(&queue, vm, submit_options(&cli), ctl, cli.quiet).await?;
+    let sub = submit::submit(&queue, vm, submit_options(cli), ctl, cli.quiet).await?;
     tracing::info!(job = %sub.id, "published; waiting for the result");
     if cli.detach {
         if cli.json {

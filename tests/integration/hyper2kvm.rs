@@ -167,10 +167,21 @@ fn direct_mode_uses_the_same_hyper2kvm_engine_code() {
     let out = farm.path().join("direct");
     fs::create_dir(&out).unwrap();
     // A relative --vm path: hyper2kvm must still get absolute paths.
-    let args: Vec<String> = ["--vm", "d.vhdx", "--pipeline", "--output", out.to_str().unwrap(), "--engine", "hyper2kvm", "--hyper2kvm-path", h2k.to_str().unwrap(), "--json"]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
+    let args: Vec<String> = [
+        "--vm",
+        "d.vhdx",
+        "--pipeline",
+        "--output",
+        out.to_str().unwrap(),
+        "--engine",
+        "hyper2kvm",
+        "--hyper2kvm-path",
+        h2k.to_str().unwrap(),
+        "--json",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
     let ran = hyperfarm_tests::Run::new(&hyperfarm_tests::bin("hyperexport"), &args).cwd(&farm.src).run();
     ran.expect_code(0);
     assert_eq!(ran.json()["engine"], "hyper2kvm");

@@ -361,7 +361,6 @@ impl Run {
         self
     }
     pub fn env(mut self, k: &str, v: &str) -> Run {
-
         self.cmd.env(k, v);
         self
     }

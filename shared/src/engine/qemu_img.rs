@@ -215,7 +215,6 @@ impl QemuImg {
     }
 
     /// `qemu-img check` of a qcow2 file. Leaked clusters are harmless (reported); corruptions
-
     /// and failures to check are errors.
     pub async fn check(&self, path: &Path) -> Result<CheckReport, EngineError> {
         let mut c = self.cmd();

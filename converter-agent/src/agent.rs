@@ -188,6 +188,7 @@ pub async fn serve(core: Arc<Core>, extra_stop: impl std::future::Future<Output 
 
     // Start-up recovery: this host's dead claims are taken back at once.
     let mut first = true;
+    let mut unhealthy_logged = false;
     let watchdog = sdnotify::watchdog_interval();
     let mut last_watchdog = Instant::now();
     loop {
@@ -197,7 +198,19 @@ pub async fn serve(core: Arc<Core>, extra_stop: impl std::future::Future<Output 
         };
         match scan {
             Ok(Ok(queued)) => {
-                for id in queued {
+                // While the queue or output directory is unusable (a share unmounted, a full or
+                // read-only file system), jobs stay queued rather than fail.
+                let health = core.health.snapshot();
+                let healthy = health.serving();
+                if !healthy && !queued.is_empty() && !unhealthy_logged {
+                    let why: Vec<String> = [&health.queue, &health.output, &health.engine]
+                        .iter()
+                        .filter_map(|r| (*r).clone().err())
+                        .collect();
+                    warn!(queued = queued.len(), "not claiming jobs while unhealthy: {}", why.join("; "));
+                }
+                unhealthy_logged = !healthy;
+                for id in queued.into_iter().take(if healthy { usize::MAX } else { 0 }) {
                     if core.running_count() >= core.cfg.max_concurrent || core.shutdown.is_cancelled() {
                         break;
                     }

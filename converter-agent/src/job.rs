@@ -141,6 +141,7 @@ async fn execute(
         .await
         .map_err(|e| Ended::Failed(JobFailure::new(None, format!("loading the job crashed: {e}"))))?
         .map_err(Ended::Failed)?;
+    hyperfarm_shared::failpoint::hit("agent.loaded");
     let vm = loaded.vm_name.clone();
     {
         let mut v = view.lock().expect("view");
@@ -288,13 +289,30 @@ async fn finish(
                     finished_at_ms: hyperfarm_shared::queue::now_ms(),
                 };
                 let dir = claim.dir().to_path_buf();
-                let publication = Publication::begin(&core2.output, id, &token).map_err(|e| {
-                    format!("cannot write the error result into {}: {e}", core2.output.tmp_dir().display())
-                })?;
+                // When even the error cannot be written (the output directory is gone, read-only
+                // or full), the job goes back to the queue: the agent claims nothing while it is
+                // unhealthy and converts it again once the directory is usable.
+                let requeue = |claim: Claim, why: String| match claim.requeue(&why) {
+                    Ok(true) => Err(format!("{why}; the job was returned to the queue")),
+                    Ok(false) => Ok("lost to another agent"),
+                    Err(e) => Err(format!("{why}; returning the job to the queue failed too: {e}")),
+                };
+                let publication = match Publication::begin(&core2.output, id, &token) {
+                    Ok(p) => p,
+                    Err(e) => {
+                        return requeue(
+                            claim,
+                            format!("cannot write the error result into {}: {e}", core2.output.tmp_dir().display()),
+                        );
+                    }
+                };
                 match publication.publish(record, Some(&message), core2.cfg.on_existing, || dir.exists()) {
                     Ok(_) => {}
                     Err(ResultError::Lost { .. }) => return Ok("lost to another agent"),
-                    Err(e) => return Err(format!("cannot publish the error result: {e}")),
+                    Err(e) => {
+                        publication.discard();
+                        return requeue(claim, format!("cannot publish the error result: {e}"));
+                    }
                 }
                 finish_claim(&core2, claim, if f.cancelled { Outcome::Cancelled } else { Outcome::Failed })
             }
@@ -339,6 +357,7 @@ fn finish_claim(core: &Core, claim: Claim, outcome: Outcome) -> Result<&'static 
     let seed = claim.dir().join(ORIGIN).is_file();
     match claim.finish(outcome) {
         Ok(true) => {
+            hyperfarm_shared::failpoint::hit("agent.finished");
             // The job's own copies of its disks are no longer needed once converted or
             // cancelled (failed jobs keep them for inspection). A seed drop's disks are the
             // exporter's and are never touched.

@@ -84,6 +84,7 @@ pub async fn submit(
                 dg.algorithm()
             )));
         }
+        hyperfarm_shared::failpoint::hit("export.disk-copied");
         total += copied.bytes;
         disks.push(Disk {
             id: d.id.clone(),

@@ -236,6 +236,18 @@ pub async fn run(cli: &Cli, op: &JobsOp) -> Result<(), CtlError> {
                 _ => return Err(err(EXIT_ERROR, format!("the stream of job {id} ended before the job did"))),
             }
         }
+        JobsOp::Retry { id } => {
+            let r = client
+                .retry_job(ep.request(pb::RetryJobRequest { id: id.clone() }))
+                .await
+                .map_err(|s| from_status(&ep.url, s))?
+                .into_inner();
+            if cli.json {
+                print_json(&serde_json::json!({"id": id, "new_id": r.new_id}));
+            } else {
+                println!("job {id} retried as {}", r.new_id);
+            }
+        }
         JobsOp::Cancel { id, reason } => {
             let r = client
                 .cancel_job(ep.request(pb::CancelJobRequest { id: id.clone(), reason: reason.clone() }))

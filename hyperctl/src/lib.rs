@@ -3,7 +3,8 @@
 //! shape: docs/grpc.md); otherwise readable tables.
 //!
 //! Exit codes: 0 success · 1 error · 2 usage · 3 no such job · 4 the watched job failed ·
-//! 5 no agent answered · 7 the watched job was cancelled · 9 permission denied.
+//! 5 no agent answered · 7 the watched job was cancelled · 8 the request cannot be carried out (a
+//! job in the wrong state) · 9 permission denied.
 
 pub mod daemon;
 pub mod jobs;
@@ -26,6 +27,7 @@ pub const EXIT_NOT_FOUND: u8 = 3;
 pub const EXIT_JOB_FAILED: u8 = 4;
 pub const EXIT_UNREACHABLE: u8 = 5;
 pub const EXIT_JOB_CANCELLED: u8 = 7;
+pub const EXIT_REFUSED: u8 = 8;
 pub const EXIT_DENIED: u8 = 9;
 
 /// A failure with its exit code.
@@ -47,6 +49,7 @@ pub fn from_status(url: &str, s: tonic::Status) -> CtlError {
         tonic::Code::PermissionDenied | tonic::Code::Unauthenticated => EXIT_DENIED,
         tonic::Code::Unavailable => EXIT_UNREACHABLE,
         tonic::Code::InvalidArgument => EXIT_USAGE,
+        tonic::Code::FailedPrecondition => EXIT_REFUSED,
         _ => EXIT_ERROR,
     };
     err(code, format!("{url}: {}: {}", s.code(), s.message()))
@@ -136,6 +139,9 @@ pub enum JobsOp {
     Show { id: String },
     /// Follow one job until it ends (exit 0 done, 4 failed, 7 cancelled)
     Watch { id: String },
+    /// Submit a failed or cancelled job again, as a new job with the same disks (needs control
+    /// permission)
+    Retry { id: String },
     /// Cancel a job (needs control permission: loopback, a client certificate, or --token-file)
     Cancel {
         id: String,

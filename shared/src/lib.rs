@@ -14,6 +14,7 @@
 pub mod digest;
 pub mod duration;
 pub mod engine;
+pub mod failpoint;
 pub mod format;
 pub mod fsx;
 pub mod human;

@@ -286,6 +286,7 @@ impl Publication {
             let bytes = serde_json::to_vec_pretty(&record).expect("records serialise");
             fsx::write_new_file(&record_tmp, &bytes).map_err(io_err(&self.work))?;
             fsx::fsync_dir(&self.work).map_err(io_err(&self.work))?;
+            crate::failpoint::hit("agent.publish-started");
         }
         if !still_owned() {
             return Err(ResultError::Lost { id });
@@ -341,6 +342,7 @@ impl Publication {
             let _ = fsx::remove_file(&stale);
         }
         fsx::fsync_dir(&out_dir).map_err(io_err(&out_dir))?;
+        crate::failpoint::hit("agent.files-linked");
 
         // The commit: link the record. Never replaces a record.
         fs::write(&record_tmp, serde_json::to_vec_pretty(&record).expect("records serialise"))
@@ -355,6 +357,7 @@ impl Publication {
             Err(e) => return Err(io_err(&self.out.results_dir())(e)),
         }
         fsx::fsync_dir(&self.out.results_dir()).map_err(io_err(&self.out.results_dir()))?;
+        crate::failpoint::hit("agent.record-linked");
         self.discard();
         Ok(record)
     }

@@ -294,6 +294,7 @@ pub async fn convert_job(
     let vm = Some(job.vm_name.as_str());
     let engine = choose_engine(settings, job)?;
     let infos = verify_and_inspect(settings, job, progress, cancel).await?;
+    crate::failpoint::hit("agent.verified");
     let total_virtual: u64 = infos.iter().map(|i| i.virtual_size).sum::<u64>().max(1);
     let outputs = match engine {
         EngineKind::QemuImg => convert_qemu_img(settings, job, &infos, work_dir, progress, cancel).await?,
@@ -303,6 +304,7 @@ pub async fn convert_job(
         }
     };
 
+    crate::failpoint::hit("agent.converted");
     // Check every output, whatever produced it.
     let mut files = Vec::new();
     for (i, ((disk, info), (name, dst))) in job.disks.iter().zip(&infos).zip(&outputs).enumerate() {
@@ -344,6 +346,7 @@ pub async fn convert_job(
             virtual_size: info.virtual_size,
         });
     }
+    crate::failpoint::hit("agent.checked");
     Ok(Converted { files, engine })
 }
 

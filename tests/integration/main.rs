@@ -5,6 +5,7 @@
 
 mod agent_lifecycle;
 mod bad_input;
+mod crash;
 mod exporter;
 mod formats;
 mod grpc;

@@ -530,3 +530,33 @@ pub fn find_files(dir: &Path, suffix: &str) -> Vec<PathBuf> {
     }
     out
 }
+
+/// How hard the reliability campaign runs: `HYPERFARM_CAMPAIGN=full` for the documented long run,
+/// the quick size otherwise (CI).
+pub fn campaign_full() -> bool {
+    std::env::var("HYPERFARM_CAMPAIGN").is_ok_and(|v| v == "full")
+}
+
+/// A small deterministic PRNG for the campaigns (seed printed so a run can be repeated with
+/// `HYPERFARM_SEED`).
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn from_env(what: &str) -> Rng {
+        let seed = std::env::var("HYPERFARM_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(1)
+        });
+        eprintln!("{what}: seed {seed} (HYPERFARM_SEED={seed} repeats this run)");
+        Rng(seed | 1)
+    }
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+    /// Uniform in `0..n`.
+    pub fn below(&mut self, n: u64) -> u64 {
+        if n == 0 { 0 } else { self.next() % n }
+    }
+}

@@ -131,8 +131,13 @@ fn read_pem(what: &str, p: &Path) -> anyhow::Result<Vec<u8>> {
     std::fs::read(p).map_err(|e| Fatal { code: EXIT_CONFIG, message: format!("{what} {}: {e}", p.display()) }.into())
 }
 
-/// Start the server (if `listen` is set) and the health probe.
+/// Start the server (if `listen` is set) and the health probe (after a first, synchronous probe:
+/// the agent claims nothing while it is not healthy).
 pub async fn start(core: Arc<Core>, health: Arc<HealthState>) -> anyhow::Result<Option<GrpcServer>> {
+    let c = core.clone();
+    if let Ok(Ok(first)) = tokio::time::timeout(PROBE_TIMEOUT, tokio::task::spawn_blocking(move || probe(&c))).await {
+        health.set(first);
+    }
     let g = core.cfg.grpc.clone();
     let Some(listen) = g.listen else {
         info!("gRPC is off (listen = off)");

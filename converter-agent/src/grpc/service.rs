@@ -203,6 +203,19 @@ impl pb::agent_service_server::AgentService for AgentApi {
         Ok(Response::new(resp))
     }
 
+    async fn retry_job(&self, req: Request<pb::RetryJobRequest>) -> Result<Response<pb::RetryJobResponse>, Status> {
+        self.policy.check(&req)?;
+        let id = parse_id(&req.get_ref().id)?;
+        let core = self.core.clone();
+        let new = blocking(move || hyperfarm_shared::queue::retry(&core.queue, &id)).await?.map_err(|e| match e {
+            hyperfarm_shared::queue::RetryError::NotFound(_) => Status::not_found(e.to_string()),
+            hyperfarm_shared::queue::RetryError::Io { .. } => Status::unavailable(e.to_string()),
+            _ => Status::failed_precondition(e.to_string()),
+        })?;
+        tracing::info!(job = %id, new = %new, "retried through the API");
+        Ok(Response::new(pb::RetryJobResponse { new_id: new.to_string() }))
+    }
+
     type WatchJobStream = ReceiverStream<Result<pb::JobUpdate, Status>>;
 
     async fn watch_job(&self, req: Request<pb::WatchJobRequest>) -> Result<Response<Self::WatchJobStream>, Status> {

@@ -189,6 +189,17 @@ pub struct CancelJobResponse {
     pub message: ::prost::alloc::string::String,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct RetryJobRequest {
+    #[prost(string, tag = "1")]
+    pub id: ::prost::alloc::string::String,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct RetryJobResponse {
+    /// The new job's id.
+    #[prost(string, tag = "1")]
+    pub new_id: ::prost::alloc::string::String,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct WatchJobRequest {
     #[prost(string, tag = "1")]
     pub id: ::prost::alloc::string::String,
@@ -519,6 +530,33 @@ pub mod agent_service_client {
                 .insert(GrpcMethod::new("hyperfarm.v1.AgentService", "CancelJob"));
             self.inner.unary(req, path, codec).await
         }
+        /// Submit a failed or cancelled job again, as a new job with the same disks (they are hard
+        /// links: no copy). Requires control permission. FAILED_PRECONDITION when the job is not failed
+        /// or cancelled, or its disks are gone.
+        pub async fn retry_job(
+            &mut self,
+            request: impl tonic::IntoRequest<super::RetryJobRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::RetryJobResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/hyperfarm.v1.AgentService/RetryJob",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("hyperfarm.v1.AgentService", "RetryJob"));
+            self.inner.unary(req, path, codec).await
+        }
         /// One job: its current state at once, then every change, a heartbeat while nothing changes,
         /// and finally its final state (then the stream ends).
         pub async fn watch_job(
@@ -612,6 +650,16 @@ pub mod agent_service_server {
             request: tonic::Request<super::CancelJobRequest>,
         ) -> std::result::Result<
             tonic::Response<super::CancelJobResponse>,
+            tonic::Status,
+        >;
+        /// Submit a failed or cancelled job again, as a new job with the same disks (they are hard
+        /// links: no copy). Requires control permission. FAILED_PRECONDITION when the job is not failed
+        /// or cancelled, or its disks are gone.
+        async fn retry_job(
+            &self,
+            request: tonic::Request<super::RetryJobRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::RetryJobResponse>,
             tonic::Status,
         >;
         /// Server streaming response type for the WatchJob method.
@@ -881,6 +929,51 @@ pub mod agent_service_server {
                     let inner = self.inner.clone();
                     let fut = async move {
                         let method = CancelJobSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/hyperfarm.v1.AgentService/RetryJob" => {
+                    #[allow(non_camel_case_types)]
+                    struct RetryJobSvc<T: AgentService>(pub Arc<T>);
+                    impl<
+                        T: AgentService,
+                    > tonic::server::UnaryService<super::RetryJobRequest>
+                    for RetryJobSvc<T> {
+                        type Response = super::RetryJobResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::RetryJobRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as AgentService>::retry_job(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = RetryJobSvc(inner);
                         let codec = tonic_prost::ProstCodec::default();
                         let mut grpc = tonic::server::Grpc::new(codec)
                             .apply_compression_config(

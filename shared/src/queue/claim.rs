@@ -130,6 +130,7 @@ pub fn claim(queue: &Queue, id: JobId, agent: &str) -> Result<Option<Claim>, Cla
             return Err(err(io::Error::new(io::ErrorKind::AlreadyExists, "claim token collision")));
         }
     }
+    crate::failpoint::hit("agent.claimed");
     let durable = (|| {
         fsx::fsync_dir(&converting)?;
         fsx::fsync_dir(&queue.state_dir(State::Queued))
@@ -172,6 +173,7 @@ pub fn claim(queue: &Queue, id: JobId, agent: &str) -> Result<Option<Claim>, Cla
     })()
     .map_err(|source| ClaimError::Io { id, dir: dir.clone(), source })?;
 
+    crate::failpoint::hit("agent.lease-written");
     let claim = Claim { queue: queue.clone(), id, token, dir, lease };
     claim.record_event("claim", serde_json::json!({"agent": agent}));
     Ok(Some(claim))

@@ -16,6 +16,7 @@ mod claim;
 mod inspect;
 mod publish;
 mod recover;
+mod retry;
 mod seed;
 
 use std::fs;
@@ -29,6 +30,7 @@ pub use publish::{PublishError, Staging, cleanup_own_staging};
 pub use recover::{
     LeaseTracker, Liveness, RecoverAction, cleanup_tmp, finish_foreign, parse_claim_name, recover_claim,
 };
+pub use retry::{RetryError, retry};
 pub use seed::{IngestOutcome, SeedTracker, ingest_seed_drops};
 
 use crate::jobid::JobId;

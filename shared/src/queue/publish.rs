@@ -46,6 +46,7 @@ impl Staging {
         make_dir(&queue.tmp_dir()).map_err(err)?;
         make_dir(&dir).map_err(err)?;
         make_dir(&dir.join(DISKS)).map_err(err)?;
+        crate::failpoint::hit("export.staged");
         Ok(Staging { queue: queue.clone(), id, dir, done: false })
     }
 
@@ -70,11 +71,13 @@ impl Staging {
         fsx::write_new_file(&self.dir.join(MANIFEST), &manifest.to_json()).map_err(stage_err)?;
         fsx::fsync_dir(&self.dir.join(DISKS)).map_err(stage_err)?;
         fsx::fsync_dir(&self.dir).map_err(stage_err)?;
+        crate::failpoint::hit("export.manifest-written");
 
         let queued = self.queue.state_dir(State::Queued);
         let target = queued.join(id.to_string());
         let pub_err = |source| PublishError::Publish { id, dir: queued.clone(), source };
         make_dir(&queued).map_err(pub_err)?;
+        crate::failpoint::hit("export.before-rename");
         match fsx::rename_noreplace(&self.dir, &target).map_err(pub_err)? {
             fsx::Moved::Yes => {}
             fsx::Moved::DestinationExists => {
@@ -88,6 +91,7 @@ impl Staging {
             }
         }
         self.done = true;
+        crate::failpoint::hit("export.published");
         fsx::fsync_dir(&queued).map_err(pub_err)?;
         fsx::fsync_dir(&self.queue.tmp_dir()).map_err(pub_err)?;
         Ok(target)

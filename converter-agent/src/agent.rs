@@ -446,7 +446,13 @@ fn recover(core: &Core, name: &str, why: &str) -> anyhow::Result<()> {
                  The job's disks stay in {} for inspection. If the VM is fine, submit it again; if an agent crashes on it, report the agent's log.",
                 dir.display()
             );
-            job::publish_orphan_failure(core, id, &dir, &message);
+            job::publish_orphan_result(core, id, &dir, &message, ResultState::Failed);
+        }
+        RecoverAction::Cancelled { reason } => {
+            let _ = fsx::remove_tree(&core.output.work_dir(&id, token));
+            let dir = queue.job_dir(State::Cancelled, &id);
+            let message = format!("cancelled: {reason} (its agent stopped before it could stop the job itself)");
+            job::publish_orphan_result(core, id, &dir, &message, ResultState::Cancelled);
         }
         RecoverAction::Gone => {}
     }

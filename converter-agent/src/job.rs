@@ -389,8 +389,9 @@ fn fallback_vm_name(job_dir: &Path, id: &JobId) -> String {
     from_origin.unwrap_or_else(|| format!("job-{id}"))
 }
 
-/// Publish a failure for a job no agent holds any more (after too many attempts).
-pub fn publish_orphan_failure(core: &Core, id: JobId, job_dir: &Path, message: &str) {
+/// Publish the result of a job no agent holds any more: failed after too many attempts, or
+/// cancelled while its agent was gone.
+pub fn publish_orphan_result(core: &Core, id: JobId, job_dir: &Path, message: &str, state: ResultState) {
     let loaded = worker::load_job(job_dir, id, &core.settings.allowed_source_dirs);
     let vm = match &loaded {
         Ok(j) => j.vm_name.clone(),
@@ -399,7 +400,7 @@ pub fn publish_orphan_failure(core: &Core, id: JobId, job_dir: &Path, message: &
     let token = format!("recovery-{}", hyperfarm_shared::queue::claim_token());
     let record = ResultRecord {
         job_id: id,
-        state: ResultState::Failed,
+        state,
         vm_name: vm,
         files: vec![],
         error_file: None,

@@ -130,6 +130,9 @@ pub enum RecoverAction {
     Requeued { attempts: usize },
     /// Too many attempts: moved to `failed/`; the caller publishes the error result.
     Failed { attempts: usize },
+    /// Someone had asked for it to be cancelled: moved to `cancelled/` (the request is honoured,
+    /// not forgotten on the way back to the queue); the caller publishes the cancelled result.
+    Cancelled { reason: String },
     /// Someone else recovered or finished it first.
     Gone,
 }
@@ -143,7 +146,9 @@ pub fn recover_claim(queue: &Queue, name: &str, why: &str, max_attempts: usize) 
     };
     let dir = queue.state_dir(State::Converting).join(name);
     let attempts = count_events(&dir, "expired") + 1;
-    let (state, action) = if attempts >= max_attempts {
+    let (state, action) = if let Some(reason) = super::claim::cancel_reason(&dir) {
+        (State::Cancelled, RecoverAction::Cancelled { reason })
+    } else if attempts >= max_attempts {
         (State::Failed, RecoverAction::Failed { attempts })
     } else {
         (State::Queued, RecoverAction::Requeued { attempts })

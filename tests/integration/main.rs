@@ -10,4 +10,5 @@ mod exporter;
 mod formats;
 mod grpc;
 mod hyper2kvm;
+mod races;
 mod seed;

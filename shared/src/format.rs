@@ -140,6 +140,49 @@ pub fn is_vmdk_descriptor(head: &[u8]) -> bool {
     text.trim_start().to_ascii_lowercase().starts_with("# disk descriptorfile")
 }
 
+/// Refuse an image that depends on other files, from its own headers, before any tool opens it:
+/// a qcow2 backing file or external data file, a VMDK snapshot (delta), a differencing VHD. The
+/// image starts at byte `base` of `file` (0, or a member's offset in an OVA); `head` is its
+/// first bytes. The message says what to do.
+pub fn self_contained(file: &File, base: u64, format: DiskFormat, head: &[u8]) -> Result<(), String> {
+    match format {
+        DiskFormat::Vmdk => {
+            if let Some(d) = crate::vmdk::embedded_descriptor_at(file, base, head)
+                && d.is_delta()
+            {
+                return Err("is a VMDK snapshot (delta) disk; consolidate or delete the VM's snapshots first, then export its base disk".into());
+            }
+        }
+        DiskFormat::Qcow2 if head.len() >= 20 => {
+            let backing = u64::from_be_bytes(head[8..16].try_into().expect("8 bytes"));
+            if backing != 0 {
+                return Err(
+                    "is a qcow2 image with a backing file; flatten it first (qemu-img convert -O qcow2 in out)".into(),
+                );
+            }
+            if head.len() >= 80 && u32::from_be_bytes(head[4..8].try_into().expect("4 bytes")) >= 3 {
+                let incompatible = u64::from_be_bytes(head[72..80].try_into().expect("8 bytes"));
+                if incompatible & 0b100 != 0 {
+                    return Err("is a qcow2 image with an external data file; flatten it first (qemu-img convert -O qcow2 in out)".into());
+                }
+            }
+        }
+        DiskFormat::Vhd => {
+            // The footer's disk type (offset 60): 4 = differencing.
+            let len = file.metadata().map(|m| m.len()).unwrap_or(0);
+            let mut footer = [0u8; 512];
+            if len >= base + 512 && file.read_exact_at(&mut footer, len - 512).is_ok() && &footer[..8] == VHD_MAGIC {
+                let kind = u32::from_be_bytes(footer[60..64].try_into().expect("4 bytes"));
+                if kind == 4 {
+                    return Err("is a differencing VHD (a snapshot); merge it into its parent first".into());
+                }
+            }
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
 /// Read the whole file's first `max` bytes (for small text files such as descriptors).
 pub fn read_head(file: &mut File, max: usize) -> io::Result<Vec<u8>> {
     let mut buf = Vec::new();

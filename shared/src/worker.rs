@@ -543,6 +543,7 @@ pub async fn verify_and_inspect(
             &disk.path,
             disk.format,
             &allowed,
+            job.seed_drop,
         )
         .await
         .map_err(|e| JobFailure::new(vm, format!("disk {} ({}): {e}", disk.id, disk.path.display())))?;

@@ -4,11 +4,11 @@
 #![allow(clippy::unwrap_used)]
 
 mod agent_lifecycle;
-mod bad_input;
 mod crash;
 mod exporter;
 mod formats;
 mod grpc;
+mod hostile;
 mod hyper2kvm;
 mod races;
 mod seed;

@@ -11,16 +11,24 @@ fn three_agents_two_exporters_every_job_exactly_once() {
     let farm = Farm::new();
     let n: usize = if campaign_full() { 300 } else { 60 };
     let raw = images::raw_disk(&farm.src.join("r.raw"), 1 << 20, &[(0, 256 << 10)], 95);
-    let _agents: Vec<Proc> = (0..3).map(|_| farm.agent(&["--max-concurrent", "2", "--poll-interval", "100ms"])).collect();
+    let _agents: Vec<Proc> =
+        (0..3).map(|_| farm.agent(&["--max-concurrent", "2", "--poll-interval", "100ms"])).collect();
     let submit = |first: usize| {
         let (queue, raw) = (farm.queue.clone(), raw.clone());
         std::thread::spawn(move || {
             for i in (first..n).step_by(2) {
-                let args: Vec<String> =
-                    ["--quiet", "--vm", raw.to_str().unwrap(), "--name", &format!("vm-{i:04}"), "--output", queue.to_str().unwrap()]
-                        .iter()
-                        .map(|s| s.to_string())
-                        .collect();
+                let args: Vec<String> = [
+                    "--quiet",
+                    "--vm",
+                    raw.to_str().unwrap(),
+                    "--name",
+                    &format!("vm-{i:04}"),
+                    "--output",
+                    queue.to_str().unwrap(),
+                ]
+                .iter()
+                .map(|s| s.to_string())
+                .collect();
                 Run::new(&bin("hyperexport"), &args).run().expect_code(0);
             }
         })
@@ -43,12 +51,16 @@ fn three_agents_two_exporters_every_job_exactly_once() {
             .count();
         assert_eq!(claims, 1, "job {id} was claimed {claims} times");
     }
-    let agents_used: std::collections::HashSet<String> = records.iter().map(|r| r["token"].as_str().unwrap().to_string()).collect();
+    let agents_used: std::collections::HashSet<String> =
+        records.iter().map(|r| r["token"].as_str().unwrap().to_string()).collect();
     assert_eq!(agents_used.len(), n);
     for i in (0..n).step_by(n / 10) {
         assert_identical(&raw, &farm.output.join(format!("vm-{i:04}.qcow2")));
     }
-    let outputs = fs::read_dir(&farm.output).unwrap().filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().ends_with(".qcow2")).count();
+    let outputs = fs::read_dir(&farm.output)
+        .unwrap()
+        .filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().ends_with(".qcow2"))
+        .count();
     assert_eq!(outputs, n, "no result overwritten or doubled");
     eprintln!("races: {n} jobs from 2 exporters through 3 agents: {n} results, none twice, none lost");
 }
@@ -60,7 +72,9 @@ fn a_stopped_agent_loses_its_job_and_does_not_publish_when_it_wakes() {
     let cfg = slow_config(&farm);
     let a = farm.agent(&["--config", &cfg]);
     let id = hyperfarm_tests::publish(&farm, &raw, "paused");
-    wait_for("the conversion to start", Duration::from_secs(60), || (lease_phase(&farm).as_deref() == Some("converting")).then_some(()));
+    wait_for("the conversion to start", Duration::from_secs(60), || {
+        (lease_phase(&farm).as_deref() == Some("converting")).then_some(())
+    });
     let first_claim = fs::read_dir(farm.queue.join("converting")).unwrap().next().unwrap().unwrap().file_name();
     a.signal(rustix::process::Signal::STOP);
     // Another agent (fast, lease timeout 3 s) takes the job over once the lease goes stale.

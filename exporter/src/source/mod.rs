@@ -3,7 +3,6 @@
 
 pub mod ova;
 pub mod ovf;
-pub mod vmdk;
 pub mod vmx;
 
 use std::fs::File;
@@ -13,6 +12,7 @@ use std::path::{Path, PathBuf};
 
 use hyperfarm_shared::format::{self, DiskFormat, Sniffed};
 use hyperfarm_shared::names;
+use hyperfarm_shared::vmdk;
 
 /// Where a disk's bytes come from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -273,49 +273,7 @@ pub fn load_disk_file(path: &Path, id: &str) -> Result<SourceDisk, SourceError> 
 /// Refuse images that depend on other files (snapshots, backing files): they would not be
 /// complete on the conversion host.
 pub fn check_self_contained(path: &Path, f: DiskFormat, head: &[u8], file: &File) -> Result<(), SourceError> {
-    match f {
-        DiskFormat::Vmdk => {
-            if let Some(d) = vmdk::embedded_descriptor(head, file)
-                && d.is_delta()
-            {
-                return Err(bad(
-                    path,
-                    "is a VMDK snapshot (delta) disk; consolidate or delete the VM's snapshots first, then export its base disk",
-                ));
-            }
-        }
-        DiskFormat::Qcow2 if head.len() >= 20 => {
-            let backing = u64::from_be_bytes(head[8..16].try_into().expect("8 bytes"));
-            if backing != 0 {
-                return Err(bad(
-                    path,
-                    "is a qcow2 image with a backing file; flatten it first (qemu-img convert -O qcow2 in out)",
-                ));
-            }
-            if head.len() >= 80 && u32::from_be_bytes(head[4..8].try_into().expect("4 bytes")) >= 3 {
-                let incompatible = u64::from_be_bytes(head[72..80].try_into().expect("8 bytes"));
-                if incompatible & 0b100 != 0 {
-                    return Err(bad(
-                        path,
-                        "is a qcow2 image with an external data file; flatten it first (qemu-img convert -O qcow2 in out)",
-                    ));
-                }
-            }
-        }
-        DiskFormat::Vhd => {
-            // The footer's disk type (offset 60): 4 = differencing.
-            let len = file.metadata().map(|m| m.len()).unwrap_or(0);
-            let mut footer = [0u8; 512];
-            if len >= 512 && file.read_exact_at(&mut footer, len - 512).is_ok() && &footer[..8] == b"conectix" {
-                let kind = u32::from_be_bytes(footer[60..64].try_into().expect("4 bytes"));
-                if kind == 4 {
-                    return Err(bad(path, "is a differencing VHD (a snapshot); merge it into its parent first"));
-                }
-            }
-        }
-        _ => {}
-    }
-    Ok(())
+    format::self_contained(file, 0, f, head).map_err(|m| bad(path, m))
 }
 
 /// A descriptor whose extents are flat files (monolithicFlat, vmfs, twoGbMaxExtentFlat): the disk

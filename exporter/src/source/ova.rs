@@ -8,7 +8,7 @@ use std::path::Path;
 
 use sha2::Digest as _;
 
-use super::{DiskData, SourceDisk, SourceError, VmSource, bad, check_self_contained, dedupe_ids, disk_id, ovf};
+use super::{DiskData, SourceDisk, SourceError, VmSource, bad, dedupe_ids, disk_id, ovf};
 use hyperfarm_shared::format::{self, Sniffed};
 
 /// A digest from the OVA's `.mf`.
@@ -197,18 +197,7 @@ pub fn load(path: &Path, file: &File) -> Result<VmSource, SourceError> {
                 hyperfarm_shared::format::DiskFormat::Raw
             }
         };
-        if fmt == hyperfarm_shared::format::DiskFormat::Vmdk
-            && let Some(desc) = embedded_descriptor_at(file, m.offset, &head)
-            && desc.is_delta()
-        {
-            return Err(bad(
-                path,
-                format!("member {} is a VMDK snapshot (delta) disk; export the VM without snapshots", d.href),
-            ));
-        }
-        if fmt != hyperfarm_shared::format::DiskFormat::Vmdk {
-            check_self_contained(path, fmt, &head, file).ok();
-        }
+        format::self_contained(file, m.offset, fmt, &head).map_err(|m| bad(path, format!("member {} {m}", d.href)))?;
         disks.push(SourceDisk {
             id: disk_id(&d.disk_id, i),
             format: fmt,
@@ -233,22 +222,6 @@ pub fn load(path: &Path, file: &File) -> Result<VmSource, SourceError> {
         path: path.to_path_buf(),
         expected_member_digests,
     })
-}
-
-fn embedded_descriptor_at(file: &File, offset: u64, head: &[u8]) -> Option<super::vmdk::Descriptor> {
-    use std::os::unix::fs::FileExt;
-    if head.len() < 44 || &head[..4] != b"KDMV" {
-        return None;
-    }
-    let le64 = |o: usize| u64::from_le_bytes(head[o..o + 8].try_into().expect("8 bytes"));
-    let (doff, dsize) = (le64(28), le64(36));
-    if doff == 0 || dsize == 0 || dsize > 2048 {
-        return None;
-    }
-    let mut buf = vec![0u8; (dsize * 512) as usize];
-    file.read_exact_at(&mut buf, offset + doff * 512).ok()?;
-    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
-    Some(super::vmdk::parse(&String::from_utf8_lossy(&buf[..end])))
 }
 
 struct RegionFile<'a> {

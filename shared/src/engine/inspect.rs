@@ -38,6 +38,12 @@ pub enum InspectError {
     TooLarge(u64),
     #[error("it is damaged ({0}); export the VM again")]
     Damaged(String),
+    #[error("it {0}")]
+    NotSelfContained(String),
+    #[error(
+        "it is a VMDK descriptor (a text file pointing at other files); a job must carry its disks' data (hyperexport turns flat VMDKs into raw disks)"
+    )]
+    Descriptor,
     #[error("qemu-img cannot read it: {0}")]
     Unreadable(#[source] EngineError),
     #[error("cannot read it: {0}")]
@@ -53,7 +59,10 @@ fn sniffed_name(s: &Sniffed) -> String {
 }
 
 /// Inspect the image open as `file` (whose real location is `real_path`; qemu-img opens it as
-/// `qemu_path`). VMDK extents must resolve below one of `allowed_roots`.
+/// `qemu_path`). VMDK descriptors are accepted only with `allow_descriptor` (seed-style drops),
+/// and their extents must resolve below one of `allowed_roots`. Everything that can be judged
+/// from the image's own bytes is judged before qemu-img opens it, so that no tool is ever made
+/// to open a file outside.
 pub async fn inspect_image(
     qemu: &QemuImg,
     file: &File,
@@ -61,6 +70,7 @@ pub async fn inspect_image(
     real_path: &Path,
     declared: DiskFormat,
     allowed_roots: &[PathBuf],
+    allow_descriptor: bool,
 ) -> Result<ImageInfo, InspectError> {
     let sniffed = format::sniff(file)?;
     let matches = match (declared, &sniffed) {
@@ -71,6 +81,32 @@ pub async fn inspect_image(
     };
     if !matches {
         return Err(InspectError::FormatMismatch { declared, actual: sniffed_name(&sniffed) });
+    }
+    let mut head = vec![0u8; 4096];
+    let n = std::os::unix::fs::FileExt::read_at(file, &mut head, 0)?;
+    head.truncate(n);
+    format::self_contained(file, 0, declared, &head).map_err(InspectError::NotSelfContained)?;
+    if sniffed == Sniffed::VmdkDescriptor {
+        if !allow_descriptor {
+            return Err(InspectError::Descriptor);
+        }
+        // Check every extent the descriptor names before qemu-img follows them.
+        let mut text = Vec::new();
+        std::io::Read::read_to_end(&mut std::io::Read::take(file, 64 * 1024), &mut text)?;
+        let d = crate::vmdk::parse(&String::from_utf8_lossy(&text));
+        if d.is_delta() {
+            return Err(InspectError::NotSelfContained(
+                "is a VMDK snapshot (delta) descriptor; consolidate or delete the VM's snapshots first".into(),
+            ));
+        }
+        let base = real_path.parent().unwrap_or(Path::new("/"));
+        for e in d.extents.iter().filter_map(|e| e.file.as_deref()) {
+            let p = if Path::new(e).is_absolute() { PathBuf::from(e) } else { base.join(e) };
+            let canon = std::fs::canonicalize(&p).map_err(|_| InspectError::ExtentMissing(p.clone()))?;
+            if !allowed_roots.iter().any(|r| canon.starts_with(r)) {
+                return Err(InspectError::ExtentOutside(p));
+            }
+        }
     }
     let info = qemu.info(qemu_path, declared).await.map_err(InspectError::Unreadable)?;
     if let Some(b) = info.get("backing-filename").and_then(|v| v.as_str()) {

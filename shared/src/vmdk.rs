@@ -75,8 +75,10 @@ fn parse_extent(line: &str) -> Option<Extent> {
     Some(Extent { sectors, kind: kind.to_ascii_uppercase(), file, offset_sectors })
 }
 
-/// The descriptor embedded in a monolithic sparse or stream-optimized VMDK (`KDMV` header).
-pub fn embedded_descriptor(head: &[u8], file: &std::fs::File) -> Option<Descriptor> {
+/// The descriptor embedded in a monolithic sparse or stream-optimized VMDK (`KDMV` header) that
+/// starts at byte `base` of `file` (0 for a file; a member's offset inside an OVA). `head` is the
+/// image's first bytes.
+pub fn embedded_descriptor_at(file: &std::fs::File, base: u64, head: &[u8]) -> Option<Descriptor> {
     use std::os::unix::fs::FileExt;
     if head.len() < 44 || &head[..4] != b"KDMV" {
         return None;
@@ -87,9 +89,14 @@ pub fn embedded_descriptor(head: &[u8], file: &std::fs::File) -> Option<Descript
         return None;
     }
     let mut buf = vec![0u8; (size * 512) as usize];
-    file.read_exact_at(&mut buf, offset * 512).ok()?;
+    file.read_exact_at(&mut buf, base + offset * 512).ok()?;
     let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
     Some(parse(&String::from_utf8_lossy(&buf[..end])))
+}
+
+/// [`embedded_descriptor_at`] for a whole file.
+pub fn embedded_descriptor(head: &[u8], file: &std::fs::File) -> Option<Descriptor> {
+    embedded_descriptor_at(file, 0, head)
 }
 
 /// Resolve an extent file name relative to the descriptor's directory, refusing absolute paths

@@ -6,6 +6,7 @@
 mod agent_lifecycle;
 mod crash;
 mod exporter;
+mod faults;
 mod formats;
 mod grpc;
 mod hostile;

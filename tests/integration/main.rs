@@ -11,5 +11,6 @@ mod formats;
 mod grpc;
 mod hostile;
 mod hyper2kvm;
+mod netns;
 mod races;
 mod seed;

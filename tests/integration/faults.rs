@@ -14,12 +14,20 @@ struct Tmpfs(PathBuf);
 
 impl Tmpfs {
     fn mount(dir: &Path, size: &str) -> Tmpfs {
-        let st = std::process::Command::new("mount").args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"]).arg(dir).status().unwrap();
+        let st = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir)
+            .status()
+            .unwrap();
         assert!(st.success(), "mounting a tmpfs needs root (CI runs the tests as root)");
         Tmpfs(dir.to_path_buf())
     }
     fn resize(&self, size: &str) {
-        let st = std::process::Command::new("mount").args(["-o", &format!("remount,size={size}")]).arg(&self.0).status().unwrap();
+        let st = std::process::Command::new("mount")
+            .args(["-o", &format!("remount,size={size}")])
+            .arg(&self.0)
+            .status()
+            .unwrap();
         assert!(st.success());
     }
 }
@@ -38,7 +46,9 @@ fn a_full_output_file_system_fails_the_job_cleanly_and_it_can_be_retried() {
     let url = farm.agent_url.lock().unwrap().clone().unwrap();
     let big = images::raw_disk(&farm.src.join("big.raw"), 64 << 20, &[(0, 48 << 20)], 100);
     let id = publish(&farm, &big, "too-big");
-    wait_for("the failure", Duration::from_secs(60), || farm.records().into_iter().find(|r| r["job_id"] == id.as_str()));
+    wait_for("the failure", Duration::from_secs(60), || {
+        farm.records().into_iter().find(|r| r["job_id"] == id.as_str())
+    });
     let err = fs::read_to_string(farm.output.join("too-big.error")).unwrap();
     assert!(err.contains("output file system is full"), "{err}");
     assert!(err.contains("partial output was removed"), "{err}");
@@ -47,11 +57,15 @@ fn a_full_output_file_system_fails_the_job_cleanly_and_it_can_be_retried() {
     // The agent keeps serving.
     let small = images::sample_disk(&farm.src, "small.raw", 4, 101);
     let ok = publish(&farm, &small, "small");
-    wait_for("the small job", Duration::from_secs(60), || farm.records().into_iter().find(|r| r["job_id"] == ok.as_str()));
+    wait_for("the small job", Duration::from_secs(60), || {
+        farm.records().into_iter().find(|r| r["job_id"] == ok.as_str())
+    });
     assert_identical(&small, &farm.output.join("small.qcow2"));
     // Space returns; the failed job is retried (a new job with the same disks) and succeeds.
     tmpfs.resize("256m");
-    wait_for("the failed job to reach failed/", Duration::from_secs(10), || farm.jobs_in("failed").contains(&id).then_some(()));
+    wait_for("the failed job to reach failed/", Duration::from_secs(10), || {
+        farm.jobs_in("failed").contains(&id).then_some(())
+    });
     let _ = fs::remove_file(farm.output.join("too-big.error"));
     let r = hyperctl(&["--agent", &url, "--json", "jobs", "retry", &id]);
     r.expect_code(0);
@@ -86,7 +100,9 @@ fn a_removed_or_replaced_queue_stops_claims_until_it_returns() {
     // It returns: the agent recovers and converts the job.
     fs::rename(&aside, &farm.queue).unwrap();
     wait_for("SERVING again", Duration::from_secs(15), || (serving() == Some(true)).then_some(()));
-    wait_for("the waiting job", Duration::from_secs(60), || farm.records().into_iter().find(|r| r["job_id"] == id.as_str()));
+    wait_for("the waiting job", Duration::from_secs(60), || {
+        farm.records().into_iter().find(|r| r["job_id"] == id.as_str())
+    });
     assert_identical(&raw, &farm.output.join("waits.qcow2"));
 }
 
@@ -97,7 +113,9 @@ fn fd_count(pid: u32) -> usize {
 fn rss_mib(pid: u32) -> f64 {
     fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok()))
+        .and_then(|s| {
+            s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        })
         .unwrap_or(0.0)
         / 1024.0
 }
@@ -134,5 +152,8 @@ fn a_flood_of_jobs_respects_max_concurrent_memory_and_file_descriptors() {
     assert!(max_fds <= 256, "{max_fds} open file descriptors");
     assert!(max_rss <= 150.0, "{max_rss:.1} MiB resident");
     assert_eq!(farm.records().len(), n);
-    eprintln!("flood: {n} jobs in {:?}; at most {max_converting} converting, {max_fds} fds, {max_rss:.1} MiB RSS", start.elapsed());
+    eprintln!(
+        "flood: {n} jobs in {:?}; at most {max_converting} converting, {max_fds} fds, {max_rss:.1} MiB RSS",
+        start.elapsed()
+    );
 }

@@ -18,7 +18,11 @@ struct Hosts {
 
 fn ip(args: &[&str]) {
     let out = Command::new("ip").args(args).output().expect("ip runs");
-    assert!(out.status.success(), "ip {args:?}: {} (network namespaces need root)", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "ip {args:?}: {} (network namespaces need root)",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 impl Hosts {
@@ -67,24 +71,49 @@ fn a_cut_link_falls_back_to_polling_and_the_stream_returns_when_the_link_does() 
     fs::write(farm.output.join("netvm.error"), "an earlier failure\n").unwrap();
 
     let listen = format!("{}:50071", hosts.addr_b);
-    let mut agent_args: Vec<String> = vec!["netns".into(), "exec".into(), hosts.b.clone(), bin("hyper2kvm-agent").display().to_string()];
+    let mut agent_args: Vec<String> =
+        vec!["netns".into(), "exec".into(), hosts.b.clone(), bin("hyper2kvm-agent").display().to_string()];
     agent_args.extend(farm.agent_args());
-    agent_args.extend(["--listen".into(), listen.clone(), "--insecure-listen".into(), "--config".into(), cfg.display().to_string()]);
+    agent_args.extend([
+        "--listen".into(),
+        listen.clone(),
+        "--insecure-listen".into(),
+        "--config".into(),
+        cfg.display().to_string(),
+    ]);
     let mut agent = Proc::spawn(std::path::Path::new("/usr/sbin/ip"), &agent_args, farm.path(), &[]);
     agent.wait_log("ready", Duration::from_secs(30));
 
     let exporter_args: Vec<String> = [
-        "netns", "exec", &hosts.a, bin("hyperexport").to_str().unwrap(), "--vm", raw.to_str().unwrap(), "--name", "netvm",
-        "--pipeline", "--hyper2kvm-daemon", "--agent", &format!("http://{listen}"),
-        "--hyper2kvm-watch-dir", farm.queue.to_str().unwrap(), "--hyper2kvm-output-dir", farm.output.to_str().unwrap(),
-        "--hyper2kvm-poll-interval", "300ms", "--hyper2kvm-daemon-timeout", "5m",
+        "netns",
+        "exec",
+        &hosts.a,
+        bin("hyperexport").to_str().unwrap(),
+        "--vm",
+        raw.to_str().unwrap(),
+        "--name",
+        "netvm",
+        "--pipeline",
+        "--hyper2kvm-daemon",
+        "--agent",
+        &format!("http://{listen}"),
+        "--hyper2kvm-watch-dir",
+        farm.queue.to_str().unwrap(),
+        "--hyper2kvm-output-dir",
+        farm.output.to_str().unwrap(),
+        "--hyper2kvm-poll-interval",
+        "300ms",
+        "--hyper2kvm-daemon-timeout",
+        "5m",
     ]
     .iter()
     .map(|s| s.to_string())
     .collect();
     let mut exporter = Proc::spawn(std::path::Path::new("/usr/sbin/ip"), &exporter_args, farm.path(), &[]);
     exporter.wait_log("daemon mode with live progress", Duration::from_secs(60));
-    wait_for("the conversion to start", Duration::from_secs(60), || (lease_phase(&farm).as_deref() == Some("converting")).then_some(()));
+    wait_for("the conversion to start", Duration::from_secs(60), || {
+        (lease_phase(&farm).as_deref() == Some("converting")).then_some(())
+    });
 
     hosts.link(false);
     exporter.wait_log("falling back to polling", Duration::from_secs(30));

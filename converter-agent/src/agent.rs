@@ -113,12 +113,17 @@ pub async fn prepare(cfg: Config) -> anyhow::Result<Arc<Core>> {
             }
         },
     };
+    let zero_cache = Arc::new(match &cfg.cache_dir {
+        Some(d) => hyperfarm_shared::tree_hash::ZeroCache::open(d),
+        None => hyperfarm_shared::tree_hash::ZeroCache::memory(),
+    });
     let settings = WorkerSettings {
         qemu,
         convert: cfg.convert.clone(),
         allowed_source_dirs: allowed,
         engine: cfg.engine,
         hyper2kvm,
+        zero_cache,
     };
     let agent_name = format!("{}@{}", cfg.instance, fsx::hostname());
     Ok(Arc::new(Core {

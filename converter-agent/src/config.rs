@@ -115,6 +115,10 @@ pub struct Cli {
     /// Whether clients connecting over loopback may make control calls [default: true]
     #[arg(long, env = "HYPER2KVM_AGENT_CONTROL_FROM_LOOPBACK", value_name = "BOOL")]
     pub control_from_loopback: Option<bool>,
+    /// Where to keep the cache of all-zero BLAKE3 subtrees (fast verification of sparse disks)
+    /// [default: $CACHE_DIRECTORY (systemd), else ~/.cache/hyperfarm]
+    #[arg(long, env = "HYPER2KVM_AGENT_CACHE_DIR", value_name = "DIR")]
+    pub cache_dir: Option<PathBuf>,
     /// Log format on stderr
     #[arg(long, env = "HYPER2KVM_AGENT_LOG_FORMAT", value_parser = ["text", "json"], default_value = "text")]
     pub log_format: String,
@@ -165,6 +169,7 @@ pub struct FileConfig {
     pub hyper2kvm_path: Option<PathBuf>,
     #[serde(default, deserialize_with = "duration::de_opt")]
     pub hyper2kvm_timeout: Option<Duration>,
+    pub cache_dir: Option<PathBuf>,
     pub listen: Option<String>,
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
@@ -222,6 +227,7 @@ pub struct Config {
     pub hyper2kvm_path: PathBuf,
     #[serde(serialize_with = "ser_dur")]
     pub hyper2kvm_timeout: Duration,
+    pub cache_dir: Option<PathBuf>,
     pub grpc: GrpcConfig,
     pub log_format: String,
 }
@@ -292,6 +298,11 @@ pub fn load(cli: &Cli) -> anyhow::Result<Config> {
             .or(cli.job_timeout)
             .or(file.job_timeout)
             .unwrap_or(Duration::from_secs(24 * 3600)),
+        cache_dir: cli
+            .cache_dir
+            .clone()
+            .or(file.cache_dir)
+            .or_else(hyperfarm_shared::tree_hash::ZeroCache::default_dir),
         grpc: GrpcConfig {
             listen: parse_listen(cli.listen.as_deref().or(file.listen.as_deref()).unwrap_or(DEFAULT_LISTEN))?,
             tls_cert: cli.tls_cert.clone().or(file.tls_cert),

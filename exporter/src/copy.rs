@@ -17,6 +17,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc;
 
 use hyperfarm_shared::digest::{self, absorb_zeros};
+use hyperfarm_shared::tree_hash::{self, ZeroCache};
 
 use crate::source::ova::MemberHasher;
 use crate::source::{DiskData, Part};
@@ -115,7 +116,16 @@ enum ToHasher {
 }
 
 /// Copy `data` into the new file `dst` (which must not exist) and return its digest.
-pub fn copy_disk(data: &DiskData, dst: &Path, member: Option<MemberHasher>, ctl: &Control) -> io::Result<Copied> {
+pub fn copy_disk(
+    data: &DiskData,
+    dst: &Path,
+    member: Option<MemberHasher>,
+    ctl: &Control,
+    cache: &ZeroCache,
+) -> io::Result<Copied> {
+    if let (DiskData::File { path, len }, None) = (data, &member) {
+        return copy_file(path, *len, dst, ctl, cache);
+    }
     let (segs, total) = plan(data)?;
     let out = OpenOptions::new().write(true).create_new(true).mode(0o644).open(dst)?;
     out.set_len(total)?;
@@ -222,6 +232,75 @@ pub fn copy_disk(data: &DiskData, dst: &Path, member: Option<MemberHasher>, ctl:
     })
 }
 
+/// A whole file: copy its data extents while two other threads hash the source through its BLAKE3
+/// tree (zeros of holes taken from `cache` where known) and a third writes the copy back to disk
+/// as it grows. Holes are neither read nor written.
+fn copy_file(path: &Path, len: u64, dst: &Path, ctl: &Control, cache: &ZeroCache) -> io::Result<Copied> {
+    let src = File::open(path)?;
+    let actual = src.metadata()?.len();
+    if actual != len {
+        return Err(io::Error::other(format!(
+            "{} changed size ({len} → {actual} bytes) since it was inspected",
+            path.display()
+        )));
+    }
+    let out = OpenOptions::new().write(true).create_new(true).mode(0o644).open(dst)?;
+    out.set_len(len)?;
+    let extents = digest::data_extents(&src, len)?;
+    let stop = AtomicBool::new(false);
+    let flusher = hyperfarm_shared::fsx::Flusher::start(dst.to_path_buf());
+    let (digest, copied) = std::thread::scope(|s| {
+        let hasher = s.spawn(|| tree_hash::blake3_file(&src, len, cache, &stop, |_| {}));
+        let copied = (|| -> io::Result<bool> {
+            let mut kernel = true;
+            let mut buf = Vec::new();
+            let mut hole_end = 0u64;
+            for (start, elen) in &extents {
+                ctl.done.fetch_add(start - hole_end, Ordering::Relaxed);
+                let mut pos = *start;
+                let end = start + elen;
+                while pos < end {
+                    if ctl.cancel.load(Ordering::Relaxed) {
+                        return Err(io::Error::new(io::ErrorKind::Interrupted, "cancelled"));
+                    }
+                    let k = (end - pos).min(CHUNK as u64);
+                    if kernel {
+                        match kernel_copy(&src, pos, &out, pos, k) {
+                            Ok(()) => {
+                                pos += k;
+                                ctl.done.fetch_add(k, Ordering::Relaxed);
+                                continue;
+                            }
+                            Err(e) if is_unsupported(&e) => kernel = false,
+                            Err(e) => return Err(e),
+                        }
+                    }
+                    buf.resize(k as usize, 0);
+                    src.read_exact_at(&mut buf, pos)?;
+                    if !is_zero(&buf) {
+                        out.write_all_at(&buf, pos)?;
+                    }
+                    pos += k;
+                    ctl.done.fetch_add(k, Ordering::Relaxed);
+                }
+                hole_end = end;
+            }
+            ctl.done.fetch_add(len - hole_end, Ordering::Relaxed);
+            Ok(kernel)
+        })();
+        if copied.is_err() {
+            stop.store(true, Ordering::Relaxed);
+        }
+        let digest = hasher.join().map_err(|_| io::Error::other("the hashing thread panicked"));
+        (digest, copied)
+    });
+    drop(flusher);
+    let kernel_copy = copied?;
+    let blake3 = digest??;
+    out.sync_all()?;
+    Ok(Copied { bytes: len, blake3, member_hex: None, kernel_copy: kernel_copy && !extents.is_empty() })
+}
+
 fn hasher_gone() -> io::Error {
     io::Error::other("the hashing thread stopped early")
 }
@@ -276,7 +355,8 @@ mod tests {
         let src = sparse_file(d.path());
         let dst = d.path().join("dst.raw");
         let ctl = Control::default();
-        let c = copy_disk(&DiskData::File { path: src.clone(), len: 40 << 20 }, &dst, None, &ctl).expect("copy");
+        let c = copy_disk(&DiskData::File { path: src.clone(), len: 40 << 20 }, &dst, None, &ctl, &ZeroCache::memory())
+            .expect("copy");
         let (a, b) = (std::fs::read(&src).expect("read"), std::fs::read(&dst).expect("read"));
         assert!(a == b, "content differs");
         assert_eq!(c.blake3, *blake3::hash(&a).as_bytes());
@@ -297,6 +377,7 @@ mod tests {
             &dst,
             Some(member),
             &Control::default(),
+            &ZeroCache::memory(),
         )
         .expect("copy");
         let want = &all[1 << 20..11 << 20];
@@ -311,7 +392,14 @@ mod tests {
             Part { path: None, offset: 0, len: 1 << 20 },
             Part { path: Some(src.clone()), offset: 0, len: 40 << 20 },
         ];
-        let c = copy_disk(&DiskData::Concat { parts, len: 43 << 20 }, &dst2, None, &Control::default()).expect("copy");
+        let c = copy_disk(
+            &DiskData::Concat { parts, len: 43 << 20 },
+            &dst2,
+            None,
+            &Control::default(),
+            &ZeroCache::memory(),
+        )
+        .expect("copy");
         let mut expect = all[3 << 20..5 << 20].to_vec();
         expect.extend(vec![0u8; 1 << 20]);
         expect.extend(&all);
@@ -326,12 +414,25 @@ mod tests {
         let dst = d.path().join("dst");
         std::fs::write(&dst, b"x").expect("write");
         assert!(
-            copy_disk(&DiskData::File { path: src.clone(), len: 40 << 20 }, &dst, None, &Control::default()).is_err()
+            copy_disk(
+                &DiskData::File { path: src.clone(), len: 40 << 20 },
+                &dst,
+                None,
+                &Control::default(),
+                &ZeroCache::memory()
+            )
+            .is_err()
         );
         let ctl = Control::default();
         ctl.cancel.store(true, Ordering::Relaxed);
-        let e = copy_disk(&DiskData::File { path: src, len: 40 << 20 }, &d.path().join("dst2"), None, &ctl)
-            .expect_err("cancelled");
+        let e = copy_disk(
+            &DiskData::File { path: src, len: 40 << 20 },
+            &d.path().join("dst2"),
+            None,
+            &ctl,
+            &ZeroCache::memory(),
+        )
+        .expect_err("cancelled");
         assert_eq!(e.kind(), io::ErrorKind::Interrupted);
     }
 

@@ -7,13 +7,12 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use hyperfarm_shared::JobId;
-use hyperfarm_shared::digest::from_hex;
 use hyperfarm_shared::engine::hyper2kvm::Hyper2kvm;
 use hyperfarm_shared::engine::{ConvertOptions, EngineChoice, QemuImg};
 
 use hyperfarm_shared::format::DiskFormat;
 use hyperfarm_shared::fsx;
-use hyperfarm_shared::manifest::{Expected, Stages};
+use hyperfarm_shared::manifest::Stages;
 use hyperfarm_shared::progress::{Phase, Progress};
 use hyperfarm_shared::results::{OnExisting, OutputDir, Publication, ResultError, ResultRecord, ResultState};
 use hyperfarm_shared::worker::{self, LoadedJob, WorkerSettings};
@@ -72,15 +71,18 @@ pub async fn convert(
 
     let mut disks = Vec::new();
     for (i, d) in vm.disks.iter().enumerate() {
-        let (path, format, expected) = match &d.data {
-            DiskData::File { path, .. } => (path.clone(), d.format, None),
+        // Read in place where possible; disks inside an OVA or spread over VMDK extents are copied
+        // into the work area first. Nothing crossed a queue, so there is no digest to verify.
+        let (path, format) = match &d.data {
+            DiskData::File { path, .. } => (path.clone(), d.format),
             _ => {
                 let dst = staged.join(format!("{}.{}", d.id, d.format.extension()));
-                let c = copy_with_meter(d, &dst, None, &ctl, params.quiet).await?;
+                copy_with_meter(d, &dst, None, &ctl, params.quiet).await?;
                 let fmt = if matches!(d.data, DiskData::Concat { .. }) { DiskFormat::Raw } else { d.format };
-                (dst, fmt, from_hex(&hyperfarm_shared::digest::to_hex(&c.blake3)).map(Expected::Blake3))
+                (dst, fmt)
             }
         };
+        let expected = None;
         let file = fsx::open_regular(&path).map_err(|e| ExportError::BadInput(format!("{}: {e}", path.display())))?;
         let bytes = file.metadata().map(|m| m.len()).unwrap_or(0);
         disks.push(worker::SourceDisk { id: d.id.clone(), format, bytes, path, file, expected, boot: i == 0 });
@@ -108,6 +110,7 @@ pub async fn convert(
         allowed_source_dirs: vm.path.parent().map(|p| vec![p.to_path_buf()]).unwrap_or_default(),
         engine: params.engine,
         hyper2kvm,
+        zero_cache: crate::submit::zero_cache(),
     };
     tracing::info!(engine = %settings.default_engine(), "converting on this host");
     let (tx, mut rx) = watch::channel(Progress::phase(Phase::Verifying, 0));

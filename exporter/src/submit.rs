@@ -107,6 +107,13 @@ pub async fn submit(
     Ok(Submitted { id, job_dir, vm_name: vm.name.clone(), bytes: total })
 }
 
+/// This process's cache of all-zero BLAKE3 subtrees (see `hyperfarm_shared::tree_hash`).
+pub fn zero_cache() -> std::sync::Arc<hyperfarm_shared::tree_hash::ZeroCache> {
+    static CACHE: std::sync::OnceLock<std::sync::Arc<hyperfarm_shared::tree_hash::ZeroCache>> =
+        std::sync::OnceLock::new();
+    CACHE.get_or_init(|| std::sync::Arc::new(hyperfarm_shared::tree_hash::ZeroCache::open_default())).clone()
+}
+
 /// Copy one disk on a blocking thread, showing progress.
 pub async fn copy_with_meter(
     d: &crate::source::SourceDisk,
@@ -118,7 +125,8 @@ pub async fn copy_with_meter(
     ctl.done.store(0, Ordering::Relaxed);
     let mut meter = Meter::new(format!("copying {}", d.id), d.data.len(), quiet);
     let (data, dst2, ctl2) = (d.data.clone(), dst.to_path_buf(), ctl.clone());
-    let mut task = tokio::task::spawn_blocking(move || copy::copy_disk(&data, &dst2, member, &ctl2));
+    let cache = zero_cache();
+    let mut task = tokio::task::spawn_blocking(move || copy::copy_disk(&data, &dst2, member, &ctl2, &cache));
     let copied = loop {
         tokio::select! {
             r = &mut task => break r,

@@ -127,13 +127,24 @@ pub fn hash_file(file: &File, h: &mut impl Absorb, mut progress: impl FnMut(u64)
 }
 
 /// Compute the digest of `file` in the algorithm of `expected` and compare.
-/// Returns the actual digest in hex on mismatch.
-pub fn verify(file: &File, expected: &Expected, progress: impl FnMut(u64) -> bool) -> io::Result<Result<(), String>> {
+/// Returns the actual digest in hex on mismatch. blake3 goes through the file's tree on two
+/// threads, reading only its data and taking all-zero subtrees from `cache`
+/// ([`crate::tree_hash`]); `progress` returning `false` stops the work.
+pub fn verify(
+    file: &File,
+    expected: &Expected,
+    cache: &crate::tree_hash::ZeroCache,
+    mut progress: impl FnMut(u64) -> bool,
+) -> io::Result<Result<(), String>> {
     let actual = match expected {
         Expected::Blake3(_) => {
-            let mut h = blake3::Hasher::new();
-            hash_file(file, &mut h, progress)?;
-            *h.finalize().as_bytes()
+            let len = file.metadata()?.len();
+            let stop = std::sync::atomic::AtomicBool::new(false);
+            crate::tree_hash::blake3_file(file, len, cache, &stop, |done| {
+                if !progress(done) {
+                    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+                }
+            })?
         }
         Expected::Sha256(_) => {
             let mut h = sha2::Sha256::new();
@@ -183,13 +194,14 @@ mod tests {
         let plain = blake3::hash(&std::fs::read(&p).expect("read"));
         assert_eq!(h.finalize(), plain);
 
-        let ok = verify(&f, &Expected::Blake3(*plain.as_bytes()), |_| true).expect("verify");
+        let cache = crate::tree_hash::ZeroCache::memory();
+        let ok = verify(&f, &Expected::Blake3(*plain.as_bytes()), &cache, |_| true).expect("verify");
         assert!(ok.is_ok());
-        let bad = verify(&f, &Expected::Blake3([0; 32]), |_| true).expect("verify");
+        let bad = verify(&f, &Expected::Blake3([0; 32]), &cache, |_| true).expect("verify");
         assert_eq!(bad, Err(plain.to_hex().to_string()));
         let sha = sha2::Sha256::digest(std::fs::read(&p).expect("read"));
         let mut want = [0u8; 32];
         want.copy_from_slice(&sha);
-        assert!(verify(&f, &Expected::Sha256(want), |_| true).expect("verify").is_ok());
+        assert!(verify(&f, &Expected::Sha256(want), &cache, |_| true).expect("verify").is_ok());
     }
 }

@@ -26,6 +26,7 @@ pub mod progress;
 pub mod queue;
 pub mod results;
 pub mod timefmt;
+pub mod tree_hash;
 pub mod vmdk;
 pub mod worker;
 

@@ -7,7 +7,6 @@ use std::io::{self, Read};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -34,6 +33,8 @@ pub struct WorkerSettings {
     pub engine: EngineChoice,
     /// A usable hyper2kvm, or why there is none.
     pub hyper2kvm: Result<Hyper2kvm, String>,
+    /// Chaining values of all-zero subtrees, for verifying sparse disks quickly.
+    pub zero_cache: Arc<crate::tree_hash::ZeroCache>,
 }
 
 /// One disk of a loaded job, open for reading.
@@ -293,16 +294,33 @@ pub async fn convert_job(
 ) -> Result<Converted, JobFailure> {
     let vm = Some(job.vm_name.as_str());
     let engine = choose_engine(settings, job)?;
-    let infos = verify_and_inspect(settings, job, progress, cancel).await?;
-    crate::failpoint::hit("agent.verified");
+    send(progress, Progress::phase(Phase::Verifying, job.total_bytes()));
+    let infos = inspect_all(settings, job, cancel).await?;
     let total_virtual: u64 = infos.iter().map(|i| i.virtual_size).sum::<u64>().max(1);
-    let outputs = match engine {
-        EngineKind::QemuImg => convert_qemu_img(settings, job, &infos, work_dir, progress, cancel).await?,
-        EngineKind::Hyper2kvm => {
-            let h = settings.hyper2kvm.as_ref().map_err(|why| JobFailure::new(vm, why.clone()))?;
-            convert_hyper2kvm(h, job, work_dir, progress, cancel).await?
+    // Verification and conversion run together (reading the source once from the disk, the
+    // second time from the page cache); a failed verification stops the conversion, and its
+    // output is never published.
+    let convert_cancel = cancel.child_token();
+    let verify = async {
+        let r = verify_all(settings, job, cancel).await;
+        if r.is_err() {
+            convert_cancel.cancel();
+        }
+        r
+    };
+    let convert = async {
+        match engine {
+            EngineKind::QemuImg => convert_qemu_img(settings, job, &infos, work_dir, progress, &convert_cancel).await,
+            EngineKind::Hyper2kvm => match settings.hyper2kvm.as_ref() {
+                Ok(h) => convert_hyper2kvm(h, job, work_dir, progress, &convert_cancel).await,
+                Err(why) => Err(JobFailure::new(vm, why.clone())),
+            },
         }
     };
+    let (verified, converted) = tokio::join!(verify, convert);
+    verified?;
+    crate::failpoint::hit("agent.verified");
+    let outputs = converted?;
 
     crate::failpoint::hit("agent.converted");
     // Check every output, whatever produced it.
@@ -371,6 +389,7 @@ async fn convert_qemu_img(
         let mut last = Progress::phase(Phase::Converting, total_virtual);
         last.disk = Some(disk.id.clone());
         send(progress, last.clone());
+        let _flusher = crate::fsx::Flusher::start(dst.clone());
         let res = settings
             .qemu
             .convert(&src, disk.format, &dst, &settings.convert, cancel, |pct| {
@@ -463,69 +482,14 @@ async fn convert_hyper2kvm(
     outcome
 }
 
-/// Verify every digest, then inspect every image. Returns each disk's image info, in order.
-pub async fn verify_and_inspect(
+/// Inspect every image (its own headers, then `qemu-img info` and `check`). Returns each disk's
+/// image info, in order.
+pub async fn inspect_all(
     settings: &WorkerSettings,
     job: &LoadedJob,
-    progress: &ProgressTx,
     cancel: &CancellationToken,
 ) -> Result<Vec<ImageInfo>, JobFailure> {
     let vm = Some(job.vm_name.as_str());
-    let total = job.total_bytes().max(1);
-    let done = Arc::new(AtomicU64::new(0));
-    for disk in &job.disks {
-        let Some(expected) = disk.expected else {
-            done.fetch_add(disk.bytes, Ordering::Relaxed);
-            continue;
-        };
-        let file = disk.file.try_clone().map_err(|e| JobFailure::new(vm, format!("disk {}: {e}", disk.id)))?;
-        let (tx, cancel2, done2, id) = (progress.clone(), cancel.clone(), done.clone(), disk.id.clone());
-        let base = done.load(Ordering::Relaxed);
-        let verdict = tokio::task::spawn_blocking(move || {
-            let mut last_sent = 0u64;
-            digest::verify(&file, &expected, |pos| {
-                if pos - last_sent >= 64 << 20 || pos == 0 {
-                    last_sent = pos;
-                    done2.store(base + pos, Ordering::Relaxed);
-                    tx.send_replace(Progress {
-                        phase: Phase::Verifying,
-                        percent: (base + pos) as f64 * 100.0 / total as f64,
-                        bytes_done: base + pos,
-                        bytes_total: total,
-                        disk: Some(id.clone()),
-                        ..Default::default()
-                    });
-                }
-                !cancel2.is_cancelled()
-            })
-        })
-        .await
-        .map_err(|e| JobFailure::new(vm, format!("disk {}: verification crashed: {e}", disk.id)))?;
-        match verdict {
-            Ok(Ok(())) => {}
-            Ok(Err(actual)) => {
-                return Err(JobFailure::new(
-                    vm,
-                    format!(
-                        "disk {}: {} digest mismatch: the disk in the queue is corrupt or was changed after export\n\
-                     file: {}\nexpected: {}\nactual:   {}\nwhat to do: export the VM again",
-                        disk.id,
-                        expected.algorithm(),
-                        disk.path.display(),
-                        expected.hex(),
-                        actual
-                    ),
-                ));
-            }
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {
-                return Err(JobFailure::cancelled(vm, "stopped while verifying"));
-            }
-            Err(e) => {
-                return Err(JobFailure::new(vm, format!("disk {}: cannot read {}: {e}", disk.id, disk.path.display())));
-            }
-        }
-        done.store(base + disk.bytes, Ordering::Relaxed);
-    }
     let mut infos = Vec::new();
     for disk in &job.disks {
         if cancel.is_cancelled() {
@@ -550,6 +514,49 @@ pub async fn verify_and_inspect(
         infos.push(info);
     }
     Ok(infos)
+}
+
+/// Verify every disk's digest (blake3 through the tree on two threads, sha256 for seed-style
+/// manifests). The conversion runs at the same time; a mismatch discards its output.
+pub async fn verify_all(
+    settings: &WorkerSettings,
+    job: &LoadedJob,
+    cancel: &CancellationToken,
+) -> Result<(), JobFailure> {
+    let vm = Some(job.vm_name.as_str());
+    for disk in &job.disks {
+        let Some(expected) = disk.expected else { continue };
+        let file = disk.file.try_clone().map_err(|e| JobFailure::new(vm, format!("disk {}: {e}", disk.id)))?;
+        let (cancel2, cache) = (cancel.clone(), settings.zero_cache.clone());
+        let verdict =
+            tokio::task::spawn_blocking(move || digest::verify(&file, &expected, &cache, |_| !cancel2.is_cancelled()))
+                .await
+                .map_err(|e| JobFailure::new(vm, format!("disk {}: verification crashed: {e}", disk.id)))?;
+        match verdict {
+            Ok(Ok(())) => {}
+            Ok(Err(actual)) => {
+                return Err(JobFailure::new(
+                    vm,
+                    format!(
+                        "disk {}: {} digest mismatch: the disk in the queue is corrupt or was changed after export\n\
+                         file: {}\nexpected: {}\nactual:   {}\nwhat to do: export the VM again",
+                        disk.id,
+                        expected.algorithm(),
+                        disk.path.display(),
+                        expected.hex(),
+                        actual
+                    ),
+                ));
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {
+                return Err(JobFailure::cancelled(vm, "stopped while verifying"));
+            }
+            Err(e) => {
+                return Err(JobFailure::new(vm, format!("disk {}: cannot read {}: {e}", disk.id, disk.path.display())));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The path qemu-img opens for a source disk: our own open descriptor via /proc (so the file we

@@ -274,7 +274,8 @@ mod tests {
         let stop = AtomicBool::new(false);
         let cache = ZeroCache::memory();
         let noise: Vec<u8> = (0..3_000_000u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
-        let shapes: Vec<(u64, Vec<(u64, &[u8])>)> = vec![
+        type Regions<'a> = Vec<(u64, &'a [u8])>;
+        let shapes: Vec<(u64, Regions)> = vec![
             (0, vec![]),
             (1, vec![(0, &noise[..1])]),
             (1024, vec![(0, &noise[..1024])]),

@@ -1,6 +1,7 @@
 //! The same conversion through bare `qemu-img convert`, the agent's qemu-img engine, bare
 //! `hyper2kvm --manifest` and the agent's hyper2kvm engine.
 
+use std::cell::RefCell;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -57,33 +58,52 @@ pub fn stage(queue: &Queue, disk: &Path, blake3: &str, vm: &str) -> (JobId, Stag
     (id, st, m)
 }
 
-/// Time from publication to the result record, through a running agent.
-fn agent_runs(ctx: &Ctx, dir: &Path, disk: &Path, b3: &str, engine_args: &[&str]) -> Duration {
-    let queue_dir = dir.join("queue");
-    let out_dir = dir.join("output");
-    for d in [&queue_dir, &out_dir] {
-        let _ = std::fs::remove_dir_all(d);
-        std::fs::create_dir_all(d).expect("mkdir");
-    }
-    let queue = Queue::new(&queue_dir);
-    queue.init().expect("init");
-    let out = OutputDir::new(&out_dir);
-    let _agent = Agent::start(ctx, &queue_dir, &out_dir, engine_args);
-    let mut times = Vec::new();
-    for i in 0..ctx.runs {
-        let (id, st, m) = stage(&queue, disk, b3, &format!("bench-{i}"));
-        util::sync_all();
-        let t = Instant::now();
+/// A running agent with its own queue, and a way to time one job through it.
+struct Farm {
+    queue: Queue,
+    out: OutputDir,
+    out_dir: PathBuf,
+    _agent: Agent,
+    n: usize,
+}
 
-        st.publish(&m).expect("publish");
-        let done = util::until(Duration::from_secs(600), Duration::from_millis(2), || out.record_path(&id).exists());
-        assert!(done, "no result for job {id}");
-        times.push(t.elapsed());
-        let rec = out.read_record(&id).expect("record").expect("some");
-        assert_eq!(rec.state, hyperfarm_shared::results::ResultState::Done, "{:?}", rec.error);
-        let _ = std::fs::remove_file(out_dir.join(format!("bench-{i}.qcow2")));
+impl Farm {
+    fn start(ctx: &Ctx, dir: &Path, engine_args: &[&str]) -> Farm {
+        let queue_dir = dir.join("queue");
+        let out_dir = dir.join("output");
+        for d in [&queue_dir, &out_dir] {
+            let _ = std::fs::remove_dir_all(d);
+            std::fs::create_dir_all(d).expect("mkdir");
+        }
+        let queue = Queue::new(&queue_dir);
+        queue.init().expect("init");
+        let agent = Agent::start(ctx, &queue_dir, &out_dir, engine_args);
+        Farm { queue, out: OutputDir::new(&out_dir), out_dir, _agent: agent, n: 0 }
     }
-    util::median(&mut times)
+
+    /// Publish a staged job and wait for its record: the time from publication to result.
+    fn run(&mut self, staged: (JobId, Staging, Manifest)) -> Duration {
+        let (id, st, m) = staged;
+        let t = Instant::now();
+        st.publish(&m).expect("publish");
+        let done =
+            util::until(Duration::from_secs(600), Duration::from_millis(2), || self.out.record_path(&id).exists());
+        let took = t.elapsed();
+        assert!(done, "no result for job {id}");
+        let rec = self.out.read_record(&id).expect("record").expect("some");
+        assert_eq!(rec.state, hyperfarm_shared::results::ResultState::Done, "{:?}", rec.error);
+        // Untimed: let the agent finish the job (move it to done/, remove its disk copies) so that
+        // its clean-up does not land in the next measurement.
+        let done_dir = self.queue.job_dir(hyperfarm_shared::queue::State::Done, &id);
+        util::until(Duration::from_secs(60), Duration::from_millis(5), || {
+            done_dir.is_dir() && !done_dir.join("disks").exists()
+        });
+        for f in rec.files {
+            let _ = std::fs::remove_file(self.out_dir.join(f.name));
+        }
+        self.n += 1;
+        took
+    }
 }
 
 fn h2k_manifest(dir: &Path, disk: &Path, bytes: u64) -> PathBuf {
@@ -117,14 +137,71 @@ pub fn run(ctx: &Ctx, report: &mut Report) {
     let rm = || {
         let _ = std::fs::remove_file(&out);
     };
-    let bare = util::time(ctx.runs, rm, || {
-        util::run(Command::new("qemu-img").args(["convert", "-f", "raw", "-O", "qcow2"]).arg(&disk).arg(&out));
-    });
-    let bare_sync = util::time(ctx.runs, rm, || {
-        util::run(Command::new("qemu-img").args(["convert", "-f", "raw", "-O", "qcow2"]).arg(&disk).arg(&out));
+    let convert =
+        || util::run(Command::new("qemu-img").args(["convert", "-f", "raw", "-O", "qcow2"]).arg(&disk).arg(&out));
+    let farm_q = RefCell::new(Farm::start(ctx, &d.join("q"), &["--engine", "qemu-img"]));
+    let farm_b = RefCell::new(Farm::start(ctx, &d.join("b"), &["--engine", "qemu-img", "--verify", "before"]));
+    let h2k = ctx.hyper2kvm.clone();
+    let h2k_path = h2k.as_ref().map(|p| p.display().to_string()).unwrap_or_default();
+    let farm_h = RefCell::new(
+        h2k.as_ref().map(|_| Farm::start(ctx, &d.join("h"), &["--engine", "hyper2kvm", "--hyper2kvm-path", &h2k_path])),
+    );
+    let bytes = std::fs::metadata(&disk).expect("disk").len();
+    let manifest = h2k_manifest(&d, &disk, bytes);
+    // The staging copy of each agent job is made (untimed) in the setup of its case.
+    let staged_q = RefCell::new(None);
+    let staged_h = RefCell::new(None);
+    let staged_b = RefCell::new(None);
+    let mut setup_b = || {
+        let f = farm_b.borrow();
+        *staged_b.borrow_mut() = Some(stage(&f.queue, &disk, &b3, &format!("bench-b{}", f.n)));
+    };
+    let (mut rm1, mut rm2, mut rm3) = (rm, rm, rm);
+    let mut setup_q = || {
+        let f = farm_q.borrow();
+        *staged_q.borrow_mut() = Some(stage(&f.queue, &disk, &b3, &format!("bench-q{}", f.n)));
+    };
+    let mut setup_h = || {
+        if let Some(f) = farm_h.borrow().as_ref() {
+            *staged_h.borrow_mut() = Some(stage(&f.queue, &disk, &b3, &format!("bench-h{}", f.n)));
+        }
+    };
+    let (mut t_q, mut t_h, mut t_b) = (Vec::new(), Vec::new(), Vec::new());
+    let mut run_bare = || convert();
+    let mut run_bare_sync = || {
+        convert();
         util::run(Command::new("sync").arg(&out));
-    });
-    let agent_q = agent_runs(ctx, &d, &disk, &b3, &["--engine", "qemu-img"]);
+    };
+    let mut run_bare_h2k = || {
+        if let Some(h) = &h2k {
+            let _ = std::fs::remove_dir_all(d.join("h2k-out"));
+            util::run(Command::new(h).arg("--manifest").arg(&manifest).current_dir(&d));
+        }
+    };
+    let mut run_q = || t_q.push(farm_q.borrow_mut().run(staged_q.borrow_mut().take().expect("staged")));
+    let mut run_b = || t_b.push(farm_b.borrow_mut().run(staged_b.borrow_mut().take().expect("staged")));
+    let mut run_h = || {
+        if let (Some(f), Some(s)) = (farm_h.borrow_mut().as_mut(), staged_h.borrow_mut().take()) {
+            t_h.push(f.run(s));
+        }
+    };
+    let mut nothing = || {};
+    let mut nothing2 = || {};
+    let t = util::interleave(
+        ctx.runs,
+        &mut [
+            (&mut rm1, &mut run_bare),
+            (&mut rm2, &mut run_bare_sync),
+            (&mut setup_q, &mut run_q),
+            (&mut setup_b, &mut run_b),
+            (&mut rm3, &mut run_bare_h2k),
+            (&mut setup_h, &mut run_h),
+            (&mut nothing, &mut nothing2),
+        ],
+    );
+    let (bare, bare_sync, bare_h2k) = (t[0], t[1], t[4]);
+    let agent_q = util::median(&mut t_q);
+    let agent_b = util::median(&mut t_b);
     let r = agent_q.as_secs_f64() / bare.as_secs_f64();
     report.add(
         "agent (qemu-img)",
@@ -142,45 +219,34 @@ pub fn run(ctx: &Ctx, report: &mut Report) {
         "(durable baseline)",
         None,
     );
-    match &ctx.hyper2kvm {
-        Some(h2k) => {
-            let bytes = std::fs::metadata(&disk).expect("disk").len();
-            let manifest = h2k_manifest(&d, &disk, bytes);
-            let bare_h2k = util::time(
-                ctx.runs,
-                || {
-                    let _ = std::fs::remove_dir_all(d.join("h2k-out"));
-                },
-                || util::run(Command::new(h2k).arg("--manifest").arg(&manifest).current_dir(&d)),
-            );
-            let h2k_path = h2k.display().to_string();
-            let agent_h = agent_runs(ctx, &d, &disk, &b3, &["--engine", "hyper2kvm", "--hyper2kvm-path", &h2k_path]);
-            report.add(
-                "hyper2kvm one-shot",
-                util::secs(bare_h2k),
-                format!("qemu-img convert {}", util::secs(bare)),
-                Some(bare_h2k.as_secs_f64() / bare.as_secs_f64()),
-                "(info)",
-                None,
-            );
-            report.add(
-                "agent (hyper2kvm)",
-                util::secs(agent_h),
-                format!("hyper2kvm one-shot {}", util::secs(bare_h2k)),
-                Some(agent_h.as_secs_f64() / bare_h2k.as_secs_f64()),
-                "(info)",
-                None,
-            );
-            report.add(
-                "agent (hyper2kvm)",
-                util::secs(agent_h),
-                format!("qemu-img convert {}", util::secs(bare)),
-                Some(agent_h.as_secs_f64() / bare.as_secs_f64()),
-                "(info)",
-                None,
-            );
-        }
-        None => println!("  (hyper2kvm not found: run scripts/setup-python or pass --hyper2kvm; its rows are skipped)"),
+    report.add(
+        "agent (qemu-img, verify before)",
+        util::secs(agent_b),
+        format!("verify alongside {}", util::secs(agent_q)),
+        Some(agent_b.as_secs_f64() / agent_q.as_secs_f64()),
+        "alongside <= before",
+        Some(agent_q <= agent_b),
+    );
+    if h2k.is_some() {
+        let agent_h = util::median(&mut t_h);
+        report.add(
+            "hyper2kvm one-shot",
+            util::secs(bare_h2k),
+            format!("qemu-img convert {}", util::secs(bare)),
+            Some(bare_h2k.as_secs_f64() / bare.as_secs_f64()),
+            "(info)",
+            None,
+        );
+        report.add(
+            "agent (hyper2kvm)",
+            util::secs(agent_h),
+            format!("hyper2kvm one-shot {}", util::secs(bare_h2k)),
+            Some(agent_h.as_secs_f64() / bare_h2k.as_secs_f64()),
+            "(info)",
+            None,
+        );
+    } else {
+        println!("  (hyper2kvm not found: run scripts/setup-python or pass --hyper2kvm; its rows are skipped)");
     }
     let _ = std::fs::remove_dir_all(&d);
 }

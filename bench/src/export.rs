@@ -6,8 +6,9 @@ use std::process::Command;
 
 use crate::util::{self, Ctx, Report};
 
-fn export(ctx: &Ctx, vm: &Path, queue: &Path) -> String {
+fn export(ctx: &Ctx, vm: &Path, queue: &Path, cache: &Path) -> String {
     let out = Command::new(ctx.bin("hyperexport"))
+        .env("HYPERFARM_CACHE_DIR", cache)
         .args(["--quiet", "--json", "--vm"])
         .arg(vm)
         .arg("--output")
@@ -54,23 +55,58 @@ pub fn run(ctx: &Ctx, report: &mut Report) {
         std::fs::create_dir_all(&queue).expect("queue");
     };
 
-    let cp = util::time(ctx.runs, rm, || util::run(Command::new("cp").arg(&dense).arg(&copy)));
-    let cp_sync = util::time(ctx.runs, rm, || {
-        util::run(Command::new("cp").arg(&dense).arg(&copy));
-        util::run(Command::new("sync").arg(&copy));
-    });
     let have_b3sum = Command::new("b3sum").arg("--version").output().is_ok_and(|o| o.status.success());
-    let cp_b3 = have_b3sum.then(|| {
-        util::time(ctx.runs, rm, || {
-            util::run(Command::new("cp").arg(&dense).arg(&copy));
-            util::run(Command::new("b3sum").arg(&copy));
-        })
-    });
+    let warm_cache = d.join("cache-warm");
     let mut id = String::new();
-    let ours = util::time(ctx.runs, clear_queue, || id = export(ctx, &dense, &queue));
-    let dense_digest = blake3_of_job(&queue, &id);
-    let sparse_time = util::time(ctx.runs, clear_queue, || id = export(ctx, &sparse, &queue));
-    let sparse_digest = blake3_of_job(&queue, &id);
+    let mut dense_digest = String::new();
+    let (mut rm1, mut rm2, mut rm3, mut clear) = (rm, rm, rm, clear_queue);
+    let (mut cp_run, mut cp_sync_run, mut cp_b3_run) = (
+        || util::run(Command::new("cp").arg(&dense).arg(&copy)),
+        || {
+            util::run(Command::new("cp").arg(&dense).arg(&copy));
+            util::run(Command::new("sync").arg(&copy));
+        },
+        || {
+            util::run(Command::new("cp").arg(&dense).arg(&copy));
+            if have_b3sum {
+                util::run(Command::new("b3sum").arg(&copy));
+            }
+        },
+    );
+    let mut ours_run = || {
+        id = export(ctx, &dense, &queue, &warm_cache);
+        dense_digest = blake3_of_job(&queue, &id);
+    };
+    let t = util::interleave(
+        ctx.runs,
+        &mut [
+            (&mut rm1, &mut cp_run),
+            (&mut rm2, &mut cp_sync_run),
+            (&mut rm3, &mut cp_b3_run),
+            (&mut clear, &mut ours_run),
+        ],
+    );
+    let (cp, cp_sync, cp_b3, ours) = (t[0], t[1], t[2], t[3]);
+    let cp_b3 = have_b3sum.then_some(cp_b3);
+    // Sparse: with a cold cache of zero subtrees (a fresh one each run), and warm (the same one,
+    // filled by a first untimed run: a farm exporting VMs of the same layout).
+    let mut sparse_digest = String::new();
+    let cold_dirs: Vec<_> = (0..ctx.runs).map(|i| d.join(format!("cache-cold-{i}"))).collect();
+    let mut cold_i = 0;
+    let mut clear2 = clear_queue;
+    let mut cold_run = || {
+        export(ctx, &sparse, &queue, &cold_dirs[cold_i % cold_dirs.len()]);
+        cold_i += 1;
+    };
+    clear_queue();
+    export(ctx, &sparse, &queue, &warm_cache);
+    let mut clear3 = clear_queue;
+    let mut warm_run = || {
+        id = export(ctx, &sparse, &queue, &warm_cache);
+        sparse_digest = blake3_of_job(&queue, &id);
+    };
+    let t = util::interleave(ctx.runs, &mut [(&mut clear2, &mut cold_run), (&mut clear3, &mut warm_run)]);
+    let (sparse_cold, sparse_time) = (t[0], t[1]);
     if have_b3sum {
         for (file, ours) in [(&dense, &dense_digest), (&sparse, &sparse_digest)] {
             let b3 = util::run_out("b3sum", &[file.to_str().expect("utf8")]);
@@ -78,6 +114,10 @@ pub fn run(ctx: &Ctx, report: &mut Report) {
             assert_eq!(theirs, ours, "hyperexport's digest of {} differs from b3sum's", file.display());
         }
         println!("  digests: identical to b3sum for the dense and the sparse disk");
+    } else {
+        println!(
+            "  (b3sum is not installed: the cp + b3sum baseline and the digest cross-check are skipped; apt-get install b3sum)"
+        );
     }
     let r = ours.as_secs_f64() / cp.as_secs_f64();
     report.add(
@@ -96,20 +136,27 @@ pub fn run(ctx: &Ctx, report: &mut Report) {
         "(durable baseline)",
         None,
     );
-    match cp_b3 {
-        Some(t) => report.add(
+    if let Some(t) = cp_b3 {
+        report.add(
             "export dense",
             util::secs(ours),
             format!("cp+b3sum {}", util::secs(t)),
             Some(ours.as_secs_f64() / t.as_secs_f64()),
             "(info)",
             None,
-        ),
-        None => println!("  (b3sum is not installed: the cp + b3sum baseline is skipped; apt-get install b3sum)"),
+        );
     }
+    report.add(
+        "export sparse, cold cache",
+        util::secs(sparse_cold),
+        format!("dense export {}", util::secs(ours)),
+        Some(sparse_cold.as_secs_f64() / ours.as_secs_f64()),
+        "(info: first layout)",
+        None,
+    );
     let rs = sparse_time.as_secs_f64() / ours.as_secs_f64();
     report.add(
-        "export sparse",
+        "export sparse, warm cache",
         util::secs(sparse_time),
         format!("dense export {}", util::secs(ours)),
         Some(rs),

@@ -27,7 +27,7 @@ struct Cli {
     #[arg(long)]
     quick: bool,
     /// Repetitions of each timed run (median reported)
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 5)]
     runs: usize,
     /// The hyper2kvm program for the engine comparison [default: target/hyper2kvm-venv/bin/hyper2kvm if present]
     #[arg(long)]

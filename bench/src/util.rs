@@ -293,3 +293,23 @@ impl Drop for Agent {
 pub fn sync_all() {
     let _ = Command::new("sync").status();
 }
+
+/// An untimed set-up step and the timed run that follows it.
+pub type Case<'a> = (&'a mut dyn FnMut(), &'a mut dyn FnMut());
+
+/// Run every `(setup, run)` pair once per round, `rounds` times, interleaved so that slow drift
+/// of the machine (write-back, other load) touches all of them alike; a `sync` precedes every
+/// timed run. Returns the median of each, in order.
+pub fn interleave(rounds: usize, cases: &mut [Case<'_>]) -> Vec<Duration> {
+    let mut times: Vec<Vec<Duration>> = vec![Vec::new(); cases.len()];
+    for _ in 0..rounds {
+        for (i, (setup, run)) in cases.iter_mut().enumerate() {
+            setup();
+            sync_all();
+            let t = Instant::now();
+            run();
+            times[i].push(t.elapsed());
+        }
+    }
+    times.iter_mut().map(|v| median(v)).collect()
+}

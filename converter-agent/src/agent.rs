@@ -124,6 +124,7 @@ pub async fn prepare(cfg: Config) -> anyhow::Result<Arc<Core>> {
         engine: cfg.engine,
         hyper2kvm,
         zero_cache,
+        verify: cfg.verify,
     };
     let agent_name = format!("{}@{}", cfg.instance, fsx::hostname());
     Ok(Arc::new(Core {

@@ -13,6 +13,7 @@ use hyperfarm_shared::engine::{ConvertOptions, EngineChoice};
 
 use hyperfarm_shared::instance;
 use hyperfarm_shared::results::OnExisting;
+use hyperfarm_shared::worker::VerifyMode;
 
 /// hyper2kvm-agent: claims VM conversion jobs from a queue on shared storage, verifies their
 /// digests, converts their disks to qcow2 and publishes `<output>/<vm>.qcow2` or `<vm>.error`.
@@ -55,6 +56,9 @@ pub struct Cli {
     /// When <vm>.qcow2 already exists from an earlier job: fail the new job, or archive the old file [default: fail]
     #[arg(long, env = "HYPER2KVM_AGENT_ON_EXISTING", value_parser = parse_on_existing, value_name = "fail|archive")]
     pub on_existing: Option<OnExisting>,
+    /// When digests are checked: alongside the conversion, or before it starts [default: alongside]
+    #[arg(long, env = "HYPER2KVM_AGENT_VERIFY", value_parser = parse_verify, value_name = "alongside|before")]
+    pub verify: Option<VerifyMode>,
     /// The qemu-img program [default: qemu-img from PATH]
     #[arg(long, env = "HYPER2KVM_AGENT_QEMU_IMG", value_name = "PATH")]
     pub qemu_img: Option<PathBuf>,
@@ -131,6 +135,10 @@ fn parse_engine(s: &str) -> Result<EngineChoice, String> {
     EngineChoice::parse(s).ok_or_else(|| format!("{s:?} is not auto, qemu-img or hyper2kvm"))
 }
 
+fn parse_verify(s: &str) -> Result<VerifyMode, String> {
+    VerifyMode::parse(s).ok_or_else(|| format!("{s:?} is not alongside or before"))
+}
+
 fn parse_on_existing(s: &str) -> Result<OnExisting, String> {
     match s {
         "fail" => Ok(OnExisting::Fail),
@@ -155,6 +163,7 @@ pub struct FileConfig {
     pub settle_time: Option<Duration>,
     pub allowed_source_dirs: Option<Vec<PathBuf>>,
     pub on_existing: Option<OnExisting>,
+    pub verify: Option<VerifyMode>,
     pub qemu_img: Option<PathBuf>,
     #[serde(default, deserialize_with = "duration::de_opt")]
     pub shutdown_grace: Option<Duration>,
@@ -213,6 +222,7 @@ pub struct Config {
     pub settle_time: Duration,
     pub allowed_source_dirs: Vec<PathBuf>,
     pub on_existing: OnExisting,
+    pub verify: VerifyMode,
     pub qemu_img: PathBuf,
     #[serde(serialize_with = "ser_dur")]
     pub shutdown_grace: Duration,
@@ -279,6 +289,7 @@ pub fn load(cli: &Cli) -> anyhow::Result<Config> {
         settle_time: cli.settle_time.or(file.settle_time).unwrap_or(Duration::from_secs(5)),
         allowed_source_dirs,
         on_existing: cli.on_existing.or(file.on_existing).unwrap_or_default(),
+        verify: cli.verify.or(file.verify).unwrap_or_default(),
         qemu_img: cli.qemu_img.clone().or(file.qemu_img).unwrap_or_else(|| PathBuf::from("qemu-img")),
         shutdown_grace: cli.shutdown_grace.or(file.shutdown_grace).unwrap_or(Duration::from_secs(30)),
         max_attempts: cli.max_attempts.or(file.max_attempts).unwrap_or(3),

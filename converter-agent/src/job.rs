@@ -207,6 +207,7 @@ async fn execute(
         tokio::task::spawn_blocking(move || publication.publish(record, None, policy, || claim_dir.exists()))
             .await
             .map_err(|e| Ended::Failed(JobFailure::new(Some(&vm), format!("publishing crashed: {e}"))))?;
+    tracing::debug!("published");
     match published {
         Ok(rec) => Ok(rec),
         Err(ResultError::Lost { .. }) => {

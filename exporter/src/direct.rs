@@ -111,6 +111,7 @@ pub async fn convert(
         engine: params.engine,
         hyper2kvm,
         zero_cache: crate::submit::zero_cache(),
+        verify: Default::default(),
     };
     tracing::info!(engine = %settings.default_engine(), "converting on this host");
     let (tx, mut rx) = watch::channel(Progress::phase(Phase::Verifying, 0));

@@ -311,8 +311,13 @@ pub fn probe_writable(dir: &Path) -> io::Result<()> {
     }
     let probe = dir.join(format!(".hyperfarm-probe-{}-{}", hostname(), std::process::id()));
     let _ = fs::remove_file(&probe);
-    write_new_file(&probe, b"probe")?;
-    fs::remove_file(&probe)
+    // No fsync: on ext4 (data=ordered) every fsync commits the journal and with it every other
+    // file's dirty data, so a probe every few seconds would slow the conversions it watches.
+    // Creating and writing proves the directory is writable; free space is checked separately.
+    let written =
+        fs::OpenOptions::new().write(true).create_new(true).open(&probe).and_then(|mut f| f.write_all(b"probe"));
+    let removed = fs::remove_file(&probe);
+    written.and(removed)
 }
 
 /// Free bytes available to unprivileged users on the file system holding `path`.

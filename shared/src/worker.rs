@@ -35,6 +35,31 @@ pub struct WorkerSettings {
     pub hyper2kvm: Result<Hyper2kvm, String>,
     /// Chaining values of all-zero subtrees, for verifying sparse disks quickly.
     pub zero_cache: Arc<crate::tree_hash::ZeroCache>,
+    /// When the digests are checked relative to the conversion.
+    pub verify: VerifyMode,
+}
+
+/// When a job's digests are checked (docs/performance.md measures both).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum VerifyMode {
+    /// While the disks convert: the source is read from the disk once (the second reader finds it
+    /// in the page cache). A failed check stops the conversion, whose output is never published.
+    #[default]
+    Alongside,
+    /// Before the conversion starts: a damaged job never starts the engine, at the price of a
+    /// second pass over the data when it does not fit in the page cache.
+    Before,
+}
+
+impl VerifyMode {
+    pub fn parse(s: &str) -> Option<VerifyMode> {
+        match s {
+            "alongside" => Some(VerifyMode::Alongside),
+            "before" => Some(VerifyMode::Before),
+            _ => None,
+        }
+    }
 }
 
 /// One disk of a loaded job, open for reading.
@@ -294,28 +319,42 @@ pub async fn convert_job(
 ) -> Result<Converted, JobFailure> {
     let vm = Some(job.vm_name.as_str());
     let engine = choose_engine(settings, job)?;
+    let t0 = std::time::Instant::now();
+    let ms = || t0.elapsed().as_millis() as u64;
     send(progress, Progress::phase(Phase::Verifying, job.total_bytes()));
     let infos = inspect_all(settings, job, cancel).await?;
+    tracing::debug!(ms = ms(), "inspected");
     let total_virtual: u64 = infos.iter().map(|i| i.virtual_size).sum::<u64>().max(1);
-    // Verification and conversion run together (reading the source once from the disk, the
-    // second time from the page cache); a failed verification stops the conversion, and its
-    // output is never published.
+    // By default verification and conversion run together (reading the source once from the
+    // disk, the second time from the page cache); a failed verification stops the conversion, and
+    // its output is never published.
+    if settings.verify == VerifyMode::Before {
+        let r = verify_all(settings, job, cancel).await;
+        tracing::debug!(ms = ms(), ok = r.is_ok(), "verified");
+        r?;
+    }
     let convert_cancel = cancel.child_token();
     let verify = async {
+        if settings.verify == VerifyMode::Before {
+            return Ok(());
+        }
         let r = verify_all(settings, job, cancel).await;
+        tracing::debug!(ms = ms(), ok = r.is_ok(), "verified");
         if r.is_err() {
             convert_cancel.cancel();
         }
         r
     };
     let convert = async {
-        match engine {
+        let r = match engine {
             EngineKind::QemuImg => convert_qemu_img(settings, job, &infos, work_dir, progress, &convert_cancel).await,
             EngineKind::Hyper2kvm => match settings.hyper2kvm.as_ref() {
                 Ok(h) => convert_hyper2kvm(h, job, work_dir, progress, &convert_cancel).await,
                 Err(why) => Err(JobFailure::new(vm, why.clone())),
             },
-        }
+        };
+        tracing::debug!(ms = ms(), ok = r.is_ok(), %engine, "converted");
+        r
     };
     let (verified, converted) = tokio::join!(verify, convert);
     verified?;
@@ -342,10 +381,10 @@ pub async fn convert_job(
         settings.qemu.check(dst).await.map_err(|e| {
             engine_failure(vm, &format!("checking the converted disk {}", disk.id), &disk.path, work_dir, e)
         })?;
-        let out_info = settings.qemu.info(&dst.display().to_string(), DiskFormat::Qcow2).await.map_err(|e| {
-            engine_failure(vm, &format!("reading the converted disk {}", disk.id), &disk.path, work_dir, e)
-        })?;
-        let out_virtual = out_info.get("virtual-size").and_then(|v| v.as_u64()).unwrap_or(0);
+        // The qcow2 header holds the virtual size (big-endian u64 at byte 24); `qemu-img check`
+        // above has just vouched for that header.
+        let out_virtual = qcow2_virtual_size(dst)
+            .map_err(|e| JobFailure::new(vm, format!("reading the converted disk {}: {e}", disk.id)))?;
         if out_virtual != info.virtual_size {
             return Err(JobFailure::new(
                 vm,
@@ -365,6 +404,7 @@ pub async fn convert_job(
         });
     }
     crate::failpoint::hit("agent.checked");
+    tracing::debug!(ms = ms(), "checked");
     Ok(Converted { files, engine })
 }
 
@@ -588,4 +628,15 @@ pub fn engine_failure(vm: Option<&str>, doing: &str, source: &Path, work_dir: &P
         }
         other => JobFailure::new(vm, format!("{doing} ({}): {other}", source.display())),
     }
+}
+
+/// The virtual size recorded in a qcow2 file's header.
+fn qcow2_virtual_size(path: &Path) -> io::Result<u64> {
+    use std::os::unix::fs::FileExt;
+    let mut head = [0u8; 32];
+    File::open(path)?.read_exact_at(&mut head, 0)?;
+    if &head[..4] != crate::format::QCOW2_MAGIC {
+        return Err(io::Error::new(io::ErrorKind::InvalidData, "not a qcow2 file"));
+    }
+    Ok(u64::from_be_bytes(head[24..32].try_into().expect("8 bytes")))
 }

@@ -144,3 +144,28 @@ fn a_corrupted_disk_fails_its_job_naming_the_disk_and_the_agent_keeps_serving() 
     assert!(farm.queue.join("failed").join(&id).join("disks/disk0.raw").is_file(), "a failed job keeps its disks");
     assert_identical(&raw, &farm.output.join("fine.qcow2"));
 }
+
+#[test]
+fn with_verify_before_a_corrupted_disk_never_starts_the_engine() {
+    let farm = Farm::new();
+    // A real qemu-img behind a wrapper that records each command line.
+    let calls = farm.dir.path().join("qemu-img-calls");
+    let wrapper = farm.dir.path().join("qemu-img-wrapper");
+    fs::write(&wrapper, format!("#!/bin/sh\necho \"$*\" >> {}\nexec qemu-img \"$@\"\n", calls.display())).unwrap();
+    fs::set_permissions(&wrapper, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let raw = images::sample_disk(&farm.src, "c.raw", 8, 54);
+    let id = publish(&farm, &raw, "corrupt");
+    images::corrupt(&farm.queue.join("queued").join(&id).join("disks/disk0.raw"), 100);
+    let _agent: Proc = farm.agent(&["--verify", "before", "--qemu-img", wrapper.to_str().unwrap()]);
+    wait_for("the failed result", Duration::from_secs(60), || (farm.records().len() == 1).then_some(()));
+    let err = fs::read_to_string(farm.output.join("corrupt.error")).unwrap();
+    assert!(err.contains("blake3 digest mismatch") && err.contains(&id), "{err}");
+    let converts =
+        || fs::read_to_string(&calls).unwrap_or_default().lines().filter(|l| l.starts_with("convert")).count();
+    assert_eq!(converts(), 0, "qemu-img convert ran for a job that failed its check");
+    // The same agent does convert a sound job through the wrapper.
+    let good = publish(&farm, &raw, "fine");
+    wait_for("the good result", Duration::from_secs(60), || (farm.records().len() == 2).then_some(()));
+    assert_identical(&raw, &farm.output.join("fine.qcow2"));
+    assert_eq!(converts(), 1, "the wrapper saw the good job's conversion ({good})");
+}

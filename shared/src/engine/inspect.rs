@@ -151,7 +151,9 @@ pub async fn inspect_image(
     }
     // A damaged image can convert "successfully" with missing data (a truncated sparse VMDK reads
     // its lost grains as zeros): check its metadata first, where the format has a check.
-    match qemu.check_source(qemu_path, declared).await {
+    // (raw and VHD have no check in qemu-img: no process started for nothing.)
+    let checkable = !matches!(declared, DiskFormat::Raw | DiskFormat::Vhd);
+    match if checkable { qemu.check_source(qemu_path, declared).await } else { Ok(false) } {
         Ok(_) => {}
         Err(EngineError::Failed { stderr, .. }) => {
             return Err(InspectError::Damaged(stderr.lines().next().unwrap_or("qemu-img check failed").to_string()));

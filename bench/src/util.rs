@@ -238,7 +238,16 @@ pub struct Agent {
 
 impl Agent {
     pub fn start(ctx: &Ctx, queue: &Path, output: &Path, extra: &[&str]) -> Agent {
-        let log = queue.parent().expect("parent").join(format!("agent-{}.log", std::process::id()));
+        // HYPERFARM_BENCH_LOGS=DIR keeps every agent's log there (with HYPER2KVM_AGENT_LOG=debug,
+        // the per-phase timings of each job).
+        let log = match std::env::var_os("HYPERFARM_BENCH_LOGS") {
+            Some(dir) => {
+                fs::create_dir_all(&dir).expect("log dir");
+                let n = fs::read_dir(&dir).map(|d| d.count()).unwrap_or(0);
+                Path::new(&dir).join(format!("agent-{n}.log"))
+            }
+            None => queue.parent().expect("parent").join(format!("agent-{}.log", std::process::id())),
+        };
         let f = fs::File::create(&log).expect("log");
         let t = Instant::now();
         let mut args: Vec<String> = vec![
@@ -283,10 +292,17 @@ impl Drop for Agent {
                 fs::read_to_string(&self.log).unwrap_or_default()
             );
         }
-
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Flush dirty pages, then drop the clean ones from the page cache, so that the next reader finds
+/// its input on the disk, as an agent finds a disk on NFS that it has never read. Needs root;
+/// false when the kernel refused.
+pub fn drop_caches() -> bool {
+    sync_all();
+    fs::write("/proc/sys/vm/drop_caches", "3").is_ok()
 }
 
 /// Flush every dirty page of the machine (untimed), like `sync`.

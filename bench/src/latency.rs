@@ -18,7 +18,7 @@ fn now_ms_f() -> f64 {
 }
 
 pub fn run(ctx: &Ctx, report: &mut Report) {
-    let jobs = if ctx.quick { 20 } else { 50 };
+    let jobs = if ctx.quick { 20 } else { 100 };
     let polled_jobs = 5;
     println!(
         "\n== latency: {jobs} small jobs, agent with its default 5 s poll interval (so claims come from file-system events)"

@@ -97,8 +97,16 @@ impl ZeroCache {
         self.map.lock().expect("zero cache").get(&(off, len)).copied()
     }
 
+    /// Remember a chaining value; a full cache (MAX_RECORDS) learns nothing more, so a
+    /// long-running agent's memory stays bounded (at most about 10 MiB).
     fn put(&self, off: u64, len: u64, cv: ChainingValue) {
-        self.map.lock().expect("zero cache").insert((off, len), cv);
+        {
+            let mut map = self.map.lock().expect("zero cache");
+            if map.len() >= MAX_RECORDS {
+                return;
+            }
+            map.insert((off, len), cv);
+        }
         self.new.lock().expect("zero cache").push((off, len, cv));
     }
 
@@ -310,6 +318,18 @@ mod tests {
         let cache = ZeroCache::open(&d.path().join("cache"));
         assert_eq!(cache.len(), n);
         assert_eq!(blake3_file(&f, 64 << 20, &cache, &stop, |_| {}).expect("hash"), *blake3::hash(&all).as_bytes());
+    }
+
+    #[test]
+    fn a_full_cache_learns_nothing_more() {
+        let cache = ZeroCache::memory();
+        for i in 0..(MAX_RECORDS as u64 + 10) {
+            cache.put(i << 20, 1 << 20, [0u8; 32]);
+        }
+        assert_eq!(cache.len(), MAX_RECORDS);
+        assert_eq!(cache.new.lock().expect("lock").len(), MAX_RECORDS);
+        assert!(cache.get(0, 1 << 20).is_some());
+        assert!(cache.get((MAX_RECORDS as u64) << 20, 1 << 20).is_none());
     }
 
     #[test]

@@ -111,7 +111,10 @@ fn h2k_manifest(dir: &Path, disk: &Path, bytes: u64) -> PathBuf {
         "manifest_version": "1.0",
         "source": {"provider": "bench", "vm_name": "bare"},
         "disks": [{"id": "d0", "source_format": "raw", "bytes": bytes, "local_path": disk}],
-        "pipeline": {"convert": {"enabled": true}},
+        // The stages the agent asks for on the benchmark's jobs, spelt out as the agent does
+        // (hyper2kvm's defaults for stages left out differ).
+        "pipeline": {"inspect": {"enabled": false}, "fix": {"enabled": false},
+                     "convert": {"enabled": true}, "validate": {"enabled": false}},
         "output": {"directory": dir.join("h2k-out"), "format": "qcow2"},
     });
     let p = dir.join("h2k-manifest.json");
@@ -214,10 +217,28 @@ pub fn run(ctx: &Ctx, report: &mut Report) {
             util::run(Command::new("sync").arg(&out));
         }
     };
+    // In the environment the agent gives hyper2kvm (shared/src/engine/hyper2kvm.rs), so that
+    // the two runs differ only by the agent.
+    let (h2k_home, h2k_tmp) = (d.join("h2k-home"), d.join("h2k-tmp"));
     let mut run_bare_h2k = || {
         if let Some(h) = &h2k {
             let _ = std::fs::remove_dir_all(d.join("h2k-out"));
-            util::run(Command::new(h).arg("--manifest").arg(&manifest).current_dir(&d));
+            for dir in [&h2k_home, &h2k_tmp] {
+                std::fs::create_dir_all(dir).expect("mkdir");
+            }
+            util::run(
+                Command::new(h)
+                    .arg("--manifest")
+                    .arg(&manifest)
+                    .current_dir(&d)
+                    .env_clear()
+                    .env("PATH", std::env::var_os("PATH").unwrap_or_else(|| "/usr/local/bin:/usr/bin:/bin".into()))
+                    .env("HOME", &h2k_home)
+                    .env("TMPDIR", &h2k_tmp)
+                    .env("LC_ALL", "C.UTF-8")
+                    .env("PYTHONUNBUFFERED", "1")
+                    .env("PYTHONDONTWRITEBYTECODE", "1"),
+            );
         }
     };
     let mut run_q = || t_q.push(farm_q.borrow_mut().run(staged_q.borrow_mut().take().expect("staged")));

@@ -232,9 +232,9 @@ pub fn copy_disk(
     })
 }
 
-/// A whole file: copy its data extents while two other threads hash the source through its BLAKE3
-/// tree (zeros of holes taken from `cache` where known) and a third writes the copy back to disk
-/// as it grows. Holes are neither read nor written.
+/// A whole file: copy its data extents while other threads (one per core) hash the source through
+/// its BLAKE3 tree (zeros of holes taken from `cache` where known) and one more writes the copy
+/// back to disk as it grows. Holes are neither read nor written.
 fn copy_file(path: &Path, len: u64, dst: &Path, ctl: &Control, cache: &ZeroCache) -> io::Result<Copied> {
     let src = File::open(path)?;
     let actual = src.metadata()?.len();

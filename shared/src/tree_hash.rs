@@ -1,6 +1,7 @@
 //! BLAKE3 of a whole file through its tree, identical to `b3sum`, made fast for disk images:
 //!
-//! - the tree is split at its top nodes and the halves are hashed on separate threads;
+//! - the tree is cut into subtrees near its root, one per core (2 to 8), each hashed on its own
+//!   thread;
 //! - data is read only where the file has data (SEEK_DATA/SEEK_HOLE); holes are hashed as zeros;
 //! - a subtree that lies entirely inside a hole has a chaining value that depends only on its
 //!   position and size, so it is computed once and kept in a [`ZeroCache`] (in memory, and in a
@@ -216,13 +217,28 @@ impl Job<'_> {
     }
 }
 
-/// BLAKE3 of the first `len` bytes of `file` (its whole length, normally), on two threads.
-/// `progress` is called from time to time with the bytes covered; setting `stop` interrupts.
+/// BLAKE3 of the first `len` bytes of `file` (its whole length, normally), on as many threads as
+/// the machine has cores (at least two, at most eight). `progress` is called from time to time with
+/// the bytes covered; setting `stop` interrupts.
 pub fn blake3_file(
     file: &File,
     len: u64,
     cache: &ZeroCache,
     stop: &AtomicBool,
+    progress: impl FnMut(u64),
+) -> io::Result<[u8; 32]> {
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2).clamp(2, 8);
+    blake3_file_split(file, len, cache, stop, cores.next_power_of_two().trailing_zeros(), progress)
+}
+
+/// [`blake3_file`] with the tree cut `depth` levels below its root (into at most `2^depth`
+/// subtrees, one thread each; `depth` at least 1).
+fn blake3_file_split(
+    file: &File,
+    len: u64,
+    cache: &ZeroCache,
+    stop: &AtomicBool,
+    depth: u32,
     mut progress: impl FnMut(u64),
 ) -> io::Result<[u8; 32]> {
     if len <= blake3::CHUNK_LEN as u64 {
@@ -231,18 +247,21 @@ pub fn blake3_file(
         return Ok(*blake3::hash(&buf).as_bytes());
     }
     let job = Job { file, extents: data_extents(file, len)?, cache, done: AtomicU64::new(0), stop };
-    let l = left_subtree_len(len);
-    let (a, b) = std::thread::scope(|s| -> io::Result<(ChainingValue, ChainingValue)> {
+    let mut pieces = Vec::new();
+    cut(0, len, depth.max(1), &mut pieces);
+    let cvs = std::thread::scope(|s| -> io::Result<Vec<ChainingValue>> {
         let (tx, rx) = std::sync::mpsc::channel();
-        let (tx2, job) = (tx.clone(), &job);
-        s.spawn(move || tx.send((0, job.cv(0, l, &mut Vec::new()))));
-        s.spawn(move || tx2.send((1, job.cv(l, len - l, &mut Vec::new()))));
-        let mut halves: [Option<ChainingValue>; 2] = [None, None];
+        for (i, &(off, n)) in pieces.iter().enumerate() {
+            let (tx, job) = (tx.clone(), &job);
+            s.spawn(move || tx.send((i, job.cv(off, n, &mut Vec::new()))));
+        }
+        drop(tx);
+        let mut cvs: Vec<Option<ChainingValue>> = vec![None; pieces.len()];
         let mut received = 0;
-        while received < 2 {
+        while received < pieces.len() {
             match rx.recv_timeout(std::time::Duration::from_millis(100)) {
                 Ok((i, r)) => {
-                    halves[i] = Some(r?);
+                    cvs[i] = Some(r?);
                     received += 1;
                 }
                 Err(std::sync::mpsc::RecvTimeoutError::Timeout) => progress(job.done.load(Ordering::Relaxed)),
@@ -251,11 +270,38 @@ pub fn blake3_file(
                 }
             }
         }
-        Ok((halves[0].expect("left half"), halves[1].expect("right half")))
+        Ok(cvs.into_iter().map(|c| c.expect("every piece was received")).collect())
     })?;
     progress(len);
     cache.save();
+    let mut next = cvs.iter();
+    let l = left_subtree_len(len);
+    let a = join(l, depth.max(1) - 1, &mut next);
+    let b = join(len - l, depth.max(1) - 1, &mut next);
     Ok(*merge_subtrees_root(&a, &b, Mode::Hash).as_bytes())
+}
+
+/// The subtrees `depth` levels below `[off, off + len)`, in order (a single chunk is not cut).
+fn cut(off: u64, len: u64, depth: u32, out: &mut Vec<(u64, u64)>) {
+    if depth == 0 || len <= blake3::CHUNK_LEN as u64 {
+        out.push((off, len));
+        return;
+    }
+    let l = left_subtree_len(len);
+    cut(off, l, depth - 1, out);
+    cut(off + l, len - l, depth - 1, out);
+}
+
+/// The chaining value of a subtree of `len` bytes from its pieces' values, cut as [`cut`] cut
+/// them (where a subtree is cut depends only on its length).
+fn join<'a>(len: u64, depth: u32, next: &mut impl Iterator<Item = &'a ChainingValue>) -> ChainingValue {
+    if depth == 0 || len <= blake3::CHUNK_LEN as u64 {
+        return *next.next().expect("one value per piece");
+    }
+    let l = left_subtree_len(len);
+    let a = join(l, depth - 1, next);
+    let b = join(len - l, depth - 1, next);
+    merge_subtrees_non_root(&a, &b, Mode::Hash)
 }
 
 #[cfg(test)]
@@ -295,8 +341,13 @@ mod tests {
         ];
         for (i, (len, regions)) in shapes.iter().enumerate() {
             let (f, all) = file_with(d.path(), &format!("f{i}"), *len, regions);
-            let got = blake3_file(&f, *len, &cache, &stop, |_| {}).expect("hash");
-            assert_eq!(got, *blake3::hash(&all).as_bytes(), "shape {i} (len {len})");
+            let want = *blake3::hash(&all).as_bytes();
+            assert_eq!(blake3_file(&f, *len, &cache, &stop, |_| {}).expect("hash"), want, "shape {i} (len {len})");
+            // Cut into 2, 4, 8 and 16 pieces (one thread each), as on machines with more cores.
+            for depth in 1..=4 {
+                let got = blake3_file_split(&f, *len, &cache, &stop, depth, |_| {}).expect("hash");
+                assert_eq!(got, want, "shape {i} (len {len}) in up to {} pieces", 1 << depth);
+            }
         }
         assert!(!cache.is_empty(), "zero subtrees were remembered");
         // Same again with a warm cache: same answers.

@@ -556,7 +556,7 @@ pub async fn inspect_all(
     Ok(infos)
 }
 
-/// Verify every disk's digest (blake3 through the tree on two threads, sha256 for seed-style
+/// Verify every disk's digest (blake3 through the tree, a thread per core, sha256 for seed-style
 /// manifests). The conversion runs at the same time; a mismatch discards its output.
 pub async fn verify_all(
     settings: &WorkerSettings,

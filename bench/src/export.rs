@@ -183,73 +183,21 @@ pub fn run(ctx: &Ctx, report: &mut Report) {
             "  (b3sum is not installed: the cp + b3sum baseline and the digest cross-check are skipped; apt-get install b3sum)"
         );
     }
-    let r = ours.as_secs_f64() / cp.as_secs_f64();
-    report.add(
-        "export dense",
-        util::secs(ours),
-        format!("cp {}", util::secs(cp)),
-        Some(r),
-        "<= 1.10x cp",
-        Some(r <= 1.10),
-    );
-    report.add(
-        "export dense",
-        util::secs(ours),
-        format!("cp+sync {}", util::secs(cp_sync)),
-        Some(ours.as_secs_f64() / cp_sync.as_secs_f64()),
-        "(durable baseline)",
-        None,
-    );
+    report.versus("export dense", ours, "cp", cp, "<= 1.10x cp", Some(1.10));
+    report.versus("export dense", ours, "cp+sync", cp_sync, "(durable baseline)", None);
     if let Some(t) = cp_b3 {
-        report.add(
-            "export dense",
-            util::secs(ours),
-            format!("cp+b3sum {}", util::secs(t)),
-            Some(ours.as_secs_f64() / t.as_secs_f64()),
-            "(info)",
-            None,
-        );
+        report.versus("export dense", ours, "cp+b3sum", t, "(info)", None);
     }
     if cold_pages {
-        let r = ours_cold.as_secs_f64() / cp_cold.as_secs_f64();
-        report.add(
-            "export dense, cold page cache",
-            util::secs(ours_cold),
-            format!("cp {}", util::secs(cp_cold)),
-            Some(r),
-            "<= 1.10x cp",
-            Some(r <= 1.10),
-        );
+        report.versus("export dense, cold page cache", ours_cold, "cp", cp_cold, "<= 1.10x cp", Some(1.10));
     } else {
         println!("  (cannot drop the page cache (not root): the cold-page-cache rows are skipped)");
     }
-    let rc = sparse_cold.as_secs_f64() / ours.as_secs_f64();
-    report.add(
-        "export sparse, cold zero cache",
-        util::secs(sparse_cold),
-        format!("dense export {}", util::secs(ours)),
-        Some(rc),
-        "<= 1.5x dense",
-        Some(rc <= 1.5),
-    );
+    let cold = "export sparse, cold zero cache";
+    report.versus(cold, sparse_cold, "dense export", ours, "<= 1.5x dense", Some(1.5));
     if have_b3sum {
-        report.add(
-            "export sparse, cold zero cache",
-            util::secs(sparse_cold),
-            format!("b3sum of it {}", util::secs(b3_sparse)),
-            Some(sparse_cold.as_secs_f64() / b3_sparse.as_secs_f64()),
-            "(floor: hash every zero)",
-            None,
-        );
+        report.versus(cold, sparse_cold, "b3sum of it", b3_sparse, "(floor: hash every zero)", None);
     }
-    let rs = sparse_time.as_secs_f64() / ours.as_secs_f64();
-    report.add(
-        "export sparse, warm zero cache",
-        util::secs(sparse_time),
-        format!("dense export {}", util::secs(ours)),
-        Some(rs),
-        "<= 1.5x dense",
-        Some(rs <= 1.5),
-    );
+    report.versus("export sparse, warm zero cache", sparse_time, "dense export", ours, "<= 1.5x dense", Some(1.5));
     let _ = std::fs::remove_dir_all(&d);
 }

@@ -185,6 +185,20 @@ impl Report {
         self.rows.push(Row { what: what.into(), figure, baseline, ratio, target: target.into(), met });
     }
 
+    /// A time beside a baseline time, with their ratio; `limit`: the target is `ratio <= limit`.
+    pub fn versus(
+        &mut self,
+        what: &str,
+        ours: Duration,
+        base: &str,
+        base_time: Duration,
+        target: &str,
+        limit: Option<f64>,
+    ) {
+        let r = ours.as_secs_f64() / base_time.as_secs_f64();
+        self.add(what, secs(ours), format!("{base} {}", secs(base_time)), Some(r), target, limit.map(|l| r <= l));
+    }
+
     pub fn print(&self) {
         println!("\n== summary");
         let w = self.rows.iter().map(|r| r.what.len()).max().unwrap_or(10);

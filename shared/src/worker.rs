@@ -333,12 +333,14 @@ pub async fn convert_job(
         tracing::debug!(ms = ms(), ok = r.is_ok(), "verified");
         r?;
     }
-    let convert_cancel = cancel.child_token();
+    // Each stops the other: a failed verification the conversion, a failed conversion the
+    // verification (whose result no longer matters).
+    let (convert_cancel, verify_cancel) = (cancel.child_token(), cancel.child_token());
     let verify = async {
         if settings.verify == VerifyMode::Before {
             return Ok(());
         }
-        let r = verify_all(settings, job, cancel).await;
+        let r = verify_all(settings, job, &verify_cancel).await;
         tracing::debug!(ms = ms(), ok = r.is_ok(), "verified");
         if r.is_err() {
             convert_cancel.cancel();
@@ -354,9 +356,17 @@ pub async fn convert_job(
             },
         };
         tracing::debug!(ms = ms(), ok = r.is_ok(), %engine, "converted");
+        if r.is_err() && !convert_cancel.is_cancelled() {
+            verify_cancel.cancel();
+        }
         r
     };
     let (verified, converted) = tokio::join!(verify, convert);
+    let converted = match converted {
+        // The conversion failed on its own and stopped the verification: its error is the job's.
+        Err(e) if verify_cancel.is_cancelled() && !cancel.is_cancelled() => return Err(e),
+        c => c,
+    };
     verified?;
     crate::failpoint::hit("agent.verified");
     let outputs = converted?;

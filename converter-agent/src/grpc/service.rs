@@ -209,7 +209,9 @@ impl pb::agent_service_server::AgentService for AgentApi {
         let core = self.core.clone();
         let new = blocking(move || hyperfarm_shared::queue::retry(&core.queue, &id)).await?.map_err(|e| match e {
             hyperfarm_shared::queue::RetryError::NotFound(_) => Status::not_found(e.to_string()),
-            hyperfarm_shared::queue::RetryError::Io { .. } => Status::unavailable(e.to_string()),
+            hyperfarm_shared::queue::RetryError::Io { .. } | hyperfarm_shared::queue::RetryError::Publish { .. } => {
+                Status::unavailable(e.to_string())
+            }
             _ => Status::failed_precondition(e.to_string()),
         })?;
         tracing::info!(job = %id, new = %new, "retried through the API");

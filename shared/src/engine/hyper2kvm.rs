@@ -208,6 +208,23 @@ pub enum RunError {
     Failed(String),
 }
 
+/// `hyper2kvm --manifest <manifest>` as the agent runs it: in `dir`, with a cleared environment
+/// and a private `HOME` and `TMPDIR` (`dir/home`, `dir/tmp`, which must exist).
+pub fn command(program: &Path, manifest: &Path, dir: &Path) -> std::process::Command {
+    let mut c = std::process::Command::new(program);
+    c.arg("--manifest")
+        .arg(manifest)
+        .current_dir(dir)
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_else(|| "/usr/local/bin:/usr/bin:/bin".into()))
+        .env("HOME", dir.join("home"))
+        .env("TMPDIR", dir.join("tmp"))
+        .env("LC_ALL", "C.UTF-8")
+        .env("PYTHONUNBUFFERED", "1")
+        .env("PYTHONDONTWRITEBYTECODE", "1");
+    c
+}
+
 /// Run hyper2kvm once. On success every disk's output is at [`RunSpec::output_of`] and
 /// `report.json` says so; the caller still checks the images.
 pub async fn run(
@@ -224,17 +241,7 @@ pub async fn run(
     std::fs::write(&manifest_path, serde_json::to_vec_pretty(&spec.manifest()).expect("JSON serialises"))
         .map_err(|e| RunError::Engine(EngineError::Io(e)))?;
 
-    let mut c = Command::new(&h.program);
-    c.arg("--manifest")
-        .arg(&manifest_path)
-        .current_dir(dir)
-        .env_clear()
-        .env("PATH", std::env::var_os("PATH").unwrap_or_else(|| "/usr/local/bin:/usr/bin:/bin".into()))
-        .env("HOME", dir.join("home"))
-        .env("TMPDIR", dir.join("tmp"))
-        .env("LC_ALL", "C.UTF-8")
-        .env("PYTHONUNBUFFERED", "1")
-        .env("PYTHONDONTWRITEBYTECODE", "1");
+    let c = Command::from(command(&h.program, &manifest_path, dir));
 
     // Progress: hyper2kvm's own stage and percentage lines, and the bytes its outputs have grown to.
     let n = spec.disks.len().max(1) as f64;

@@ -91,8 +91,9 @@ pub async fn inspect_image(
             return Err(InspectError::Descriptor);
         }
         // Check every extent the descriptor names before qemu-img follows them.
-        let mut text = Vec::new();
-        std::io::Read::read_to_end(&mut std::io::Read::take(file, 64 * 1024), &mut text)?;
+        // From offset 0 whatever the descriptor's file position (other readers share it).
+        let mut text = vec![0u8; file.metadata()?.len().min(64 * 1024) as usize];
+        std::os::unix::fs::FileExt::read_exact_at(file, &mut text, 0)?;
         let d = crate::vmdk::parse(&String::from_utf8_lossy(&text));
         if d.is_delta() {
             return Err(InspectError::NotSelfContained(
@@ -101,11 +102,7 @@ pub async fn inspect_image(
         }
         let base = real_path.parent().unwrap_or(Path::new("/"));
         for e in d.extents.iter().filter_map(|e| e.file.as_deref()) {
-            let p = if Path::new(e).is_absolute() { PathBuf::from(e) } else { base.join(e) };
-            let canon = std::fs::canonicalize(&p).map_err(|_| InspectError::ExtentMissing(p.clone()))?;
-            if !allowed_roots.iter().any(|r| canon.starts_with(r)) {
-                return Err(InspectError::ExtentOutside(p));
-            }
+            check_extent(base, e, allowed_roots, None)?;
         }
     }
     let info = qemu.info(qemu_path, declared).await.map_err(InspectError::Unreadable)?;
@@ -132,21 +129,12 @@ pub async fn inspect_image(
             let Some(name) = e.get("filename").and_then(|f| f.as_str()) else {
                 continue;
             };
-            let p = if Path::new(name).is_absolute() { PathBuf::from(name) } else { base.join(name) };
-            if p == real_path || name == qemu_path {
+            if base.join(name) == real_path || name == qemu_path {
                 continue;
             }
-            let canon = std::fs::canonicalize(&p).map_err(|_| InspectError::ExtentMissing(p.clone()))?;
-            if !std::fs::metadata(&canon).map(|m| m.is_file()).unwrap_or(false) {
-                return Err(InspectError::ExtentMissing(p));
+            if let Some(canon) = check_extent(base, name, allowed_roots, Some(real_path))? {
+                extents.push(canon);
             }
-            if canon == real_path {
-                continue;
-            }
-            if !allowed_roots.iter().any(|r| canon.starts_with(r)) {
-                return Err(InspectError::ExtentOutside(p));
-            }
-            extents.push(canon);
         }
     }
     // A damaged image can convert "successfully" with missing data (a truncated sparse VMDK reads
@@ -161,4 +149,28 @@ pub async fn inspect_image(
         Err(e) => return Err(InspectError::Unreadable(e)),
     }
     Ok(ImageInfo { format: declared, virtual_size, extents })
+}
+
+/// Check an extent a VMDK descriptor names (relative to `base`): it must exist, be a regular file
+/// and lie under one of `allowed_roots`. Returns its canonical path, or `None` when it is `skip`
+/// (the descriptor's own file).
+fn check_extent(
+    base: &Path,
+    name: &str,
+    allowed_roots: &[PathBuf],
+    skip: Option<&Path>,
+) -> Result<Option<PathBuf>, InspectError> {
+    // `join` of an absolute name gives the name itself.
+    let p = base.join(name);
+    let canon = std::fs::canonicalize(&p).map_err(|_| InspectError::ExtentMissing(p.clone()))?;
+    if !std::fs::metadata(&canon).map(|m| m.is_file()).unwrap_or(false) {
+        return Err(InspectError::ExtentMissing(p));
+    }
+    if Some(canon.as_path()) == skip {
+        return Ok(None);
+    }
+    if !allowed_roots.iter().any(|r| canon.starts_with(r)) {
+        return Err(InspectError::ExtentOutside(p));
+    }
+    Ok(Some(canon))
 }

@@ -10,7 +10,8 @@ use std::io;
 use std::path::Path;
 
 use super::claim::record_event;
-use super::{DISKS, MANIFEST, ORIGIN, Queue, State, make_dir, read_names};
+use super::publish::{PublishError, Staging};
+use super::{DISKS, MANIFEST, ORIGIN, Queue, State, read_names};
 use crate::fsx;
 use crate::jobid::JobId;
 use crate::manifest::Manifest;
@@ -28,6 +29,12 @@ pub enum RetryError {
         id: JobId,
         #[source]
         source: io::Error,
+    },
+    #[error("retrying job {id}: {source}")]
+    Publish {
+        id: JobId,
+        #[source]
+        source: PublishError,
     },
 }
 
@@ -63,30 +70,16 @@ pub fn retry(queue: &Queue, id: &JobId) -> Result<JobId, RetryError> {
         h.job_id = new;
         h.extra.insert("retry_of".into(), serde_json::Value::String(id.to_string()));
     }
-    let staging = queue.tmp_dir().join(format!("{new}.{}.{}", fsx::hostname(), std::process::id()));
-    let result = (|| -> io::Result<()> {
-        make_dir(&queue.tmp_dir())?;
-        make_dir(&staging)?;
-        make_dir(&staging.join(DISKS))?;
-        for n in &disk_names {
-            link_or_copy(&dir.join(DISKS).join(n), &staging.join(DISKS).join(n))?;
-        }
-        if seed {
-            fsx::write_new_file(&staging.join(ORIGIN), &fs::read(dir.join(ORIGIN))?)?;
-        }
-        fsx::write_new_file(&staging.join(MANIFEST), &manifest.to_json())?;
-        fsx::fsync_dir(&staging.join(DISKS))?;
-        fsx::fsync_dir(&staging)?;
-        let target = queue.job_dir(State::Queued, &new);
-        match fsx::rename_noreplace(&staging, &target)? {
-            fsx::Moved::Yes => fsx::fsync_dir(&queue.state_dir(State::Queued)),
-            other => Err(io::Error::other(format!("publishing the retry: {other:?}"))),
-        }
-    })();
-    if let Err(e) = result {
-        let _ = fsx::remove_tree(&staging);
-        return Err(io(e));
+    // Staged and published like any job; the disks are links to the old job's.
+    let publish = |source| RetryError::Publish { id: *id, source };
+    let staging = Staging::create(queue, new).map_err(publish)?;
+    for n in &disk_names {
+        link_or_copy(&dir.join(DISKS).join(n), &staging.disk_path(n)).map_err(io)?;
     }
+    if seed {
+        fsx::write_new_file(&staging.dir().join(ORIGIN), &fs::read(dir.join(ORIGIN)).map_err(io)?).map_err(io)?;
+    }
+    staging.publish(&manifest).map_err(publish)?;
     record_event(&dir, "retried", "-", serde_json::json!({ "as": new }));
     Ok(new)
 }

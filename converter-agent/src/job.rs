@@ -355,7 +355,7 @@ async fn finish(
 
 fn finish_claim(core: &Core, claim: Claim, outcome: Outcome) -> Result<&'static str, String> {
     let id = claim.id();
-    let seed = claim.dir().join(ORIGIN).is_file();
+    let seed = hyperfarm_shared::queue::has_origin(claim.dir());
     match claim.finish(outcome) {
         Ok(true) => {
             hyperfarm_shared::failpoint::hit("agent.finished");
@@ -382,7 +382,7 @@ fn finish_claim(core: &Core, claim: Claim, outcome: Outcome) -> Result<&'static 
 /// A name for `<name>.error` when the manifest gave no valid VM name: the seed drop's file stem,
 /// else `job-<id>`.
 fn fallback_vm_name(job_dir: &Path, id: &JobId) -> String {
-    let from_origin = std::fs::read(job_dir.join(ORIGIN))
+    let from_origin = hyperfarm_shared::queue::read_small(&job_dir.join(ORIGIN))
         .ok()
         .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
         .and_then(|v| v.get("original_name").and_then(|n| n.as_str()).map(str::to_string))

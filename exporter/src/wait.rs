@@ -224,9 +224,7 @@ fn look(q: &Queue, o: &OutputDir, id: &JobId) -> Look {
     }
     match q.locate(id) {
         Ok(Some((state, dir))) => {
-            let lease = std::fs::read(dir.join(queue::LEASE))
-                .ok()
-                .and_then(|b| serde_json::from_slice::<LeaseInfo>(b.trim_ascii()).ok());
+            let lease = queue::read_lease(&dir.join(queue::LEASE)).ok().and_then(|(_, l)| l);
             Look::State(Some((state, lease)))
         }
         _ => Look::State(None),
@@ -235,10 +233,7 @@ fn look(q: &Queue, o: &OutputDir, id: &JobId) -> Look {
 
 fn reason_of(q: &Queue, id: &JobId, state: State) -> String {
     let dir = q.job_dir(state, id);
-    std::fs::read(dir.join(queue::CANCEL))
-        .ok()
-        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
-        .and_then(|v| v.get("reason").and_then(|r| r.as_str()).map(str::to_string))
+    queue::cancel_reason(&dir)
         .unwrap_or_else(|| format!("the job is in {}/ without a result record", state.dir_name()))
 }
 
@@ -260,9 +255,7 @@ async fn timed_out(p: &WaitParams) -> Waited {
         let withdrawn = q.withdraw(&id, &reason).unwrap_or(false);
         let located = q.locate(&id).ok().flatten();
         let lease = located.as_ref().and_then(|(_, dir)| {
-            std::fs::read(dir.join(queue::LEASE))
-                .ok()
-                .and_then(|b| serde_json::from_slice::<LeaseInfo>(b.trim_ascii()).ok())
+            queue::read_lease(&dir.join(queue::LEASE)).ok().and_then(|(_, l)| l)
         });
         (withdrawn, located.map(|(s, _)| s), lease)
     })

@@ -209,6 +209,23 @@ pub fn open_regular(path: &Path) -> io::Result<File> {
     Ok(f)
 }
 
+/// Read a small file that anyone with write access to the queue (or the output directory) could
+/// have planted: opened without following a symlink and without blocking on a FIFO, refused unless
+/// it is a regular file, and read up to `max` bytes. A longer file is an error (`InvalidData`), never
+/// a partial read taken for the whole.
+pub fn read_bounded(path: &Path, max: u64) -> io::Result<Vec<u8>> {
+    let f = open_regular(path)?;
+    let mut buf = Vec::new();
+    io::Read::read_to_end(&mut io::Read::take(f, max + 1), &mut buf)?;
+    if buf.len() as u64 > max {
+        return Err(io::Error::new(io::ErrorKind::InvalidData, format!("is larger than {max} bytes")));
+    }
+    Ok(buf)
+}
+
+/// Largest small protocol file we read (leases, cancel requests, events, origins, records).
+pub const SMALL_FILE_MAX: u64 = 64 * 1024;
+
 /// Open `rel` below the directory `root` for reading, refusing any path that leaves `root`, that
 /// crosses a symbolic link, or that is not a regular file. Uses `openat2(RESOLVE_BENEATH |
 /// RESOLVE_NO_SYMLINKS)`, which the kernel enforces atomically; on kernels without it, a lexical
@@ -420,6 +437,24 @@ mod tests {
         assert!(open_beneath_fallback(&root, Path::new("disks/link")).is_err());
         assert!(open_beneath_fallback(&root, Path::new("dirlink/secret")).is_err());
         assert!(open_beneath_fallback(&root, Path::new("disks/ok.raw")).is_ok());
+    }
+
+    #[test]
+    fn bounded_reads_refuse_fifos_symlinks_devices_and_oversized_files() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let ok = d.path().join("ok");
+        fs::write(&ok, b"1234").expect("write");
+        assert_eq!(read_bounded(&ok, 4).expect("read"), b"1234");
+        assert_eq!(read_bounded(&ok, 3).expect_err("too big").kind(), io::ErrorKind::InvalidData);
+        let fifo = d.path().join("fifo");
+        rustix::fs::mknodat(rustix::fs::CWD, &fifo, rustix::fs::FileType::Fifo, Mode::from_raw_mode(0o600), 0)
+            .expect("mkfifo");
+        // Would block for ever with a plain open.
+        assert_eq!(read_bounded(&fifo, 4).expect_err("fifo").kind(), io::ErrorKind::InvalidInput);
+        let zero = d.path().join("zero");
+        symlink("/dev/zero", &zero).expect("symlink");
+        assert_eq!(read_bounded(&zero, 4).expect_err("symlink").kind(), io::ErrorKind::InvalidInput);
+        assert_eq!(read_bounded(Path::new("/dev/zero"), 4).expect_err("device").kind(), io::ErrorKind::InvalidInput);
     }
 
     #[test]

@@ -7,7 +7,9 @@
 //! - [`results`]: how results become visible in the output directory (`<vm>.qcow2`, `<vm>.error`, the
 //!   per-job result record).
 //! - [`engine`]: the conversion engines (qemu-img built in) and the safety inspection of disk images.
-//! - [`fsx`], [`digest`], [`format`]: durable file-system steps, blake3/sha256 digests, format detection.
+//! - [`fsx`], [`digest`], [`format`]: durable file-system steps (and bounded, non-blocking reads of
+//!   files anyone could plant), blake3/sha256 digests, format detection.
+//! - [`text`]: escaping text from outside before it reaches a terminal or a log.
 //!
 //! This crate knows nothing of gRPC, command-line parsing or global logging set-up.
 
@@ -25,6 +27,7 @@ pub mod names;
 pub mod progress;
 pub mod queue;
 pub mod results;
+pub mod text;
 pub mod timefmt;
 pub mod tree_hash;
 pub mod vmdk;

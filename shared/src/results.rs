@@ -27,6 +27,8 @@ use crate::jobid::JobId;
 
 /// Our area inside the output directory.
 pub const AREA: &str = ".hyperfarm";
+/// Largest result record we read (records carry the full error text, which is bounded).
+pub const MAX_RECORD: u64 = 1 << 20;
 /// The record's name inside a work area while it is being published.
 const RECORD: &str = "record.json";
 
@@ -175,7 +177,7 @@ impl OutputDir {
 
     /// The record of a job, if it has one. A record that does not parse is reported as an error.
     pub fn read_record(&self, id: &JobId) -> io::Result<Option<ResultRecord>> {
-        match fs::read(self.record_path(id)) {
+        match fsx::read_bounded(&self.record_path(id), MAX_RECORD) {
             Ok(bytes) => {
                 serde_json::from_slice(&bytes).map(Some).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
             }
@@ -246,7 +248,7 @@ impl Publication {
     /// record is in the work area). `None` if that attempt never got that far.
     pub fn resume(out: &OutputDir, id: JobId, token: &str) -> Option<(Publication, ResultRecord)> {
         let work = out.work_dir(&id, token);
-        let record: ResultRecord = serde_json::from_slice(&fs::read(work.join(RECORD)).ok()?).ok()?;
+        let record: ResultRecord = serde_json::from_slice(&fsx::read_bounded(&work.join(RECORD), MAX_RECORD).ok()?).ok()?;
         Some((Publication { out: out.clone(), id, work }, record))
     }
 

@@ -3,7 +3,7 @@
 //! Publishing the result is the caller's (see [`crate::results::Publication`]).
 
 use std::fs::File;
-use std::io::{self, Read};
+use std::io;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -17,9 +17,9 @@ use crate::engine::{self, ConvertOptions, EngineChoice, EngineError, EngineKind,
 use crate::format::{DiskFormat, Sniffed};
 use crate::fsx;
 use crate::jobid::JobId;
-use crate::manifest::{CheckedManifest, Expected, MAX_MANIFEST_BYTES, Manifest, Stages};
+use crate::manifest::{CheckedManifest, Expected, Manifest, Stages};
 use crate::progress::{Phase, Progress};
-use crate::queue::{MANIFEST, ORIGIN};
+use crate::queue::MANIFEST;
 use crate::results::{ResultFile, disk_file_name};
 
 /// How the worker converts.
@@ -130,12 +130,7 @@ impl std::fmt::Display for JobFailure {
 pub fn load_job(job_dir: &Path, id: JobId, allowed_source_dirs: &[PathBuf]) -> Result<LoadedJob, JobFailure> {
     let manifest_path = job_dir.join(MANIFEST);
     let fail = |vm: Option<&str>, msg: String| JobFailure::new(vm, msg);
-    let bytes = (|| -> io::Result<Vec<u8>> {
-        let f = fsx::open_regular(&manifest_path)?;
-        let mut buf = Vec::new();
-        f.take(MAX_MANIFEST_BYTES + 1).read_to_end(&mut buf)?;
-        Ok(buf)
-    })()
+    let bytes = crate::queue::read_manifest(job_dir)
     .map_err(|e| fail(None, format!("cannot read the manifest {}: {e}", manifest_path.display())))?;
     let manifest = Manifest::parse(&bytes)
         .map_err(|e| fail(None, format!("invalid manifest {}: {e}", manifest_path.display())))?;
@@ -144,7 +139,7 @@ pub fn load_job(job_dir: &Path, id: JobId, allowed_source_dirs: &[PathBuf]) -> R
         .check()
         .map_err(|e| fail(vm_hint.as_deref(), format!("invalid manifest {}: {e}", manifest_path.display())))?;
     let vm = Some(checked.vm_name.as_str());
-    let seed_drop = job_dir.join(ORIGIN).is_file();
+    let seed_drop = crate::queue::has_origin(job_dir);
     if !seed_drop
         && let Some(declared) = checked.job_id
         && declared != id

@@ -26,7 +26,7 @@ impl NameCache {
         if let Some(n) = self.names.lock().expect("name cache").get(id) {
             return n.clone();
         }
-        let name = std::fs::read(dir.join(queue::MANIFEST))
+        let name = queue::read_manifest(dir)
             .ok()
             .and_then(|b| Manifest::parse(&b).ok())
             .and_then(|m| m.vm_name().map(str::to_string));
@@ -133,9 +133,8 @@ pub fn from_disk(core: &Core, id: &JobId, with_error: bool) -> Option<pb::Job> {
     if let Some((state, dir)) = &located {
         j.set_state(state_to_pb(*state));
         j.vm_name = core.names.get(id, dir).unwrap_or_default();
-        j.seed_drop = dir.join(queue::ORIGIN).is_file();
-        let lease: Option<LeaseInfo> =
-            std::fs::read(dir.join(queue::LEASE)).ok().and_then(|b| serde_json::from_slice(b.trim_ascii()).ok());
+        j.seed_drop = queue::has_origin(dir);
+        let lease: Option<LeaseInfo> = queue::read_lease(&dir.join(queue::LEASE)).ok().and_then(|(_, l)| l);
         if *state == State::Converting
             && let Some(l) = &lease
         {
@@ -165,11 +164,8 @@ pub fn from_disk(core: &Core, id: &JobId, with_error: bool) -> Option<pb::Job> {
             });
         }
         if *state == State::Cancelled && record.is_none() {
-            j.error_summary = std::fs::read(dir.join(queue::CANCEL))
-                .ok()
-                .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
-                .and_then(|v| v.get("reason").and_then(|r| r.as_str()).map(|r| format!("cancelled: {r}")))
-                .unwrap_or_else(|| "cancelled".into());
+            j.error_summary =
+                queue::cancel_reason(dir).map(|r| format!("cancelled: {r}")).unwrap_or_else(|| "cancelled".into());
         }
     }
     if let Some(r) = &record {

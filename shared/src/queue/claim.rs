@@ -293,16 +293,24 @@ pub(crate) fn count_events(job_dir: &Path, kind: &str) -> usize {
     read_names(&job_dir.join(EVENTS)).map(|names| names.iter().filter(|n| n.contains(&needle)).count()).unwrap_or(0)
 }
 
-/// The reason of a pending cancel request, if any.
-pub(crate) fn cancel_reason(job_dir: &Path) -> Option<String> {
-    let bytes = fs::read(job_dir.join(CANCEL)).ok()?;
-    let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_default();
-    Some(v.get("reason").and_then(|r| r.as_str()).unwrap_or("cancel requested").to_string())
+/// Longest cancel reason kept (characters, after escaping).
+pub const MAX_REASON: usize = 500;
+
+/// The reason of a pending cancel request, if any. `cancel.json` may be written by any queue
+/// writer (the withdraw protocol), so its reason is escaped and bounded; a `cancel.json` that is not
+/// a readable regular file still counts as a request.
+pub fn cancel_reason(job_dir: &Path) -> Option<String> {
+    let path = job_dir.join(CANCEL);
+    fs::symlink_metadata(&path).ok()?;
+    let v: serde_json::Value =
+        super::read_small(&path).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default();
+    let reason = v.get("reason").and_then(|r| r.as_str()).unwrap_or("cancel requested");
+    Some(crate::text::bounded(reason, MAX_REASON))
 }
 
-/// Read a lease file (tolerating padding).
-pub(crate) fn read_lease(path: &Path) -> io::Result<(Vec<u8>, Option<LeaseInfo>)> {
-    let bytes = fs::read(path)?;
+/// Read a lease file (tolerating padding): bounded, never following a symlink or blocking.
+pub fn read_lease(path: &Path) -> io::Result<(Vec<u8>, Option<LeaseInfo>)> {
+    let bytes = super::read_small(path)?;
     let info = serde_json::from_slice(bytes.trim_ascii()).ok();
     Ok((bytes, info))
 }

@@ -10,7 +10,7 @@ use serde::Serialize;
 
 use super::claim::{LeaseInfo, count_claims, read_lease};
 use super::recover::parse_claim_name;
-use super::{EVENTS, LEASE, MANIFEST, ORIGIN, Queue, State, read_names};
+use super::{EVENTS, LEASE, Queue, State, read_names};
 use crate::jobid::JobId;
 use crate::manifest::Manifest;
 
@@ -71,7 +71,7 @@ pub fn list(queue: &Queue, states: &[State], details: bool) -> io::Result<Vec<Jo
                 entry.vm_name = read_vm_name(&path);
                 entry.lease = read_lease(&path.join(LEASE)).ok().and_then(|(_, l)| l);
                 entry.attempts = count_claims(&path);
-                entry.seed_drop = path.join(ORIGIN).is_file();
+                entry.seed_drop = super::has_origin(&path);
             }
             out.push(entry);
         }
@@ -81,9 +81,12 @@ pub fn list(queue: &Queue, states: &[State], details: bool) -> io::Result<Vec<Jo
 }
 
 fn read_vm_name(job_dir: &Path) -> Option<String> {
-    let bytes = fs::read(job_dir.join(MANIFEST)).ok()?;
+    let bytes = super::read_manifest(job_dir).ok()?;
     Manifest::parse(&bytes).ok()?.vm_name().map(str::to_string)
 }
+
+/// At most this many events of one job are read (a queue writer could plant thousands).
+const MAX_EVENTS: usize = 1000;
 
 /// A job's history, oldest first.
 pub fn read_events(job_dir: &Path) -> Vec<serde_json::Value> {
@@ -91,7 +94,8 @@ pub fn read_events(job_dir: &Path) -> Vec<serde_json::Value> {
     names.sort();
     names
         .iter()
-        .filter_map(|n| fs::read(job_dir.join(EVENTS).join(n)).ok())
+        .take(MAX_EVENTS)
+        .filter_map(|n| super::read_small(&job_dir.join(EVENTS).join(n)).ok())
         .filter_map(|b| serde_json::from_slice(&b).ok())
         .collect()
 }

@@ -24,7 +24,9 @@ use std::io;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
-pub use claim::{Beat, Claim, ClaimError, Lease, LeaseInfo, Outcome, claim, claim_token};
+pub use claim::{
+    Beat, Claim, ClaimError, Lease, LeaseInfo, MAX_REASON, Outcome, cancel_reason, claim, claim_token, read_lease,
+};
 pub use inspect::{JobEntry, QueueSummary, StaleClaim, list, read_events, summarize};
 pub use publish::{PublishError, Staging, cleanup_own_staging};
 pub use recover::{
@@ -222,6 +224,23 @@ pub(crate) fn read_names(dir: &Path) -> io::Result<Vec<String>> {
         out.push(name);
     }
     Ok(out)
+}
+
+/// Read a small protocol file of the queue (lease, cancel request, event, origin): anyone who can
+/// write the queue could have planted a FIFO, a device or a symlink in its place, so it is read
+/// without following symlinks, without blocking, and at most [`crate::fsx::SMALL_FILE_MAX`] bytes.
+pub fn read_small(path: &Path) -> io::Result<Vec<u8>> {
+    crate::fsx::read_bounded(path, crate::fsx::SMALL_FILE_MAX)
+}
+
+/// Read a job's `manifest.json` the same way, up to the manifest size limit.
+pub fn read_manifest(job_dir: &Path) -> io::Result<Vec<u8>> {
+    crate::fsx::read_bounded(&job_dir.join(MANIFEST), crate::manifest::MAX_MANIFEST_BYTES)
+}
+
+/// Whether a job carries `origin.json` as a regular file (a symlink or FIFO there is not an origin).
+pub fn has_origin(job_dir: &Path) -> bool {
+    fs::symlink_metadata(job_dir.join(ORIGIN)).is_ok_and(|m| m.file_type().is_file())
 }
 
 /// Write a small JSON file that must not exist yet (one writer, never replaced).

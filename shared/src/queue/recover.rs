@@ -6,7 +6,7 @@
 //! very host — when its process or boot is gone or its lock is free.
 
 use std::collections::{HashMap, HashSet};
-use std::fs::{self, File};
+use std::fs;
 use std::io;
 use std::path::Path;
 use std::time::{Duration, Instant, SystemTime};
@@ -69,7 +69,7 @@ impl LeaseTracker {
                             info.agent, info.pid
                         ));
                     }
-                    if let Ok(f) = File::open(&lease_path)
+                    if let Ok(f) = fsx::open_regular(&lease_path)
                         && f.try_lock().is_ok()
                     {
                         return Liveness::Stale(format!(

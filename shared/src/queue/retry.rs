@@ -11,7 +11,7 @@ use std::path::Path;
 
 use super::claim::record_event;
 use super::publish::{PublishError, Staging};
-use super::{DISKS, MANIFEST, ORIGIN, Queue, State, read_names};
+use super::{DISKS, ORIGIN, Queue, State, read_names};
 use crate::fsx;
 use crate::jobid::JobId;
 use crate::manifest::Manifest;
@@ -45,10 +45,10 @@ pub fn retry(queue: &Queue, id: &JobId) -> Result<JobId, RetryError> {
     if !matches!(state, State::Failed | State::Cancelled) {
         return Err(RetryError::WrongState { id: *id, state });
     }
-    let bytes = fs::read(dir.join(MANIFEST)).map_err(io)?;
+    let bytes = super::read_manifest(&dir).map_err(io)?;
     let mut manifest = Manifest::parse(&bytes)
         .map_err(|e| RetryError::Unusable { id: *id, why: format!("its manifest is invalid ({e})") })?;
-    let seed = dir.join(ORIGIN).is_file();
+    let seed = super::has_origin(&dir);
     let disk_names = match read_names(&dir.join(DISKS)) {
         Ok(n) => n,
         Err(e) if e.kind() == io::ErrorKind::NotFound => Vec::new(),
@@ -77,7 +77,7 @@ pub fn retry(queue: &Queue, id: &JobId) -> Result<JobId, RetryError> {
         link_or_copy(&dir.join(DISKS).join(n), &staging.disk_path(n)).map_err(io)?;
     }
     if seed {
-        fsx::write_new_file(&staging.dir().join(ORIGIN), &fs::read(dir.join(ORIGIN)).map_err(io)?).map_err(io)?;
+        fsx::write_new_file(&staging.dir().join(ORIGIN), &super::read_small(&dir.join(ORIGIN)).map_err(io)?).map_err(io)?;
     }
     staging.publish(&manifest).map_err(publish)?;
     record_event(&dir, "retried", "-", serde_json::json!({ "as": new }));
@@ -98,6 +98,7 @@ fn link_or_copy(from: &Path, to: &Path) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::queue::MANIFEST;
 
     #[test]
     fn a_failed_job_is_retried_as_a_new_job_with_the_same_disks() {

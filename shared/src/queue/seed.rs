@@ -3,10 +3,16 @@
 //! its disks stay where `local_path` points.
 //!
 //! A drop is ingested once its content has stayed the same for the settle time (and it parses; a
-//! file that never parses is ingested after ten settle times so that it fails with a clear error
-//! instead of waiting forever). Ingestion renames the drop out of the watch directory first — the
-//! rename is the "exactly once" — then publishes a normal job whose `origin.json` says where it
+//! manifest that never parses is ingested after ten settle times so that it fails with a clear
+//! error instead of waiting forever). Ingestion renames the drop out of the watch directory first —
+//! the rename is the "exactly once" — then publishes a normal job whose `origin.json` says where it
 //! came from. Files that are not `*.json`, hidden files and non-regular files are left alone.
+//!
+//! A `*.json` file that is not a manifest at all — larger than a manifest may be, not JSON, or
+//! JSON without `manifest_version` or `disks` — is not a job: once stable for ten settle times (at
+//! once when it is too large) it is moved to `rejected/` with a warning, and no `.error` is written
+//! (its name says nothing about a VM). Only a file that tries to be a manifest becomes a failed job
+//! whose `<name>.error` tells the exporter waiting for it what is wrong.
 
 use std::collections::{HashMap, HashSet};
 use std::fs;
@@ -26,7 +32,12 @@ pub enum IngestOutcome {
     Ingested { name: String, id: JobId },
     /// Another agent took it first.
     TakenByOther { name: String },
+    /// Not a manifest: moved to `rejected/` (why).
+    Rejected { name: String, why: String },
 }
+
+/// Where drops that are not manifests are moved.
+pub const REJECTED: &str = "rejected";
 
 /// Remembers what each drop looked like and since when.
 #[derive(Debug, Default)]
@@ -71,8 +82,16 @@ pub fn ingest_seed_drops_at(
             continue;
         }
         present.insert(name.clone());
-        let Ok(bytes) = read_bounded(&path) else {
-            continue;
+        let bytes = match crate::fsx::read_bounded(&path, MAX_MANIFEST_BYTES) {
+            Ok(b) => b,
+            Err(e) if e.kind() == io::ErrorKind::InvalidData => {
+                // No manifest is that large; do not wait for it to settle.
+                tracker.seen.remove(&name);
+                let why = format!("it is larger than a manifest may be ({MAX_MANIFEST_BYTES} bytes)");
+                out.extend(reject(queue, &name, &why)?);
+                continue;
+            }
+            Err(_) => continue,
         };
         let hash = blake3::hash(&bytes);
         let since = match tracker.seen.get(&name) {
@@ -88,6 +107,10 @@ pub fn ingest_seed_drops_at(
             continue;
         }
         tracker.seen.remove(&name);
+        if !parses && let Some(why) = not_a_manifest(&bytes) {
+            out.extend(reject(queue, &name, &why)?);
+            continue;
+        }
         out.push(ingest_one(queue, &name, hash)?);
     }
     tracker.seen.retain(|k, _| present.contains(k));
@@ -95,11 +118,37 @@ pub fn ingest_seed_drops_at(
     Ok(out)
 }
 
-fn read_bounded(path: &Path) -> io::Result<Vec<u8>> {
-    let f = fsx::open_regular(path)?;
-    let mut buf = Vec::new();
-    f.take(MAX_MANIFEST_BYTES + 1).read_to_end(&mut buf)?;
-    Ok(buf)
+/// Why bytes that do not parse as a manifest are not even an attempt at one (`None`: they are, and
+/// become a failed job with an explanation).
+fn not_a_manifest(bytes: &[u8]) -> Option<String> {
+    match serde_json::from_slice::<serde_json::Value>(bytes) {
+        Err(_) => Some("it is not JSON".into()),
+        Ok(serde_json::Value::Object(o)) if o.contains_key("manifest_version") || o.contains_key("disks") => None,
+        Ok(_) => Some("it is JSON without manifest_version or disks, so not an Artifact Manifest".into()),
+    }
+}
+
+/// Move a drop that is not a manifest to `rejected/` (exactly one agent wins the rename).
+fn reject(queue: &Queue, name: &str, why: &str) -> io::Result<Option<IngestOutcome>> {
+    let dir = queue.root().join(REJECTED);
+    make_dir(&dir)?;
+    let mut target = dir.join(name);
+    if fs::symlink_metadata(&target).is_ok() {
+        target = dir.join(format!("{name}.{}", now_ms()));
+    }
+    match fsx::rename_noreplace(&queue.root().join(name), &target)? {
+        Moved::Yes => {
+            fsx::fsync_dir(queue.root())?;
+            fsx::fsync_dir(&dir)?;
+            tracing::warn!(
+                file = %crate::text::Esc(name),
+                moved_to = %target.display(),
+                "a *.json file in the watch directory is not a manifest ({why}); moved aside, no job was made"
+            );
+            Ok(Some(IngestOutcome::Rejected { name: name.to_string(), why: why.to_string() }))
+        }
+        _ => Ok(None),
+    }
 }
 
 /// `tmp/<id>.<host>.<pid>.seed.json`: a drop taken out of the watch directory, not yet published.
@@ -121,12 +170,27 @@ fn ingest_one(queue: &Queue, name: &str, stable: blake3::Hash) -> io::Result<Ing
     fsx::fsync_dir(&queue.tmp_dir())?;
     // A writer still holding the file open would keep writing to the renamed file: make sure the
     // content is still what was judged stable.
-    let bytes = fs::read(&taken)?;
+    let bytes = read_taken(&taken)?;
     if blake3::hash(&bytes) != stable {
         tracing::warn!(file = name, job = %id, "the drop changed while it was being ingested; using its latest content");
     }
     publish_taken(queue, id, name, &taken, &bytes)?;
     Ok(IngestOutcome::Ingested { name: name.to_string(), id })
+}
+
+/// A taken drop, re-read after the rename: still at most a manifest's size (a writer holding it open
+/// may have grown it since it was judged), never following a symlink or blocking.
+fn read_taken(taken: &Path) -> io::Result<Vec<u8>> {
+    match crate::fsx::read_bounded(taken, MAX_MANIFEST_BYTES) {
+        // Too large now: publish its first bytes, which fail as an invalid manifest with a clear error.
+        Err(e) if e.kind() == io::ErrorKind::InvalidData => {
+            let f = crate::fsx::open_regular(taken)?;
+            let mut buf = Vec::new();
+            f.take(MAX_MANIFEST_BYTES + 1).read_to_end(&mut buf)?;
+            Ok(buf)
+        }
+        other => other,
+    }
 }
 
 fn publish_taken(queue: &Queue, id: JobId, original: &str, taken: &Path, bytes: &[u8]) -> io::Result<()> {
@@ -183,7 +247,7 @@ fn resume_interrupted(queue: &Queue) -> io::Result<Vec<IngestOutcome>> {
             fsx::remove_file(&taken)?;
             continue;
         }
-        let bytes = fs::read(&taken)?;
+        let bytes = read_taken(&taken)?;
         tracing::info!(job = %id, "resuming the ingestion of a manifest drop interrupted by a crash");
         publish_taken(queue, id, &name, &taken, &bytes)?;
         out.push(IngestOutcome::Ingested { name, id });
@@ -235,9 +299,9 @@ mod tests {
     }
 
     #[test]
-    fn garbage_is_ingested_after_ten_settle_times_and_other_files_are_left_alone() {
+    fn a_broken_manifest_is_ingested_after_ten_settle_times_and_other_files_are_left_alone() {
         let (_d, q) = setup();
-        fs::write(q.root().join("broken.json"), b"{ not json").expect("write");
+        fs::write(q.root().join("broken.json"), br#"{"manifest_version": "1.0", "disks": 5}"#).expect("write");
         fs::write(q.root().join("vm.ovf"), b"<Envelope/>").expect("write");
         fs::write(q.root().join(".hidden.json"), GOOD).expect("write");
         std::os::unix::fs::symlink("/etc/passwd", q.root().join("link.json")).expect("symlink");
@@ -251,6 +315,33 @@ mod tests {
         for kept in ["vm.ovf", ".hidden.json", "link.json"] {
             assert!(fs::symlink_metadata(q.root().join(kept)).is_ok(), "{kept} must be left alone");
         }
+    }
+
+    #[test]
+    fn files_that_are_not_manifests_are_moved_aside_without_a_job() {
+        let (_d, q) = setup();
+        fs::write(q.root().join("notes.json"), b"{ not json").expect("write");
+        fs::write(q.root().join("other-tool.json"), br#"{"name": "x", "items": [1, 2]}"#).expect("write");
+        // A 4 GiB sparse drop: judged from its first MiB, never read whole.
+        let big = fs::File::create(q.root().join("huge.json")).expect("create");
+        big.set_len(4 << 30).expect("sparse");
+        let mut t = SeedTracker::new();
+        let settle = Duration::from_secs(1);
+        let t0 = Instant::now();
+        let out = ingest_seed_drops_at(&q, &mut t, settle, t0).expect("scan");
+        assert!(
+            matches!(out.as_slice(), [IngestOutcome::Rejected { name, .. }] if name == "huge.json"),
+            "too large: rejected at once: {out:?}"
+        );
+        assert!(ingest_seed_drops_at(&q, &mut t, settle, t0 + Duration::from_secs(5)).expect("scan").is_empty());
+        let out = ingest_seed_drops_at(&q, &mut t, settle, t0 + Duration::from_secs(11)).expect("scan");
+        assert_eq!(out.len(), 2, "{out:?}");
+        assert!(out.iter().all(|o| matches!(o, IngestOutcome::Rejected { .. })), "{out:?}");
+        for n in ["notes.json", "other-tool.json", "huge.json"] {
+            assert!(q.root().join(REJECTED).join(n).is_file(), "{n} moved aside");
+            assert!(!q.root().join(n).exists());
+        }
+        assert!(read_names(&q.state_dir(State::Queued)).expect("ls").is_empty(), "no job was made");
     }
 
     #[test]

@@ -73,30 +73,16 @@ fn plan(data: &DiskData) -> io::Result<(Vec<Segment>, u64)> {
         };
     let total = data.len();
     match data {
-        DiskData::File { path, len } => {
-            let f = Arc::new(File::open(path)?);
-            let actual = f.metadata()?.len();
-            if actual != *len {
-                return Err(io::Error::other(format!(
-                    "{} changed size ({len} → {actual} bytes) since it was inspected",
-                    path.display()
-                )));
-            }
-            push_file(f, 0, *len, 0, true, &mut segs)?;
-        }
-        DiskData::Region { path, offset, len } => {
-            let f = Arc::new(File::open(path)?);
-            push_file(f, *offset, *len, 0, false, &mut segs)?;
-        }
+        DiskData::File { src, len } => push_file(src.file.clone(), 0, *len, 0, true, &mut segs)?,
+        DiskData::Region { src, offset, len } => push_file(src.file.clone(), *offset, *len, 0, false, &mut segs)?,
         DiskData::Concat { parts, .. } => {
             let mut dst = 0u64;
-            for Part { path, offset, len } in parts {
-                match path {
-                    Some(p) => {
-                        let f = Arc::new(File::open(p)?);
+            for Part { src, offset, len } in parts {
+                match src {
+                    Some(s) => {
                         // A whole-file extent can use the file's own holes.
-                        let whole = *offset == 0 && f.metadata()?.len() == *len;
-                        push_file(f, *offset, *len, dst, whole, &mut segs)?;
+                        let whole = *offset == 0 && s.len() == *len;
+                        push_file(s.file.clone(), *offset, *len, dst, whole, &mut segs)?;
                     }
                     None => segs.push(Segment { src: None, src_off: 0, dst_off: dst, len: *len }),
                 }
@@ -123,8 +109,8 @@ pub fn copy_disk(
     ctl: &Control,
     cache: &ZeroCache,
 ) -> io::Result<Copied> {
-    if let (DiskData::File { path, len }, None) = (data, &member) {
-        return copy_file(path, *len, dst, ctl, cache);
+    if let (DiskData::File { src, len }, None) = (data, &member) {
+        return copy_file(&src.file, *len, dst, ctl, cache);
     }
     let (segs, total) = plan(data)?;
     let out = OpenOptions::new().write(true).create_new(true).mode(0o644).open(dst)?;
@@ -235,22 +221,14 @@ pub fn copy_disk(
 /// A whole file: copy its data extents while other threads (one per core) hash the source through
 /// its BLAKE3 tree (zeros of holes taken from `cache` where known) and one more writes the copy
 /// back to disk as it grows. Holes are neither read nor written.
-fn copy_file(path: &Path, len: u64, dst: &Path, ctl: &Control, cache: &ZeroCache) -> io::Result<Copied> {
-    let src = File::open(path)?;
-    let actual = src.metadata()?.len();
-    if actual != len {
-        return Err(io::Error::other(format!(
-            "{} changed size ({len} → {actual} bytes) since it was inspected",
-            path.display()
-        )));
-    }
+fn copy_file(src: &File, len: u64, dst: &Path, ctl: &Control, cache: &ZeroCache) -> io::Result<Copied> {
     let out = OpenOptions::new().write(true).create_new(true).mode(0o644).open(dst)?;
     out.set_len(len)?;
-    let extents = digest::data_extents(&src, len)?;
+    let extents = digest::data_extents(src, len)?;
     let stop = AtomicBool::new(false);
     let flusher = hyperfarm_shared::fsx::Flusher::start(dst.to_path_buf());
     let (digest, copied) = std::thread::scope(|s| {
-        let hasher = s.spawn(|| tree_hash::blake3_file(&src, len, cache, &stop, |_| {}));
+        let hasher = s.spawn(|| tree_hash::blake3_file(src, len, cache, &stop, |_| {}));
         let copied = (|| -> io::Result<bool> {
             let mut kernel = true;
             let mut buf = Vec::new();
@@ -265,7 +243,7 @@ fn copy_file(path: &Path, len: u64, dst: &Path, ctl: &Control, cache: &ZeroCache
                     }
                     let k = (end - pos).min(CHUNK as u64);
                     if kernel {
-                        match kernel_copy(&src, pos, &out, pos, k) {
+                        match kernel_copy(src, pos, &out, pos, k) {
                             Ok(()) => {
                                 pos += k;
                                 ctl.done.fetch_add(k, Ordering::Relaxed);
@@ -337,6 +315,10 @@ mod tests {
     use super::*;
     use std::io::{Seek, SeekFrom, Write};
 
+    fn opened(p: &Path) -> crate::source::Opened {
+        crate::source::VmDir::new(p.parent().expect("dir")).open(Path::new(p.file_name().expect("name"))).expect("open")
+    }
+
     fn sparse_file(dir: &Path) -> std::path::PathBuf {
         let p = dir.join("src.raw");
         let mut f = File::create(&p).expect("create");
@@ -355,7 +337,7 @@ mod tests {
         let src = sparse_file(d.path());
         let dst = d.path().join("dst.raw");
         let ctl = Control::default();
-        let c = copy_disk(&DiskData::File { path: src.clone(), len: 40 << 20 }, &dst, None, &ctl, &ZeroCache::memory())
+        let c = copy_disk(&DiskData::File { src: opened(&src), len: 40 << 20 }, &dst, None, &ctl, &ZeroCache::memory())
             .expect("copy");
         let (a, b) = (std::fs::read(&src).expect("read"), std::fs::read(&dst).expect("read"));
         assert!(a == b, "content differs");
@@ -373,7 +355,7 @@ mod tests {
         let dst = d.path().join("region");
         let member = crate::source::ova::MemberDigest::Sha256(String::new()).hasher();
         let c = copy_disk(
-            &DiskData::Region { path: src.clone(), offset: 1 << 20, len: 10 << 20 },
+            &DiskData::Region { src: opened(&src), offset: 1 << 20, len: 10 << 20 },
             &dst,
             Some(member),
             &Control::default(),
@@ -388,9 +370,9 @@ mod tests {
 
         let dst2 = d.path().join("concat");
         let parts = vec![
-            Part { path: Some(src.clone()), offset: 3 << 20, len: 2 << 20 },
-            Part { path: None, offset: 0, len: 1 << 20 },
-            Part { path: Some(src.clone()), offset: 0, len: 40 << 20 },
+            Part { src: Some(opened(&src)), offset: 3 << 20, len: 2 << 20 },
+            Part { src: None, offset: 0, len: 1 << 20 },
+            Part { src: Some(opened(&src)), offset: 0, len: 40 << 20 },
         ];
         let c = copy_disk(
             &DiskData::Concat { parts, len: 43 << 20 },
@@ -415,7 +397,7 @@ mod tests {
         std::fs::write(&dst, b"x").expect("write");
         assert!(
             copy_disk(
-                &DiskData::File { path: src.clone(), len: 40 << 20 },
+                &DiskData::File { src: opened(&src), len: 40 << 20 },
                 &dst,
                 None,
                 &Control::default(),
@@ -426,7 +408,7 @@ mod tests {
         let ctl = Control::default();
         ctl.cancel.store(true, Ordering::Relaxed);
         let e = copy_disk(
-            &DiskData::File { path: src, len: 40 << 20 },
+            &DiskData::File { src: opened(&src), len: 40 << 20 },
             &d.path().join("dst2"),
             None,
             &ctl,

@@ -73,17 +73,21 @@ pub async fn convert(
     for (i, d) in vm.disks.iter().enumerate() {
         // Read in place where possible; disks inside an OVA or spread over VMDK extents are copied
         // into the work area first. Nothing crossed a queue, so there is no digest to verify.
-        let (path, format) = match &d.data {
-            DiskData::File { path, .. } => (path.clone(), d.format),
+        let (path, format, file) = match &d.data {
+            // The descriptor opened (and checked) when the VM was read: never re-opened by name.
+            DiskData::File { src, .. } => {
+                let file = src.file.try_clone().map_err(|e| ExportError::Internal(e.to_string()))?;
+                (src.path.clone(), d.format, file)
+            }
             _ => {
                 let dst = staged.join(format!("{}.{}", d.id, d.format.extension()));
                 copy_with_meter(d, &dst, None, &ctl, params.quiet).await?;
                 let fmt = if matches!(d.data, DiskData::Concat { .. }) { DiskFormat::Raw } else { d.format };
-                (dst, fmt)
+                let file = fsx::open_regular(&dst).map_err(unreachable)?;
+                (dst, fmt, file)
             }
         };
         let expected = None;
-        let file = fsx::open_regular(&path).map_err(|e| ExportError::BadInput(format!("{}: {e}", path.display())))?;
         let bytes = file.metadata().map(|m| m.len()).unwrap_or(0);
         disks.push(worker::SourceDisk { id: d.id.clone(), format, bytes, path, file, expected, boot: i == 0 });
     }
@@ -129,6 +133,13 @@ pub async fn convert(
     drop(tx);
     let _ = ui.await;
     let _ = std::fs::remove_dir_all(&staged);
+    // Read in place: a source written to during the conversion gave an output of no defined moment.
+    if let Some((id, why)) = vm.disks.iter().find_map(|d| d.data.changed().map(|w| (&d.id, w))) {
+        publication.discard();
+        return Err(ExportError::BadInput(format!(
+            "disk {id} changed while it was being converted: {why}. The VM (or something else) is still writing to it; shut the VM down, or convert a snapshot of it, then run hyperexport again. Nothing was published"
+        )));
+    }
     let converted = match converted {
         Ok(c) => c,
         Err(f) => {

@@ -12,6 +12,8 @@ use hyperfarm_shared::fsx;
 use hyperfarm_shared::manifest::{self, Disk, HyperfarmInfo, Manifest, Pipeline, Source, Stage, Submitter, VmInfo};
 use hyperfarm_shared::queue::{self, Queue, Staging};
 
+use hyperfarm_shared::text::Esc;
+
 use crate::ExportError;
 use crate::copy::{self, Control};
 use crate::source::VmSource;
@@ -69,18 +71,19 @@ pub async fn submit(
     for (i, d) in vm.disks.iter().enumerate() {
         let file_name = format!("{}.{}", d.id, d.format.extension());
         let dst = staging.disk_path(&file_name);
-        let member = vm
-            .expected_member_digests
-            .iter()
-            .find(|(name, _)| d.label.ends_with(&format!("({name})")))
+        let member = d
+            .member
+            .as_ref()
+            .and_then(|m| vm.expected_member_digests.iter().find(|(name, _)| name == m))
             .map(|(name, dg)| (name.clone(), dg.clone()));
         let copied = copy_with_meter(d, &dst, member.as_ref().map(|(_, dg)| dg.hasher()), &ctl, quiet).await?;
         if let Some((name, dg)) = &member
             && copied.member_hex.as_deref() != Some(dg.hex())
         {
             return Err(ExportError::BadInput(format!(
-                "{}: member {name}: its {} digest does not match the OVA's manifest (.mf): the OVA is corrupt; download or export it again",
-                vm.path.display(),
+                "{}: member {}: its {} digest does not match the OVA's manifest (.mf): the OVA is corrupt; download or export it again",
+                Esc(&vm.path),
+                Esc(name),
                 dg.algorithm()
             )));
         }
@@ -135,7 +138,19 @@ pub async fn copy_with_meter(
     };
     meter.set(ctl.done.load(Ordering::Relaxed));
     meter.finish();
-    match copied.map_err(|e| ExportError::Internal(e.to_string()))? {
+    let copied = copied.map_err(|e| ExportError::Internal(e.to_string()))?;
+    // Copy and digest read the source at different moments: a source written to meanwhile would
+    // give a disk that does not match its own digest. Whether the copy worked or failed (a source
+    // that shrank ends it early), a changed source is refused.
+    if !matches!(&copied, Err(e) if e.kind() == std::io::ErrorKind::Interrupted)
+        && let Some(why) = d.data.changed()
+    {
+        return Err(ExportError::BadInput(format!(
+            "disk {} changed while it was being exported: {why}. The VM (or something else) is still writing to it; shut the VM down, or export a snapshot of it, then run hyperexport again. Nothing was published",
+            d.id
+        )));
+    }
+    match copied {
         Ok(c) => Ok(c),
         Err(e) if e.kind() == std::io::ErrorKind::Interrupted => Err(ExportError::Interrupted(false)),
         Err(e) => {

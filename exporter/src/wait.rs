@@ -233,8 +233,7 @@ fn look(q: &Queue, o: &OutputDir, id: &JobId) -> Look {
 
 fn reason_of(q: &Queue, id: &JobId, state: State) -> String {
     let dir = q.job_dir(state, id);
-    queue::cancel_reason(&dir)
-        .unwrap_or_else(|| format!("the job is in {}/ without a result record", state.dir_name()))
+    queue::cancel_reason(&dir).unwrap_or_else(|| format!("the job is in {}/ without a result record", state.dir_name()))
 }
 
 async fn interrupted(p: &WaitParams, meter: &mut Meter) -> Waited {
@@ -254,9 +253,8 @@ async fn timed_out(p: &WaitParams) -> Waited {
     let res = tokio::task::spawn_blocking(move || {
         let withdrawn = q.withdraw(&id, &reason).unwrap_or(false);
         let located = q.locate(&id).ok().flatten();
-        let lease = located.as_ref().and_then(|(_, dir)| {
-            queue::read_lease(&dir.join(queue::LEASE)).ok().and_then(|(_, l)| l)
-        });
+        let lease =
+            located.as_ref().and_then(|(_, dir)| queue::read_lease(&dir.join(queue::LEASE)).ok().and_then(|(_, l)| l));
         (withdrawn, located.map(|(s, _)| s), lease)
     })
     .await;

@@ -140,10 +140,12 @@ pub fn is_vmdk_descriptor(head: &[u8]) -> bool {
     text.trim_start().to_ascii_lowercase().starts_with("# disk descriptorfile")
 }
 
-/// Refuse an image that depends on other files, from its own headers, before any tool opens it:
-/// a qcow2 backing file or external data file, a VMDK snapshot (delta), a differencing VHD. The
-/// image starts at byte `base` of `file` (0, or a member's offset in an OVA); `head` is its
-/// first bytes. The message says what to do.
+/// Refuse an image that depends on other files, or cannot be read without a secret, from its own
+/// headers, before any tool opens it: a qcow2 backing file or external data file, an encrypted
+/// qcow2 (AES or LUKS), a VMDK snapshot (delta: a parent CID or a parent file name), a
+/// differencing VHD or VHDX. The image starts at byte `base` of `file` (0, or a member's offset in
+/// an OVA); `head` is its first bytes. The message says what to do. Both sides run this: the
+/// exporter before it copies a byte, the agent before qemu-img opens the image.
 pub fn self_contained(file: &File, base: u64, format: DiskFormat, head: &[u8]) -> Result<(), String> {
     match format {
         DiskFormat::Vmdk => {
@@ -159,6 +161,9 @@ pub fn self_contained(file: &File, base: u64, format: DiskFormat, head: &[u8]) -
                 return Err(
                     "is a qcow2 image with a backing file; flatten it first (qemu-img convert -O qcow2 in out)".into(),
                 );
+            }
+            if head.len() >= 36 && u32::from_be_bytes(head[32..36].try_into().expect("4 bytes")) != 0 {
+                return Err("is an encrypted qcow2 image (AES or LUKS), which cannot be converted without its secret; decrypt it first (qemu-img convert --object secret,... --image-opts ... -O qcow2 out.qcow2)".into());
             }
             if head.len() >= 80 && u32::from_be_bytes(head[4..8].try_into().expect("4 bytes")) >= 3 {
                 let incompatible = u64::from_be_bytes(head[72..80].try_into().expect("8 bytes"));
@@ -178,9 +183,63 @@ pub fn self_contained(file: &File, base: u64, format: DiskFormat, head: &[u8]) -
                 }
             }
         }
+        DiskFormat::Vhdx if vhdx_has_parent(file, base) => {
+            return Err("is a differencing VHDX (a checkpoint that depends on its parent); merge it into its parent first (Hyper-V: Edit Disk → Merge, or Merge-VHD), then export the merged disk".into());
+        }
         _ => {}
     }
     Ok(())
+}
+
+/// VHDX metadata region (`8B7CA206-4790-4B9A-B8FE-575F050F886E`), as its GUID is stored.
+const VHDX_METADATA_REGION: [u8; 16] =
+    [0x06, 0xa2, 0x7c, 0x8b, 0x90, 0x47, 0x9a, 0x4b, 0xb8, 0xfe, 0x57, 0x5f, 0x05, 0x0f, 0x88, 0x6e];
+/// VHDX file parameters item (`CAA16737-FA36-4D43-B3B6-33F0AA44E76B`).
+const VHDX_FILE_PARAMETERS: [u8; 16] =
+    [0x37, 0x67, 0xa1, 0xca, 0x36, 0xfa, 0x43, 0x4d, 0xb3, 0xb6, 0x33, 0xf0, 0xaa, 0x44, 0xe7, 0x6b];
+/// VHDX parent locator item (`A8D35F2D-B30B-454D-ABF7-D3D84834AB0C`).
+const VHDX_PARENT_LOCATOR: [u8; 16] =
+    [0x2d, 0x5f, 0xd3, 0xa8, 0x0b, 0xb3, 0x4d, 0x45, 0xab, 0xf7, 0xd3, 0xd8, 0x48, 0x34, 0xab, 0x0c];
+
+/// Whether a VHDX says it has a parent: the file parameters' HasParent flag, or a parent locator.
+/// Read from the region table at 192 KiB and the metadata table it points at (bounded reads; an
+/// unreadable structure is left for qemu-img to judge).
+pub fn vhdx_has_parent(file: &File, base: u64) -> bool {
+    let read = |off: u64, len: usize| {
+        let mut b = vec![0u8; len];
+        file.read_exact_at(&mut b, base + off).ok().map(|()| b)
+    };
+    let Some(regions) = read(192 << 10, 64 << 10) else { return false };
+    if &regions[..4] != b"regi" {
+        return false;
+    }
+    let count = u32::from_le_bytes(regions[8..12].try_into().expect("4 bytes")).min(2047) as usize;
+    let le32 = |b: &[u8], o: usize| u32::from_le_bytes(b[o..o + 4].try_into().expect("4 bytes"));
+    let le64 = |b: &[u8], o: usize| u64::from_le_bytes(b[o..o + 8].try_into().expect("8 bytes"));
+    let Some(meta_off) = (0..count)
+        .map(|i| 16 + i * 32)
+        .find_map(|e| (regions.get(e..e + 16) == Some(&VHDX_METADATA_REGION[..])).then(|| le64(&regions, e + 16)))
+    else {
+        return false;
+    };
+    let Some(table) = read(meta_off, 64 << 10) else { return false };
+    if &table[..8] != b"metadata" {
+        return false;
+    }
+    let entries = usize::from(u16::from_le_bytes([table[10], table[11]])).min(2047);
+    for e in (0..entries).map(|i| 32 + i * 32) {
+        let Some(item) = table.get(e..e + 32) else { break };
+        if item[..16] == VHDX_PARENT_LOCATOR {
+            return true;
+        }
+        if item[..16] == VHDX_FILE_PARAMETERS
+            && let Some(params) = read(meta_off + u64::from(le32(item, 16)), 8)
+            && le32(&params, 4) & 0b10 != 0
+        {
+            return true;
+        }
+    }
+    false
 }
 
 /// Read the whole file's first `max` bytes (for small text files such as descriptors).
@@ -208,6 +267,59 @@ mod tests {
         assert_eq!(sniff_bytes(&vdi, None), Sniffed::Disk(DiskFormat::Vdi));
         assert_eq!(sniff_bytes(b"\n# Disk DescriptorFile\nversion=1\n", None), Sniffed::VmdkDescriptor);
         assert_eq!(sniff_bytes(&[0u8; 4096], Some(&[0u8; 512])), Sniffed::Unknown);
+    }
+
+    fn qemu_img(args: &[&str]) {
+        let st = std::process::Command::new("qemu-img").args(args).status().expect("qemu-img");
+        assert!(st.success(), "qemu-img {args:?}");
+    }
+
+    #[test]
+    fn encrypted_qcow2_and_differencing_vhdx_are_refused_from_their_headers() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let p = |n: &str| d.path().join(n).display().to_string();
+        let judge = |name: &str, f: DiskFormat| {
+            let file = File::open(p(name)).expect("open");
+            let mut head = vec![0u8; 4096];
+            let n = file.read_at(&mut head, 0).expect("read");
+            self_contained(&file, 0, f, &head[..n])
+        };
+        qemu_img(&["create", "-q", "-f", "qcow2", &p("plain.qcow2"), "1M"]);
+        assert!(judge("plain.qcow2", DiskFormat::Qcow2).is_ok());
+        qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "--object",
+            "secret,id=s0,data=passphrase",
+            "-o",
+            "encrypt.format=luks,encrypt.key-secret=s0",
+            &p("luks.qcow2"),
+            "1M",
+        ]);
+        assert!(judge("luks.qcow2", DiskFormat::Qcow2).expect_err("luks").contains("encrypted"));
+
+        qemu_img(&["create", "-q", "-f", "vhdx", &p("base.vhdx"), "8M"]);
+        assert!(judge("base.vhdx", DiskFormat::Vhdx).is_ok());
+        // Set HasParent in the file parameters, as a differencing disk has it.
+        let f = std::fs::OpenOptions::new().read(true).write(true).open(p("base.vhdx")).expect("open");
+        let mut regions = vec![0u8; 64 << 10];
+        f.read_exact_at(&mut regions, 192 << 10).expect("regions");
+        let meta = (0..16)
+            .map(|i| 16 + i * 32)
+            .find(|&e| regions[e..e + 16] == VHDX_METADATA_REGION)
+            .map(|e| u64::from_le_bytes(regions[e + 16..e + 24].try_into().expect("8")))
+            .expect("metadata region");
+        let mut table = vec![0u8; 4096];
+        f.read_exact_at(&mut table, meta).expect("table");
+        let item = (0..16).map(|i| 32 + i * 32).find(|&e| table[e..e + 16] == VHDX_FILE_PARAMETERS).expect("item");
+        let off = meta + u64::from(u32::from_le_bytes(table[item + 16..item + 20].try_into().expect("4")));
+        let mut flags = [0u8; 4];
+        f.read_exact_at(&mut flags, off + 4).expect("flags");
+        flags[0] |= 0b10;
+        std::os::unix::fs::FileExt::write_all_at(&f, &flags, off + 4).expect("patch");
+        assert!(judge("base.vhdx", DiskFormat::Vhdx).expect_err("parent").contains("differencing VHDX"));
     }
 
     #[test]

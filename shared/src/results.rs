@@ -248,7 +248,8 @@ impl Publication {
     /// record is in the work area). `None` if that attempt never got that far.
     pub fn resume(out: &OutputDir, id: JobId, token: &str) -> Option<(Publication, ResultRecord)> {
         let work = out.work_dir(&id, token);
-        let record: ResultRecord = serde_json::from_slice(&fsx::read_bounded(&work.join(RECORD), MAX_RECORD).ok()?).ok()?;
+        let record: ResultRecord =
+            serde_json::from_slice(&fsx::read_bounded(&work.join(RECORD), MAX_RECORD).ok()?).ok()?;
         Some((Publication { out: out.clone(), id, work }, record))
     }
 

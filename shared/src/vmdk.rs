@@ -16,13 +16,17 @@ pub struct Extent {
 pub struct Descriptor {
     pub create_type: String,
     pub parent_cid: Option<String>,
+    /// `parentFileNameHint`: the parent's file name (qemu opens it as a backing file whatever
+    /// `parentCID` says).
+    pub parent_hint: Option<String>,
     pub extents: Vec<Extent>,
 }
 
 impl Descriptor {
-    /// A snapshot (delta) disk refers to a parent.
+    /// A snapshot (delta) disk refers to a parent: a parent CID, or a parent file name.
     pub fn is_delta(&self) -> bool {
         self.parent_cid.as_deref().is_some_and(|p| !p.eq_ignore_ascii_case("ffffffff"))
+            || self.parent_hint.as_deref().is_some_and(|h| !h.trim().is_empty())
     }
 }
 
@@ -40,6 +44,7 @@ pub fn parse(text: &str) -> Descriptor {
             match key.as_str() {
                 "createtype" => d.create_type = val,
                 "parentcid" => d.parent_cid = Some(val),
+                "parentfilenamehint" => d.parent_hint = Some(val),
                 _ => {}
             }
             continue;
@@ -133,6 +138,8 @@ mod tests {
     #[test]
     fn detects_snapshot_deltas_and_escaping_extents() {
         assert!(parse("parentCID=1234abcd\n").is_delta());
+        assert!(parse("parentCID=ffffffff\nparentFileNameHint=\"base.vmdk\"\n").is_delta());
+        assert!(!parse("parentCID=ffffffff\n").is_delta());
         assert!(extent_path(Path::new("/vm/a.vmdk"), "../etc/shadow").is_err());
         assert!(extent_path(Path::new("/vm/a.vmdk"), "/dev/sda").is_err());
         assert_eq!(extent_path(Path::new("/vm/a.vmdk"), "a-flat.vmdk").expect("ok"), PathBuf::from("/vm/a-flat.vmdk"));

@@ -131,7 +131,7 @@ pub fn load_job(job_dir: &Path, id: JobId, allowed_source_dirs: &[PathBuf]) -> R
     let manifest_path = job_dir.join(MANIFEST);
     let fail = |vm: Option<&str>, msg: String| JobFailure::new(vm, msg);
     let bytes = crate::queue::read_manifest(job_dir)
-    .map_err(|e| fail(None, format!("cannot read the manifest {}: {e}", manifest_path.display())))?;
+        .map_err(|e| fail(None, format!("cannot read the manifest {}: {e}", manifest_path.display())))?;
     let manifest = Manifest::parse(&bytes)
         .map_err(|e| fail(None, format!("invalid manifest {}: {e}", manifest_path.display())))?;
     let vm_hint = manifest.vm_name().filter(|n| crate::names::check_vm_name(n).is_ok()).map(str::to_string);

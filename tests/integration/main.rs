@@ -10,6 +10,7 @@ mod faults;
 mod formats;
 mod grpc;
 mod hostile;
+mod hostile_exporter;
 mod hyper2kvm;
 mod netns;
 mod races;

@@ -165,3 +165,28 @@ pub fn corrupt(path: &Path, offset: u64) {
     f.write_all_at(&b, offset).expect("write");
     f.sync_all().expect("sync");
 }
+
+/// Set the HasParent flag in a VHDX's file parameters (what a differencing disk has; qemu-img
+/// cannot create one).
+pub fn vhdx_set_has_parent(path: &Path) {
+    const METADATA: [u8; 16] =
+        [0x06, 0xa2, 0x7c, 0x8b, 0x90, 0x47, 0x9a, 0x4b, 0xb8, 0xfe, 0x57, 0x5f, 0x05, 0x0f, 0x88, 0x6e];
+    const PARAMS: [u8; 16] =
+        [0x37, 0x67, 0xa1, 0xca, 0x36, 0xfa, 0x43, 0x4d, 0xb3, 0xb6, 0x33, 0xf0, 0xaa, 0x44, 0xe7, 0x6b];
+    let f = fs::OpenOptions::new().read(true).write(true).open(path).expect("open");
+    let mut regions = vec![0u8; 4096];
+    f.read_exact_at(&mut regions, 192 << 10).expect("regions");
+    let meta = (0..16)
+        .map(|i| 16 + i * 32)
+        .find(|&e| regions[e..e + 16] == METADATA)
+        .map(|e| u64::from_le_bytes(regions[e + 16..e + 24].try_into().expect("8")))
+        .expect("metadata region");
+    let mut table = vec![0u8; 4096];
+    f.read_exact_at(&mut table, meta).expect("table");
+    let item = (0..16).map(|i| 32 + i * 32).find(|&e| table[e..e + 16] == PARAMS).expect("file parameters");
+    let off = meta + u64::from(u32::from_le_bytes(table[item + 16..item + 20].try_into().expect("4")));
+    let mut flags = [0u8; 4];
+    f.read_exact_at(&mut flags, off + 4).expect("flags");
+    flags[0] |= 0b10;
+    f.write_all_at(&flags, off + 4).expect("patch");
+}

@@ -424,6 +424,22 @@ pub fn collect(child: Child, desc: String, limit: Duration) -> Ran {
     Ran { desc, output: child.wait_with_output().expect("output") }
 }
 
+/// Wait until process `pid` is stopped (it reached a `stop:` failpoint, see
+/// `hyperfarm_shared::failpoint`).
+pub fn wait_stopped(pid: u32, limit: Duration) {
+    wait_for(&format!("process {pid} to stop at its failpoint"), limit, || {
+        let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        stat.rsplit_once(')')?.1.trim_start().starts_with('T').then_some(())
+    });
+}
+
+/// Let a stopped process go on.
+pub fn cont(pid: u32) {
+    if let Some(p) = rustix::process::Pid::from_raw(pid as i32) {
+        let _ = rustix::process::kill_process(p, rustix::process::Signal::CONT);
+    }
+}
+
 /// Read `output/<name>`.
 pub fn file_exists(p: &Path) -> bool {
     fs::symlink_metadata(p).is_ok()

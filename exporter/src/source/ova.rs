@@ -8,8 +8,12 @@ use std::path::Path;
 
 use sha2::Digest as _;
 
-use super::{DiskData, SourceDisk, SourceError, VmSource, bad, dedupe_ids, disk_id, ovf};
+use super::{DiskData, Opened, SourceDisk, SourceError, VmSource, bad, dedupe_ids, disk_id, ovf};
 use hyperfarm_shared::format::{self, Sniffed};
+use hyperfarm_shared::text::Esc;
+
+/// Most entries (of any type) an OVA may have.
+pub const MAX_MEMBERS: usize = 10_000;
 
 /// A digest from the OVA's `.mf`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -98,14 +102,40 @@ struct Member {
     size: u64,
 }
 
-/// Load an OVA.
-pub fn load(path: &Path, file: &File) -> Result<VmSource, SourceError> {
+/// Load an OVA, open as `top`: every member is read through that one descriptor.
+pub fn load(path: &Path, top: &Opened) -> Result<VmSource, SourceError> {
+    let file: &File = &top.file;
+    let archive_len = top.len();
+    let truncated = |name: &str| {
+        bad(
+            path,
+            format!(
+                "is truncated: member {} ends beyond the archive's {archive_len} bytes; the OVA was cut short (an interrupted download or copy): download or export it again",
+                Esc(name)
+            ),
+        )
+    };
     let mut members: HashMap<String, Member> = HashMap::new();
     let mut order = Vec::new();
+    let mut entries_seen = 0usize;
+    let mut names_seen = std::collections::HashSet::new();
     let mut archive = tar::Archive::new(file.try_clone().map_err(|e| bad(path, e.to_string()))?);
     let entries = archive.entries_with_seek().map_err(|e| bad(path, format!("is not a readable OVA (tar): {e}")))?;
     for entry in entries {
-        let entry = entry.map_err(|e| bad(path, format!("is a damaged OVA (tar): {e}")))?;
+        let entry = entry.map_err(|e| {
+            let why = if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                "is truncated: the archive ends in the middle of a member's header; download or export it again"
+                    .to_string()
+            } else {
+                format!("is a damaged OVA (tar): {e}; download or export it again")
+            };
+            bad(path, why)
+        })?;
+        // Every entry counts, whatever its type: directories and links must not escape the cap.
+        entries_seen += 1;
+        if entries_seen > MAX_MEMBERS {
+            return Err(bad(path, format!("has more than {MAX_MEMBERS} entries; it is not an OVA")));
+        }
         let name =
             entry.path().map_err(|e| bad(path, format!("has a bad member name: {e}")))?.to_string_lossy().into_owned();
         let kind = entry.header().entry_type();
@@ -113,32 +143,60 @@ pub fn load(path: &Path, file: &File) -> Result<VmSource, SourceError> {
             return Err(bad(
                 path,
                 format!(
-                    "member {name} is a GNU sparse tar entry, which OVA does not allow; re-create the OVA with a standard tar"
+                    "member {} is a GNU sparse tar entry, which OVA does not allow; re-create the OVA with a standard tar",
+                    Esc(&name)
+                ),
+            ));
+        }
+        // A name seen twice (as a file, or as a file and a link to one) is ambiguous.
+        if !names_seen.insert(name.clone()) {
+            return Err(bad(
+                path,
+                format!(
+                    "holds the member {} twice; which one is meant is ambiguous, so the OVA is refused: re-create it",
+                    Esc(&name)
                 ),
             ));
         }
         if !kind.is_file() {
             continue;
         }
-        if members.len() > 10_000 {
-            return Err(bad(path, "has more than 10,000 members; it is not an OVA"));
+        let m = Member { offset: entry.raw_file_position(), size: entry.size() };
+        if m.offset.checked_add(m.size).is_none_or(|end| end > archive_len) {
+            return Err(truncated(&name));
         }
         order.push(name.clone());
-        members.insert(name, Member { offset: entry.raw_file_position(), size: entry.size() });
+        members.insert(name, m);
     }
-    let ovf_name = order
-        .iter()
-        .find(|n| n.to_ascii_lowercase().ends_with(".ovf"))
-        .cloned()
-        .ok_or_else(|| bad(path, "is a tar archive without an .ovf descriptor, so not an OVA"))?;
+    let ovfs: Vec<&String> = order.iter().filter(|n| n.to_ascii_lowercase().ends_with(".ovf")).collect();
+    let ovf_name = match ovfs.as_slice() {
+        [one] => (*one).clone(),
+        [] => return Err(bad(path, "is a tar archive without an .ovf descriptor, so not an OVA")),
+        many => {
+            return Err(bad(
+                path,
+                format!(
+                    "holds {} OVF descriptors ({}); an OVA has exactly one, so which VM is meant is ambiguous: re-create it",
+                    many.len(),
+                    many.iter().map(|n| Esc(n.as_str()).to_string()).collect::<Vec<_>>().join(", ")
+                ),
+            ));
+        }
+    };
     let read_member = |name: &str, limit: u64| -> Result<Vec<u8>, SourceError> {
         let m = &members[name];
         if m.size > limit {
-            return Err(bad(path, format!("member {name} is {} bytes, too large for a descriptor", m.size)));
+            return Err(bad(path, format!("member {} is {} bytes, too large for a descriptor", Esc(name), m.size)));
         }
         let mut buf = vec![0u8; m.size as usize];
         use std::os::unix::fs::FileExt;
-        file.read_exact_at(&mut buf, m.offset).map_err(|e| bad(path, format!("reading member {name}: {e}")))?;
+        file.read_exact_at(&mut buf, m.offset).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                truncated(name)
+            } else {
+                bad(path, format!("reading member {}: {e}", Esc(name)))
+            }
+        })?;
         Ok(buf)
     };
     let ovf_bytes = read_member(&ovf_name, 16 << 20)?;
@@ -155,25 +213,30 @@ pub fn load(path: &Path, file: &File) -> Result<VmSource, SourceError> {
             return Err(bad(
                 path,
                 format!(
-                    "the {} digest of {ovf_name} does not match the OVA's manifest; the OVA is corrupt",
-                    d.algorithm()
+                    "the {} digest of {} does not match the OVA's manifest; the OVA is corrupt",
+                    d.algorithm(),
+                    Esc(&ovf_name)
                 ),
             ));
         }
     }
-    let info = ovf::parse(&String::from_utf8_lossy(&ovf_bytes)).map_err(|m| bad(path, format!("{ovf_name} {m}")))?;
+    let ovf_shown = Esc(&ovf_name).to_string();
+    let info = ovf::parse(&String::from_utf8_lossy(&ovf_bytes)).map_err(|m| bad(path, format!("{ovf_shown} {m}")))?;
     let mut disks = Vec::new();
     for (i, d) in info.disks.iter().enumerate() {
-        ovf::check_href(&d.href).map_err(|m| bad(path, format!("{ovf_name} {m}")))?;
+        ovf::check_href(&d.href).map_err(|m| bad(path, format!("{ovf_shown} {m}")))?;
         let m = members.get(&d.href).ok_or_else(|| {
-            bad(path, format!("{ovf_name} refers to {}, which is not in the archive; the OVA is incomplete", d.href))
+            bad(
+                path,
+                format!("{ovf_shown} refers to {}, which is not in the archive; the OVA is incomplete", Esc(&d.href)),
+            )
         })?;
         if let Some(size) = d.size
             && size != m.size
         {
             return Err(bad(
                 path,
-                format!("member {} is {} bytes but the OVF says {size}; the OVA is incomplete", d.href, m.size),
+                format!("member {} is {} bytes but the OVF says {size}; the OVA is incomplete", Esc(&d.href), m.size),
             ));
         }
         let region = RegionFile { file, offset: m.offset, len: m.size };
@@ -186,23 +249,25 @@ pub fn load(path: &Path, file: &File) -> Result<VmSource, SourceError> {
                     path,
                     format!(
                         "member {} is a VMDK descriptor without data; OVAs must carry stream-optimized or monolithic disks",
-                        d.href
+                        Esc(&d.href)
                     ),
                 ));
             }
             Sniffed::Unknown => {
                 if m.size % 512 != 0 {
-                    return Err(bad(path, format!("member {} is not a recognised disk image", d.href)));
+                    return Err(bad(path, format!("member {} is not a recognised disk image", Esc(&d.href))));
                 }
                 hyperfarm_shared::format::DiskFormat::Raw
             }
         };
-        format::self_contained(file, m.offset, fmt, &head).map_err(|m| bad(path, format!("member {} {m}", d.href)))?;
+        format::self_contained(file, m.offset, fmt, &head)
+            .map_err(|msg| bad(path, format!("member {} {msg}", Esc(&d.href))))?;
         disks.push(SourceDisk {
             id: disk_id(&d.disk_id, i),
             format: fmt,
-            data: DiskData::Region { path: path.to_path_buf(), offset: m.offset, len: m.size },
-            label: format!("{} ({})", d.disk_id, d.href),
+            data: DiskData::Region { src: top.clone(), offset: m.offset, len: m.size },
+            label: format!("{} ({})", Esc(&d.disk_id), Esc(&d.href)),
+            member: Some(d.href.clone()),
         });
     }
     dedupe_ids(&mut disks);

@@ -2,7 +2,11 @@
 
 use std::path::Path;
 
-use super::{Firmware, SourceError, VmSource, bad, dedupe_ids, disk_id, load_disk_file};
+use hyperfarm_shared::text::Esc;
+
+use super::{
+    Firmware, MAX_OVF, Opened, SourceError, VmDir, VmSource, bad, dedupe_ids, disk_id, load_disk_file, read_text,
+};
 
 /// A disk as the OVF describes it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -52,7 +56,9 @@ pub fn parse(xml: &str) -> Result<OvfInfo, String> {
             && c != "identity"
         {
             return Err(format!(
-                "references {href} compressed with {c:?}, which is not supported; re-export the OVF without compression"
+                "references {} compressed with {}, which is not supported; re-export the OVF without compression",
+                Esc(href),
+                Esc(c)
             ));
         }
         files.insert(id.to_string(), (href.to_string(), attr(&f, "size").and_then(|s| s.parse().ok())));
@@ -65,13 +71,13 @@ pub fn parse(xml: &str) -> Result<OvfInfo, String> {
         };
         let Some(file_ref) = attr(&d, "fileRef") else {
             return Err(format!(
-                "disk {id} has no file (an empty disk); remove it from the VM or export it with its data"
+                "disk {} has no file (an empty disk); remove it from the VM or export it with its data",
+                Esc(id)
             ));
         };
-        let (href, size) = files
-            .get(file_ref)
-            .cloned()
-            .ok_or_else(|| format!("disk {id} refers to file {file_ref:?}, which is not in the References section"))?;
+        let (href, size) = files.get(file_ref).cloned().ok_or_else(|| {
+            format!("disk {} refers to file {}, which is not in the References section", Esc(id), Esc(file_ref))
+        })?;
         disk_files.push(OvfDisk { disk_id: id.to_string(), href, size });
     }
 
@@ -145,37 +151,37 @@ fn to_mib(qty: u64, units: &str) -> Option<u64> {
 /// An href must stay inside the OVF's directory (or the OVA).
 pub fn check_href(href: &str) -> Result<(), String> {
     let p = Path::new(href);
-    if href.contains("://") || p.is_absolute() || p.components().any(|c| !matches!(c, std::path::Component::Normal(_)))
+    if href.is_empty()
+        || href.contains("://")
+        || p.is_absolute()
+        || p.components().any(|c| !matches!(c, std::path::Component::Normal(_)))
     {
         return Err(format!(
-            "refers to {href:?}, which is not a file beside the OVF; only relative names without '..' are accepted"
+            "refers to {}, which is not a file beside the OVF; only relative names without '..' are accepted",
+            Esc(href)
         ));
     }
     Ok(())
 }
 
-/// An OVF file on disk with its disks beside it.
-pub fn load_file(path: &Path) -> Result<VmSource, SourceError> {
-    let text = std::fs::read(path).map_err(|e| bad(path, format!("cannot read it: {e}")))?;
-    if text.len() > 16 << 20 {
-        return Err(bad(path, "is larger than 16 MiB; it cannot be an OVF descriptor"));
-    }
-    let info = parse(&String::from_utf8_lossy(&text)).map_err(|m| bad(path, m))?;
-    let dir = path.parent().unwrap_or(Path::new("."));
+/// An OVF file (open as `top`, `rel` below the VM's directory `dir`) with its disks beside it.
+pub fn load_file(path: &Path, dir: &VmDir, rel: &Path, top: &Opened) -> Result<VmSource, SourceError> {
+    let text = read_text(top, MAX_OVF, "an OVF descriptor")?;
+    let info = parse(&text).map_err(|m| bad(path, m))?;
+    let base = rel.parent().unwrap_or(Path::new(""));
     let mut disks = Vec::new();
     for (i, d) in info.disks.iter().enumerate() {
         check_href(&d.href).map_err(|m| bad(path, m))?;
-        let disk_path = dir.join(&d.href);
-        let mut disk = load_disk_file(&disk_path, &disk_id(&d.disk_id, i))?;
+        let mut disk = load_disk_file(dir, &base.join(&d.href), &disk_id(&d.disk_id, i))?;
         if let Some(size) = d.size
             && disk.data.len() != size
         {
             return Err(bad(
-                &disk_path,
+                &dir.root().join(base).join(&d.href),
                 format!("is {} bytes but the OVF says {size}; the export is incomplete", disk.data.len()),
             ));
         }
-        disk.label = format!("{} ({})", d.disk_id, d.href);
+        disk.label = format!("{} ({})", Esc(&d.disk_id), Esc(&d.href));
         disks.push(disk);
     }
     dedupe_ids(&mut disks);

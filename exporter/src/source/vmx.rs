@@ -3,7 +3,11 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use super::{Firmware, SourceError, VmSource, bad, dedupe_ids, disk_id, load_disk_file};
+use hyperfarm_shared::text::Esc;
+
+use super::{
+    Firmware, MAX_VMX, Opened, SourceError, VmDir, VmSource, bad, dedupe_ids, disk_id, load_disk_file, read_text,
+};
 
 /// Parse VMX text into lowercase keys and unquoted values.
 pub fn parse(text: &str) -> HashMap<String, String> {
@@ -82,20 +86,17 @@ pub fn disks(keys: &HashMap<String, String>) -> Vec<VmxDisk> {
     disks
 }
 
-/// Load a VMX with its disks.
-pub fn load(path: &Path) -> Result<VmSource, SourceError> {
-    let text = std::fs::read(path).map_err(|e| bad(path, format!("cannot read it: {e}")))?;
-    if text.len() > 4 << 20 {
-        return Err(bad(path, "is larger than 4 MiB; it cannot be a VMX file"));
-    }
-    let keys = parse(&String::from_utf8_lossy(&text));
-    let dir = path.parent().unwrap_or(Path::new("."));
+/// Load a VMX (open as `top`, `rel` below the VM's directory `dir`) with its disks, which must be
+/// files inside the VM's directory.
+pub fn load(path: &Path, dir: &VmDir, rel: &Path, top: &Opened) -> Result<VmSource, SourceError> {
+    let text = read_text(top, MAX_VMX, "a VMX file")?;
+    let keys = parse(&text);
+    let base = rel.parent().unwrap_or(Path::new(""));
     let mut disks = Vec::new();
     for (i, d) in disks_of(&keys).iter().enumerate() {
-        let p = Path::new(&d.file_name);
-        let full = if p.is_absolute() { p.to_path_buf() } else { dir.join(p) };
-        let mut disk = load_disk_file(&full, &disk_id(&d.device.replace(':', "-"), i))?;
-        disk.label = format!("{} ({})", d.device, d.file_name);
+        let name = dir.check_name(&format!("its disk {}", Esc(&d.device)), &d.file_name).map_err(|m| bad(path, m))?;
+        let mut disk = load_disk_file(dir, &base.join(name), &disk_id(&d.device.replace(':', "-"), i))?;
+        disk.label = format!("{} ({})", Esc(&d.device), Esc(&d.file_name));
         disks.push(disk);
     }
     dedupe_ids(&mut disks);

@@ -77,7 +77,8 @@ pub fn retry(queue: &Queue, id: &JobId) -> Result<JobId, RetryError> {
         link_or_copy(&dir.join(DISKS).join(n), &staging.disk_path(n)).map_err(io)?;
     }
     if seed {
-        fsx::write_new_file(&staging.dir().join(ORIGIN), &super::read_small(&dir.join(ORIGIN)).map_err(io)?).map_err(io)?;
+        fsx::write_new_file(&staging.dir().join(ORIGIN), &super::read_small(&dir.join(ORIGIN)).map_err(io)?)
+            .map_err(io)?;
     }
     staging.publish(&manifest).map_err(publish)?;
     record_event(&dir, "retried", "-", serde_json::json!({ "as": new }));

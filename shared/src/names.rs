@@ -1,4 +1,6 @@
-//! Names that become file names: VM names (`<vm>.qcow2`) and disk ids (`<vm>-<disk>.qcow2`).
+//! Names that become file names: VM names (`<vm>.qcow2`) and disk ids (`<vm>~<disk>.qcow2`).
+//! Neither may contain `~`, which separates them in data disk names, so output names never collide
+//! across VMs.
 //!
 //! They arrive in manifests written by other programs, so they are validated, never trusted: no
 //! path separators, no `..`, nothing a program could read as an option, nothing invisible.

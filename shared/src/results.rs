@@ -3,7 +3,7 @@
 //! ```text
 //! <output-dir>/
 //!   <vm>.qcow2                 the boot disk (success)
-//!   <vm>-<disk-id>.qcow2       every other disk, in place before <vm>.qcow2 appears
+//!   <vm>~<disk-id>.qcow2       every other disk, in place before <vm>.qcow2 appears
 //!   <vm>.error                 a readable message, first line a summary (failure, cancel)
 //!   .hyperfarm/results/<job-id>.json   the result record: which job, which files, what error
 //!   .hyperfarm/tmp/<job-id>@<token>/   an agent's work area for one attempt
@@ -98,7 +98,8 @@ pub enum OnExisting {
     /// replaced without the operator saying so).
     #[default]
     Fail,
-    /// Move the existing file aside to `<name>.superseded-<UTC time>.qcow2`, then publish.
+    /// Move the existing file aside to `<stem>~superseded~<UTC time>.qcow2`, then publish. Only
+    /// ever the same VM's earlier file: names cannot collide across VMs (see [`disk_file_name`]).
     Archive,
 }
 
@@ -127,9 +128,16 @@ impl ResultError {
     }
 }
 
-/// File name of a disk's result: the boot disk is `<vm>.qcow2`, the others `<vm>-<disk>.qcow2`.
+/// The character between a VM name and a disk id in a data disk's file name. Neither VM names nor
+/// disk ids may contain it ([`crate::names`]), so no name can stand for two (VM, disk) pairs: VM
+/// `web`'s disk `scsi0-1` (`web~scsi0-1.qcow2`) is never VM `web-scsi0-1`'s boot disk
+/// (`web-scsi0-1.qcow2`), nor VM `web-scsi0`'s disk `1`.
+pub const DISK_SEPARATOR: char = '~';
+
+/// File name of a disk's result: the boot disk is `<vm>.qcow2` (the seed's contract), the others
+/// `<vm>~<disk>.qcow2`.
 pub fn disk_file_name(vm: &str, disk_id: &str, boot: bool) -> String {
-    if boot { format!("{vm}.qcow2") } else { format!("{vm}-{disk_id}.qcow2") }
+    if boot { format!("{vm}.qcow2") } else { format!("{vm}{DISK_SEPARATOR}{disk_id}.qcow2") }
 }
 
 /// The output directory and our area in it.
@@ -430,9 +438,9 @@ fn archive_name(dst: &Path) -> PathBuf {
     let mut n = 0;
     loop {
         let candidate = if n == 0 {
-            format!("{stem}.superseded-{stamp}.{ext}")
+            format!("{stem}{DISK_SEPARATOR}superseded{DISK_SEPARATOR}{stamp}.{ext}")
         } else {
-            format!("{stem}.superseded-{stamp}-{n}.{ext}")
+            format!("{stem}{DISK_SEPARATOR}superseded{DISK_SEPARATOR}{stamp}-{n}.{ext}")
         };
         let p = dst.with_file_name(candidate);
         if fs::symlink_metadata(&p).is_err() {
@@ -477,11 +485,11 @@ mod tests {
         let id = JobId::new();
         let p = Publication::begin(out, id, "tok").expect("begin");
         fs::write(p.work_dir().join(format!("{vm}.qcow2")), content).expect("write");
-        fs::write(p.work_dir().join(format!("{vm}-d1.qcow2")), content).expect("write");
+        fs::write(p.work_dir().join(format!("{vm}~d1.qcow2")), content).expect("write");
         let rec = record(
             id,
             vm,
-            vec![file("d0", &format!("{vm}.qcow2"), true), file("d1", &format!("{vm}-d1.qcow2"), false)],
+            vec![file("d0", &format!("{vm}.qcow2"), true), file("d1", &format!("{vm}~d1.qcow2"), false)],
             ResultState::Done,
         );
         p.publish(rec, None, policy, || true)
@@ -494,7 +502,7 @@ mod tests {
         fs::write(d.path().join("vm.error"), "old failure").expect("write");
         let rec = publish_ok(&out, "vm", b"new", OnExisting::Fail).expect("publish");
         assert_eq!(fs::read(d.path().join("vm.qcow2")).expect("read"), b"new");
-        assert!(d.path().join("vm-d1.qcow2").is_file());
+        assert!(d.path().join("vm~d1.qcow2").is_file());
         assert!(!d.path().join("vm.error").exists(), "a stale error must not contradict the result");
         assert_eq!(out.read_record(&rec.job_id).expect("read").expect("some"), rec);
         assert_eq!(fs::read_dir(out.tmp_dir()).expect("ls").count(), 0);
@@ -508,7 +516,7 @@ mod tests {
         let err = publish_ok(&out, "vm", b"second", OnExisting::Fail).expect_err("conflict");
         assert!(matches!(err, ResultError::Conflict { .. }), "{err}");
         assert_eq!(fs::read(d.path().join("vm.qcow2")).expect("read"), b"first");
-        assert_eq!(fs::read(d.path().join("vm-d1.qcow2")).expect("read"), b"first");
+        assert_eq!(fs::read(d.path().join("vm~d1.qcow2")).expect("read"), b"first");
         assert!(out.check_free("vm", &["vm.qcow2".into()], OnExisting::Fail).is_err());
 
         let rec = publish_ok(&out, "vm", b"third", OnExisting::Archive).expect("archive");

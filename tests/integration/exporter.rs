@@ -23,7 +23,7 @@ fn direct_mode_converts_here_with_the_same_engine() {
     let j = ran.json();
     assert_eq!(j["state"], "done");
     assert_identical(&raw, &out.join("direct.qcow2"));
-    assert_identical(&raw, &out.join("direct-vmdisk2.qcow2"));
+    assert_identical(&raw, &out.join("direct~vmdisk2.qcow2"));
     assert_eq!(fs::read_dir(out.join(".hyperfarm/tmp")).unwrap().count(), 0, "no work area left");
     // A second run for the same VM name does not overwrite: exit 8 naming the file.
     let ran = hyperexport(&["--vm", ova.to_str().unwrap(), "--pipeline", "--output", out.to_str().unwrap()]).run();

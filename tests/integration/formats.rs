@@ -62,9 +62,9 @@ fn ova_with_two_disks_keeps_boot_order_and_names() {
     let data = images::sample_disk(&farm.src, "data.raw", 16, 20);
     let ova = images::ova(&farm.src, "web01", &[&boot, &data]);
     let out = export_ok(&farm, &ova, &[]);
-    assert_eq!(out, vec![farm.output.join("web01.qcow2"), farm.output.join("web01-vmdisk2.qcow2")]);
+    assert_eq!(out, vec![farm.output.join("web01.qcow2"), farm.output.join("web01~vmdisk2.qcow2")]);
     assert_identical(&boot, &farm.output.join("web01.qcow2"));
-    assert_identical(&data, &farm.output.join("web01-vmdisk2.qcow2"));
+    assert_identical(&data, &farm.output.join("web01~vmdisk2.qcow2"));
     // VM facts from the OVF reached the manifest.
     let done = farm.jobs_in("done");
     let m: serde_json::Value =
@@ -112,7 +112,7 @@ fn ovf_and_vmx_with_several_disks() {
     ];
     std::fs::write(d.join("app.ovf"), images::ovf_text("app", 1, 512, "bios", &disks)).unwrap();
     let out = export_ok(&farm, &d.join("app.ovf"), &[]);
-    assert_eq!(out, vec![farm.output.join("app.qcow2"), farm.output.join("app-logs.qcow2")]);
+    assert_eq!(out, vec![farm.output.join("app.qcow2"), farm.output.join("app~logs.qcow2")]);
     assert_identical(&a, &out[0]);
     assert_identical(&b, &out[1]);
 
@@ -123,8 +123,39 @@ fn ovf_and_vmx_with_several_disks() {
     images::convert(&b, &v.join("db_1.vmdk"), "vmdk", None);
     let vmx = images::vmx(&v, "db server", &[("scsi0:1", "db_1.vmdk"), ("scsi0:0", "db.vmdk")]);
     let out = export_ok(&farm, &vmx, &[]);
-    assert_eq!(out, vec![farm.output.join("db server.qcow2"), farm.output.join("db server-scsi0-1.qcow2")]);
+    assert_eq!(out, vec![farm.output.join("db server.qcow2"), farm.output.join("db server~scsi0-1.qcow2")]);
     assert_identical(&a, &out[0]);
     assert_identical(&b, &out[1]);
     assert!(file_exists(&farm.output.join("db server.qcow2")));
+}
+
+/// VM `web` with a data disk `scsi0-1` and VM `web-scsi0-1` used to want the same file
+/// (`web-scsi0-1.qcow2`): with `archive`, the second moved the first VM's disk aside. Data disks
+/// are `<vm>~<disk>.qcow2` now (`~` is in neither a VM name nor a disk id): both VMs keep theirs.
+#[test]
+fn output_names_of_different_vms_never_collide() {
+    let farm = Farm::new();
+    let _agent = farm.agent(&["--on-existing", "archive"]);
+    let boot = images::sample_disk(&farm.src, "boot.raw", 16, 31);
+    let data = images::sample_disk(&farm.src, "data.raw", 8, 32);
+    let other = images::sample_disk(&farm.src, "other.raw", 8, 33);
+    let vmx_dir = farm.src.join("web");
+    std::fs::create_dir_all(&vmx_dir).unwrap();
+    std::fs::copy(&boot, vmx_dir.join("web.raw")).unwrap();
+    std::fs::copy(&data, vmx_dir.join("web_1.raw")).unwrap();
+    let vmx = images::vmx(&vmx_dir, "web", &[("scsi0:0", "web.raw"), ("scsi0:1", "web_1.raw")]);
+    let out = export_ok(&farm, &vmx, &[]);
+    assert_eq!(out, vec![farm.output.join("web.qcow2"), farm.output.join("web~scsi0-1.qcow2")]);
+    let out = export_ok(&farm, &other, &["--name", "web-scsi0-1"]);
+    assert_eq!(out, vec![farm.output.join("web-scsi0-1.qcow2")]);
+    assert_identical(&boot, &farm.output.join("web.qcow2"));
+    assert_identical(&data, &farm.output.join("web~scsi0-1.qcow2"));
+    assert_identical(&other, &farm.output.join("web-scsi0-1.qcow2"));
+    let names: Vec<String> = std::fs::read_dir(&farm.output)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| !n.starts_with('.'))
+        .collect();
+    assert!(!names.iter().any(|n| n.contains("superseded")), "nothing was moved aside: {names:?}");
+    assert_eq!(names.len(), 3, "{names:?}");
 }

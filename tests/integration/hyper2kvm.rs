@@ -43,7 +43,7 @@ fn a_multi_disk_vm_through_hyper2kvm() {
     let ova = images::ova(&farm.src, "pair", &[&a, &b]);
     farm.export(&ova, &[]).expect_code(0);
     assert_identical(&a, &farm.output.join("pair.qcow2"));
-    assert_identical(&b, &farm.output.join("pair-vmdisk2.qcow2"));
+    assert_identical(&b, &farm.output.join("pair~vmdisk2.qcow2"));
     assert_eq!(farm.records()[0]["engine"], "hyper2kvm");
 }
 

@@ -48,10 +48,10 @@ pub struct Core {
     pub shutdown: CancellationToken,
     pub started: Instant,
     pub qemu_version: String,
-    /// VM names of queued and finished jobs, for listings.
-    pub names: crate::grpc::jobs::NameCache,
-    /// Result records of finished jobs, for listings.
-    pub records: crate::grpc::jobs::RecordCache,
+    /// The queue as the API shows it, in memory (refreshed by a thread of its own).
+    pub index: Arc<crate::index::JobIndex>,
+    /// gRPC connections (open, refused, timed out).
+    pub connections: Arc<crate::grpc::conn::ConnStats>,
     /// The last health probe (directories writable, engine usable).
     pub health: Arc<crate::grpc::HealthState>,
     /// Queued jobs already announced on the board.
@@ -67,6 +67,10 @@ impl Core {
     }
     pub fn running_count(&self) -> usize {
         self.running.lock().expect("running lock").len()
+    }
+    /// Scans of the queue since start.
+    pub fn scans(&self) -> u64 {
+        self.scans.load(std::sync::atomic::Ordering::Relaxed)
     }
 }
 
@@ -137,8 +141,8 @@ pub async fn prepare(cfg: Config) -> anyhow::Result<Arc<Core>> {
         agent_name,
         board: Board::new(),
         running: Mutex::new(HashMap::new()),
-        names: Default::default(),
-        records: Default::default(),
+        index: Arc::new(crate::index::JobIndex::new(cfg.max_listed_jobs)),
+        connections: Default::default(),
 
         health: Default::default(),
         announced: Default::default(),

@@ -119,6 +119,27 @@ pub struct Cli {
     /// Whether clients connecting over loopback may make control calls [default: true]
     #[arg(long, env = "HYPER2KVM_AGENT_CONTROL_FROM_LOOPBACK", value_name = "BOOL")]
     pub control_from_loopback: Option<bool>,
+    /// Most gRPC connections open at once; more are closed at once (a flood of idle connections
+    /// must never take the descriptors the queue needs) [default: 256]
+    #[arg(long, env = "HYPER2KVM_AGENT_MAX_CONNECTIONS", value_name = "N")]
+    pub max_connections: Option<usize>,
+    /// A new gRPC connection must complete its TLS/HTTP/2 handshake within this time [default: 10s]
+    #[arg(long, env = "HYPER2KVM_AGENT_HANDSHAKE_TIMEOUT", value_parser = duration::parse, value_name = "DURATION")]
+    pub handshake_timeout: Option<Duration>,
+    /// A gRPC connection that sends nothing for this long is closed (live clients answer the
+    /// agent's keep-alive pings every 20 s) [default: 60s]
+    #[arg(long, env = "HYPER2KVM_AGENT_IDLE_TIMEOUT", value_parser = duration::parse, value_name = "DURATION")]
+    pub idle_timeout: Option<Duration>,
+    /// Most watch streams (WatchJob, WatchJobs) open at once [default: 256]
+    #[arg(long, env = "HYPER2KVM_AGENT_MAX_WATCHERS", value_name = "N")]
+    pub max_watchers: Option<usize>,
+    /// Most jobs the agent keeps in its in-memory listing (the oldest finished ones are left out
+    /// beyond it; they stay on disk) [default: 100000]
+    #[arg(long, env = "HYPER2KVM_AGENT_MAX_LISTED_JOBS", value_name = "N")]
+    pub max_listed_jobs: Option<usize>,
+    /// Largest virtual disk size accepted (e.g. 16T) [default: 64T]
+    #[arg(long, env = "HYPER2KVM_AGENT_MAX_VIRTUAL_SIZE", value_parser = hyperfarm_shared::human::parse_size, value_name = "SIZE")]
+    pub max_virtual_size: Option<u64>,
     /// Where to keep the cache of all-zero BLAKE3 subtrees (fast verification of sparse disks)
     /// [default: $CACHE_DIRECTORY (systemd), else ~/.cache/hyperfarm]
     #[arg(long, env = "HYPER2KVM_AGENT_CACHE_DIR", value_name = "DIR")]
@@ -187,6 +208,15 @@ pub struct FileConfig {
     pub control_token_file: Option<PathBuf>,
     pub control_clients: Option<Vec<String>>,
     pub control_from_loopback: Option<bool>,
+    pub max_connections: Option<usize>,
+    #[serde(default, deserialize_with = "duration::de_opt")]
+    pub handshake_timeout: Option<Duration>,
+    #[serde(default, deserialize_with = "duration::de_opt")]
+    pub idle_timeout: Option<Duration>,
+    pub max_watchers: Option<usize>,
+    pub max_listed_jobs: Option<usize>,
+    #[serde(default, deserialize_with = "hyperfarm_shared::human::de_size_opt")]
+    pub max_virtual_size: Option<u64>,
 }
 
 /// How the gRPC server listens and whom it lets control jobs.
@@ -201,6 +231,12 @@ pub struct GrpcConfig {
     pub control_token_file: Option<PathBuf>,
     pub control_clients: Vec<String>,
     pub control_from_loopback: bool,
+    pub max_connections: usize,
+    #[serde(serialize_with = "ser_dur")]
+    pub handshake_timeout: Duration,
+    #[serde(serialize_with = "ser_dur")]
+    pub idle_timeout: Duration,
+    pub max_watchers: usize,
 }
 
 /// The default gRPC address.
@@ -239,6 +275,8 @@ pub struct Config {
     pub hyper2kvm_timeout: Duration,
     pub cache_dir: Option<PathBuf>,
     pub grpc: GrpcConfig,
+    pub max_listed_jobs: usize,
+    pub max_virtual_size: u64,
     pub log_format: String,
 }
 
@@ -327,7 +365,16 @@ pub fn load(cli: &Cli) -> anyhow::Result<Config> {
                 cli.control_clients.clone()
             },
             control_from_loopback: cli.control_from_loopback.or(file.control_from_loopback).unwrap_or(true),
+            max_connections: cli.max_connections.or(file.max_connections).unwrap_or(256),
+            handshake_timeout: cli.handshake_timeout.or(file.handshake_timeout).unwrap_or(Duration::from_secs(10)),
+            idle_timeout: cli.idle_timeout.or(file.idle_timeout).unwrap_or(Duration::from_secs(60)),
+            max_watchers: cli.max_watchers.or(file.max_watchers).unwrap_or(256),
         },
+        max_listed_jobs: cli.max_listed_jobs.or(file.max_listed_jobs).unwrap_or(100_000),
+        max_virtual_size: cli
+            .max_virtual_size
+            .or(file.max_virtual_size)
+            .unwrap_or(hyperfarm_shared::engine::inspect::MAX_VIRTUAL_SIZE),
         log_format: cli.log_format.clone(),
     };
     validate(&cfg)?;
@@ -392,6 +439,32 @@ fn validate(cfg: &Config) -> anyhow::Result<()> {
     {
         return bad(format!(
             "listen = {addr} is not a loopback address: give tls_cert and tls_key (and tls_client_ca for mutual TLS), or set insecure_listen = true to accept plaintext"
+        ));
+    }
+    if !(1..=65_536).contains(&g.max_connections) {
+        return bad(format!("max_connections = {} must be between 1 and 65536", g.max_connections));
+    }
+    if !(1..=100_000).contains(&g.max_watchers) {
+        return bad(format!("max_watchers = {} must be between 1 and 100000", g.max_watchers));
+    }
+    for (what, d) in [("handshake_timeout", g.handshake_timeout), ("idle_timeout", g.idle_timeout)] {
+        if d < Duration::from_millis(100) {
+            return bad(format!("{what} = {} must be at least 100ms", duration::show(d)));
+        }
+    }
+    if g.idle_timeout < Duration::from_secs(25) && g.listen.is_some_and(|a| !a.ip().is_loopback()) {
+        tracing::warn!(
+            "idle_timeout = {} is shorter than the 20 s keep-alive: quiet remote clients will be disconnected",
+            duration::show(g.idle_timeout)
+        );
+    }
+    if cfg.max_listed_jobs < 100 {
+        return bad(format!("max_listed_jobs = {} must be at least 100", cfg.max_listed_jobs));
+    }
+    if cfg.max_virtual_size < 1 << 20 || cfg.max_virtual_size > hyperfarm_shared::engine::inspect::MAX_VIRTUAL_SIZE {
+        return bad(format!(
+            "max_virtual_size = {} must be between 1 MiB and 64 TiB",
+            hyperfarm_shared::human::bytes(cfg.max_virtual_size)
         ));
     }
     if cfg.watch_dir == cfg.output_dir {

@@ -82,7 +82,7 @@ pub async fn run_claimed(core: Arc<Core>, claim: Claim, stop: Arc<JobStop>) {
             seed_drop: false,
         }));
         core.board.update(view.lock().expect("view").clone());
-        let hb = tokio::spawn(heartbeat_loop(core.clone(), claim.clone(), prx.clone(), stop.clone()));
+        let hb = Heartbeat::start(&core, id, claim.clone(), prx.clone(), stop.clone());
         let fwd = tokio::spawn(forward_progress(core.clone(), view.clone(), prx));
 
         let result = tokio::select! {
@@ -99,7 +99,7 @@ pub async fn run_claimed(core: Arc<Core>, claim: Claim, stop: Arc<JobStop>) {
             (Err(Ended::Failed(f)), Some(StopReason::Cancel(reason))) if f.cancelled => Err(Ended::Failed(JobFailure::cancelled(f.vm_name.as_deref(), &reason))),
             (r, _) => r,
         };
-        hb.abort();
+        drop(hb);
         fwd.abort();
         finish(&core, &claim, id, &token, started_at_ms, result, &stop, &view).await;
     }
@@ -423,32 +423,59 @@ pub fn publish_orphan_result(core: &Core, id: JobId, job_dir: &Path, message: &s
     }
 }
 
-async fn heartbeat_loop(core: Arc<Core>, claim: SharedClaim, progress: watch::Receiver<Progress>, stop: Arc<JobStop>) {
-    let every = core.cfg.heartbeat_interval();
-    loop {
-        tokio::time::sleep(every).await;
-        let p = progress.borrow().clone();
-        let c = claim.clone();
-        let beat = tokio::task::spawn_blocking(move || {
-            let mut g = c.lock().expect("claim lock");
-            g.as_mut().map(|claim| claim.heartbeat(p.phase.as_str(), p.percent, p.bytes_done, p.bytes_total))
-        })
-        .await;
-        match beat {
-            Ok(Some(Ok(Beat::Owned))) => {}
-            Ok(Some(Ok(Beat::CancelRequested(reason)))) => {
-                info!(reason = %reason, "cancel requested");
-                stop.stop(StopReason::Cancel(reason));
+/// A job's heartbeat: a thread of its own, so that nothing else the agent does (API load, a busy
+/// runtime, other jobs' I/O) can delay the lease refresh past the lease timeout and have another
+/// agent take the job while it runs. Stops when dropped (at its next tick).
+struct Heartbeat {
+    _stop: std::sync::mpsc::Sender<()>,
+}
+
+impl Heartbeat {
+    fn start(
+        core: &Arc<Core>,
+        id: hyperfarm_shared::JobId,
+        claim: SharedClaim,
+        progress: watch::Receiver<Progress>,
+        stop: Arc<JobStop>,
+    ) -> Heartbeat {
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        let every = core.cfg.heartbeat_interval();
+        let stop2 = stop.clone();
+        let spawned = std::thread::Builder::new().name(format!("heartbeat-{id}")).spawn(move || {
+            let _span = info_span!("job", job = %id).entered();
+            loop {
+                match rx.recv_timeout(every) {
+                    Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+                    _ => return,
+                }
+                let p = progress.borrow().clone();
+                let beat = {
+                    let mut g = claim.lock().expect("claim lock");
+                    g.as_mut().map(|claim| claim.heartbeat(p.phase.as_str(), p.percent, p.bytes_done, p.bytes_total))
+                };
+                match beat {
+                    Some(Ok(Beat::Owned)) => {}
+                    Some(Ok(Beat::CancelRequested(reason))) => {
+                        info!(reason = %reason, "cancel requested");
+                        stop.stop(StopReason::Cancel(reason));
+                    }
+                    Some(Ok(Beat::Lost)) => {
+                        warn!(
+                            "lost the job: another agent recovered it after our lease expired; stopping without publishing"
+                        );
+                        stop.stop(StopReason::Lost);
+                        return;
+                    }
+                    Some(Err(e)) => warn!("heartbeat failed: {e}"),
+                    None => return,
+                }
             }
-            Ok(Some(Ok(Beat::Lost))) => {
-                warn!("lost the job: another agent recovered it after our lease expired; stopping without publishing");
-                stop.stop(StopReason::Lost);
-                return;
-            }
-            Ok(Some(Err(e))) => warn!("heartbeat failed: {e}"),
-            Ok(None) => return,
-            Err(e) => warn!("heartbeat task failed: {e}"),
+        });
+        if let Err(e) = spawned {
+            error!("cannot start the heartbeat thread: {e}; stopping the job");
+            stop2.stop(StopReason::Shutdown);
         }
+        Heartbeat { _stop: tx }
     }
 }
 

@@ -4,6 +4,7 @@
 //! - [`agent`]: start-up checks and recovery, the scan/claim loop, shutdown.
 //! - [`job`]: one claimed job from lease to result.
 //! - [`board`]: the in-memory view of jobs this agent runs (progress, recent results).
+//! - [`index`]: the in-memory listing of the whole queue that the API serves.
 //! - [`sdnotify`]: readiness and watchdog for systemd `Type=notify`.
 //!
 //! Exit codes: 0 clean shutdown, 1 runtime error, 2 usage, 3 configuration error,
@@ -14,6 +15,7 @@ pub mod agent;
 pub mod board;
 pub mod config;
 pub mod grpc;
+pub mod index;
 pub mod job;
 pub mod sdnotify;
 

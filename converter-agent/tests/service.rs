@@ -72,8 +72,13 @@ async fn get_job_answers_not_found_and_invalid_argument() {
     assert_eq!(e.code(), tonic::Code::NotFound);
     let e = c.get_job(pb::GetJobRequest { id: "../etc/passwd".into() }).await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::InvalidArgument);
-    let e = c.list_jobs(pb::ListJobsRequest { states: vec![0], limit: 0 }).await.unwrap_err();
+    let e = c.list_jobs(pb::ListJobsRequest { states: vec![0], ..Default::default() }).await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    // An unknown enum value is not silently ignored.
+    let e = c.list_jobs(pb::ListJobsRequest { states: vec![99], ..Default::default() }).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e}");
+    let e = c.list_jobs(pb::ListJobsRequest { page_token: "junk".into(), ..Default::default() }).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e}");
 }
 
 #[tokio::test]

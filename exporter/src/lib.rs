@@ -99,7 +99,8 @@ pub fn main_entry() -> ExitCode {
     match rt.block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("hyperexport: {e}");
+            // Messages quote file names, member names and agents' error texts: escaped.
+            eprintln!("hyperexport: {}", hyperfarm_shared::text::escape_lines(&e.to_string()));
             ExitCode::from(e.code())
         }
     }

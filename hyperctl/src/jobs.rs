@@ -143,12 +143,27 @@ pub async fn run(cli: &Cli, op: &JobsOp) -> Result<(), CtlError> {
     let now = hyperfarm_shared::queue::now_ms();
     match op {
         JobsOp::List { state, limit } => {
-            let mut req = pb::ListJobsRequest { limit: *limit, ..Default::default() };
+            let mut states = Vec::new();
             for s in state {
-                req.states.push(parse_state(s)? as i32);
+                states.push(parse_state(s)? as i32);
             }
-            let resp = client.list_jobs(ep.request(req)).await.map_err(|s| from_status(&ep.url, s))?.into_inner();
-            let jobs: Vec<JobJson> = resp.jobs.iter().map(JobJson::from).collect();
+            // Page through the agent's listing (at most 1000 a page) up to `limit` (0: all).
+            let want = if *limit == 0 { usize::MAX } else { *limit as usize };
+            let mut jobs: Vec<JobJson> = Vec::new();
+            let mut token = String::new();
+            let mut total;
+            loop {
+                let page = (want - jobs.len()).min(1000) as u32;
+                let req = pb::ListJobsRequest { states: states.clone(), limit: page, page_token: token.clone() };
+                let resp = client.list_jobs(ep.request(req)).await.map_err(|s| from_status(&ep.url, s))?.into_inner();
+                total = resp.total;
+                jobs.extend(resp.jobs.iter().map(JobJson::from));
+                token = resp.next_page_token;
+                if token.is_empty() || jobs.len() >= want {
+                    break;
+                }
+            }
+            let resp = pb::ListJobsResponse { total, ..Default::default() };
             if cli.json {
                 print_json(&serde_json::json!({"total": resp.total, "jobs": jobs}));
             } else {
@@ -181,23 +196,25 @@ pub async fn run(cli: &Cli, op: &JobsOp) -> Result<(), CtlError> {
             if cli.json {
                 print_json(&j);
             } else {
-                println!("job {}", j.id);
-                println!("  vm:        {}", j.vm);
+                // Everything here comes from an agent or the queue: escaped before it is printed.
+                use hyperfarm_shared::text::{escape, escape_lines};
+                println!("job {}", escape(&j.id));
+                println!("  vm:        {}", escape(&j.vm));
                 println!("  state:     {} ({})", j.state, j.phase);
                 if j.state == "converting" {
-                    println!("  progress:  {}", progress_cell(&j));
+                    println!("  progress:  {}", escape(&progress_cell(&j)));
                 }
-                println!("  agent:     {}", if j.agent.is_empty() { "-" } else { &j.agent });
-                println!("  engine:    {}", if j.engine.is_empty() { "-" } else { &j.engine });
+                println!("  agent:     {}", if j.agent.is_empty() { "-".into() } else { escape(&j.agent) });
+                println!("  engine:    {}", if j.engine.is_empty() { "-".into() } else { escape(&j.engine) });
                 println!("  attempts:  {}", j.attempts);
                 println!("  age:       {}", table::duration(now.saturating_sub(j.created_at_ms) / 1000));
                 if !j.files.is_empty() {
-                    println!("  files:     {}", j.files.join(", "));
+                    println!("  files:     {}", escape(&j.files.join(", ")));
                 }
                 if !j.error.is_empty() {
-                    println!("  error:\n    {}", j.error.trim_end().replace('\n', "\n    "));
+                    println!("  error:\n    {}", escape_lines(j.error.trim_end()).replace('\n', "\n    "));
                 } else if !j.error_summary.is_empty() {
-                    println!("  error:     {}", j.error_summary);
+                    println!("  error:     {}", escape(&j.error_summary));
                 }
             }
         }
@@ -217,7 +234,8 @@ pub async fn run(cli: &Cli, op: &JobsOp) -> Result<(), CtlError> {
                         &serde_json::json!({"seq": u.seq, "heartbeat": u.heartbeat, "final": u.is_final, "job": j}),
                     );
                 } else if !u.heartbeat {
-                    println!("{} {} {}", j.state, j.vm, progress_cell(&j));
+                    let line = format!("{} {} {}", j.state, j.vm, progress_cell(&j));
+                    println!("{}", hyperfarm_shared::text::escape(&line));
                 }
                 last = Some(j);
                 if u.is_final {
@@ -257,7 +275,7 @@ pub async fn run(cli: &Cli, op: &JobsOp) -> Result<(), CtlError> {
             if cli.json {
                 print_json(&serde_json::json!({"id": id, "state": state_name(r.state()), "message": r.message}));
             } else {
-                println!("job {id} ({}): {}", state_name(r.state()), r.message);
+                println!("job {id} ({}): {}", state_name(r.state()), hyperfarm_shared::text::escape(&r.message));
             }
         }
     }

@@ -247,7 +247,7 @@ pub fn main_entry() -> ExitCode {
     match rt.block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("hyperctl: {e}");
+            eprintln!("hyperctl: {}", hyperfarm_shared::text::escape_lines(&e.to_string()));
             ExitCode::from(e.code)
         }
     }

@@ -1,7 +1,11 @@
 //! Plain aligned tables and human-friendly figures.
 
-/// Print rows under headers, columns padded to their widest cell.
+/// Print rows under headers, columns padded to their widest cell. Cells come from agents and the
+/// queue: their control characters are escaped.
 pub fn print(headers: &[&str], rows: &[Vec<String>]) {
+    let rows: Vec<Vec<String>> =
+        rows.iter().map(|r| r.iter().map(|c| hyperfarm_shared::text::escape(c).into_owned()).collect()).collect();
+    let rows = &rows;
     let mut widths: Vec<usize> = headers.iter().map(|h| h.chars().count()).collect();
     for r in rows {
         for (i, c) in r.iter().enumerate() {

@@ -119,7 +119,7 @@ fn cancel_withdraws_a_queued_job_and_stops_a_running_one() {
     assert_eq!(fs::read_dir(farm.output.join(".hyperfarm/tmp")).unwrap().count(), 0, "partial output removed");
     let r = hyperctl(&["--agent", &url, "--json", "jobs", "show", &running]);
     r.expect_code(0);
-    assert_eq!(r.json()["state"], "cancelled");
+    assert_eq!(r.json()["state"], "cancelled", "{}", r.stdout());
     assert!(r.json()["error"].as_str().unwrap().contains("wrong VM"));
     // Unknown job: exit 3.
     hyperctl(&["--agent", &url, "jobs", "cancel", "01a21bc3-01d4-71f7-a2c5-7811a189a250"]).expect_code(3);

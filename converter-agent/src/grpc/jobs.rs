@@ -2,7 +2,6 @@
 //! queue and output directory on disk (anyone's).
 
 use std::collections::HashMap;
-use std::sync::Mutex;
 
 use hyperfarm_proto::v1 as pb;
 use hyperfarm_shared::JobId;
@@ -13,31 +12,7 @@ use hyperfarm_shared::results::{ResultRecord, ResultState};
 
 use crate::agent::Core;
 use crate::board::JobView;
-
-/// VM names by job id (manifests never change once published).
-#[derive(Debug, Default)]
-pub struct NameCache {
-    names: Mutex<HashMap<JobId, Option<String>>>,
-}
-
-impl NameCache {
-    /// The VM name of a job whose directory is `dir` (blocking: may read the manifest).
-    pub fn get(&self, id: &JobId, dir: &std::path::Path) -> Option<String> {
-        if let Some(n) = self.names.lock().expect("name cache").get(id) {
-            return n.clone();
-        }
-        let name = queue::read_manifest(dir)
-            .ok()
-            .and_then(|b| Manifest::parse(&b).ok())
-            .and_then(|m| m.vm_name().map(str::to_string));
-        let mut g = self.names.lock().expect("name cache");
-        if g.len() > 200_000 {
-            g.clear();
-        }
-        g.insert(*id, name.clone());
-        name
-    }
-}
+use crate::index::Indexed;
 
 pub fn phase_to_pb(p: Phase) -> pb::Phase {
     match p {
@@ -132,7 +107,11 @@ pub fn from_disk(core: &Core, id: &JobId, with_error: bool) -> Option<pb::Job> {
     let mut j = pb::Job { id: id.to_string(), created_at_ms: id.created_ms(), ..Default::default() };
     if let Some((state, dir)) = &located {
         j.set_state(state_to_pb(*state));
-        j.vm_name = core.names.get(id, dir).unwrap_or_default();
+        j.vm_name = queue::read_manifest(dir)
+            .ok()
+            .and_then(|b| Manifest::parse(&b).ok())
+            .and_then(|m| m.vm_name().map(str::to_string))
+            .unwrap_or_default();
         j.seed_drop = queue::has_origin(dir);
         let lease: Option<LeaseInfo> = queue::read_lease(&dir.join(queue::LEASE)).ok().and_then(|(_, l)| l);
         if *state == State::Converting
@@ -207,80 +186,83 @@ fn apply_record(j: &mut pb::Job, r: &ResultRecord, with_error: bool) {
     j.progress = Some(pb::Progress { percent: 100.0, ..Default::default() });
 }
 
-/// A job, preferring this agent's live view. Blocking.
-pub fn lookup(core: &Core, id: &JobId, with_error: bool) -> Option<pb::Job> {
-    if let Some(v) = core.board.get(id) {
-        let final_on_board = v.progress.phase.is_final();
-        // The result record is written before the board hears of the end: once it exists, the
-        // disk is the truth (and has the full error text).
-        let published = !final_on_board && core.output.record_path(id).exists();
-        if !published && (!final_on_board || !with_error) {
-            return Some(from_view(&v));
-        }
-    }
-    from_disk(core, id, with_error)
-}
-
-/// Every job of the queue in the given states, oldest first, this agent's live progress on top.
-/// Blocking.
-pub fn list(core: &Core, states: &[State], limit: usize) -> std::io::Result<(Vec<pb::Job>, u64)> {
-    let entries = queue::list(&core.queue, states, false)?;
-    let total = entries.len() as u64;
-    let running: HashMap<JobId, JobView> = core.board.running().into_iter().map(|v| (v.id, v)).collect();
-    let take = if limit == 0 { entries.len() } else { limit.min(entries.len()) };
-    let mut out = Vec::with_capacity(take);
-    for e in entries.into_iter().take(take) {
-        if let Some(v) = running.get(&e.id) {
-            out.push(from_view(v));
-            continue;
-        }
-        let mut j = pb::Job {
-            id: e.id.to_string(),
-            created_at_ms: e.id.created_ms(),
-            vm_name: core.names.get(&e.id, &e.dir).unwrap_or_default(),
+/// A job from the in-memory index (no disk read).
+pub fn from_index(j: &Indexed) -> pb::Job {
+    let mut out = pb::Job {
+        id: j.id.to_string(),
+        created_at_ms: j.id.created_ms(),
+        vm_name: j.vm_name.clone().unwrap_or_default(),
+        seed_drop: j.seed_drop,
+        ..Default::default()
+    };
+    out.set_state(state_to_pb(j.state));
+    out.set_phase(match j.state {
+        State::Queued => pb::Phase::Queued,
+        State::Converting => pb::Phase::Verifying,
+        State::Done => pb::Phase::Done,
+        State::Failed => pb::Phase::Failed,
+        State::Cancelled => pb::Phase::Cancelled,
+    });
+    if let Some(l) = &j.lease {
+        out.agent = l.agent.clone();
+        out.started_at_ms = l.claimed_at_ms;
+        out.updated_at_ms = l.heartbeat_at_ms;
+        out.progress = Some(pb::Progress {
+            percent: l.percent,
+            bytes_done: l.bytes_done,
+            bytes_total: l.bytes_total,
             ..Default::default()
-        };
-        j.set_state(state_to_pb(e.state));
-        j.set_phase(match e.state {
-            State::Queued => pb::Phase::Queued,
-            State::Converting => pb::Phase::Converting,
-            State::Done => pb::Phase::Done,
-            State::Failed => pb::Phase::Failed,
-            State::Cancelled => pb::Phase::Cancelled,
         });
-        if e.state.is_final()
-            && let Some(r) = core.records.get(&core.output, &e.id)
-        {
-            apply_record(&mut j, &r, false);
-        }
-        out.push(j);
+        out.set_phase(phase_of_lease(&l.phase));
     }
-    Ok((out, total))
+    if let Some(r) = &j.record {
+        apply_record(&mut out, r, false);
+    } else if let Some(reason) = &j.cancel_reason {
+        out.error_summary = format!("cancelled: {reason}");
+    }
+    out
 }
 
-/// Result records by job id. A record never changes once written, so it is read once.
-#[derive(Debug, Default)]
-pub struct RecordCache {
-    records: Mutex<HashMap<JobId, std::sync::Arc<ResultRecord>>>,
+fn phase_of_lease(phase: &str) -> pb::Phase {
+    match phase {
+        "verifying" => pb::Phase::Verifying,
+        "converting" => pb::Phase::Converting,
+        "checking" => pb::Phase::Checking,
+        "publishing" => pb::Phase::Publishing,
+        _ => pb::Phase::Verifying,
+    }
 }
 
-impl RecordCache {
-    /// The record of a finished job (blocking: may read it).
-    pub fn get(&self, out: &hyperfarm_shared::results::OutputDir, id: &JobId) -> Option<std::sync::Arc<ResultRecord>> {
-        if let Some(r) = self.records.lock().expect("record cache").get(id) {
-            return Some(r.clone());
-        }
-        let mut r = out.read_record(id).ok().flatten()?;
-        // Lists show the summary only; keep the cache small.
-        if let Some(e) = &r.error {
-            r.error = Some(e.lines().next().unwrap_or_default().to_string());
-        }
-        let r = std::sync::Arc::new(r);
-        let mut g = self.records.lock().expect("record cache");
-        if g.len() > 100_000 {
-            g.clear();
-        }
-        g.insert(*id, r.clone());
-        Some(r)
+/// A job from memory: this agent's live view, else the index. `None`: not known in memory (the
+/// caller may look on disk, with a deadline).
+pub fn lookup_memory(core: &Core, id: &JobId) -> Option<pb::Job> {
+    if let Some(v) = core.board.get(id) {
+        return Some(from_view(&v));
     }
+    core.index.get(id).map(|j| from_index(&j))
+}
+
+/// One page of jobs in the given states, oldest first, this agent's live progress on top.
+/// Memory only.
+pub fn list(
+    core: &Core,
+    states: &[State],
+    after: Option<JobId>,
+    limit: usize,
+) -> (Vec<pb::Job>, u64, Option<JobId>, u64) {
+    let page = core.index.page(states, after, limit);
+    let running: HashMap<JobId, JobView> = core.board.running().into_iter().map(|v| (v.id, v)).collect();
+    let jobs = page
+        .jobs
+        .iter()
+        .map(|j| match running.get(&j.id) {
+            Some(v) => from_view(v),
+            None => match core.board.get(&j.id) {
+                // Finished here since the index last looked: the board knows first.
+                Some(v) if v.progress.phase.is_final() && !j.state.is_final() => from_view(&v),
+                _ => from_index(j),
+            },
+        })
+        .collect();
+    (jobs, page.total, page.next, page.as_of_ms)
 }

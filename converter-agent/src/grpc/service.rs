@@ -3,7 +3,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{broadcast, mpsc};
+use std::sync::atomic::Ordering;
+
+use tokio::sync::{Semaphore, broadcast, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
@@ -25,6 +27,12 @@ const HEARTBEAT: Duration = Duration::from_secs(5);
 /// How often a watched job that this agent is not running is re-read from disk.
 const DISK_POLL: Duration = Duration::from_millis(500);
 
+/// Concurrent ListJobs calls at most (each is served from memory; the bound keeps a flood of
+/// them from taking the API's two threads for long).
+const MAX_LISTINGS: usize = 16;
+/// Jobs per ListJobs page at most (and by default).
+pub const MAX_PAGE: usize = 1000;
+
 /// The service: a thin layer over the agent's [`Core`].
 #[derive(Debug, Clone)]
 pub struct AgentApi {
@@ -33,11 +41,23 @@ pub struct AgentApi {
     health: Arc<HealthState>,
     tls: bool,
     mutual_tls: bool,
+    listings: Arc<Semaphore>,
+    watchers: Arc<Semaphore>,
 }
 
 impl AgentApi {
     pub fn new(core: Arc<Core>, policy: ControlPolicy, health: Arc<HealthState>, tls: bool, mutual_tls: bool) -> Self {
-        AgentApi { core, policy, health, tls, mutual_tls }
+        let watchers = Arc::new(Semaphore::new(core.cfg.grpc.max_watchers));
+        AgentApi { core, policy, health, tls, mutual_tls, listings: Arc::new(Semaphore::new(MAX_LISTINGS)), watchers }
+    }
+
+    fn watcher_slot(&self) -> Result<tokio::sync::OwnedSemaphorePermit, Status> {
+        self.watchers.clone().try_acquire_owned().map_err(|_| {
+            Status::resource_exhausted(format!(
+                "too many watch streams are open (max_watchers = {}); retry later",
+                self.core.cfg.grpc.max_watchers
+            ))
+        })
     }
 }
 
@@ -45,50 +65,49 @@ fn parse_id(s: &str) -> Result<JobId, Status> {
     s.parse().map_err(|e| Status::invalid_argument(format!("{e}")))
 }
 
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, Status> {
-    tokio::task::spawn_blocking(f).await.map_err(|e| Status::internal(format!("worker task failed: {e}")))
+/// Run `f`, which touches the shared storage, on the API's blocking threads, with a deadline: a
+/// hung share makes the call fail UNAVAILABLE, never hang.
+async fn disk<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, Status> {
+    match tokio::time::timeout(super::DISK_DEADLINE, tokio::task::spawn_blocking(f)).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(Status::internal(format!("worker task failed: {e}"))),
+        Err(_) => Err(Status::unavailable(format!(
+            "the shared storage did not answer within {}s; try again when it does",
+            super::DISK_DEADLINE.as_secs()
+        ))),
+    }
 }
 
-fn space(path: &std::path::Path, writable: Result<(), String>) -> pb::FileSystemSpace {
-    let (free, total) = fsx::space(path).unwrap_or((0, 0));
+fn space(path: &std::path::Path, (free, total): (u64, u64), writable: Result<(), String>) -> pb::FileSystemSpace {
     pb::FileSystemSpace {
         path: path.display().to_string(),
         free_bytes: free,
         total_bytes: total,
-
         writable: writable.is_ok(),
         error: writable.err().unwrap_or_default(),
     }
 }
 
+/// The states a ListJobs request asks for; unspecified and unknown values are refused.
+pub fn parse_states(raw: &[i32]) -> Result<Vec<State>, Status> {
+    raw.iter()
+        .map(|&v| {
+            pb::JobState::try_from(v).ok().and_then(jobs::state_from_pb).ok_or_else(|| {
+                Status::invalid_argument(format!("states: {v} is not a job state (1 to 5; 0 is not a filter)"))
+            })
+        })
+        .collect()
+}
+
 #[tonic::async_trait]
 impl pb::agent_service_server::AgentService for AgentApi {
     async fn get_status(&self, req: Request<pb::GetStatusRequest>) -> Result<Response<pb::AgentStatus>, Status> {
+        // Memory only: the index for the queue, the last probe for the file systems.
         let may_control = self.policy.allows(&req);
-        let core = self.core.clone();
-        let health = self.health.snapshot();
-        let (depth, queue_fs, output_fs) = blocking(move || {
-            let mut depth = pb::QueueDepth::default();
-            if let Ok(entries) = hyperfarm_shared::queue::list(&core.queue, &[], false) {
-                for e in entries {
-                    match e.state {
-                        State::Queued => depth.queued += 1,
-                        State::Converting => depth.converting += 1,
-                        State::Done => depth.done += 1,
-                        State::Failed => depth.failed += 1,
-                        State::Cancelled => depth.cancelled += 1,
-                    }
-                }
-            }
-            (
-                depth,
-                space(&core.cfg.watch_dir, health.queue.clone()),
-                space(&core.cfg.output_dir, health.output.clone()),
-            )
-        })
-        .await?;
         let core = &self.core;
         let health = self.health.snapshot();
+        let [queued, converting, done, failed, cancelled] = core.index.counts();
+        let depth = pb::QueueDepth { queued, converting, done, failed, cancelled };
         let now = hyperfarm_shared::queue::now_ms();
         let started_at_ms = now.saturating_sub(core.started.elapsed().as_millis() as u64);
         Ok(Response::new(pb::AgentStatus {
@@ -126,11 +145,10 @@ impl pb::agent_service_server::AgentService for AgentApi {
                 },
             ],
             default_engine: core.settings.default_engine().to_string(),
-
             queue_depth: Some(depth),
             running: core.board.running().iter().map(jobs::from_view).collect(),
-            queue_fs: Some(queue_fs),
-            output_fs: Some(output_fs),
+            queue_fs: Some(space(&core.cfg.watch_dir, health.queue_space, health.queue.clone())),
+            output_fs: Some(space(&core.cfg.output_dir, health.output_space, health.output.clone())),
             watch_dir: core.cfg.watch_dir.display().to_string(),
             output_dir: core.cfg.output_dir.display().to_string(),
             max_concurrent: core.cfg.max_concurrent as u32,
@@ -139,32 +157,53 @@ impl pb::agent_service_server::AgentService for AgentApi {
             tls: self.tls,
             mutual_tls: self.mutual_tls,
             serving: health.serving(),
+            scans: core.scans(),
+            queue_as_of_ms: core.index.as_of_ms(),
+            connections: core.connections.open.load(Ordering::Relaxed) as u32,
+            max_connections: core.connections.max.load(Ordering::Relaxed) as u32,
+            probed_at_ms: health.probed_at_ms,
         }))
     }
 
     async fn list_jobs(&self, req: Request<pb::ListJobsRequest>) -> Result<Response<pb::ListJobsResponse>, Status> {
-        let r = req.into_inner();
-        let mut states = Vec::new();
-        for s in r.states() {
-            states.push(
-                jobs::state_from_pb(s)
-                    .ok_or_else(|| Status::invalid_argument("JOB_STATE_UNSPECIFIED is not a filter"))?,
-            );
-        }
-        let core = self.core.clone();
-        let limit = r.limit as usize;
-        let (list, total) = blocking(move || jobs::list(&core, &states, limit)).await?.map_err(|e| {
-            Status::unavailable(format!("cannot read the queue {}: {e}", self.core.cfg.watch_dir.display()))
+        let _slot = self.listings.try_acquire().map_err(|_| {
+            Status::resource_exhausted(format!("more than {MAX_LISTINGS} listings at once; retry shortly"))
         })?;
-        Ok(Response::new(pb::ListJobsResponse { jobs: list, total }))
+        let r = req.into_inner();
+        let states = parse_states(&r.states)?;
+        let after = if r.page_token.is_empty() {
+            None
+        } else {
+            Some(r.page_token.parse::<JobId>().map_err(|_| {
+                Status::invalid_argument(
+                    "page_token is not a token this agent gave (pass next_page_token back as it is)",
+                )
+            })?)
+        };
+        let limit = if r.limit == 0 { MAX_PAGE } else { (r.limit as usize).min(MAX_PAGE) };
+        let (list, total, next, as_of_ms) = jobs::list(&self.core, &states, after, limit);
+        Ok(Response::new(pb::ListJobsResponse {
+            jobs: list,
+            total,
+            next_page_token: next.map(|n| n.to_string()).unwrap_or_default(),
+            as_of_ms,
+        }))
     }
 
     async fn get_job(&self, req: Request<pb::GetJobRequest>) -> Result<Response<pb::Job>, Status> {
         let id = parse_id(&req.get_ref().id)?;
+        let in_memory = jobs::lookup_memory(&self.core, &id);
+        // One job is worth one bounded look at the share: its record has the full error text and
+        // is the truth the moment it is written. Otherwise memory has the live view; and when the
+        // share does not answer in time, memory answers alone.
         let core = self.core.clone();
-        match blocking(move || jobs::lookup(&core, &id, true)).await? {
-            Some(j) => Ok(Response::new(j)),
-            None => Err(Status::not_found(format!("no job {id} in {}", self.core.cfg.watch_dir.display()))),
+        let on_disk = disk(move || jobs::from_disk(&core, &id, true)).await;
+        match (on_disk, in_memory) {
+            (Ok(Some(d)), _) if jobs::is_final(&d) => Ok(Response::new(d)),
+            (_, Some(m)) => Ok(Response::new(m)),
+            (Ok(Some(d)), None) => Ok(Response::new(d)),
+            (Ok(None), None) => Err(Status::not_found(format!("no job {id} in {}", self.core.cfg.watch_dir.display()))),
+            (Err(e), None) => Err(e),
         }
     }
 
@@ -175,11 +214,11 @@ impl pb::agent_service_server::AgentService for AgentApi {
         let reason = if r.reason.trim().is_empty() {
             "cancelled through the agent's API".to_string()
         } else {
-            r.reason.trim().chars().take(500).collect()
+            hyperfarm_shared::text::bounded(&r.reason, hyperfarm_shared::queue::MAX_REASON)
         };
         let core = self.core.clone();
         let reason2 = reason.clone();
-        let seen = blocking(move || core.queue.request_cancel(&id, &reason2))
+        let seen = disk(move || core.queue.request_cancel(&id, &reason2))
             .await?
             .map_err(|e| Status::unavailable(format!("cannot write the cancel request: {e}")))?;
         // A job this agent runs stops now rather than at its next heartbeat.
@@ -207,7 +246,7 @@ impl pb::agent_service_server::AgentService for AgentApi {
         self.policy.check(&req)?;
         let id = parse_id(&req.get_ref().id)?;
         let core = self.core.clone();
-        let new = blocking(move || hyperfarm_shared::queue::retry(&core.queue, &id)).await?.map_err(|e| match e {
+        let new = disk(move || hyperfarm_shared::queue::retry(&core.queue, &id)).await?.map_err(|e| match e {
             hyperfarm_shared::queue::RetryError::NotFound(_) => Status::not_found(e.to_string()),
             hyperfarm_shared::queue::RetryError::Io { .. } | hyperfarm_shared::queue::RetryError::Publish { .. } => {
                 Status::unavailable(e.to_string())
@@ -228,14 +267,21 @@ impl pb::agent_service_server::AgentService for AgentApi {
         } else {
             Duration::from_secs(u64::from(r.heartbeat_seconds.clamp(1, 300)))
         };
+        let slot = self.watcher_slot()?;
         let (_, mut sub) = self.core.board.subscribe();
-        let core = self.core.clone();
-        let first = blocking(move || jobs::lookup(&core, &id, false))
-            .await?
-            .ok_or_else(|| Status::not_found(format!("no job {id} in {}", self.core.cfg.watch_dir.display())))?;
+        let first = match jobs::lookup_memory(&self.core, &id) {
+            Some(j) => j,
+            None => {
+                let core = self.core.clone();
+                disk(move || jobs::from_disk(&core, &id, false))
+                    .await?
+                    .ok_or_else(|| Status::not_found(format!("no job {id} in {}", self.core.cfg.watch_dir.display())))?
+            }
+        };
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
         let core = self.core.clone();
         tokio::spawn(async move {
+            let _slot = slot;
             let send = |job: pb::Job, heartbeat: bool| {
                 let is_final = jobs::is_final(&job);
                 let update = pb::JobUpdate { job: Some(job), heartbeat, is_final, seq: core.board.seq() };
@@ -259,11 +305,12 @@ impl pb::agent_service_server::AgentService for AgentApi {
                     r = sub.recv() => match r {
                         Ok(change) if change.view.id == id => Some(jobs::from_view(&change.view)),
                         Ok(_) => None,
-                        Err(broadcast::error::RecvError::Lagged(_)) => lookup_async(&core, id).await,
+                        Err(broadcast::error::RecvError::Lagged(_)) => jobs::lookup_memory(&core, &id),
                         Err(broadcast::error::RecvError::Closed) => return,
                     },
                     _ = poll.tick() => {
-                        if core.board.get(&id).is_some_and(|v| !v.progress.phase.is_final()) { None } else { lookup_async(&core, id).await }
+                        // Jobs another agent converts are followed through the index (memory).
+                        if core.board.get(&id).is_some_and(|v| !v.progress.phase.is_final()) { None } else { jobs::lookup_memory(&core, &id) }
                     }
                     _ = beat.tick() => {
                         if !send(last.clone(), true) { return; }
@@ -290,15 +337,14 @@ impl pb::agent_service_server::AgentService for AgentApi {
     type WatchJobsStream = ReceiverStream<Result<pb::JobsUpdate, Status>>;
 
     async fn watch_jobs(&self, req: Request<pb::WatchJobsRequest>) -> Result<Response<Self::WatchJobsStream>, Status> {
+        let slot = self.watcher_slot()?;
         let from = req.into_inner().from_seq;
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
         let core = self.core.clone();
         let (mut sub, mut seq) = if from == 0 {
             let (seq, views, sub) = core.board.snapshot();
-            let c2 = core.clone();
             let mut jobs_now: Vec<pb::Job> = views.iter().map(jobs::from_view).collect();
-            let queued =
-                blocking(move || jobs::list(&c2, &[State::Queued], 0)).await?.map(|(j, _)| j).unwrap_or_default();
+            let (queued, _, _, _) = jobs::list(&core, &[State::Queued], None, MAX_PAGE);
             jobs_now.extend(queued.into_iter().filter(|q| !views.iter().any(|v| v.id.to_string() == q.id)));
             let update = pb::JobsUpdate {
                 seq,
@@ -326,6 +372,7 @@ impl pb::agent_service_server::AgentService for AgentApi {
             (sub, seq)
         };
         tokio::spawn(async move {
+            let _slot = slot;
             let mut beat = tokio::time::interval_at(tokio::time::Instant::now() + HEARTBEAT, HEARTBEAT);
             loop {
                 let update = tokio::select! {
@@ -355,9 +402,4 @@ impl pb::agent_service_server::AgentService for AgentApi {
         });
         Ok(Response::new(ReceiverStream::new(rx)))
     }
-}
-
-async fn lookup_async(core: &Arc<Core>, id: JobId) -> Option<pb::Job> {
-    let c = core.clone();
-    tokio::task::spawn_blocking(move || jobs::lookup(&c, &id, false)).await.ok().flatten()
 }

@@ -150,23 +150,47 @@ pub struct AgentStatus {
     /// Same as the health service: SERVING when directories are writable and an engine is usable.
     #[prost(bool, tag = "20")]
     pub serving: bool,
+    /// Scans of the queue since start (the claim loop's passes).
+    #[prost(uint64, tag = "21")]
+    pub scans: u64,
+    /// When queue_depth was read from the shared storage (see ListJobsResponse.as_of_ms).
+    #[prost(uint64, tag = "22")]
+    pub queue_as_of_ms: u64,
+    /// gRPC connections open now, and the most the agent accepts (beyond which it closes new ones).
+    #[prost(uint32, tag = "23")]
+    pub connections: u32,
+    #[prost(uint32, tag = "24")]
+    pub max_connections: u32,
+    /// When queue_fs and output_fs were last probed.
+    #[prost(uint64, tag = "25")]
+    pub probed_at_ms: u64,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct ListJobsRequest {
-    /// Empty: all states.
+    /// Empty: all states. JOB_STATE_UNSPECIFIED and unknown values are INVALID_ARGUMENT.
     #[prost(enumeration = "JobState", repeated, tag = "1")]
     pub states: ::prost::alloc::vec::Vec<i32>,
-    /// 0: no limit.
+    /// Jobs per page: 0 means the default (1000), more than 1000 is cut to 1000.
     #[prost(uint32, tag = "2")]
     pub limit: u32,
+    /// Continue after this page: the next_page_token of the previous answer ("" for the first page).
+    #[prost(string, tag = "3")]
+    pub page_token: ::prost::alloc::string::String,
 }
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct ListJobsResponse {
     #[prost(message, repeated, tag = "1")]
     pub jobs: ::prost::alloc::vec::Vec<Job>,
-    /// Jobs matching before the limit.
+    /// Jobs matching, on every page.
     #[prost(uint64, tag = "2")]
     pub total: u64,
+    /// Pass it back as page_token for the next page; "" on the last page.
+    #[prost(string, tag = "3")]
+    pub next_page_token: ::prost::alloc::string::String,
+    /// When the agent last read the queue from the shared storage (listings are served from memory,
+    /// so a hung share never blocks them; a stale time says the share is not answering).
+    #[prost(uint64, tag = "4")]
+    pub as_of_ms: u64,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct GetJobRequest {

@@ -4,6 +4,7 @@
 #![allow(clippy::unwrap_used)]
 
 mod agent_lifecycle;
+mod api_load;
 mod crash;
 mod exporter;
 mod faults;

@@ -104,6 +104,19 @@ impl Farm {
         p
     }
 
+    /// Start an agent like [`Farm::agent`] but through a wrapper command (e.g. `prlimit
+    /// --nofile=1024:1024`, which then executes the agent with the same pid).
+    pub fn agent_via(&self, wrapper: &[&str], extra: &[&str]) -> Proc {
+        let mut args: Vec<String> = wrapper[1..].iter().map(|s| s.to_string()).collect();
+        args.push(bin("hyper2kvm-agent").display().to_string());
+        args.extend(self.agent_args());
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let mut p = Proc::spawn(Path::new(wrapper[0]), &args, self.path(), &[]);
+        p.wait_log("ready", Duration::from_secs(30));
+        *self.agent_url.lock().expect("lock") = p.grpc_url();
+        p
+    }
+
     /// Run hyperexport in daemon mode against this farm, to completion.
     pub fn export(&self, vm: &Path, extra: &[&str]) -> Ran {
         let mut args: Vec<String> = vec![
@@ -438,6 +451,30 @@ pub fn cont(pid: u32) {
     if let Some(p) = rustix::process::Pid::from_raw(pid as i32) {
         let _ = rustix::process::kill_process(p, rustix::process::Signal::CONT);
     }
+}
+
+/// Raise this process's soft descriptor limit to its hard limit (tests that open many sockets).
+pub fn raise_nofile() -> u64 {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let mut lim = getrlimit(Resource::Nofile);
+    lim.current = lim.maximum;
+    let _ = setrlimit(Resource::Nofile, lim);
+    getrlimit(Resource::Nofile).current.unwrap_or(u64::MAX)
+}
+
+/// Open descriptors of a process.
+pub fn open_fds(pid: u32) -> usize {
+    fs::read_dir(format!("/proc/{pid}/fd")).map(|rd| rd.count()).unwrap_or(0)
+}
+
+/// A `VmRSS`/`VmHWM`-style field of `/proc/<pid>/status`, in bytes.
+pub fn proc_status_bytes(pid: u32, field: &str) -> u64 {
+    let text = fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    text.lines()
+        .find(|l| l.starts_with(field))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|kb| kb.parse::<u64>().ok())
+        .map_or(0, |kb| kb * 1024)
 }
 
 /// Read `output/<name>`.

@@ -56,6 +56,8 @@ pub struct Core {
     pub health: Arc<crate::grpc::HealthState>,
     /// Queued jobs already announced on the board.
     announced: Mutex<HashSet<JobId>>,
+    /// Jobs this agent will not claim again before a time (their result could not be published).
+    backoff: Mutex<HashMap<JobId, Instant>>,
     tracker: Mutex<LeaseTracker>,
     seeds: Mutex<SeedTracker>,
     scans: std::sync::atomic::AtomicU64,
@@ -68,6 +70,20 @@ impl Core {
     pub fn running_count(&self) -> usize {
         self.running.lock().expect("running lock").len()
     }
+    /// Do not claim `id` again for a while after its `tries`-th failed publication: the poll
+    /// interval doubled per try, at most 5 minutes. Returns the wait.
+    pub fn back_off(&self, id: JobId, tries: usize) -> std::time::Duration {
+        let wait = self.cfg.poll_interval.saturating_mul(1 << tries.min(16)).min(std::time::Duration::from_secs(300));
+        self.backoff.lock().expect("backoff lock").insert(id, Instant::now() + wait);
+        wait
+    }
+
+    fn backing_off(&self, id: &JobId) -> bool {
+        let mut b = self.backoff.lock().expect("backoff lock");
+        b.retain(|_, until| *until > Instant::now());
+        b.contains_key(id)
+    }
+
     /// Scans of the queue since start.
     pub fn scans(&self) -> u64 {
         self.scans.load(std::sync::atomic::Ordering::Relaxed)
@@ -133,6 +149,7 @@ pub async fn prepare(cfg: Config) -> anyhow::Result<Arc<Core>> {
     let agent_name = format!("{}@{}", cfg.instance, fsx::hostname());
     Ok(Arc::new(Core {
         tracker: Mutex::new(LeaseTracker::new(cfg.lease_timeout)),
+        backoff: Default::default(),
         seeds: Mutex::new(SeedTracker::new()),
         scans: Default::default(),
         queue,
@@ -223,6 +240,9 @@ pub async fn serve(core: Arc<Core>, extra_stop: impl std::future::Future<Output 
                 for id in queued.into_iter().take(if healthy { usize::MAX } else { 0 }) {
                     if core.running_count() >= core.cfg.max_concurrent || core.shutdown.is_cancelled() {
                         break;
+                    }
+                    if core.backing_off(&id) {
+                        continue;
                     }
                     let c2 = core.clone();
                     let claimed =

@@ -433,7 +433,7 @@ fn validate(cfg: &Config) -> anyhow::Result<()> {
         return bad("tls_client_ca (mutual TLS) needs tls_cert and tls_key".into());
     }
     if let Some(addr) = g.listen
-        && !addr.ip().is_loopback()
+        && !addr.ip().to_canonical().is_loopback()
         && g.tls_cert.is_none()
         && !g.insecure_listen
     {
@@ -452,7 +452,7 @@ fn validate(cfg: &Config) -> anyhow::Result<()> {
             return bad(format!("{what} = {} must be at least 100ms", duration::show(d)));
         }
     }
-    if g.idle_timeout < Duration::from_secs(25) && g.listen.is_some_and(|a| !a.ip().is_loopback()) {
+    if g.idle_timeout < Duration::from_secs(25) && g.listen.is_some_and(|a| !a.ip().to_canonical().is_loopback()) {
         tracing::warn!(
             "idle_timeout = {} is shorter than the 20 s keep-alive: quiet remote clients will be disconnected",
             duration::show(g.idle_timeout)

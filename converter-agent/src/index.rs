@@ -39,7 +39,8 @@ pub struct Indexed {
     pub lease: Option<LeaseInfo>,
     /// Finished jobs: their result record (the error cut to its first line).
     pub record: Option<Arc<ResultRecord>>,
-    /// Cancelled jobs without a record: why (withdrawn before any agent claimed them).
+    /// Finished jobs without a record: why (withdrawn before any agent claimed them, or failed
+    /// when not even the failure could be published).
     pub cancel_reason: Option<String>,
     /// Whether the manifest (and, when finished, the record) was read.
     looked_at: bool,
@@ -225,7 +226,10 @@ impl JobIndex {
                         Arc::new(r)
                     });
                     if *state == State::Cancelled && j.record.is_none() {
-                        j.cancel_reason = queue::cancel_reason(&e.dir);
+                        j.cancel_reason = queue::cancel_reason(&e.dir).map(|r| format!("cancelled: {r}"));
+                    }
+                    if *state == State::Failed && j.record.is_none() {
+                        j.cancel_reason = queue::failure_reason(&e.dir);
                     }
                 }
             }

@@ -259,7 +259,7 @@ async fn finish(
         Err(Ended::Abandon | Ended::AlreadyPublished(_)) => (Phase::Queued, None, vec![]),
     };
     let reason = stop.reason();
-    let outcome = tokio::task::spawn_blocking(move || -> Result<&'static str, String> {
+    let outcome = tokio::task::spawn_blocking(move || -> Result<String, String> {
         match result {
             Ok(rec) => {
                 let outcome = match rec.state {
@@ -290,13 +290,42 @@ async fn finish(
                     finished_at_ms: hyperfarm_shared::queue::now_ms(),
                 };
                 let dir = claim.dir().to_path_buf();
-                // When even the error cannot be written (the output directory is gone, read-only
-                // or full), the job goes back to the queue: the agent claims nothing while it is
-                // unhealthy and converts it again once the directory is usable.
-                let requeue = |claim: Claim, why: String| match claim.requeue(&why) {
-                    Ok(true) => Err(format!("{why}; the job was returned to the queue")),
-                    Ok(false) => Ok("lost to another agent"),
-                    Err(e) => Err(format!("{why}; returning the job to the queue failed too: {e}")),
+                // When even the error cannot be written, the job goes back to the queue. If the
+                // output directory is unusable (gone, read-only, full), the agent claims nothing
+                // while it is unhealthy and the job waits. If it is usable, the fault is this
+                // job's: it is counted, tried again only after a back-off, and after
+                // max_attempts it is failed with the reason in failure.json — never requeued and
+                // reclaimed for ever.
+                let requeue = |claim: Claim, why: String| {
+                    if !core2.health.snapshot().serving() {
+                        return match claim.requeue(&why) {
+                            Ok(true) => Err(format!("{why}; the job was returned to the queue")),
+                            Ok(false) => Ok(gone(&core2)),
+                            Err(e) => Err(format!("{why}; returning the job to the queue failed too: {e}")),
+                        };
+                    }
+                    let tries = claim.publish_failures() + 1;
+                    let max = core2.cfg.max_attempts;
+                    if tries >= max {
+                        return match claim.fail_unpublishable(&why) {
+                            Ok(true) => Err(format!(
+                                "{why}; its result could not be published {tries} times, so the job was failed without one (reason in failure.json; hyperctl jobs show {id})"
+                            )),
+                            Ok(false) => Ok(gone(&core2)),
+                            Err(e) => Err(format!("{why}; failing the job failed too: {e}")),
+                        };
+                    }
+                    match claim.requeue_after_publish_failure(&why) {
+                        Ok(true) => {
+                            let wait = core2.back_off(id, tries);
+                            Err(format!(
+                                "{why}; the job was returned to the queue (try {tries} of {max}; this agent tries again in {})",
+                                hyperfarm_shared::duration::show(wait)
+                            ))
+                        }
+                        Ok(false) => Ok(gone(&core2)),
+                        Err(e) => Err(format!("{why}; returning the job to the queue failed too: {e}")),
+                    }
                 };
                 let publication = match Publication::begin(&core2.output, id, &token) {
                     Ok(p) => p,
@@ -309,7 +338,7 @@ async fn finish(
                 };
                 match publication.publish(record, Some(&message), core2.cfg.on_existing, || dir.exists()) {
                     Ok(_) => {}
-                    Err(ResultError::Lost { .. }) => return Ok("lost to another agent"),
+                    Err(ResultError::Lost { .. }) => return Ok(gone(&core2)),
                     Err(e) => {
                         publication.discard();
                         return requeue(claim, format!("cannot publish the error result: {e}"));
@@ -319,10 +348,10 @@ async fn finish(
             }
             Err(Ended::AlreadyPublished(_)) => unreachable!("turned into Ok above"),
             Err(Ended::Abandon) => match reason {
-                Some(StopReason::Lost) => Ok("lost to another agent"),
+                Some(StopReason::Lost) => Ok(gone(&core2)),
                 _ => match claim.requeue("agent shutting down") {
-                    Ok(true) => Ok("returned to the queue"),
-                    Ok(false) => Ok("lost to another agent"),
+                    Ok(true) => Ok("returned to the queue".into()),
+                    Ok(false) => Ok(gone(&core2)),
                     Err(e) => Err(format!("cannot return the job to the queue: {e}")),
                 },
             },
@@ -353,7 +382,22 @@ async fn finish(
     core.board.update(v);
 }
 
-fn finish_claim(core: &Core, claim: Claim, outcome: Outcome) -> Result<&'static str, String> {
+/// Why a claim we held is no longer there: taken by another agent after our lease expired, or the
+/// queue itself went away (a share unmounted or the directory removed) — two very different
+/// things for an operator.
+fn gone(core: &Core) -> String {
+    let converting = core.queue.state_dir(hyperfarm_shared::queue::State::Converting);
+    if std::fs::symlink_metadata(&converting).is_err() {
+        format!(
+            "the job's claim vanished with the queue's {} directory (share unmounted, or the queue removed or replaced); nothing was published",
+            converting.display()
+        )
+    } else {
+        "lost to another agent (our lease expired and it recovered the job); nothing was published".into()
+    }
+}
+
+fn finish_claim(core: &Core, claim: Claim, outcome: Outcome) -> Result<String, String> {
     let id = claim.id();
     let seed = hyperfarm_shared::queue::has_origin(claim.dir());
     match claim.finish(outcome) {
@@ -372,9 +416,10 @@ fn finish_claim(core: &Core, claim: Claim, outcome: Outcome) -> Result<&'static 
                 Outcome::Done => "done",
                 Outcome::Failed => "failed",
                 Outcome::Cancelled => "cancelled",
-            })
+            }
+            .into())
         }
-        Ok(false) => Ok("lost to another agent"),
+        Ok(false) => Ok(gone(core)),
         Err(e) => Err(format!("cannot move the job to its final state: {e}")),
     }
 }

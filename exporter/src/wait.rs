@@ -233,7 +233,9 @@ fn look(q: &Queue, o: &OutputDir, id: &JobId) -> Look {
 
 fn reason_of(q: &Queue, id: &JobId, state: State) -> String {
     let dir = q.job_dir(state, id);
-    queue::cancel_reason(&dir).unwrap_or_else(|| format!("the job is in {}/ without a result record", state.dir_name()))
+    queue::cancel_reason(&dir)
+        .or_else(|| queue::failure_reason(&dir))
+        .unwrap_or_else(|| format!("the job is in {}/ without a result record", state.dir_name()))
 }
 
 async fn interrupted(p: &WaitParams, meter: &mut Meter) -> Waited {

@@ -302,6 +302,23 @@ impl Publication {
         if !still_owned() {
             return Err(ResultError::Lost { id });
         }
+        // Whatever a queue writer planted under the record's name (a directory, a FIFO) is not
+        // another attempt's record: an error to surface, not a race to concede.
+        if let Ok(md) = fs::symlink_metadata(self.out.record_path(&id))
+            && !md.file_type().is_file()
+        {
+            return Err(ResultError::Io {
+                id,
+                dir: self.out.results_dir(),
+                source: io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!(
+                        "{} is not a regular file; move it away so that the job's result can be recorded",
+                        self.out.record_path(&id).display()
+                    ),
+                ),
+            });
+        }
         if self.out.record_path(&id).exists() {
             return self.finish_lost_or_done(&record_tmp);
         }
@@ -339,12 +356,22 @@ impl Publication {
                 }
             }
         }
-        if let Some(name) = &record.error_file {
+        if let Some(name) = record.error_file.clone() {
             // An `.error` is a message whose full text also lives in its job's record, so an
-            // earlier job's `<vm>.error` is replaced (atomically, by rename).
-            let src = self.work.join(name);
-            if src.exists() {
-                fs::rename(&src, out_dir.join(name)).map_err(io_err(&out_dir))?;
+            // earlier job's `<vm>.error` is replaced (atomically, by rename). If its name cannot
+            // take it (a directory there, say), the record alone carries the failure: the commit
+            // must not depend on the seed's convenience file.
+            let src = self.work.join(&name);
+            if src.exists()
+                && let Err(e) = fs::rename(&src, out_dir.join(&name))
+            {
+                tracing::warn!(job = %id, "cannot write {}: {e}; the result record holds the error", out_dir.join(&name).display());
+                record.error_file = None;
+                if let Some(text) = record.error.as_mut() {
+                    text.push_str(&format!(
+                        "(note: {name} could not be written in the output directory: {e}; move whatever is there away)\n"
+                    ));
+                }
             }
         } else {
             // Success: an earlier job's `<vm>.error` would contradict `<vm>.qcow2`; its text
@@ -539,6 +566,31 @@ mod tests {
         assert_eq!(fs::read_to_string(d.path().join("vm.error")).expect("read"), "disk d0: digest mismatch\ndetails");
         assert_eq!(rec.summary(), "disk d0: digest mismatch");
         assert_eq!(out.read_record(&id).expect("read").expect("some").state, ResultState::Failed);
+    }
+
+    #[test]
+    fn an_error_file_name_that_cannot_be_taken_does_not_stop_the_commit() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let out = OutputDir::new(d.path());
+        fs::create_dir(d.path().join("vm.error")).expect("a directory where vm.error goes");
+        let id = JobId::new();
+        let p = Publication::begin(&out, id, "tok").expect("begin");
+        let rec = p
+            .publish(record(id, "vm", vec![], ResultState::Failed), Some("it broke\n"), OnExisting::Fail, || true)
+            .expect("the record is committed");
+        assert_eq!(rec.error_file, None);
+        assert!(rec.error.as_deref().expect("text").contains("vm.error could not be written"));
+        assert!(d.path().join("vm.error").is_dir(), "left alone");
+        assert_eq!(out.read_record(&id).expect("read").expect("some").state, ResultState::Failed);
+
+        // A directory planted where the record goes: an error, not a lost race.
+        let id = JobId::new();
+        fs::create_dir_all(out.record_path(&id)).expect("planted");
+        let p = Publication::begin(&out, id, "tok").expect("begin");
+        let e = p
+            .publish(record(id, "other", vec![], ResultState::Failed), Some("x\n"), OnExisting::Fail, || true)
+            .expect_err("cannot commit");
+        assert!(matches!(e, ResultError::Io { .. }), "{e}");
     }
 
     #[test]

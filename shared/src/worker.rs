@@ -139,7 +139,9 @@ pub fn load_job(job_dir: &Path, id: JobId, allowed_source_dirs: &[PathBuf]) -> R
         .check()
         .map_err(|e| fail(vm_hint.as_deref(), format!("invalid manifest {}: {e}", manifest_path.display())))?;
     let vm = Some(checked.vm_name.as_str());
-    let seed_drop = crate::queue::has_origin(job_dir);
+    // A seed drop is a job the agent ingested (origin.json) from a manifest that is not ours (no
+    // `hyperfarm` section): a native job that carries a forged origin.json stays native.
+    let seed_drop = crate::queue::has_origin(job_dir) && manifest.hyperfarm.is_none();
     if !seed_drop
         && let Some(declared) = checked.job_id
         && declared != id
@@ -196,16 +198,30 @@ pub fn load_job(job_dir: &Path, id: JobId, allowed_source_dirs: &[PathBuf]) -> R
 }
 
 /// A seed-style drop's disk: absolute, or relative to the watch directory (where the drop was),
-/// and below one of the allowed source directories, opened without crossing a symlink.
+/// and below one of the allowed source directories, opened without crossing a symlink. The
+/// queue's own directories (jobs, staging, rejected drops) are never a seed drop's: a drop must not
+/// make the agent convert another job's disks under a name of its choosing.
 fn open_seed_disk(job_dir: &Path, local_path: &str, allowed: &[PathBuf]) -> Result<(PathBuf, File), String> {
     let watch_dir = job_dir.parent().and_then(Path::parent).unwrap_or(Path::new("/"));
     let p = Path::new(local_path);
     let full = if p.is_absolute() { p.to_path_buf() } else { watch_dir.join(p) };
     let canon = std::fs::canonicalize(&full).map_err(|e| format!("local_path {}: {e}", full.display()))?;
+    if let Ok(watch) = std::fs::canonicalize(watch_dir) {
+        let protocol =
+            crate::queue::State::ALL.iter().map(|s| s.dir_name()).chain([crate::queue::TMP, crate::queue::REJECTED]);
+        for d in protocol {
+            if canon.starts_with(watch.join(d)) {
+                return Err(format!(
+                    "local_path {} is inside the queue's {d}/ directory; a seed-style manifest may only point at disks it exported itself (a directory of its own under the watch directory, or one of allowed_source_dirs), never into the queue's job directories",
+                    crate::text::Esc(&full)
+                ));
+            }
+        }
+    }
     let Some(root) = allowed.iter().find(|r| canon.starts_with(r)) else {
         return Err(format!(
             "local_path {} is outside the allowed source directories ({}); add its directory to allowed_source_dirs in the agent's configuration",
-            full.display(),
+            crate::text::Esc(&full),
             allowed.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
         ));
     };

@@ -12,6 +12,7 @@ mod formats;
 mod grpc;
 mod hostile;
 mod hostile_exporter;
+mod hostile_queue;
 mod hyper2kvm;
 mod netns;
 mod races;

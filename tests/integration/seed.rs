@@ -83,3 +83,43 @@ fn allowed_source_directories_admit_disks_elsewhere() {
     assert_identical(&disk, &farm.output.join("allowed.qcow2"));
     assert!(disk.exists(), "a seed drop's disks are never removed");
 }
+
+/// A seed drop (or a native job with a forged origin.json) must not point into the queue's own
+/// job directories: it would have another job's disks converted under a name of its choosing.
+#[test]
+fn drops_cannot_reach_into_other_jobs_and_a_forged_origin_gives_no_latitude() {
+    let farm = Farm::new();
+    // A victim: another owner's job that failed earlier (failed jobs keep their disks).
+    let raw = images::sample_disk(&farm.src, "victim.raw", 8, 8);
+    let victim = hyperfarm_tests::publish(&farm, &raw, "victim");
+    fs::create_dir_all(farm.queue.join("failed")).unwrap();
+    fs::rename(farm.queue.join("queued").join(&victim), farm.queue.join("failed").join(&victim)).unwrap();
+    let victim_disk = farm.queue.join("failed").join(&victim).join("disks/disk0.raw");
+    assert!(victim_disk.is_file());
+    // A seed drop naming the victim's disk.
+    fs::write(farm.queue.join("thief.json"), seed_manifest("thief", &victim_disk)).unwrap();
+    // A native job claiming to be an ingested drop, naming the same disk by absolute path.
+    let forged = hyperfarm_shared::JobId::new().to_string();
+    let dir = farm.queue.join("tmp").join(&forged);
+    fs::create_dir_all(&dir).unwrap();
+    fs::write(dir.join("origin.json"), r#"{"kind":"seed-drop","original_name":"forged.json"}"#).unwrap();
+    let bytes = fs::metadata(&victim_disk).unwrap().len();
+    fs::write(
+        dir.join("manifest.json"),
+        format!(
+            r#"{{"manifest_version":"1.0","source":{{"vm_name":"forged"}},"disks":[{{"id":"d0","source_format":"raw","bytes":{bytes},"local_path":"{}"}}],"hyperfarm":{{"schema_version":1,"job_id":"{forged}"}}}}"#,
+            victim_disk.display()
+        ),
+    )
+    .unwrap();
+    fs::rename(&dir, farm.queue.join("queued").join(&forged)).unwrap();
+
+    let _agent = farm.agent(&[]);
+    wait_for("two results", Duration::from_secs(60), || (farm.records().len() == 2).then_some(()));
+    let thief = fs::read_to_string(farm.output.join("thief.error")).unwrap();
+    assert!(thief.contains("inside the queue's"), "{thief}");
+    let forged_err = fs::read_to_string(farm.output.join("forged.error")).unwrap();
+    assert!(forged_err.contains("inside the job directory"), "{forged_err}");
+    assert!(!farm.output.join("thief.qcow2").exists() && !farm.output.join("forged.qcow2").exists());
+    assert!(victim_disk.is_file(), "the victim's disk is untouched");
+}

@@ -56,8 +56,8 @@ impl ControlPolicy {
     pub fn allows<T>(&self, req: &Request<T>) -> bool {
         if let Some(token) = &self.token
             && let Some(v) = req.metadata().get("authorization").and_then(|v| v.to_str().ok())
-            && let Some(given) = v.strip_prefix("Bearer ")
-            && constant_time_eq(given.trim().as_bytes(), token.as_bytes())
+            && let Some(given) = bearer(v)
+            && constant_time_eq(given.as_bytes(), token.as_bytes())
         {
             return true;
         }
@@ -68,8 +68,16 @@ impl ControlPolicy {
         {
             return true;
         }
-        self.from_loopback && req.remote_addr().is_some_and(|a| a.ip().is_loopback())
+        // A dual-stack `[::]` listener sees 127.0.0.1 as ::ffff:127.0.0.1: still loopback.
+        self.from_loopback && req.remote_addr().is_some_and(|a| super::conn::is_loopback(a.ip()))
     }
+}
+
+/// The token of an `Authorization: Bearer <token>` value; the scheme is case-insensitive (RFC 6750
+/// via RFC 7235).
+fn bearer(value: &str) -> Option<&str> {
+    let (scheme, rest) = value.trim().split_once(char::is_whitespace)?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| rest.trim())
 }
 
 /// The subject CN and DNS SANs of a DER certificate.
@@ -112,5 +120,29 @@ mod tests {
         assert!(p.allows(&req));
         req.metadata_mut().insert("authorization", "Bearer wrong-token-wrong-token".parse().expect("ascii"));
         assert!(!p.allows(&req));
+        for scheme in ["bearer", "BEARER", "BeArEr"] {
+            req.metadata_mut()
+                .insert("authorization", format!("{scheme} 0123456789abcdef0123").parse().expect("ascii"));
+            assert!(p.allows(&req), "{scheme}");
+        }
+        req.metadata_mut().insert("authorization", "Basic 0123456789abcdef0123".parse().expect("ascii"));
+        assert!(!p.allows(&req));
+    }
+
+    #[test]
+    fn mapped_loopback_callers_may_control() {
+        use tonic::transport::server::TcpConnectInfo;
+        let p = ControlPolicy::load(None, &[], true).expect("load");
+        let from = |addr: &str| {
+            let mut req = Request::new(());
+            req.extensions_mut()
+                .insert(TcpConnectInfo { local_addr: None, remote_addr: Some(addr.parse().expect("addr")) });
+            req
+        };
+        assert!(p.allows(&from("127.0.0.1:4000")));
+        assert!(p.allows(&from("[::ffff:127.0.0.1]:4000")), "dual-stack listener, IPv4 loopback client");
+        assert!(p.allows(&from("[::1]:4000")));
+        assert!(!p.allows(&from("[::ffff:10.1.2.3]:4000")));
+        assert!(!p.allows(&from("10.1.2.3:4000")));
     }
 }

@@ -142,6 +142,13 @@ pub fn from_disk(core: &Core, id: &JobId, with_error: bool) -> Option<pb::Job> {
                 State::Cancelled => pb::Phase::Cancelled,
             });
         }
+        if *state == State::Failed
+            && record.is_none()
+            && let Some(why) = queue::failure_reason(dir)
+        {
+            j.error_summary = why.lines().next().unwrap_or_default().to_string();
+            j.error = why;
+        }
         if *state == State::Cancelled && record.is_none() {
             j.error_summary =
                 queue::cancel_reason(dir).map(|r| format!("cancelled: {r}")).unwrap_or_else(|| "cancelled".into());
@@ -218,7 +225,7 @@ pub fn from_index(j: &Indexed) -> pb::Job {
     if let Some(r) = &j.record {
         apply_record(&mut out, r, false);
     } else if let Some(reason) = &j.cancel_reason {
-        out.error_summary = format!("cancelled: {reason}");
+        out.error_summary = reason.lines().next().unwrap_or_default().to_string();
     }
     out
 }

@@ -7,9 +7,14 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use super::{CANCEL, EVENTS, FILE_MODE, LEASE, Queue, State, make_dir, now_ms, read_names, write_json_noreplace};
+use super::{
+    CANCEL, EVENTS, FAILURE, FILE_MODE, LEASE, Queue, State, make_dir, now_ms, read_names, write_json_noreplace,
+};
 use crate::fsx::{self, Moved};
 use crate::jobid::JobId;
+
+/// The event of a requeue whose cause was a result that could not be published.
+const PUBLISH_FAILED: &str = "publish-failed";
 
 /// The lease record is rewritten in place at this fixed size (padded with spaces), so a reader on
 /// another host never sees a truncated file, only possibly a torn one, which counts as "changed".
@@ -248,7 +253,34 @@ impl Claim {
 
     /// Give the job back to the queue (shutdown, or an engine that could not start).
     pub fn requeue(self, reason: &str) -> io::Result<bool> {
-        self.record_event("requeue", serde_json::json!({"reason": reason}));
+        self.requeue_as("requeue", reason)
+    }
+
+    /// How many times this job's result could not be published although the output directory was
+    /// usable (`publish-failed` events).
+    pub fn publish_failures(&self) -> usize {
+        count_events(&self.dir, PUBLISH_FAILED)
+    }
+
+    /// Give the job back after its result could not be published, counting it
+    /// ([`Claim::publish_failures`]): such a job must not go round for ever.
+    pub fn requeue_after_publish_failure(self, reason: &str) -> io::Result<bool> {
+        self.requeue_as(PUBLISH_FAILED, reason)
+    }
+
+    /// End a job whose result cannot be published at all: the reason goes into the job directory
+    /// (`failure.json`, what `hyperctl` and waiting exporters show) and the job moves to `failed/`.
+    pub fn fail_unpublishable(self, reason: &str) -> io::Result<bool> {
+        let note = serde_json::json!({
+            "job_id": self.id, "reason": reason, "by": fsx::hostname(), "pid": std::process::id(), "at_ms": now_ms(),
+        });
+        let _ = write_json_noreplace(&self.dir.join(FAILURE), &note);
+        self.record_event(PUBLISH_FAILED, serde_json::json!({"reason": reason, "final": true}));
+        self.finish(Outcome::Failed)
+    }
+
+    fn requeue_as(self, kind: &str, reason: &str) -> io::Result<bool> {
+        self.record_event(kind, serde_json::json!({"reason": reason}));
         let _ = fs::remove_file(self.dir.join(LEASE));
         let target = self.queue.job_dir(State::Queued, &self.id);
         match fsx::rename_noreplace(&self.dir, &target)? {
@@ -306,6 +338,12 @@ pub fn cancel_reason(job_dir: &Path) -> Option<String> {
         super::read_small(&path).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default();
     let reason = v.get("reason").and_then(|r| r.as_str()).unwrap_or("cancel requested");
     Some(crate::text::bounded(reason, MAX_REASON))
+}
+
+/// Why a job failed without a published result (`failure.json`), if it did.
+pub fn failure_reason(job_dir: &Path) -> Option<String> {
+    let v: serde_json::Value = serde_json::from_slice(&super::read_small(&job_dir.join(FAILURE)).ok()?).ok()?;
+    v.get("reason").and_then(|r| r.as_str()).map(|r| crate::text::bounded(r, MAX_REASON))
 }
 
 /// Read a lease file (tolerating padding): bounded, never following a symlink or blocking.

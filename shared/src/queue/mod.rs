@@ -25,7 +25,8 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 pub use claim::{
-    Beat, Claim, ClaimError, Lease, LeaseInfo, MAX_REASON, Outcome, cancel_reason, claim, claim_token, read_lease,
+    Beat, Claim, ClaimError, Lease, LeaseInfo, MAX_REASON, Outcome, cancel_reason, claim, claim_token, failure_reason,
+    read_lease,
 };
 pub use inspect::{JobEntry, QueueSummary, StaleClaim, list, read_events, summarize};
 pub use publish::{PublishError, Staging, cleanup_own_staging};
@@ -33,7 +34,7 @@ pub use recover::{
     LeaseTracker, Liveness, RecoverAction, cleanup_tmp, finish_foreign, parse_claim_name, recover_claim,
 };
 pub use retry::{RetryError, retry};
-pub use seed::{IngestOutcome, SeedTracker, ingest_seed_drops};
+pub use seed::{IngestOutcome, REJECTED, SeedTracker, ingest_seed_drops};
 
 use crate::jobid::JobId;
 
@@ -84,6 +85,9 @@ pub const DISKS: &str = "disks";
 pub const LEASE: &str = "lease.json";
 /// A cancel request dropped into a job directory.
 pub const CANCEL: &str = "cancel.json";
+/// Why a job failed when even its failure could not be published (written by the agent that gave
+/// up on it, in `failed/<id>/`).
+pub const FAILURE: &str = "failure.json";
 /// Where a seed-style drop came from (its original name), for ingested jobs.
 pub const ORIGIN: &str = "origin.json";
 /// One file per event (claims, recoveries), for history and the attempt count.

@@ -81,8 +81,15 @@ impl LeaseTracker {
                 (bytes, fs::metadata(&lease_path).and_then(|m| m.modified()).ok())
             }
             // No lease yet: the claimer died between the rename and writing its lease, or is
-            // writing it now. Judge by the directory.
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            // writing it now. Judge by the directory. A "lease" that is not a regular file (a
+            // FIFO, a device, a symlink planted by a queue writer) or is too large is no lease
+            // either: judged the same way, it is recovered like any dead claim.
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::NotFound | io::ErrorKind::InvalidInput | io::ErrorKind::InvalidData
+                ) =>
+            {
                 (Vec::new(), fs::metadata(&dir).and_then(|m| m.modified()).ok())
             }
             // Unreadable now (ESTALE, EIO): no conclusion this time.

@@ -145,6 +145,7 @@ pub async fn prepare(cfg: Config) -> anyhow::Result<Arc<Core>> {
         hyper2kvm,
         zero_cache,
         verify: cfg.verify,
+        max_virtual_size: cfg.max_virtual_size,
     };
     let agent_name = format!("{}@{}", cfg.instance, fsx::hostname());
     Ok(Arc::new(Core {

@@ -89,7 +89,8 @@ pub async fn convert(
         };
         let expected = None;
         let bytes = file.metadata().map(|m| m.len()).unwrap_or(0);
-        disks.push(worker::SourceDisk { id: d.id.clone(), format, bytes, path, file, expected, boot: i == 0 });
+        let stamp = fsx::Stamp::of_file(&file).map_err(unreachable)?;
+        disks.push(worker::SourceDisk { id: d.id.clone(), format, bytes, path, file, expected, boot: i == 0, stamp });
     }
     let job = LoadedJob {
         id,
@@ -116,6 +117,7 @@ pub async fn convert(
         hyper2kvm,
         zero_cache: crate::submit::zero_cache(),
         verify: Default::default(),
+        max_virtual_size: hyperfarm_shared::engine::inspect::MAX_VIRTUAL_SIZE,
     };
     tracing::info!(engine = %settings.default_engine(), "converting on this host");
     let (tx, mut rx) = watch::channel(Progress::phase(Phase::Verifying, 0));

@@ -36,6 +36,7 @@ pub const AGENT_POINTS: &[&str] = &[
     "agent.claimed",
     "agent.lease-written",
     "agent.loaded",
+    "agent.inspected",
     "agent.verified",
     "agent.converted",
     "agent.checked",

@@ -226,6 +226,49 @@ pub fn read_bounded(path: &Path, max: u64) -> io::Result<Vec<u8>> {
 /// Largest small protocol file we read (leases, cancel requests, events, origins, records).
 pub const SMALL_FILE_MAX: u64 = 64 * 1024;
 
+/// What a file looked like at one moment: a later look that differs means it was written to,
+/// truncated, grown or replaced. (Every write moves mtime and ctime; ctime cannot be set back.)
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stamp {
+    dev: u64,
+    ino: u64,
+    pub len: u64,
+    mtime_ns: i128,
+    ctime_ns: i128,
+}
+
+impl Stamp {
+    pub fn of(md: &fs::Metadata) -> Stamp {
+        let ns = |s: i64, n: i64| i128::from(s) * 1_000_000_000 + i128::from(n);
+        Stamp {
+            dev: md.dev(),
+            ino: md.ino(),
+            len: md.len(),
+            mtime_ns: ns(md.mtime(), md.mtime_nsec()),
+            ctime_ns: ns(md.ctime(), md.ctime_nsec()),
+        }
+    }
+
+    pub fn of_file(f: &File) -> io::Result<Stamp> {
+        Ok(Stamp::of(&f.metadata()?))
+    }
+
+    /// How `f` (the same open file) changed since this stamp, if it did.
+    pub fn changed(&self, f: &File) -> Option<String> {
+        let now = match Stamp::of_file(f) {
+            Ok(s) => s,
+            Err(e) => return Some(format!("it can no longer be examined ({e})")),
+        };
+        if now == *self {
+            None
+        } else if now.len != self.len {
+            Some(format!("its size changed from {} to {} bytes", self.len, now.len))
+        } else {
+            Some("it was written to".into())
+        }
+    }
+}
+
 /// Open `rel` below the directory `root` for reading, refusing any path that leaves `root`, that
 /// crosses a symbolic link, or that is not a regular file. Uses `openat2(RESOLVE_BENEATH |
 /// RESOLVE_NO_SYMLINKS)`, which the kernel enforces atomically; on kernels without it, a lexical

@@ -4,7 +4,6 @@
 
 use std::fs::File;
 use std::io;
-use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -37,6 +36,8 @@ pub struct WorkerSettings {
     pub zero_cache: Arc<crate::tree_hash::ZeroCache>,
     /// When the digests are checked relative to the conversion.
     pub verify: VerifyMode,
+    /// Largest virtual disk accepted.
+    pub max_virtual_size: u64,
 }
 
 /// When a job's digests are checked (docs/performance.md measures both).
@@ -75,6 +76,8 @@ pub struct SourceDisk {
     pub file: File,
     pub expected: Option<Expected>,
     pub boot: bool,
+    /// What the file looked like when it was opened (a write since shows here).
+    pub stamp: crate::fsx::Stamp,
 }
 
 /// A job ready to convert.
@@ -176,6 +179,7 @@ pub fn load_job(job_dir: &Path, id: JobId, allowed_source_dirs: &[PathBuf]) -> R
                 ),
             ));
         }
+        let stamp = crate::fsx::Stamp::of_file(&file).map_err(|e| fail(vm, format!("disk {}: {e}", d.id)))?;
         disks.push(SourceDisk {
             id: d.id.clone(),
             format: d.format,
@@ -184,6 +188,7 @@ pub fn load_job(job_dir: &Path, id: JobId, allowed_source_dirs: &[PathBuf]) -> R
             file,
             expected: d.expected,
             boot: d.boot,
+            stamp,
         });
     }
     Ok(LoadedJob {
@@ -344,6 +349,8 @@ pub async fn convert_job(
         tracing::debug!(ms = ms(), ok = r.is_ok(), "verified");
         r?;
     }
+    // The moment between the checks and the engine opening the sources (races are tested here).
+    crate::failpoint::hit("agent.inspected");
     // Each stops the other: a failed verification the conversion, a failed conversion the
     // verification (whose result no longer matters).
     let (convert_cancel, verify_cancel) = (cancel.child_token(), cancel.child_token());
@@ -381,6 +388,27 @@ pub async fn convert_job(
     verified?;
     crate::failpoint::hit("agent.verified");
     let outputs = converted?;
+    // Nothing may have changed a source while it was read: its timestamps and size (any write
+    // moves them) and its head (where a qcow2 keeps its backing and data file names) are what
+    // was inspected, or the output, read at no defined moment, is discarded.
+    for (disk, info) in job.disks.iter().zip(&infos) {
+        let now_head = crate::engine::inspect::read_head(&disk.file);
+        let changed = disk.stamp.changed(&disk.file).or_else(|| match &now_head {
+            Ok(h) if *h == info.head => None,
+            Ok(_) => Some("its header was rewritten".to_string()),
+            Err(e) => Some(format!("it can no longer be read ({e})")),
+        });
+        if let Some(why) = changed {
+            return Err(JobFailure::new(
+                vm,
+                format!(
+                    "disk {}: the source changed while it was converted ({why}); the output was discarded. A job's files must not change once it is published: export the VM again\nfile: {}",
+                    disk.id,
+                    crate::text::Esc(&disk.path)
+                ),
+            ));
+        }
+    }
 
     crate::failpoint::hit("agent.converted");
     // Check every output, whatever produced it.
@@ -445,15 +473,17 @@ async fn convert_qemu_img(
     for (disk, info) in job.disks.iter().zip(infos) {
         let name = disk_file_name(&job.vm_name, &disk.id, disk.boot);
         let dst = work_dir.join(&name);
-        let src = qemu_source_path(disk);
+        let real = disk.path.display().to_string();
+        let src = qemu_source(disk, &real);
         let base = done_virtual;
         let mut last = Progress::phase(Phase::Converting, total_virtual);
         last.disk = Some(disk.id.clone());
         send(progress, last.clone());
         let _flusher = crate::fsx::Flusher::start(dst.clone());
+        let confine = info.confinement(&disk.path).write(work_dir);
         let res = settings
             .qemu
-            .convert(&src, disk.format, &dst, &settings.convert, cancel, |pct| {
+            .convert(src, disk.format, &dst, &settings.convert, &confine, cancel, |pct| {
                 let done = base + (info.virtual_size as f64 * pct / 100.0) as u64;
                 last.bytes_done = done;
                 last.percent = done as f64 * 100.0 / total_virtual as f64;
@@ -561,14 +591,16 @@ pub async fn inspect_all(
         } else {
             disk.path.parent().map(|p| vec![p.to_path_buf()]).unwrap_or_default()
         };
+        let real = disk.path.display().to_string();
         let info = engine::inspect_image(
             &settings.qemu,
             &disk.file,
-            &qemu_source_path(disk),
+            qemu_source(disk, &real),
             &disk.path,
             disk.format,
             &allowed,
             job.seed_drop,
+            settings.max_virtual_size,
         )
         .await
         .map_err(|e| JobFailure::new(vm, format!("disk {} ({}): {e}", disk.id, disk.path.display())))?;
@@ -620,16 +652,16 @@ pub async fn verify_all(
     Ok(())
 }
 
-/// The path qemu-img opens for a source disk: our own open descriptor via /proc (so the file we
-/// verified is the file converted), except for VMDK text descriptors, whose extents qemu-img
-/// resolves relative to the descriptor's real directory.
-pub fn qemu_source_path(disk: &SourceDisk) -> String {
+/// How qemu-img gets a source disk: our own open, verified descriptor (as its standard input, so
+/// the file we verified is the file converted), except for VMDK text descriptors, whose extents
+/// qemu-img resolves relative to the descriptor's real directory.
+pub fn qemu_source<'a>(disk: &'a SourceDisk, real_path: &'a str) -> crate::engine::qemu_img::Source<'a> {
     let descriptor =
         disk.format == DiskFormat::Vmdk && matches!(crate::format::sniff(&disk.file), Ok(Sniffed::VmdkDescriptor));
     if descriptor {
-        disk.path.display().to_string()
+        crate::engine::qemu_img::Source::Path(real_path)
     } else {
-        format!("/proc/{}/fd/{}", std::process::id(), disk.file.as_raw_fd())
+        crate::engine::qemu_img::Source::Fd(&disk.file)
     }
 }
 

@@ -148,20 +148,29 @@ fn a_corrupted_disk_fails_its_job_naming_the_disk_and_the_agent_keeps_serving() 
 #[test]
 fn with_verify_before_a_corrupted_disk_never_starts_the_engine() {
     let farm = Farm::new();
-    // A real qemu-img behind a wrapper that records each command line.
-    let calls = farm.dir.path().join("qemu-img-calls");
+    // A real qemu-img behind a wrapper (the configured program is run, confined like qemu-img);
+    // the agent's debug log records every engine command line.
     let wrapper = farm.dir.path().join("qemu-img-wrapper");
-    fs::write(&wrapper, format!("#!/bin/sh\necho \"$*\" >> {}\nexec qemu-img \"$@\"\n", calls.display())).unwrap();
+    fs::write(&wrapper, "#!/bin/sh\nexec qemu-img \"$@\"\n").unwrap();
     fs::set_permissions(&wrapper, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
     let raw = images::sample_disk(&farm.src, "c.raw", 8, 54);
     let id = publish(&farm, &raw, "corrupt");
     images::corrupt(&farm.queue.join("queued").join(&id).join("disks/disk0.raw"), 100);
-    let _agent: Proc = farm.agent(&["--verify", "before", "--qemu-img", wrapper.to_str().unwrap()]);
+    let agent: Proc = farm.agent_env(
+        &[("HYPER2KVM_AGENT_LOG", "info,hyperfarm_shared::engine=debug")],
+        &["--verify", "before", "--qemu-img", wrapper.to_str().unwrap()],
+    );
     wait_for("the failed result", Duration::from_secs(60), || (farm.records().len() == 1).then_some(()));
     let err = fs::read_to_string(farm.output.join("corrupt.error")).unwrap();
     assert!(err.contains("blake3 digest mismatch") && err.contains(&id), "{err}");
-    let converts =
-        || fs::read_to_string(&calls).unwrap_or_default().lines().filter(|l| l.starts_with("convert")).count();
+    let converts = || {
+        agent
+            .log_text()
+            .lines()
+            .filter(|l| l.contains("starting an engine process") && l.contains("\"convert\""))
+            .count()
+    };
+    assert!(agent.log_text().contains("\"info\""), "the debug log shows engine commands:\n{}", agent.log_text());
     assert_eq!(converts(), 0, "qemu-img convert ran for a job that failed its check");
     // The same agent does convert a sound job through the wrapper.
     let good = publish(&farm, &raw, "fine");

@@ -263,6 +263,6 @@ fn a_disk_written_during_the_export_is_refused() {
     hyperfarm_tests::cont(pid);
     let ran = hyperfarm_tests::collect(child, desc, Duration::from_secs(60));
     ran.expect_code(3);
-    assert!(ran.stderr().contains("changed size"), "{}", ran.stderr());
+    assert!(ran.stderr().contains("size changed"), "{}", ran.stderr());
     assert!(farm.jobs_in("queued").is_empty(), "nothing was published");
 }

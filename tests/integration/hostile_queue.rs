@@ -150,3 +150,63 @@ fn a_result_that_cannot_be_published_is_bounded_and_surfaced() {
     assert!(agent.log_text().contains("could not be published 3 times"), "{}", agent.log_text());
     eprintln!("unpublishable result: 3 claims in {secs:.1}s, then failed with failure.json");
 }
+
+/// The job's owner rewrites the qcow2 header *in place* after the agent inspected it (and, with
+/// `--verify before`, after the digest was checked), to name a backing file it cannot read itself.
+/// The agent stops itself at exactly that moment (`stop:agent.inspected`), the header is rewritten,
+/// and it goes on: qemu-img opens the source with backing files forbidden and confined to the job,
+/// the rewrite is seen after the conversion, and nothing of the secret is ever published.
+#[test]
+fn a_qcow2_header_rewritten_after_inspection_never_reaches_the_output() {
+    let farm = Farm::new();
+    let secret = farm.path().join("secret.raw");
+    fs::write(&secret, images::pattern(44, 1 << 20)).unwrap();
+    // A sound-looking qcow2: the backing name is still in its header, but nothing points at it.
+    let img = farm.src.join("vm.qcow2");
+    images::qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-u",
+        "-b",
+        secret.to_str().unwrap(),
+        "-F",
+        "raw",
+        img.to_str().unwrap(),
+        "1M",
+    ]);
+    let mut bytes = fs::read(&img).unwrap();
+    let pointer: Vec<u8> = bytes[8..20].to_vec();
+    bytes[8..20].fill(0);
+    fs::write(&img, &bytes).unwrap();
+    let id = publish(&farm, &img, "rewritten");
+
+    let mut agent = farm.agent_env(&[("HYPERFARM_FAILPOINT", "stop:agent.inspected")], &["--verify", "before"]);
+    hyperfarm_tests::wait_stopped(agent.pid(), Duration::from_secs(30));
+    let disk = hyperfarm_tests::find_files(&farm.queue.join("converting"), ".qcow2").pop().expect("the job's disk");
+    {
+        use std::os::unix::fs::FileExt;
+        let f = fs::OpenOptions::new().write(true).open(&disk).unwrap();
+        f.write_all_at(&pointer, 8).unwrap();
+        f.sync_all().unwrap();
+    }
+    hyperfarm_tests::cont(agent.pid());
+    let rec = wait_for("the job's result", Duration::from_secs(60), || {
+        farm.records().into_iter().find(|r| r["job_id"] == id.as_str())
+    });
+    assert_eq!(rec["state"], "failed", "{rec}");
+    let err = rec["error"].as_str().unwrap();
+    assert!(err.contains("changed while it was converted"), "{err}");
+    assert!(!farm.output.join("rewritten.qcow2").exists(), "nothing was published");
+    // Not a byte of the secret anywhere in the output directory (published or left over).
+    let needle = &images::pattern(44, 1 << 20)[4096..4096 + 64];
+    for f in hyperfarm_tests::find_files(&farm.output, "") {
+        if f.is_file() {
+            let b = fs::read(&f).unwrap();
+            assert!(!b.windows(needle.len()).any(|w| w == needle), "{} holds the secret", f.display());
+        }
+    }
+    agent.signal(rustix::process::Signal::TERM);
+    agent.wait_exit(Duration::from_secs(20));
+}

@@ -89,14 +89,20 @@ fn a_fix_stage_this_host_cannot_run_is_refused_before_any_work() {
 #[test]
 fn a_hung_hyper2kvm_is_killed_at_its_timeout() {
     let farm = Farm::new();
-    let pidfile = farm.path().join("hung.pid");
+    // The engine runs confined (it may write only its work area), so the hung process is found by
+    // its unusual command line instead of a pid file.
+    let marker = format!("{}.5", 3000 + std::process::id() % 500);
     let wrapper = script(
         &farm.path().join("hung-hyper2kvm"),
-        &format!(
-            "if [ \"$1\" = --version ]; then echo 0.2.0; exit 0; fi\necho $$ > {}\nexec sleep 3600",
-            pidfile.display()
-        ),
+        &format!("if [ \"$1\" = --version ]; then echo 0.2.0; exit 0; fi\nexec sleep {marker}"),
     );
+    let find = move || -> Option<i32> {
+        std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+            let pid: i32 = e.file_name().to_str()?.parse().ok()?;
+            let cmd = std::fs::read(e.path().join("cmdline")).ok()?;
+            (cmd == format!("sleep\0{marker}\0").into_bytes()).then_some(pid)
+        })
+    };
     let _agent = farm.agent(&[
         "--engine",
         "hyper2kvm",
@@ -107,12 +113,15 @@ fn a_hung_hyper2kvm_is_killed_at_its_timeout() {
     ]);
     let raw = images::sample_disk(&farm.src, "g.raw", 8, 85);
     let started = std::time::Instant::now();
-    let ran = farm.export(&raw, &["--name", "hung"]);
+    let (ran, pid) = std::thread::scope(|s| {
+        let h = s.spawn(|| farm.export(&raw, &["--name", "hung"]));
+        let pid = wait_for("the hung engine to run", Duration::from_secs(30), &find);
+        (h.join().unwrap(), pid)
+    });
     ran.expect_code(4);
     assert!(started.elapsed() < Duration::from_secs(60));
     let err = fs::read_to_string(farm.output.join("hung.error")).unwrap();
     assert!(err.contains("did not finish within 2s"), "{err}");
-    let pid: i32 = fs::read_to_string(&pidfile).unwrap().trim().parse().unwrap();
     wait_for("the hung process to be gone", Duration::from_secs(10), || {
         (!std::path::Path::new(&format!("/proc/{pid}")).exists()).then_some(())
     });

@@ -104,6 +104,16 @@ impl Farm {
         p
     }
 
+    /// Start an agent like [`Farm::agent`] with these environment variables.
+    pub fn agent_env(&self, env: &[(&str, &str)], extra: &[&str]) -> Proc {
+        let mut args = self.agent_args();
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let mut p = Proc::spawn(&bin("hyper2kvm-agent"), &args, self.path(), env);
+        p.wait_log("ready", Duration::from_secs(30));
+        *self.agent_url.lock().expect("lock") = p.grpc_url();
+        p
+    }
+
     /// Start an agent like [`Farm::agent`] but through a wrapper command (e.g. `prlimit
     /// --nofile=1024:1024`, which then executes the agent with the same pid).
     pub fn agent_via(&self, wrapper: &[&str], extra: &[&str]) -> Proc {

@@ -15,7 +15,7 @@ pub mod vmx;
 
 use std::fs::File;
 use std::io;
-use std::os::unix::fs::{FileExt, MetadataExt};
+use std::os::unix::fs::FileExt;
 use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
 
@@ -25,41 +25,18 @@ use hyperfarm_shared::names;
 use hyperfarm_shared::text::Esc;
 use hyperfarm_shared::vmdk;
 
-/// What a file looked like when it was opened: a later look that differs means it changed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Stamp {
-    dev: u64,
-    ino: u64,
-    len: u64,
-    mtime_ns: i128,
-    ctime_ns: i128,
-}
-
-impl Stamp {
-    fn of(md: &std::fs::Metadata) -> Stamp {
-        let ns = |s: i64, n: i64| i128::from(s) * 1_000_000_000 + i128::from(n);
-        Stamp {
-            dev: md.dev(),
-            ino: md.ino(),
-            len: md.len(),
-            mtime_ns: ns(md.mtime(), md.mtime_nsec()),
-            ctime_ns: ns(md.ctime(), md.ctime_nsec()),
-        }
-    }
-}
-
 /// A file of the VM, open for reading: every read of it goes through this descriptor.
 #[derive(Debug, Clone)]
 pub struct Opened {
     /// Where it is, for messages.
     pub path: PathBuf,
     pub file: Arc<File>,
-    pub stamp: Stamp,
+    pub stamp: fsx::Stamp,
 }
 
 impl Opened {
     fn new(path: PathBuf, file: File) -> io::Result<Opened> {
-        let stamp = Stamp::of(&file.metadata()?);
+        let stamp = fsx::Stamp::of_file(&file)?;
         Ok(Opened { path, file: Arc::new(file), stamp })
     }
     pub fn len(&self) -> u64 {
@@ -70,18 +47,7 @@ impl Opened {
     }
     /// How the file changed since it was opened, if it did (written to, truncated or grown).
     pub fn changed(&self) -> Option<String> {
-        let now = match self.file.metadata() {
-            Ok(md) => Stamp::of(&md),
-            Err(e) => return Some(format!("{} can no longer be examined ({e})", Esc(&self.path))),
-        };
-        if now == self.stamp {
-            return None;
-        }
-        Some(if now.len != self.stamp.len {
-            format!("{} changed size ({} → {} bytes)", Esc(&self.path), self.stamp.len, now.len)
-        } else {
-            format!("{} was written to", Esc(&self.path))
-        })
+        self.stamp.changed(&self.file).map(|why| format!("{}: {why}", Esc(&self.path)))
     }
 }
 

@@ -88,6 +88,7 @@ impl Hyper2kvm {
         let fin = process::run(
             c,
             &resolved,
+            process::Spawn::default(),
             Some(Duration::from_secs(60)),
             &CancellationToken::new(),
             |b| out.extend_from_slice(b),
@@ -225,6 +226,46 @@ pub fn command(program: &Path, manifest: &Path, dir: &Path) -> std::process::Com
     c
 }
 
+/// What a hyper2kvm run may touch: the job's source disks (read), its private directory in the
+/// work area (read and write), and what a Python program needs to run — its installation and
+/// interpreter, the system's libraries, `/proc`, `/sys`, `/dev` and `/etc` except the agent's own
+/// configuration and keys (`/etc/hyper2kvm`). Not the queue's other jobs, not the output directory's
+/// other results.
+fn confinement(program: &Path, spec: &RunSpec) -> super::sandbox::Confinement {
+    let mut c = super::sandbox::Confinement::new().write(&spec.dir);
+    for d in &spec.disks {
+        c = c.read(&d.path);
+    }
+    // The program (a venv's script), its installation, and the interpreter its first line names.
+    let real = std::fs::canonicalize(program).unwrap_or_else(|_| program.to_path_buf());
+    if let Some(prefix) = real.parent().and_then(Path::parent) {
+        c = c.system(prefix);
+    }
+    if let Some(prefix) = program.parent().and_then(Path::parent) {
+        c = c.system(prefix);
+    }
+    let shebang = std::fs::read(&real).ok().and_then(|b| {
+        let first = b.split(|&x| x == b'\n').next()?.strip_prefix(b"#!")?.to_vec();
+        Some(PathBuf::from(String::from_utf8_lossy(&first).split_whitespace().next()?.to_string()))
+    });
+    if let Some(interp) = shebang.and_then(|i| std::fs::canonicalize(i).ok())
+        && let Some(prefix) = interp.parent().and_then(Path::parent)
+    {
+        c = c.system(prefix);
+    }
+    for p in ["/proc", "/sys", "/dev", "/run"] {
+        c = c.system(p);
+    }
+    if let Ok(rd) = std::fs::read_dir("/etc") {
+        for e in rd.flatten() {
+            if e.file_name() != "hyper2kvm" {
+                c = c.system(e.path());
+            }
+        }
+    }
+    c
+}
+
 /// Run hyper2kvm once. On success every disk's output is at [`RunSpec::output_of`] and
 /// `report.json` says so; the caller still checks the images.
 pub async fn run(
@@ -242,6 +283,7 @@ pub async fn run(
         .map_err(|e| RunError::Engine(EngineError::Io(e)))?;
 
     let c = Command::from(command(&h.program, &manifest_path, dir));
+    let confine = confinement(&h.program, spec);
 
     // Progress: hyper2kvm's own stage and percentage lines, and the bytes its outputs have grown to.
     let n = spec.disks.len().max(1) as f64;
@@ -259,6 +301,7 @@ pub async fn run(
     let result = process::run(
         c,
         &h.program,
+        process::Spawn { confine: Some(&confine), stdin: None },
         h.timeout,
         cancel,
         |_| {},

@@ -9,6 +9,10 @@ use crate::format::{self, DiskFormat, Sniffed};
 /// Largest virtual disk we accept: 64 TiB.
 pub const MAX_VIRTUAL_SIZE: u64 = 64 << 40;
 
+/// How much of an image's head is kept at inspection and compared after the conversion: the
+/// qcow2 header and its extensions (backing and data file names) live in its first cluster.
+pub const HEAD_CHECKED: usize = 64 * 1024;
+
 /// What `qemu-img info` told us about a source image that passed inspection.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ImageInfo {
@@ -16,6 +20,35 @@ pub struct ImageInfo {
     pub virtual_size: u64,
     /// Extent files a VMDK descriptor refers to (empty for single-file images).
     pub extents: Vec<PathBuf>,
+    /// The image's first [`HEAD_CHECKED`] bytes as inspected: a header rewritten afterwards is
+    /// found by comparing them again after the conversion.
+    pub head: Vec<u8>,
+}
+
+impl ImageInfo {
+    /// What an engine reading this image may read: the image (as `real_path` names it) and its
+    /// extents.
+    pub fn confinement(&self, real_path: &Path) -> super::sandbox::Confinement {
+        let mut c = super::sandbox::Confinement::new().read(real_path);
+        for e in &self.extents {
+            c = c.read(e);
+        }
+        c
+    }
+}
+
+/// Read an image's head as [`ImageInfo::head`] keeps it.
+pub fn read_head(file: &File) -> std::io::Result<Vec<u8>> {
+    let mut head = vec![0u8; HEAD_CHECKED];
+    let mut n = 0;
+    while n < head.len() {
+        match std::os::unix::fs::FileExt::read_at(file, &mut head[n..], n as u64)? {
+            0 => break,
+            k => n += k,
+        }
+    }
+    head.truncate(n);
+    Ok(head)
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -34,8 +67,10 @@ pub enum InspectError {
     ExtentOutside(PathBuf),
     #[error("its extent {0:?} is missing or not a regular file")]
     ExtentMissing(PathBuf),
-    #[error("its virtual size of {0} bytes is larger than the 64 TiB limit")]
-    TooLarge(u64),
+    #[error(
+        "its virtual size of {0} bytes is larger than the limit of {1} bytes (max_virtual_size in the agent's configuration)"
+    )]
+    TooLarge(u64, u64),
     #[error("it is damaged ({0}); export the VM again")]
     Damaged(String),
     #[error("it {0}")]
@@ -59,18 +94,20 @@ fn sniffed_name(s: &Sniffed) -> String {
 }
 
 /// Inspect the image open as `file` (whose real location is `real_path`; qemu-img opens it as
-/// `qemu_path`). VMDK descriptors are accepted only with `allow_descriptor` (seed-style drops),
+/// `source`). VMDK descriptors are accepted only with `allow_descriptor` (seed-style drops),
 /// and their extents must resolve below one of `allowed_roots`. Everything that can be judged
 /// from the image's own bytes is judged before qemu-img opens it, so that no tool is ever made
-/// to open a file outside.
+/// to open a file outside; qemu-img then runs confined to the image (and its checked extents).
+#[allow(clippy::too_many_arguments)]
 pub async fn inspect_image(
     qemu: &QemuImg,
     file: &File,
-    qemu_path: &str,
+    source: super::qemu_img::Source<'_>,
     real_path: &Path,
     declared: DiskFormat,
     allowed_roots: &[PathBuf],
     allow_descriptor: bool,
+    max_virtual_size: u64,
 ) -> Result<ImageInfo, InspectError> {
     let sniffed = format::sniff(file)?;
     let matches = match (declared, &sniffed) {
@@ -82,10 +119,9 @@ pub async fn inspect_image(
     if !matches {
         return Err(InspectError::FormatMismatch { declared, actual: sniffed_name(&sniffed) });
     }
-    let mut head = vec![0u8; 4096];
-    let n = std::os::unix::fs::FileExt::read_at(file, &mut head, 0)?;
-    head.truncate(n);
+    let head = read_head(file)?;
     format::self_contained(file, 0, declared, &head).map_err(InspectError::NotSelfContained)?;
+    let mut checked_extents = Vec::new();
     if sniffed == Sniffed::VmdkDescriptor {
         if !allow_descriptor {
             return Err(InspectError::Descriptor);
@@ -102,10 +138,14 @@ pub async fn inspect_image(
         }
         let base = real_path.parent().unwrap_or(Path::new("/"));
         for e in d.extents.iter().filter_map(|e| e.file.as_deref()) {
-            check_extent(base, e, allowed_roots, None)?;
+            checked_extents.extend(check_extent(base, e, allowed_roots, None)?);
         }
     }
-    let info = qemu.info(qemu_path, declared).await.map_err(InspectError::Unreadable)?;
+    let mut confine = super::sandbox::Confinement::new().read(real_path);
+    for e in &checked_extents {
+        confine = confine.read(e);
+    }
+    let info = qemu.info(source, declared, &confine).await.map_err(InspectError::Unreadable)?;
     if let Some(b) = info.get("backing-filename").and_then(|v| v.as_str()) {
         return Err(InspectError::BackingFile(b.to_string()));
     }
@@ -117,8 +157,9 @@ pub async fn inspect_image(
         return Err(InspectError::DataFile(df.to_string()));
     }
     let virtual_size = info.get("virtual-size").and_then(|v| v.as_u64()).unwrap_or(0);
-    if virtual_size > MAX_VIRTUAL_SIZE {
-        return Err(InspectError::TooLarge(virtual_size));
+    let limit = max_virtual_size.min(MAX_VIRTUAL_SIZE);
+    if virtual_size > limit {
+        return Err(InspectError::TooLarge(virtual_size, limit));
     }
     let mut extents = Vec::new();
     if declared == DiskFormat::Vmdk
@@ -129,7 +170,7 @@ pub async fn inspect_image(
             let Some(name) = e.get("filename").and_then(|f| f.as_str()) else {
                 continue;
             };
-            if base.join(name) == real_path || name == qemu_path {
+            if base.join(name) == real_path || name == source.name() {
                 continue;
             }
             if let Some(canon) = check_extent(base, name, allowed_roots, Some(real_path))? {
@@ -141,14 +182,14 @@ pub async fn inspect_image(
     // its lost grains as zeros): check its metadata first, where the format has a check.
     // (raw and VHD have no check in qemu-img: no process started for nothing.)
     let checkable = !matches!(declared, DiskFormat::Raw | DiskFormat::Vhd);
-    match if checkable { qemu.check_source(qemu_path, declared).await } else { Ok(false) } {
+    match if checkable { qemu.check_source(source, declared, &confine).await } else { Ok(false) } {
         Ok(_) => {}
         Err(EngineError::Failed { stderr, .. }) => {
             return Err(InspectError::Damaged(stderr.lines().next().unwrap_or("qemu-img check failed").to_string()));
         }
         Err(e) => return Err(InspectError::Unreadable(e)),
     }
-    Ok(ImageInfo { format: declared, virtual_size, extents })
+    Ok(ImageInfo { format: declared, virtual_size, extents, head })
 }
 
 /// Check an extent a VMDK descriptor names (relative to `base`): it must exist, be a regular file

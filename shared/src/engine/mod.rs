@@ -9,6 +9,7 @@ pub mod hyper2kvm;
 pub mod inspect;
 pub mod process;
 pub mod qemu_img;
+pub mod sandbox;
 
 use std::path::PathBuf;
 use std::time::Duration;

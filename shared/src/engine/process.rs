@@ -23,19 +23,43 @@ pub struct Finished {
     pub stderr: String,
 }
 
-/// Spawn `cmd` in a new process group with stdout and stderr piped. `on_stdout` sees stdout in
+/// Spawn `cmd` (confined to the files `confine` names, when given) in a new process group with
+/// stdout and stderr piped. `on_stdout` sees stdout in
 /// chunks as they arrive, `on_stderr` stderr likewise. Ends with the exit status, or an error on
 /// timeout or cancellation (after the group was stopped).
+/// How a child is started: confined or not, and with what as its standard input (nothing, or a
+/// file it reads as `/proc/self/fd/0`).
+#[derive(Debug, Default)]
+pub struct Spawn<'a> {
+    pub confine: Option<&'a super::sandbox::Confinement>,
+    pub stdin: Option<std::fs::File>,
+}
+
 pub async fn run(
     mut cmd: Command,
     program: &Path,
+    spawn: Spawn<'_>,
     timeout: Option<Duration>,
     cancel: &CancellationToken,
     mut on_stdout: impl FnMut(&[u8]),
     mut on_stderr: impl FnMut(&[u8]),
 ) -> Result<Finished, EngineError> {
-    cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).process_group(0).kill_on_drop(true);
-    let mut child = cmd.spawn().map_err(|source| EngineError::Spawn { program: program.to_path_buf(), source })?;
+    let stdin = match spawn.stdin {
+        Some(f) => Stdio::from(f),
+        None => Stdio::null(),
+    };
+    cmd.stdin(stdin).stdout(Stdio::piped()).stderr(Stdio::piped()).process_group(0).kill_on_drop(true);
+    tracing::debug!(
+        program = %program.display(),
+        args = ?cmd.as_std().get_args().collect::<Vec<_>>(),
+        confined = spawn.confine.is_some(),
+        "starting an engine process"
+    );
+    let spawned = match spawn.confine {
+        Some(c) => c.clone().with_program(program).spawn(&mut cmd),
+        None => cmd.spawn(),
+    };
+    let mut child = spawned.map_err(|source| EngineError::Spawn { program: program.to_path_buf(), source })?;
     let mut stdout = child.stdout.take().expect("stdout is piped");
     let mut stderr = child.stderr.take().expect("stderr is piped");
     let name = program.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();

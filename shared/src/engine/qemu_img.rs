@@ -9,7 +9,48 @@ use tokio_util::sync::CancellationToken;
 
 use super::EngineError;
 use super::process::{self, describe};
+use super::sandbox::Confinement;
 use crate::format::DiskFormat;
+
+/// A source image as qemu-img is given it.
+#[derive(Debug, Clone, Copy)]
+pub enum Source<'a> {
+    /// The agent's own verified descriptor, handed to qemu-img as its standard input and opened as
+    /// `/proc/self/fd/0`: the very inode that was checked, whatever happens to its name (and no
+    /// access to the agent's /proc entries, which a confined process is denied).
+    Fd(&'a std::fs::File),
+    /// A path (VMDK descriptors, whose extents qemu-img resolves next to the descriptor's name).
+    Path(&'a str),
+}
+
+impl Source<'_> {
+    /// The name qemu-img opens.
+    pub fn name(&self) -> &str {
+        match self {
+            Source::Fd(_) => "/proc/self/fd/0",
+            Source::Path(p) => p,
+        }
+    }
+    fn stdin(&self) -> std::io::Result<Option<std::fs::File>> {
+        match self {
+            Source::Fd(f) => f.try_clone().map(Some),
+            Source::Path(_) => Ok(None),
+        }
+    }
+}
+
+/// How qemu-img is told to open a source image: a `json:` spec that pins the driver to the format
+/// that was inspected and forbids a backing file (`"backing": null`), so that a header rewritten
+/// after the inspection cannot make qemu-img read another file as a backing image. (An external
+/// data file cannot be forbidden this way; the process's confinement refuses to open it.)
+pub fn source_spec(path: &str, format: DiskFormat) -> String {
+    let spec = serde_json::json!({
+        "driver": format.qemu_name(),
+        "backing": null,
+        "file": {"driver": "file", "filename": path},
+    });
+    format!("json:{spec}")
+}
 
 /// Tuning of `qemu-img convert`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -94,11 +135,17 @@ impl QemuImg {
         c
     }
 
-    async fn run_quick(&self, cmd: Command) -> Result<(std::process::ExitStatus, String, String), EngineError> {
+    async fn run_quick(
+        &self,
+        cmd: Command,
+        confine: Option<&Confinement>,
+        stdin: Option<std::fs::File>,
+    ) -> Result<(std::process::ExitStatus, String, String), EngineError> {
         let mut out = Vec::new();
         let fin = process::run(
             cmd,
             &self.program,
+            process::Spawn { confine, stdin },
             Some(self.quick_timeout),
             &CancellationToken::new(),
             |b| {
@@ -116,7 +163,7 @@ impl QemuImg {
     pub async fn version(&self) -> Result<String, EngineError> {
         let mut c = self.cmd();
         c.arg("--version");
-        let (status, out, err) = self.run_quick(c).await?;
+        let (status, out, err) = self.run_quick(c, None, None).await?;
         if !status.success() {
             return Err(EngineError::Failed {
                 program: "qemu-img --version".into(),
@@ -127,11 +174,16 @@ impl QemuImg {
         Ok(out.lines().next().unwrap_or_default().trim().to_string())
     }
 
-    /// `qemu-img info --output=json -f <format> <path>`.
-    pub async fn info(&self, path: &str, format: DiskFormat) -> Result<serde_json::Value, EngineError> {
+    /// `qemu-img info --output=json -f <format> <source spec>` (see [`source_spec`]), confined.
+    pub async fn info(
+        &self,
+        src: Source<'_>,
+        format: DiskFormat,
+        confine: &Confinement,
+    ) -> Result<serde_json::Value, EngineError> {
         let mut c = self.cmd();
-        c.args(["info", "--output=json", "-f", format.qemu_name(), path]);
-        let (status, out, err) = self.run_quick(c).await?;
+        c.args(["info", "--output=json", "-f", format.qemu_name()]).arg(source_spec(src.name(), format));
+        let (status, out, err) = self.run_quick(c, Some(confine), src.stdin()?).await?;
         if !status.success() {
             return Err(EngineError::Failed {
                 program: "qemu-img info".into(),
@@ -143,14 +195,17 @@ impl QemuImg {
             .map_err(|e| EngineError::Output(format!("qemu-img info printed something that is not JSON: {e}")))
     }
 
-    /// Convert `src` (a path qemu-img opens; see the worker for how it is made safe) to a new
-    /// qcow2 file `dst`. `on_progress` receives the percentage qemu-img prints (`-p`).
+    /// Convert `src` (a path qemu-img opens through [`source_spec`]; see the worker for how it is
+    /// made safe) to a new qcow2 file `dst`, confined. `on_progress` receives the percentage
+    /// qemu-img prints (`-p`).
+    #[allow(clippy::too_many_arguments)]
     pub async fn convert(
         &self,
-        src: &str,
+        src: Source<'_>,
         format: DiskFormat,
         dst: &Path,
         opts: &ConvertOptions,
+        confine: &Confinement,
         cancel: &CancellationToken,
         mut on_progress: impl FnMut(f64),
     ) -> Result<(), EngineError> {
@@ -171,12 +226,14 @@ impl QemuImg {
             c.arg("-r").arg(r);
         }
 
-        // Paths are always absolute, so none can be read as an option or a protocol prefix.
-        c.arg(src).arg(dst);
+        // The source is a `json:` spec and the destination an absolute path: nothing can be read
+        // as an option or a protocol prefix.
+        c.arg(source_spec(src.name(), format)).arg(dst);
         let mut parser = ProgressParser::default();
         let fin = process::run(
             c,
             &self.program,
+            process::Spawn { confine: Some(confine), stdin: src.stdin()? },
             None,
             cancel,
             |chunk| {
@@ -199,10 +256,15 @@ impl QemuImg {
 
     /// `qemu-img check -f <format>` of a source image. `Ok(false)`: the format has no check
     /// (raw, vpc); `Ok(true)`: consistent (leaks allowed); `Err`: damaged, with qemu-img's words.
-    pub async fn check_source(&self, path: &str, format: DiskFormat) -> Result<bool, EngineError> {
+    pub async fn check_source(
+        &self,
+        src: Source<'_>,
+        format: DiskFormat,
+        confine: &Confinement,
+    ) -> Result<bool, EngineError> {
         let mut c = self.cmd();
-        c.args(["check", "-q", "-f", format.qemu_name(), path]);
-        let (status, out, err) = self.run_quick(c).await?;
+        c.args(["check", "-q", "-f", format.qemu_name()]).arg(source_spec(src.name(), format));
+        let (status, out, err) = self.run_quick(c, Some(confine), src.stdin()?).await?;
         match status.code() {
             Some(0) | Some(3) => Ok(true),
             Some(63) => Ok(false),
@@ -218,8 +280,11 @@ impl QemuImg {
     /// and failures to check are errors.
     pub async fn check(&self, path: &Path) -> Result<CheckReport, EngineError> {
         let mut c = self.cmd();
-        c.args(["check", "--output=json", "-f", "qcow2"]).arg(path);
-        let (status, out, err) = self.run_quick(c).await?;
+        c.args(["check", "--output=json", "-f", "qcow2"])
+            .arg(source_spec(&path.display().to_string(), DiskFormat::Qcow2));
+        // Our own output, read only.
+        let confine = Confinement::new().read(path);
+        let (status, out, err) = self.run_quick(c, Some(&confine), None).await?;
         let v: serde_json::Value = serde_json::from_str(&out).unwrap_or_default();
         let n = |k: &str| v.get(k).and_then(|x| x.as_u64()).unwrap_or(0);
         let report = CheckReport { corruptions: n("corruptions"), leaks: n("leaks"), check_errors: n("check-errors") };

@@ -108,6 +108,19 @@ pub async fn prepare(cfg: Config) -> anyhow::Result<Arc<Core>> {
     })
     .await??;
     let allowed = config::canonical_allowed(&cfg)?;
+    hyperfarm_shared::engine::sandbox::set_required(cfg.require_confinement);
+    match hyperfarm_shared::engine::sandbox::available() {
+        Ok(()) => info!("engines run confined to their job's files (Landlock)"),
+        Err(why) if cfg.require_confinement => {
+            return Err(fatal(
+                crate::EXIT_CONFIG,
+                format!(
+                    "{why}. Engines must be confined so that a job cannot make them read other files; use a kernel with Landlock (Linux 5.13+), allow its system calls (the units' SystemCallFilter does), or set require_confinement = false to run engines unconfined"
+                ),
+            ));
+        }
+        Err(why) => warn!("{why}: engines run UNCONFINED (require_confinement = false)"),
+    }
     let qemu = QemuImg::new(&cfg.qemu_img);
     let qemu_version = qemu.version().await.map_err(|e| {
         fatal(EXIT_ENGINE, format!("qemu-img is not usable: {e}. Install qemu-utils (Debian) or qemu-img (RHEL), or set qemu_img in the configuration"))

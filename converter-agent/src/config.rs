@@ -137,6 +137,10 @@ pub struct Cli {
     /// beyond it; they stay on disk) [default: 100000]
     #[arg(long, env = "HYPER2KVM_AGENT_MAX_LISTED_JOBS", value_name = "N")]
     pub max_listed_jobs: Option<usize>,
+    /// Refuse to start when engines cannot be confined to their job's files with Landlock (Linux
+    /// 5.13+); `false` runs them unconfined with a warning [default: true]
+    #[arg(long, env = "HYPER2KVM_AGENT_REQUIRE_CONFINEMENT", value_name = "BOOL")]
+    pub require_confinement: Option<bool>,
     /// Largest virtual disk size accepted (e.g. 16T) [default: 64T]
     #[arg(long, env = "HYPER2KVM_AGENT_MAX_VIRTUAL_SIZE", value_parser = hyperfarm_shared::human::parse_size, value_name = "SIZE")]
     pub max_virtual_size: Option<u64>,
@@ -215,6 +219,7 @@ pub struct FileConfig {
     pub idle_timeout: Option<Duration>,
     pub max_watchers: Option<usize>,
     pub max_listed_jobs: Option<usize>,
+    pub require_confinement: Option<bool>,
     #[serde(default, deserialize_with = "hyperfarm_shared::human::de_size_opt")]
     pub max_virtual_size: Option<u64>,
 }
@@ -276,6 +281,7 @@ pub struct Config {
     pub cache_dir: Option<PathBuf>,
     pub grpc: GrpcConfig,
     pub max_listed_jobs: usize,
+    pub require_confinement: bool,
     pub max_virtual_size: u64,
     pub log_format: String,
 }
@@ -371,6 +377,7 @@ pub fn load(cli: &Cli) -> anyhow::Result<Config> {
             max_watchers: cli.max_watchers.or(file.max_watchers).unwrap_or(256),
         },
         max_listed_jobs: cli.max_listed_jobs.or(file.max_listed_jobs).unwrap_or(100_000),
+        require_confinement: cli.require_confinement.or(file.require_confinement).unwrap_or(true),
         max_virtual_size: cli
             .max_virtual_size
             .or(file.max_virtual_size)

@@ -109,6 +109,9 @@ pub async fn convert(
         publication.discard();
         return Err(ExportError::Unreachable(format!("--engine hyper2kvm: {e} (give --hyper2kvm-path)")));
     }
+    // The operator's own VM on the operator's own host: confined where Landlock works, else run
+    // with a warning.
+    hyperfarm_shared::engine::sandbox::set_required(false);
     let settings = WorkerSettings {
         qemu: QemuImg::new(&params.qemu_img),
         convert: ConvertOptions::default(),

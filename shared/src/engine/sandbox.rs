@@ -41,23 +41,40 @@ pub struct Confinement {
     system: Vec<PathBuf>,
 }
 
-/// Whether Landlock confines processes on this kernel (checked once).
-pub fn available() -> bool {
-    static AVAILABLE: OnceLock<bool> = OnceLock::new();
-    *AVAILABLE.get_or_init(|| {
-        // A throwaway thread restricts itself with an empty, permissive-for-nothing-handled ruleset
-        // and reports what the kernel enforced.
-        std::thread::spawn(|| {
-            Ruleset::default()
-                .handle_access(AccessFs::Execute)
-                .and_then(|r| r.create())
-                .and_then(|r| r.restrict_self())
-                .map(|s| s.ruleset != RulesetStatus::NotEnforced)
-                .unwrap_or(false)
+/// Whether Landlock confines processes here: `Ok(())`, or why not (checked once). Not available
+/// on kernels before 5.13 or without Landlock in their `lsm=` list, or when a seccomp filter
+/// refuses its system calls (a unit's SystemCallFilter must allow them).
+pub fn available() -> Result<(), String> {
+    static AVAILABLE: OnceLock<Result<(), String>> = OnceLock::new();
+    AVAILABLE
+        .get_or_init(|| {
+            // A throwaway thread restricts itself and reports what the kernel enforced.
+            std::thread::spawn(|| {
+                match Ruleset::default()
+                    .handle_access(AccessFs::Execute)
+                    .and_then(|r| r.create())
+                    .and_then(|r| r.restrict_self())
+                {
+                    Ok(s) if s.ruleset != RulesetStatus::NotEnforced => Ok(()),
+                    Ok(_) => {
+                        Err("this kernel does not enforce Landlock (Linux 5.13+ with landlock in lsm=)".to_string())
+                    }
+                    Err(e) => Err(format!("Landlock cannot be used here: {e}")),
+                }
+            })
+            .join()
+            .unwrap_or_else(|_| Err("the Landlock probe panicked".into()))
         })
-        .join()
-        .unwrap_or(false)
-    })
+        .clone()
+}
+
+static REQUIRED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
+
+/// Whether an engine that cannot be confined must not run (the agent's `require_confinement`,
+/// true by default), or may run unconfined with a warning (hyperexport's direct mode, which
+/// converts the operator's own VM on the operator's own host).
+pub fn set_required(required: bool) {
+    REQUIRED.store(required, std::sync::atomic::Ordering::Relaxed);
 }
 
 impl Confinement {
@@ -156,14 +173,18 @@ impl Confinement {
         std::thread::scope(|s| {
             s.spawn(|| {
                 let _rt = handle.enter();
-                match self.restrict_this_thread() {
-                    Ok(true) => {}
-                    Ok(false) => warn_once("Landlock is not enforced by this kernel"),
-                    Err(e) => {
+                let why = match self.restrict_this_thread() {
+                    Ok(true) => None,
+                    Ok(false) => Some("this kernel does not enforce Landlock".to_string()),
+                    Err(e) => Some(e),
+                };
+                if let Some(why) = why {
+                    if REQUIRED.load(std::sync::atomic::Ordering::Relaxed) {
                         return Err(std::io::Error::other(format!(
-                            "cannot confine the engine to its job's files ({e}); refusing to run it unconfined"
+                            "cannot confine the engine to its job's files ({why}); refusing to run it unconfined (require_confinement)"
                         )));
                     }
+                    warn_once(&why);
                 }
                 cmd.spawn()
             })
@@ -189,8 +210,8 @@ mod tests {
     /// A confined `cat` reads what it may and nothing else.
     #[tokio::test]
     async fn a_confined_child_reads_only_what_it_was_given() {
-        if !available() {
-            eprintln!("Landlock is not available on this kernel: nothing to test");
+        if let Err(why) = available() {
+            eprintln!("{why}: nothing to test");
             return;
         }
         let d = tempfile::tempdir().expect("tempdir");
@@ -213,8 +234,8 @@ mod tests {
     /// opens it (the leak); confined to the image, it cannot.
     #[tokio::test]
     async fn a_confined_qemu_img_cannot_open_a_data_file_the_header_names() {
-        if !available() {
-            eprintln!("Landlock is not available on this kernel: nothing to test");
+        if let Err(why) = available() {
+            eprintln!("{why}: nothing to test");
             return;
         }
         let d = tempfile::tempdir().expect("tempdir");

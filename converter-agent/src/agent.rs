@@ -298,7 +298,11 @@ pub async fn serve(core: Arc<Core>, extra_stop: impl std::future::Future<Output 
         let tick = watchdog.map_or(core.cfg.poll_interval, |w| w.min(core.cfg.poll_interval));
         tokio::select! {
             _ = tokio::time::sleep(tick) => {}
-            _ = wake.notified() => {}
+            _ = wake.notified() => {
+                // Debounce: events come in bursts (a file copied into the watch directory, many
+                // jobs published at once); one scan after a short quiet period serves them all.
+                tokio::time::sleep(EVENT_DEBOUNCE.min(core.cfg.poll_interval)).await;
+            }
             Some(_) = jobs.join_next(), if !jobs.is_empty() => {}
             _ = sigterm.recv() => { info!("SIGTERM: stopping"); break; }
             _ = sigint.recv() => { info!("SIGINT: stopping"); break; }
@@ -503,6 +507,10 @@ fn recover(core: &Core, name: &str, why: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// How long the loop waits after a file-system event before scanning, so that a burst of events
+/// costs one scan.
+pub const EVENT_DEBOUNCE: std::time::Duration = std::time::Duration::from_millis(100);
+
 /// Wake the loop early on file-system events in the watch directory and `queued/` (local
 /// writers only; NFS delivers no events from other hosts, so the timer always rescans too).
 fn start_watcher(queue: &Queue, wake: Arc<Notify>) -> Option<notify::RecommendedWatcher> {
@@ -530,12 +538,21 @@ fn start_watcher(queue: &Queue, wake: Arc<Notify>) -> Option<notify::Recommended
     Some(w)
 }
 
-/// Whether a file-system event is news: a name created, renamed, written or removed — not the
-/// agent's own reads (opening and listing a directory generates access events, which would
-/// otherwise wake the loop for ever) and not its own probe files.
+/// Whether a file-system event is news: a name created, renamed or removed, or a file closed after
+/// writing (a seed drop finished) — not each write into a growing file (a 2 GiB disk copied into the
+/// watch directory is thousands of those), not attribute changes, not the agent's own reads
+/// (opening and listing a directory generates access events, which would otherwise wake the loop
+/// for ever) and not its own probe files.
 fn wakes(event: &notify::Event) -> bool {
     use notify::EventKind;
-    let relevant = matches!(event.kind, EventKind::Create(_) | EventKind::Modify(_) | EventKind::Remove(_));
+    use notify::event::{AccessKind, AccessMode, ModifyKind};
+    let relevant = matches!(
+        event.kind,
+        EventKind::Create(_)
+            | EventKind::Remove(_)
+            | EventKind::Modify(ModifyKind::Name(_))
+            | EventKind::Access(AccessKind::Close(AccessMode::Write))
+    );
     let own_probe = event.paths.iter().all(|p| {
         p.file_name()
             .map(|n| n.to_string_lossy())
@@ -555,5 +572,10 @@ mod tests {
         assert!(wakes(&ev(EventKind::Create(CreateKind::Folder), "/q/queued/01a")));
         assert!(!wakes(&ev(EventKind::Access(AccessKind::Open(notify::event::AccessMode::Any)), "/q/queued")));
         assert!(!wakes(&ev(EventKind::Create(CreateKind::File), "/q/.hyperfarm-probe-host-1")));
+        use notify::event::{AccessMode, DataChange, ModifyKind, RenameMode};
+        assert!(!wakes(&ev(EventKind::Modify(ModifyKind::Data(DataChange::Any)), "/q/big.vmdk")), "each write");
+        assert!(!wakes(&ev(EventKind::Modify(ModifyKind::Metadata(notify::event::MetadataKind::Any)), "/q/x")));
+        assert!(wakes(&ev(EventKind::Modify(ModifyKind::Name(RenameMode::To)), "/q/queued/01a")));
+        assert!(wakes(&ev(EventKind::Access(AccessKind::Close(AccessMode::Write)), "/q/drop.json")));
     }
 }

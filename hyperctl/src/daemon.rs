@@ -14,7 +14,7 @@ use hyperfarm_shared::instance;
 use crate::{Cli, CtlError, DaemonOp, EXIT_UNREACHABLE, endpoints, print_json, systemd, table};
 
 /// One agent, as `--json` prints it (stable: fields are only ever added).
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
 pub struct AgentRow {
     pub instance: String,
     /// The systemd unit of the instance.
@@ -41,6 +41,14 @@ pub struct AgentRow {
     pub source: String,
     /// Why gRPC did not answer.
     pub error: Option<String>,
+    /// Queue scans since the agent started.
+    pub scans: Option<u64>,
+    /// When the agent last read the queue from the shared storage (ms since the epoch): its
+    /// listings are served from memory, so an old time means the share does not answer.
+    pub queue_as_of_ms: Option<u64>,
+    /// gRPC connections open, and the most the agent accepts.
+    pub connections: Option<u32>,
+    pub max_connections: Option<u32>,
 }
 
 fn row_from_status(url: &str, s: &pb::AgentStatus) -> AgentRow {
@@ -65,6 +73,10 @@ fn row_from_status(url: &str, s: &pb::AgentStatus) -> AgentRow {
         engines: s.engines.iter().filter(|e| e.available).map(|e| e.name.clone()).collect(),
         source: "grpc".into(),
         error: None,
+        scans: Some(s.scans),
+        queue_as_of_ms: Some(s.queue_as_of_ms),
+        connections: Some(s.connections),
+        max_connections: Some(s.max_connections),
     }
 }
 
@@ -96,22 +108,10 @@ pub async fn gather(cli: &Cli) -> Result<Vec<AgentRow>, CtlError> {
                 instance: name.clone().unwrap_or_else(|| "?".into()),
                 service: name.as_deref().map(|n| instance::unit_name(Some(n))).unwrap_or_default(),
                 status: "unreachable".into(),
-                serving: None,
-                pid: None,
-                uptime_seconds: None,
-                host: None,
                 url: Some(ep.url.clone()),
-                version: None,
-                watch_dir: None,
-                output_dir: None,
-                queued: None,
-                converting: None,
-                failed: None,
-                running_jobs: None,
-                max_concurrent: None,
-                engines: vec![],
                 source: "grpc".into(),
                 error: Some(e),
+                ..Default::default()
             },
         });
     }
@@ -155,14 +155,9 @@ pub async fn gather(cli: &Cli) -> Result<Vec<AgentRow>, CtlError> {
                 version: None,
                 watch_dir: Some(watch.display().to_string()),
                 output_dir: Some(output.display().to_string()),
-                queued: None,
-                converting: None,
-                failed: None,
-                running_jobs: None,
-                max_concurrent: None,
-                engines: vec![],
                 source: "systemd".into(),
                 error: grpc_error,
+                ..Default::default()
             });
         }
     }

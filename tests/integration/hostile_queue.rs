@@ -210,3 +210,49 @@ fn a_qcow2_header_rewritten_after_inspection_never_reaches_the_output() {
     agent.signal(rustix::process::Signal::TERM);
     agent.wait_exit(Duration::from_secs(20));
 }
+
+/// CPU seconds a process has used (user + system), from /proc.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+/// A seed exporter writing a big disk into the watch directory produces thousands of write events;
+/// the idle agent must not scan for each of them.
+#[test]
+fn a_big_file_written_into_the_watch_directory_costs_the_idle_agent_few_scans() {
+    let farm = Farm::new();
+    let agent = farm.agent(&["--poll-interval", "1s"]);
+    let url = farm.agent_url.lock().unwrap().clone().unwrap();
+    let scans = || {
+        let r = hyperctl(&["--agent", &url, "--json", "daemon", "status"]);
+        r.expect_code(0);
+        r.json()[0]["scans"].as_u64().unwrap()
+    };
+    let (before, cpu_before) = (scans(), cpu_seconds(agent.pid()));
+    let t0 = Instant::now();
+    {
+        use std::io::Write;
+        let mut f = fs::File::create(farm.queue.join("exported-disk1.vmdk")).unwrap();
+        let chunk = vec![0x33u8; 1 << 20];
+        for _ in 0..512 {
+            f.write_all(&chunk).unwrap();
+            f.flush().unwrap();
+        }
+        f.sync_all().unwrap();
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    let (after, cpu_after) = (scans(), cpu_seconds(agent.pid()));
+    let n = after - before;
+    // One scan a second by the timer, plus a couple for the file's creation and close (each
+    // debounced); nothing per write.
+    let allowed = secs.ceil() as u64 + 6;
+    assert!(n <= allowed, "{n} scans while 512 MiB were written in {secs:.1}s (at most {allowed})");
+    eprintln!(
+        "512 MiB written into the watch directory in {secs:.1}s: {n} scans, {:.2} CPU-seconds of the agent",
+        cpu_after - cpu_before
+    );
+}

@@ -70,6 +70,10 @@ pub struct Cli {
     /// (comma-separated; fix needs root and nbd on the converting host)
     #[arg(long, value_delimiter = ',', value_parser = ["inspect", "fix", "validate"], value_name = "STAGES")]
     pub hyper2kvm_stages: Vec<String>,
+    /// Largest disk (file size, holes included: every byte is hashed) exported, e.g. 4T; larger
+    /// disks are refused before anything is copied [default: 64T]
+    #[arg(long, value_parser = hyperfarm_shared::human::parse_size, value_name = "SIZE")]
+    pub max_disk_size: Option<u64>,
     /// qemu-img program for direct mode [default: qemu-img from PATH]
     #[arg(long, value_name = "PATH")]
     pub qemu_img: Option<PathBuf>,
@@ -149,6 +153,8 @@ pub struct FileConfig {
     pub agent_key: Option<PathBuf>,
     pub agent_domain: Option<String>,
     pub detect: Option<bool>,
+    #[serde(default, deserialize_with = "hyperfarm_shared::human::de_size_opt")]
+    pub max_disk_size: Option<u64>,
 }
 
 pub const DEFAULT_CONFIG: &str = "/etc/hyper2kvm/hyperexport.toml";

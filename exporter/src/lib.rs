@@ -143,6 +143,8 @@ pub struct Settings {
     /// Whether `--agent` (or `agent_url`) was given explicitly.
     pub agent_explicit: bool,
     pub detect: bool,
+    /// Largest disk exported (file size).
+    pub max_disk_size: u64,
 }
 
 pub fn settings(cli: &Cli) -> Result<Settings, ExportError> {
@@ -205,6 +207,10 @@ pub fn settings(cli: &Cli) -> Result<Settings, ExportError> {
         poll,
         timeout: cli.hyper2kvm_daemon_timeout.or(file.daemon_timeout).unwrap_or(Duration::from_secs(3600)),
         qemu_img: cli.qemu_img.clone().or(file.qemu_img).unwrap_or_else(|| PathBuf::from("qemu-img")),
+        max_disk_size: cli
+            .max_disk_size
+            .or(file.max_disk_size)
+            .unwrap_or(hyperfarm_shared::engine::inspect::MAX_VIRTUAL_SIZE),
     })
 }
 
@@ -252,6 +258,19 @@ pub async fn run(cli: Cli) -> Result<(), ExportError> {
         .await
         .map_err(|e| ExportError::Internal(e.to_string()))?
         .map_err(|e| ExportError::BadInput(e.to_string()))?;
+    // Every byte of a disk is hashed, holes included (BLAKE3 chains each 1 KiB chunk to its
+    // position, so a hole costs as much as data the first time its place is seen): a huge sparse
+    // file is bounded here, before anything is copied.
+    if let Some(d) = vm.disks.iter().find(|d| d.data.len() > s.max_disk_size) {
+        return Err(ExportError::BadInput(format!(
+            "{}: disk {} is {} ({} bytes, holes included), more than --max-disk-size {}; exporting hashes every byte, which for this disk takes long. Raise --max-disk-size (or max_disk_size in hyperexport.toml) if this is intended",
+            hyperfarm_shared::text::Esc(&vm.path),
+            d.id,
+            hyperfarm_shared::human::bytes(d.data.len()),
+            d.data.len(),
+            hyperfarm_shared::human::bytes(s.max_disk_size)
+        )));
+    }
     tracing::info!(
         vm = %vm.name, kind = vm.kind, disks = vm.disks.len(),
         cpu = vm.cpu.unwrap_or(0), memory_mib = vm.memory_mib.unwrap_or(0), firmware = vm.firmware.as_str(),

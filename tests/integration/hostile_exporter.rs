@@ -266,3 +266,23 @@ fn a_disk_written_during_the_export_is_refused() {
     assert!(ran.stderr().contains("size changed"), "{}", ran.stderr());
     assert!(farm.jobs_in("queued").is_empty(), "nothing was published");
 }
+
+/// A huge sparse disk is bounded by --max-disk-size before a byte is copied.
+#[test]
+fn a_disk_larger_than_the_configured_bound_is_refused_up_front() {
+    let farm = Farm::new();
+    let disk = farm.src.join("huge.raw");
+    fs::File::create(&disk).unwrap().set_len(2 << 30).unwrap();
+    let args: Vec<String> = vec![
+        "--vm".into(),
+        disk.display().to_string(),
+        "--output".into(),
+        farm.queue.display().to_string(),
+        "--max-disk-size".into(),
+        "1G".into(),
+    ];
+    let ran = Run::new(&bin("hyperexport"), &args).run();
+    ran.expect_code(3);
+    assert!(ran.stderr().contains("more than --max-disk-size"), "{}", ran.stderr());
+    assert!(farm.jobs_in("queued").is_empty() && farm.jobs_in("tmp").is_empty());
+}

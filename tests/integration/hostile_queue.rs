@@ -256,3 +256,20 @@ fn a_big_file_written_into_the_watch_directory_costs_the_idle_agent_few_scans() 
         cpu_after - cpu_before
     );
 }
+
+/// The agent bounds the virtual size it accepts (max_virtual_size): a small qcow2 that claims a
+/// huge disk fails before any conversion.
+#[test]
+fn a_disk_larger_than_max_virtual_size_fails_before_conversion() {
+    let farm = Farm::new();
+    let img = farm.src.join("claims-2g.qcow2");
+    images::qemu_img(&["create", "-q", "-f", "qcow2", img.to_str().unwrap(), "2G"]);
+    let id = publish(&farm, &img, "too-big");
+    let _agent = farm.agent(&["--max-virtual-size", "1G"]);
+    let rec = wait_for("the result", Duration::from_secs(30), || {
+        farm.records().into_iter().find(|r| r["job_id"] == id.as_str())
+    });
+    assert_eq!(rec["state"], "failed");
+    let err = rec["error"].as_str().unwrap();
+    assert!(err.contains("larger than the limit") && err.contains("max_virtual_size"), "{err}");
+}

@@ -215,3 +215,41 @@ fn listing_load_over_a_large_queue_never_delays_heartbeats() {
         rss >> 20
     );
 }
+
+/// A flood of watch streams is bounded (max_watchers): the excess is refused at once, and the
+/// agent's memory stays where it was.
+#[test]
+fn a_watch_stream_flood_is_bounded() {
+    let farm = Farm::new();
+    let agent = farm.agent(&["--max-watchers", "8"]);
+    let url = farm.agent_url.lock().unwrap().clone().unwrap();
+    let before = proc_status_bytes(agent.pid(), "VmRSS:");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("python/load.py");
+    let ran = Run::new(
+        &python(),
+        &[
+            script.display().to_string(),
+            url.trim_start_matches("http://").into(),
+            "WatchJobs".into(),
+            "40".into(),
+            "3".into(),
+            r#"{"fromSeq":"0"}"#.into(),
+        ],
+    )
+    .timeout(Duration::from_secs(120))
+    .run();
+    ran.expect_code(0);
+    let v = ran.json();
+    let refused = v["errors"]["RESOURCE_EXHAUSTED"].as_u64().unwrap_or(0);
+    assert!(refused >= 32, "at most 8 streams at once, the rest refused: {v}");
+    assert!(v["calls"].as_u64().unwrap_or(0) >= 1, "streams within the bound are served: {v}");
+    let peak = proc_status_bytes(agent.pid(), "VmHWM:");
+    let after = proc_status_bytes(agent.pid(), "VmRSS:");
+    assert!(peak < 100 << 20, "peak RSS {} MiB", peak >> 20);
+    eprintln!(
+        "watch flood: 40 streams against max_watchers 8: {v}; RSS {} MiB before, peak {} MiB, {} MiB after",
+        before >> 20,
+        peak >> 20,
+        after >> 20
+    );
+}

@@ -3,7 +3,9 @@
 
     load.py HOST:PORT METHOD THREADS SECONDS [REQUEST_JSON]
 
-METHOD is ListJobs, GetStatus or GetJob; REQUEST_JSON its request in proto3 JSON (default {}).
+METHOD is a unary method (ListJobs, GetStatus, GetJob: called in a loop by each thread) or a
+streaming one (WatchJobs, WatchJob: each thread holds one stream open until the end); REQUEST_JSON
+its request in proto3 JSON (default {}).
 Message types come from server reflection (nothing generated). Prints one JSON object: calls,
 errors by status code, and latency percentiles in milliseconds.
 """
@@ -38,7 +40,31 @@ def main() -> int:
     errors = {}
     deadline = time.monotonic() + seconds
 
+    streaming = method.server_streaming
+
+    def watcher():
+        # One stream per thread, held open until the deadline (a watch-stream flood).
+        try:
+            t0 = time.monotonic()
+            stream = channel.unary_stream(
+                f"/hyperfarm.v1.AgentService/{method_name}",
+                request_serializer=request_cls.SerializeToString,
+                response_deserializer=response_cls.FromString,
+            )(request, timeout=seconds + 30)
+            next(stream)
+            with lock:
+                latencies.append((time.monotonic() - t0) * 1000)
+            for _ in stream:
+                if time.monotonic() >= deadline:
+                    break
+            stream.cancel()
+        except grpc.RpcError as e:
+            with lock:
+                errors[e.code().name] = errors.get(e.code().name, 0) + 1
+
     def worker():
+        if streaming:
+            return watcher()
         while time.monotonic() < deadline:
             t0 = time.monotonic()
             try:

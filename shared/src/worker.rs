@@ -210,18 +210,27 @@ fn open_seed_disk(job_dir: &Path, local_path: &str, allowed: &[PathBuf]) -> Resu
     let watch_dir = job_dir.parent().and_then(Path::parent).unwrap_or(Path::new("/"));
     let p = Path::new(local_path);
     let full = if p.is_absolute() { p.to_path_buf() } else { watch_dir.join(p) };
+    let protocol: Vec<&str> = crate::queue::State::ALL
+        .iter()
+        .map(|s| s.dir_name())
+        .chain([crate::queue::TMP, crate::queue::REJECTED])
+        .collect();
+    let inside_jobs = |d: &str| {
+        format!(
+            "local_path {} is inside the queue's {d}/ directory; a seed-style manifest may only point at disks it exported itself (a directory of its own under the watch directory, or one of allowed_source_dirs), never into the queue's job directories",
+            crate::text::Esc(&full)
+        )
+    };
+    // By name first (the job it names may have moved on since), then by where it really is.
+    let lexical: PathBuf = full.components().collect();
+    if let Some(d) = protocol.iter().find(|d| lexical.starts_with(watch_dir.join(d))) {
+        return Err(inside_jobs(d));
+    }
     let canon = std::fs::canonicalize(&full).map_err(|e| format!("local_path {}: {e}", full.display()))?;
-    if let Ok(watch) = std::fs::canonicalize(watch_dir) {
-        let protocol =
-            crate::queue::State::ALL.iter().map(|s| s.dir_name()).chain([crate::queue::TMP, crate::queue::REJECTED]);
-        for d in protocol {
-            if canon.starts_with(watch.join(d)) {
-                return Err(format!(
-                    "local_path {} is inside the queue's {d}/ directory; a seed-style manifest may only point at disks it exported itself (a directory of its own under the watch directory, or one of allowed_source_dirs), never into the queue's job directories",
-                    crate::text::Esc(&full)
-                ));
-            }
-        }
+    if let Ok(watch) = std::fs::canonicalize(watch_dir)
+        && let Some(d) = protocol.iter().find(|d| canon.starts_with(watch.join(d)))
+    {
+        return Err(inside_jobs(d));
     }
     let Some(root) = allowed.iter().find(|r| canon.starts_with(r)) else {
         return Err(format!(

@@ -79,6 +79,7 @@ fn make_file(env: &Env, dir: &Path, f: &serde_json::Value) -> Option<u64> {
             let extent = f["extent"].as_str().unwrap();
             fs::write(&path, format!("# Disk DescriptorFile\nversion=1\nCID=fffffffe\nparentCID=ffffffff\ncreateType=\"monolithicFlat\"\n\nRW 8192 FLAT \"{extent}\" 0\n")).unwrap();
         }
+        "text" => fs::write(&path, subst(f["text"].as_str().unwrap())).unwrap(),
         "symlink" => std::os::unix::fs::symlink(subst(f["target"].as_str().unwrap()), &path).unwrap(),
         "fifo" => rustix::fs::mknodat(
             rustix::fs::CWD,

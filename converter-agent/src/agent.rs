@@ -220,6 +220,18 @@ pub async fn serve(core: Arc<Core>, extra_stop: impl std::future::Future<Output 
     );
 
     let grpc = crate::grpc::start(core.clone(), core.health.clone()).await?;
+    // Announce this agent in the queue (where exporters on other hosts find its gRPC address),
+    // after making sure no clone of this host serves it.
+    let tls = core.cfg.grpc.tls_cert.is_some();
+    let url =
+        crate::registration::advertise_url(core.cfg.grpc.advertise_url.as_deref(), grpc.as_ref().map(|g| g.addr), tls);
+    let me = crate::registration::this_agent(&core.cfg.instance, url.clone(), tls);
+    {
+        let (q, me) = (core.queue.clone(), me.clone());
+        tokio::task::spawn_blocking(move || crate::registration::check_identity(&q, &me)).await??;
+    }
+    info!(host_id = %me.host_id, advertise_url = url.as_deref().unwrap_or("-"), "registered in the queue");
+    let _registered = crate::registration::Registered::start(core.queue.clone(), me);
     let wake = Arc::new(Notify::new());
     let _watcher = start_watcher(&core.queue, wake.clone());
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;

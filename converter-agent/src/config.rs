@@ -93,6 +93,11 @@ pub struct Cli {
     /// it needs --tls-cert/--tls-key, or --insecure-listen
     #[arg(long, env = "HYPER2KVM_AGENT_LISTEN", value_name = "ADDR")]
     pub listen: Option<String>,
+    /// Where exporters on other hosts reach this agent's gRPC API (`http[s]://HOST:PORT`); it is
+    /// written into the queue (`.agents/`) for them to find [default: derived from --listen: the
+    /// host name (for 0.0.0.0/[::]) or the address itself; nothing for loopback]
+    #[arg(long, env = "HYPER2KVM_AGENT_ADVERTISE_URL", value_name = "URL")]
+    pub advertise_url: Option<String>,
     /// PEM certificate (chain) for gRPC over TLS
     #[arg(long, env = "HYPER2KVM_AGENT_TLS_CERT", value_name = "FILE")]
     pub tls_cert: Option<PathBuf>,
@@ -205,6 +210,7 @@ pub struct FileConfig {
     pub hyper2kvm_timeout: Option<Duration>,
     pub cache_dir: Option<PathBuf>,
     pub listen: Option<String>,
+    pub advertise_url: Option<String>,
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
     pub tls_client_ca: Option<PathBuf>,
@@ -229,6 +235,8 @@ pub struct FileConfig {
 pub struct GrpcConfig {
     /// `None`: gRPC is off.
     pub listen: Option<std::net::SocketAddr>,
+    /// Set explicitly; else derived from the bound address at start-up.
+    pub advertise_url: Option<String>,
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
     pub tls_client_ca: Option<PathBuf>,
@@ -360,6 +368,7 @@ pub fn load(cli: &Cli) -> anyhow::Result<Config> {
             .or_else(hyperfarm_shared::tree_hash::ZeroCache::default_dir),
         grpc: GrpcConfig {
             listen: parse_listen(cli.listen.as_deref().or(file.listen.as_deref()).unwrap_or(DEFAULT_LISTEN))?,
+            advertise_url: cli.advertise_url.clone().or(file.advertise_url),
             tls_cert: cli.tls_cert.clone().or(file.tls_cert),
             tls_key: cli.tls_key.clone().or(file.tls_key),
             tls_client_ca: cli.tls_client_ca.clone().or(file.tls_client_ca),
@@ -447,6 +456,11 @@ fn validate(cfg: &Config) -> anyhow::Result<()> {
         return bad(format!(
             "listen = {addr} is not a loopback address: give tls_cert and tls_key (and tls_client_ca for mutual TLS), or set insecure_listen = true to accept plaintext"
         ));
+    }
+    if let Some(u) = &g.advertise_url
+        && !(u.starts_with("http://") || u.starts_with("https://"))
+    {
+        return bad(format!("advertise_url = {u:?} must start with http:// or https://"));
     }
     if !(1..=65_536).contains(&g.max_connections) {
         return bad(format!("max_connections = {} must be between 1 and 65536", g.max_connections));

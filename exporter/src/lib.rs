@@ -142,6 +142,9 @@ pub struct Settings {
     pub agent: AgentEndpoint,
     /// Whether `--agent` (or `agent_url`) was given explicitly.
     pub agent_explicit: bool,
+    /// Whether the queue was named (`--hyper2kvm-watch-dir` or `watch_dir`): a farm was asked for,
+    /// so the job never falls back to converting here.
+    pub queue_named: bool,
     pub detect: bool,
     /// Largest disk exported (file size).
     pub max_disk_size: u64,
@@ -199,6 +202,7 @@ pub fn settings(cli: &Cli) -> Result<Settings, ExportError> {
             .unwrap_or_else(|| PathBuf::from("hyper2kvm")),
         agent,
         agent_explicit: agent_url.is_some(),
+        queue_named: cli.hyper2kvm_watch_dir.is_some() || file.watch_dir.is_some(),
         detect: cli.hyper2kvm_detect.or(file.detect).unwrap_or(true) && !cli.detach,
         mode,
         watch_dir: cli.hyper2kvm_watch_dir.clone().or(file.watch_dir).unwrap_or_else(|| instance::watch_dir(inst)),
@@ -323,12 +327,20 @@ pub async fn run(cli: Cli) -> Result<(), ExportError> {
             Ok(())
         }
         Mode::Daemon => {
-            // Detection: gRPC, else the local unit, else convert here.
-            let mut follow_over_grpc = s.agent_explicit;
+            // Detection (detect.rs): an agent over gRPC (named, registered in the queue, or
+            // local), else the queue followed by polling when a farm was asked for, else here.
+            let mut agent = s.agent_explicit.then(|| s.agent.clone());
             if s.detect {
-                match detect::detect(&s.agent, s.instance.as_deref()).await {
-                    detect::Detected::Grpc(status) => {
-                        tracing::info!(agent = %format!("{}@{}", status.instance, status.host), url = %s.agent.url, "the agent answers over gRPC: daemon mode with live progress");
+                let lookup = detect::Lookup {
+                    agent: &s.agent,
+                    agent_explicit: s.agent_explicit,
+                    instance: s.instance.as_deref(),
+                    watch_dir: &s.watch_dir,
+                    queue_named: s.queue_named,
+                };
+                match detect::detect(&lookup).await {
+                    detect::Detected::Grpc(ep, status) => {
+                        tracing::info!(agent = %format!("{}@{}", status.instance, status.host), url = %ep.url, "the agent answers over gRPC: daemon mode with live progress");
                         if status.watch_dir != s.watch_dir.display().to_string() {
                             tracing::warn!(
                                 "the agent watches {} while this job goes to {}; they must be the same share (mounted at different paths is fine)",
@@ -336,11 +348,13 @@ pub async fn run(cli: Cli) -> Result<(), ExportError> {
                                 s.watch_dir.display()
                             );
                         }
-                        follow_over_grpc = true;
+                        agent = Some(ep);
                     }
-                    detect::Detected::Systemd { unit, grpc_error } => {
-                        tracing::info!(unit = %unit, "{unit} is active but its gRPC does not answer ({grpc_error}): daemon mode, following by polling {}", s.output_dir.display());
-                        follow_over_grpc = false;
+                    detect::Detected::Poll { why } => {
+                        tracing::warn!(
+                            "{why}: daemon mode, following the result by polling {} (back to gRPC if the agent answers)",
+                            s.output_dir.display()
+                        );
                     }
                     detect::Detected::Nothing { why } => {
                         let out = s.export_dir.clone().unwrap_or_else(|| s.output_dir.clone());
@@ -352,7 +366,6 @@ pub async fn run(cli: Cli) -> Result<(), ExportError> {
                     }
                 }
             }
-            let agent = follow_over_grpc.then(|| s.agent.clone());
             daemon(&cli, &s, &vm, ctl, interrupt, agent).await
         }
     }

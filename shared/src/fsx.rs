@@ -369,7 +369,7 @@ pub fn probe_writable(dir: &Path) -> io::Result<()> {
     if !md.is_dir() {
         return Err(io::Error::new(io::ErrorKind::InvalidInput, "is not a directory"));
     }
-    let probe = dir.join(format!(".hyperfarm-probe-{}-{}", hostname(), std::process::id()));
+    let probe = dir.join(format!(".hyperfarm-probe-{}-{}", host_id(), std::process::id()));
     let _ = fs::remove_file(&probe);
     // No fsync: on ext4 (data=ordered) every fsync commits the journal and with it every other
     // file's dirty data, so a probe every few seconds would slow the conversions it watches.
@@ -391,7 +391,47 @@ pub fn space(path: &Path) -> io::Result<(u64, u64)> {
     Ok((st.f_bavail.saturating_mul(st.f_frsize), st.f_blocks.saturating_mul(st.f_frsize)))
 }
 
-/// This host's name (from `uname`), used in leases and temporary names.
+/// This host's identity on shared storage: `<hostname>-<8 hex digits>`, the digits derived from the
+/// machine id (`/etc/machine-id`) and the host name together. Two hosts that share a host name
+/// (clones, containers, network namespaces of one machine) or a machine id (a cloned VM image)
+/// still differ unless they share both — which the agent detects at start-up. Used wherever one
+/// host must tell its own things from another's: staging names, lease ownership, probe files.
+/// Only letters, digits and `-` (it is part of file names split on `.`).
+pub fn host_id() -> String {
+    static ID: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    ID.get_or_init(|| {
+        let name = hostname();
+        let machine = ["/etc/machine-id", "/var/lib/dbus/machine-id"]
+            .iter()
+            .find_map(|p| read_bounded(Path::new(p), 256).ok())
+            .map(|b| String::from_utf8_lossy(&b).trim().to_string())
+            .unwrap_or_default();
+        host_id_of(&name, &machine)
+    })
+    .clone()
+}
+
+/// [`host_id`] from a host name and a machine id.
+pub fn host_id_of(hostname: &str, machine_id: &str) -> String {
+    let mut h = blake3::Hasher::new();
+    h.update(b"hyperfarm-host-id-v1\0");
+    h.update(machine_id.as_bytes());
+    h.update(b"\0");
+    h.update(hostname.as_bytes());
+    let hex = h.finalize().to_hex();
+    let short: String = hostname
+        .split('.')
+        .next()
+        .unwrap_or_default()
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '-' })
+        .take(40)
+        .collect();
+    let short = if short.is_empty() { "host".to_string() } else { short };
+    format!("{short}-{}", &hex.as_str()[..8])
+}
+
+/// This host's name (from `uname`), for people (logs, records); [`host_id`] tells hosts apart.
 pub fn hostname() -> String {
     let uname = rustix::system::uname();
     let name = uname.nodename().to_string_lossy().into_owned();
@@ -416,7 +456,7 @@ pub fn pid_alive(pid: u32) -> bool {
 
 fn sibling_tmp(path: &Path) -> PathBuf {
     let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    parent_of(path).join(format!(".{name}.tmp-{}-{}", hostname(), std::process::id()))
+    parent_of(path).join(format!(".{name}.tmp-{}-{}", host_id(), std::process::id()))
 }
 
 fn parent_of(path: &Path) -> &Path {
@@ -498,6 +538,17 @@ mod tests {
         symlink("/dev/zero", &zero).expect("symlink");
         assert_eq!(read_bounded(&zero, 4).expect_err("symlink").kind(), io::ErrorKind::InvalidInput);
         assert_eq!(read_bounded(Path::new("/dev/zero"), 4).expect_err("device").kind(), io::ErrorKind::InvalidInput);
+    }
+
+    #[test]
+    fn host_ids_tell_hosts_apart_by_name_and_machine() {
+        let a = host_id_of("conv01.example.com", "aaaa");
+        assert!(a.starts_with("conv01-") && a.len() == "conv01-".len() + 8, "{a}");
+        assert!(a.chars().all(|c| c.is_ascii_alphanumeric() || c == '-'), "{a}");
+        assert_ne!(a, host_id_of("conv01.example.com", "bbbb"), "same name, other machine");
+        assert_ne!(a, host_id_of("conv02.example.com", "aaaa"), "same machine id (a clone), other name");
+        assert_eq!(a, host_id_of("conv01.example.com", "aaaa"));
+        assert_eq!(host_id(), host_id(), "stable");
     }
 
     #[test]

@@ -123,7 +123,8 @@ fn bad_input_and_unreachable_paths_have_their_own_exit_codes() {
     .run();
     r.expect_code(6);
     assert!(r.stderr().contains("/nonexistent/queue"), "{}", r.stderr());
-    // With detection (the default) and no agent anywhere: direct mode, with a warning saying why.
+    // A queue was named: the user asked for the farm. No agent answering is no reason to convert
+    // here; a queue that does not exist is an unreachable directory (exit 6).
     let r = hyperexport(&[
         "--vm",
         base.to_str().unwrap(),
@@ -139,8 +140,28 @@ fn bad_input_and_unreachable_paths_have_their_own_exit_codes() {
         &out,
     ])
     .run();
+    r.expect_code(6);
+    assert!(r.stderr().contains("the queue was named"), "{}", r.stderr());
+    assert!(!r.stderr().contains("converting on this host"), "{}", r.stderr());
+    assert!(!farm.output.join("fallback.qcow2").exists());
+    // No queue named and no agent anywhere (the seed's rule): direct mode, with a warning saying why.
+    let r = hyperexport(&[
+        "--vm",
+        base.to_str().unwrap(),
+        "--name",
+        "fallback",
+        "--pipeline",
+        "--hyper2kvm-daemon",
+        "--agent",
+        "http://127.0.0.1:1",
+        "--hyper2kvm-instance",
+        "hf-test-nowhere",
+        "--hyper2kvm-output-dir",
+        &out,
+    ])
+    .run();
     r.expect_code(0);
-    assert!(r.stderr().contains("no agent answered at http://127.0.0.1:1"), "{}", r.stderr());
+    assert!(r.stderr().contains("no queue was named"), "{}", r.stderr());
     assert!(r.stderr().contains("converting on this host"), "{}", r.stderr());
     assert_identical(&base, &farm.output.join("fallback.qcow2"));
 

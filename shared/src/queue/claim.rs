@@ -32,7 +32,12 @@ pub struct LeaseInfo {
     pub token: String,
     /// The agent instance name.
     pub agent: String,
+    /// The host name, for people.
     pub host: String,
+    /// The host's identity ([`fsx::host_id`]): what "this host's claim" is decided on. Empty in
+    /// leases of older agents (then `host` is used).
+    #[serde(default)]
+    pub host_id: String,
     pub boot_id: String,
     pub pid: u32,
     pub claimed_at_ms: u64,
@@ -148,6 +153,7 @@ pub fn claim(queue: &Queue, id: JobId, agent: &str) -> Result<Option<Claim>, Cla
         token: token.clone(),
         agent: agent.to_string(),
         host: fsx::hostname(),
+        host_id: fsx::host_id(),
         boot_id: fsx::boot_id(),
         pid: std::process::id(),
         claimed_at_ms: now,

@@ -12,6 +12,7 @@
 //! Every state change is one `rename` of the job directory, so the state of every job is visible on
 //! disk with `ls`, and a crash at any instant leaves each job in exactly one state.
 
+pub mod agents;
 mod claim;
 mod inspect;
 mod publish;
@@ -262,7 +263,7 @@ pub fn now_ms() -> u64 {
 /// The file server's idea of "now": the mtime of a file we just wrote in `dir`. Lease and age
 /// decisions compare server timestamps with server timestamps, never with a client clock.
 pub fn server_now(dir: &Path) -> io::Result<std::time::SystemTime> {
-    let probe = dir.join(format!(".clock.{}.{}", crate::fsx::hostname(), std::process::id()));
+    let probe = dir.join(format!(".clock.{}.{}", crate::fsx::host_id(), std::process::id()));
     let _ = fs::remove_file(&probe);
     // The server stamps the mtime when it creates the file; nothing to write, nothing to sync.
     drop(fs::OpenOptions::new().write(true).create_new(true).open(&probe)?);

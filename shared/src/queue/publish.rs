@@ -41,7 +41,7 @@ impl Staging {
     /// Create `tmp/<id>.<host>.<pid>/disks/` in the queue (on the same file system as `queued/`, so
     /// that the publishing rename cannot cross mounts).
     pub fn create(queue: &Queue, id: JobId) -> Result<Staging, PublishError> {
-        let dir = queue.tmp_dir().join(format!("{id}.{}.{}", fsx::hostname(), std::process::id()));
+        let dir = queue.tmp_dir().join(format!("{id}.{}.{}", fsx::host_id(), std::process::id()));
         let err = |source| PublishError::Stage { id, dir: dir.clone(), source };
         make_dir(&queue.tmp_dir()).map_err(err)?;
         make_dir(&dir).map_err(err)?;
@@ -116,7 +116,7 @@ pub fn cleanup_own_staging(queue: &Queue) -> io::Result<usize> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
         Err(e) => return Err(e),
     };
-    let host = fsx::hostname();
+    let host = fsx::host_id();
     let mut removed = 0;
     for name in names {
         if let Some((_, owner_host, pid)) = parse_staging_name(&name)

@@ -30,12 +30,19 @@ pub struct LeaseTracker {
     timeout: Duration,
     seen: HashMap<String, (Vec<u8>, Instant)>,
     host: String,
+    host_id: String,
     boot_id: String,
 }
 
 impl LeaseTracker {
     pub fn new(timeout: Duration) -> Self {
-        LeaseTracker { timeout, seen: HashMap::new(), host: fsx::hostname(), boot_id: fsx::boot_id() }
+        LeaseTracker {
+            timeout,
+            seen: HashMap::new(),
+            host: fsx::hostname(),
+            host_id: fsx::host_id(),
+            boot_id: fsx::boot_id(),
+        }
     }
 
     pub fn timeout(&self) -> Duration {
@@ -54,8 +61,13 @@ impl LeaseTracker {
         let lease_path = dir.join(LEASE);
         let (content, mtime) = match read_lease(&lease_path) {
             Ok((bytes, info)) => {
+                // "This host" by identity (host name and machine id), never by host name alone:
+                // two hosts sharing a name must not judge each other's live claims dead.
+                let this_host = |i: &super::claim::LeaseInfo| {
+                    if i.host_id.is_empty() { i.host == self.host } else { i.host_id == self.host_id }
+                };
                 if let Some(info) = &info
-                    && info.host == self.host
+                    && this_host(info)
                 {
                     if !info.boot_id.is_empty() && info.boot_id != self.boot_id {
                         return Liveness::Stale(format!(
@@ -72,10 +84,12 @@ impl LeaseTracker {
                     if let Ok(f) = fsx::open_regular(&lease_path)
                         && f.try_lock().is_ok()
                     {
-                        return Liveness::Stale(format!(
-                            "nobody holds its lease lock (pid {} is another process now)",
-                            info.pid
-                        ));
+                        let who = if info.pid == std::process::id() {
+                            "this very agent now (the pid was reused after a restart)".to_string()
+                        } else {
+                            format!("pid {} is another process now", info.pid)
+                        };
+                        return Liveness::Stale(format!("nobody holds its lease lock ({who})"));
                     }
                 }
                 (bytes, fs::metadata(&lease_path).and_then(|m| m.modified()).ok())
@@ -199,7 +213,7 @@ pub fn cleanup_tmp(queue: &Queue, max_age: Duration, server_now: Option<SystemTi
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(removed),
         Err(e) => return Err(e),
     };
-    let host = fsx::hostname();
+    let host = fsx::host_id();
     for name in names {
         // Clock probes are short-lived; interrupted ingestions of manifest drops are resumed by
         // the ingestion code of the host that took them, never deleted.
@@ -278,7 +292,7 @@ mod tests {
         let dir = q.state_dir(State::Converting).join(format!("{id}@deadbeef"));
         fs::create_dir(&dir).expect("mkdir");
         let lease = serde_json::json!({
-            "job_id": id, "token": "deadbeef", "agent": "x", "host": fsx::hostname(),
+            "job_id": id, "token": "deadbeef", "agent": "x", "host": fsx::hostname(), "host_id": fsx::host_id(),
             "boot_id": fsx::boot_id(), "pid": 999_999_999u32, "claimed_at_ms": 0, "heartbeat": 0,
             "heartbeat_at_ms": 0
         });
@@ -286,6 +300,26 @@ mod tests {
         let mut t = LeaseTracker::new(Duration::from_secs(3600));
         let name = format!("{id}@deadbeef");
         assert!(matches!(t.assess(&q, &name, None), Liveness::Stale(why) if why.contains("gone")));
+    }
+
+    #[test]
+    fn another_host_with_the_same_name_is_not_this_host() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let q = Queue::new(d.path());
+        q.init().expect("init");
+        let id = JobId::new();
+        let dir = q.state_dir(State::Converting).join(format!("{id}@cafe"));
+        fs::create_dir(&dir).expect("mkdir");
+        // Same host name, another machine: its pid means nothing here.
+        let lease = serde_json::json!({
+            "job_id": id, "token": "cafe", "agent": "x", "host": fsx::hostname(),
+            "host_id": fsx::host_id_of(&fsx::hostname(), "another-machine"),
+            "boot_id": "another-boot", "pid": 999_999_999u32, "claimed_at_ms": 0, "heartbeat": 0,
+            "heartbeat_at_ms": 0
+        });
+        fs::write(dir.join(LEASE), lease.to_string()).expect("write");
+        let mut t = LeaseTracker::new(Duration::from_secs(3600));
+        assert_eq!(t.assess(&q, &format!("{id}@cafe"), None), Liveness::Alive, "judged by its lease only");
     }
 
     #[test]
@@ -327,8 +361,8 @@ mod tests {
         let d = tempfile::tempdir().expect("tempdir");
         let q = Queue::new(d.path());
         q.init().expect("init");
-        let dead = q.tmp_dir().join(format!("{}.{}.999999999", JobId::new(), fsx::hostname()));
-        let live = q.tmp_dir().join(format!("{}.{}.{}", JobId::new(), fsx::hostname(), std::process::id()));
+        let dead = q.tmp_dir().join(format!("{}.{}.999999999", JobId::new(), fsx::host_id()));
+        let live = q.tmp_dir().join(format!("{}.{}.{}", JobId::new(), fsx::host_id(), std::process::id()));
         let foreign = q.tmp_dir().join(format!("{}.otherhost.12", JobId::new()));
         for p in [&dead, &live, &foreign] {
             fs::create_dir(p).expect("mkdir");

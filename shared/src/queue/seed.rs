@@ -159,7 +159,7 @@ fn taken_name(id: &JobId, host: &str, pid: u32) -> String {
 fn ingest_one(queue: &Queue, name: &str, stable: blake3::Hash) -> io::Result<IngestOutcome> {
     let id = JobId::new();
     make_dir(&queue.tmp_dir())?;
-    let taken = queue.tmp_dir().join(taken_name(&id, &fsx::hostname(), std::process::id()));
+    let taken = queue.tmp_dir().join(taken_name(&id, &fsx::host_id(), std::process::id()));
     match fsx::rename_noreplace(&queue.root().join(name), &taken)? {
         Moved::Yes => {}
         _ => {
@@ -194,7 +194,7 @@ fn read_taken(taken: &Path) -> io::Result<Vec<u8>> {
 }
 
 fn publish_taken(queue: &Queue, id: JobId, original: &str, taken: &Path, bytes: &[u8]) -> io::Result<()> {
-    let staging = queue.tmp_dir().join(format!("{id}.{}.{}", fsx::hostname(), std::process::id()));
+    let staging = queue.tmp_dir().join(format!("{id}.{}.{}", fsx::host_id(), std::process::id()));
     let _ = fsx::remove_tree(&staging);
     make_dir(&staging)?;
     fsx::write_new_file(&staging.join(MANIFEST), bytes)?;
@@ -231,7 +231,7 @@ fn resume_interrupted(queue: &Queue) -> io::Result<Vec<IngestOutcome>> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(out),
         Err(e) => return Err(e),
     };
-    let host = fsx::hostname();
+    let host = fsx::host_id();
     for name in names {
         let Some(stem) = name.strip_suffix(".seed.json") else {
             continue;
@@ -348,7 +348,7 @@ mod tests {
     fn an_interrupted_ingestion_is_resumed() {
         let (_d, q) = setup();
         let id = JobId::new();
-        let taken = q.tmp_dir().join(taken_name(&id, &fsx::hostname(), 999_999_999));
+        let taken = q.tmp_dir().join(taken_name(&id, &fsx::host_id(), 999_999_999));
         fs::write(&taken, GOOD).expect("write");
         let out = ingest_seed_drops(&q, &mut SeedTracker::new(), Duration::from_secs(1)).expect("scan");
         assert_eq!(out.len(), 1);

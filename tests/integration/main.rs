@@ -6,6 +6,7 @@
 mod agent_lifecycle;
 mod api_load;
 mod crash;
+mod cross_host;
 mod exporter;
 mod faults;
 mod formats;

@@ -6,6 +6,7 @@
 
 #![allow(clippy::unwrap_used)]
 
+pub mod bed;
 pub mod certs;
 pub mod images;
 

@@ -56,6 +56,8 @@ pub struct Core {
     pub health: Arc<crate::grpc::HealthState>,
     /// Queued jobs already announced on the board.
     announced: Mutex<HashSet<JobId>>,
+    /// Unknown queue entries already reported (each is logged once).
+    unknown_warned: Mutex<HashSet<String>>,
     /// Jobs this agent will not claim again before a time (their result could not be published).
     backoff: Mutex<HashMap<JobId, Instant>>,
     tracker: Mutex<LeaseTracker>,
@@ -154,6 +156,7 @@ pub async fn prepare(cfg: Config) -> anyhow::Result<Arc<Core>> {
         qemu,
         convert: cfg.convert.clone(),
         allowed_source_dirs: allowed,
+        path_map: cfg.path_map.clone(),
         engine: cfg.engine,
         hyper2kvm,
         zero_cache,
@@ -164,6 +167,7 @@ pub async fn prepare(cfg: Config) -> anyhow::Result<Arc<Core>> {
     Ok(Arc::new(Core {
         tracker: Mutex::new(LeaseTracker::new(cfg.lease_timeout)),
         backoff: Default::default(),
+        unknown_warned: Default::default(),
         seeds: Mutex::new(SeedTracker::new()),
         scans: Default::default(),
         queue,
@@ -234,6 +238,7 @@ pub async fn serve(core: Arc<Core>, extra_stop: impl std::future::Future<Output 
     let _registered = crate::registration::Registered::start(core.queue.clone(), me);
     let wake = Arc::new(Notify::new());
     let _watcher = start_watcher(&core.queue, wake.clone());
+    let _changes = ChangeCheck::start(&core.queue, wake.clone(), core.cfg.poll_interval);
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let mut jobs: JoinSet<JobId> = JoinSet::new();
@@ -423,12 +428,26 @@ fn scan(core: &Core) -> anyhow::Result<Vec<JobId>> {
             Err(e) => warn!("cleaning {}: {e}", queue.tmp_dir().display()),
         }
         let converting = queue.state_dir(State::Converting);
-        let live = |id: &JobId, token: &str| converting.join(format!("{id}@{token}")).exists();
+        let live = |id: &JobId, token: &str| {
+            let live = converting.join(format!("{id}@{token}")).exists();
+            if !live {
+                hyperfarm_shared::engine::process::kill_leftovers(&core.output.work_dir(id, token));
+            }
+            live
+        };
         if let Err(e) = core.output.cleanup_work(live) {
             warn!("cleaning {}: {e}", core.output.tmp_dir().display());
         }
     }
 
+    if periodic {
+        let unknown = queue::unknown_entries(queue, 100);
+        let mut warned = core.unknown_warned.lock().expect("unknown lock");
+        for u in unknown.iter().filter(|u| !warned.contains(*u)) {
+            warn!(entry = %hyperfarm_shared::text::Esc(u.as_str()), "an entry of the queue that no agent will take (not a job directory the protocol knows); move it away, or back where it belongs");
+        }
+        *warned = unknown.into_iter().collect();
+    }
     let entries = queue::list(queue, &[State::Queued], false)?;
     announce_queued(core, &entries);
     let mut queued: Vec<JobId> = entries.into_iter().map(|j| j.id).collect();
@@ -476,6 +495,12 @@ fn recover(core: &Core, name: &str, why: &str) -> anyhow::Result<()> {
     let queue = &core.queue;
     let claim_dir = queue.state_dir(State::Converting).join(name);
     warn!(job = %id, claim = %name, "stale claim: {why}");
+    // An engine an earlier incarnation of this agent left running (kill -9) must be gone before
+    // the job is touched: no two conversions of one job at once, no work area removed under it.
+    let killed = hyperfarm_shared::engine::process::kill_leftovers(&core.output.work_dir(&id, token));
+    if killed > 0 {
+        warn!(job = %id, killed, "ended engine processes a dead agent of this host had left running");
+    }
     if let Some((publication, record)) = Publication::resume(&core.output, id, token) {
         let state = match record.state {
             ResultState::Done => State::Done,
@@ -498,12 +523,12 @@ fn recover(core: &Core, name: &str, why: &str) -> anyhow::Result<()> {
             info!(job = %id, attempts, "returned to the queue");
             let _ = fsx::remove_tree(&core.output.work_dir(&id, token));
         }
-        RecoverAction::Failed { attempts } => {
+        RecoverAction::Failed { attempts, deaths } => {
             let _ = fsx::remove_tree(&core.output.work_dir(&id, token));
             let dir = queue.job_dir(State::Failed, &id);
             let message = format!(
-                "job {id}: its agent stopped {attempts} times while converting it (last: {why}); it was not retried again.\n\
-                 The job's disks stay in {} for inspection. If the VM is fine, submit it again; if an agent crashes on it, report the agent's log.",
+                "job {id}: its agent stopped {deaths} times while converting it, {attempts} of them while converting nothing else (last: {why}); it was not retried again.\n\
+                 The job's disks stay in {} for inspection. If the VM is fine, submit it again (hyperctl jobs retry {id}); if an agent crashes on it, report the agent's log.",
                 dir.display()
             );
             job::publish_orphan_result(core, id, &dir, &message, ResultState::Failed);
@@ -517,6 +542,56 @@ fn recover(core: &Core, name: &str, why: &str) -> anyhow::Result<()> {
         RecoverAction::Gone => {}
     }
     Ok(())
+}
+
+/// How often the queue's directories are looked at (one `stat` each) between full scans: a
+/// submission from another host is claimed within about this long instead of a whole poll
+/// interval. inotify never sees other hosts' writes; a directory's mtime does (on NFS once the
+/// attribute cache expires: mount with a small `actimeo`, see docs/protocol.md).
+pub const CHANGE_CHECK: std::time::Duration = std::time::Duration::from_millis(250);
+
+/// A thread that stats `queued/` every [`CHANGE_CHECK`] and wakes the loop when it changed (a job
+/// published from any host). One thread: a hung share stops only it.
+struct ChangeCheck {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl ChangeCheck {
+    fn start(queue: &Queue, wake: Arc<Notify>, poll: std::time::Duration) -> Option<ChangeCheck> {
+        if poll <= CHANGE_CHECK {
+            return None;
+        }
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stop2 = stop.clone();
+        // queued/ only: the watch directory itself changes with every health probe, and seed drops
+        // there wait for their settle time anyway.
+        let dirs = [queue.state_dir(State::Queued)];
+        std::thread::Builder::new()
+            .name("queue-changes".into())
+            .spawn(move || {
+                use std::os::unix::fs::MetadataExt;
+                let look = |d: &std::path::Path| {
+                    std::fs::metadata(d).ok().map(|m| (m.mtime(), m.mtime_nsec(), m.ctime_nsec(), m.nlink(), m.size()))
+                };
+                let mut last: Vec<_> = dirs.iter().map(|d| look(d)).collect();
+                while !stop2.load(std::sync::atomic::Ordering::Relaxed) {
+                    std::thread::sleep(CHANGE_CHECK);
+                    let now: Vec<_> = dirs.iter().map(|d| look(d)).collect();
+                    if now != last {
+                        wake.notify_one();
+                        last = now;
+                    }
+                }
+            })
+            .ok()?;
+        Some(ChangeCheck { stop })
+    }
+}
+
+impl Drop for ChangeCheck {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 /// How long the loop waits after a file-system event before scanning, so that a burst of events

@@ -53,6 +53,10 @@ pub struct Cli {
         value_name = "DIR"
     )]
     pub allowed_source_dirs: Vec<PathBuf>,
+    /// Seed-style manifests written on a host that mounts the share elsewhere: `THEIR_PATH=OUR_PATH`
+    /// (repeatable; absolute local_paths under THEIR_PATH are read under OUR_PATH)
+    #[arg(long = "path-map", env = "HYPER2KVM_AGENT_PATH_MAP", value_delimiter = ',', value_parser = parse_path_map, value_name = "FROM=TO")]
+    pub path_map: Vec<(PathBuf, PathBuf)>,
     /// When <vm>.qcow2 already exists from an earlier job: fail the new job, or archive the old file [default: fail]
     #[arg(long, env = "HYPER2KVM_AGENT_ON_EXISTING", value_parser = parse_on_existing, value_name = "fail|archive")]
     pub on_existing: Option<OnExisting>,
@@ -161,6 +165,15 @@ pub struct Cli {
     pub check_config: bool,
 }
 
+fn parse_path_map(s: &str) -> Result<(PathBuf, PathBuf), String> {
+    let (from, to) = s.split_once('=').ok_or_else(|| format!("{s:?} is not FROM=TO"))?;
+    let (from, to) = (PathBuf::from(from.trim()), PathBuf::from(to.trim()));
+    if !from.is_absolute() || !to.is_absolute() {
+        return Err(format!("{s:?}: both sides of a path map must be absolute paths"));
+    }
+    Ok((from, to))
+}
+
 fn parse_engine(s: &str) -> Result<EngineChoice, String> {
     EngineChoice::parse(s).ok_or_else(|| format!("{s:?} is not auto, qemu-img or hyper2kvm"))
 }
@@ -192,6 +205,7 @@ pub struct FileConfig {
     #[serde(default, deserialize_with = "duration::de_opt")]
     pub settle_time: Option<Duration>,
     pub allowed_source_dirs: Option<Vec<PathBuf>>,
+    pub path_map: Option<Vec<String>>,
     pub on_existing: Option<OnExisting>,
     pub verify: Option<VerifyMode>,
     pub qemu_img: Option<PathBuf>,
@@ -270,6 +284,7 @@ pub struct Config {
     #[serde(serialize_with = "ser_dur")]
     pub settle_time: Duration,
     pub allowed_source_dirs: Vec<PathBuf>,
+    pub path_map: Vec<(PathBuf, PathBuf)>,
     pub on_existing: OnExisting,
     pub verify: VerifyMode,
     pub qemu_img: PathBuf,
@@ -330,7 +345,17 @@ pub fn load(cli: &Cli) -> anyhow::Result<Config> {
     } else {
         cli.allowed_source_dirs.clone()
     };
+    let path_map = if cli.path_map.is_empty() {
+        file.path_map
+            .unwrap_or_default()
+            .iter()
+            .map(|s| parse_path_map(s).map_err(|e| ConfigError(format!("path_map: {e}"))))
+            .collect::<Result<Vec<_>, _>>()?
+    } else {
+        cli.path_map.clone()
+    };
     let cfg = Config {
+        path_map,
         instance,
         config_file,
         watch_dir,

@@ -107,6 +107,10 @@ pub async fn run_claimed(core: Arc<Core>, claim: Claim, stop: Arc<JobStop>) {
     .await
 }
 
+fn out_record_exists(core: &Core, id: &hyperfarm_shared::JobId) -> bool {
+    core.output.record_path(id).exists()
+}
+
 /// How `execute` ended, when not with a published success.
 #[derive(Debug)]
 enum Ended {
@@ -129,15 +133,42 @@ async fn execute(
     stop: &Arc<JobStop>,
     view: &Arc<Mutex<JobView>>,
 ) -> Result<ResultRecord, Ended> {
-    // A previous attempt may have published before dying: the job is over.
-    let out = core.output.clone();
-    if let Ok(Ok(Some(rec))) = tokio::task::spawn_blocking(move || out.read_record(&id)).await {
-        return Err(Ended::AlreadyPublished(Box::new(rec)));
+    // A previous attempt may have published before dying: the job is over. Unless the job had
+    // ended (failed or cancelled; its history says so) and an operator put it back into the queue
+    // by hand: then the earlier record is set aside and the job runs again.
+    let dir = claim.lock().expect("claim lock").as_ref().map(|c| c.dir().to_path_buf()).ok_or(Ended::Abandon)?;
+    let (out, d2) = (core.output.clone(), dir.clone());
+    let earlier = tokio::task::spawn_blocking(move || -> Option<Result<ResultRecord, String>> {
+        let rec = out.read_record(&id).ok().flatten()?;
+        let ended_before = hyperfarm_shared::queue::read_events(&d2)
+            .iter()
+            .any(|e| matches!(e.get("event").and_then(|k| k.as_str()), Some("failed" | "cancelled")));
+        if rec.state == ResultState::Done || !ended_before {
+            return Some(Ok(rec));
+        }
+        Some(
+            out.set_aside_record(&id)
+                .map(|to| {
+                    info!(earlier = %to.display(), "the job was put back into the queue by hand after it {}; running it again", if rec.state == ResultState::Failed { "failed" } else { "was cancelled" });
+                    rec
+                })
+                .map_err(|e| format!("cannot set the earlier result of this job aside: {e}")),
+        )
+    })
+    .await
+    .ok()
+    .flatten();
+    match earlier {
+        Some(Ok(rec)) if rec.state == ResultState::Done || out_record_exists(core, &id) => {
+            return Err(Ended::AlreadyPublished(Box::new(rec)));
+        }
+        Some(Err(e)) => return Err(Ended::Failed(JobFailure::new(None, e))),
+        _ => {}
     }
 
-    let dir = claim.lock().expect("claim lock").as_ref().map(|c| c.dir().to_path_buf()).ok_or(Ended::Abandon)?;
     let allowed = core.settings.allowed_source_dirs.clone();
-    let loaded: LoadedJob = tokio::task::spawn_blocking(move || worker::load_job(&dir, id, &allowed))
+    let map = core.settings.path_map.clone();
+    let loaded: LoadedJob = tokio::task::spawn_blocking(move || worker::load_job(&dir, id, &allowed, &map))
         .await
         .map_err(|e| Ended::Failed(JobFailure::new(None, format!("loading the job crashed: {e}"))))?
         .map_err(Ended::Failed)?;
@@ -438,7 +469,7 @@ fn fallback_vm_name(job_dir: &Path, id: &JobId) -> String {
 /// Publish the result of a job no agent holds any more: failed after too many attempts, or
 /// cancelled while its agent was gone.
 pub fn publish_orphan_result(core: &Core, id: JobId, job_dir: &Path, message: &str, state: ResultState) {
-    let loaded = worker::load_job(job_dir, id, &core.settings.allowed_source_dirs);
+    let loaded = worker::load_job(job_dir, id, &core.settings.allowed_source_dirs, &core.settings.path_map);
     let vm = match &loaded {
         Ok(j) => j.vm_name.clone(),
         Err(f) => f.vm_name.clone().unwrap_or_else(|| fallback_vm_name(job_dir, &id)),
@@ -486,6 +517,7 @@ impl Heartbeat {
         let (tx, rx) = std::sync::mpsc::channel::<()>();
         let every = core.cfg.heartbeat_interval();
         let stop2 = stop.clone();
+        let core = core.clone();
         let spawned = std::thread::Builder::new().name(format!("heartbeat-{id}")).spawn(move || {
             let _span = info_span!("job", job = %id).entered();
             loop {
@@ -494,9 +526,13 @@ impl Heartbeat {
                     _ => return,
                 }
                 let p = progress.borrow().clone();
+                let running = core.running_count() as u32;
                 let beat = {
                     let mut g = claim.lock().expect("claim lock");
-                    g.as_mut().map(|claim| claim.heartbeat(p.phase.as_str(), p.percent, p.bytes_done, p.bytes_total))
+                    g.as_mut().map(|claim| {
+                        claim.set_running(running);
+                        claim.heartbeat(p.phase.as_str(), p.percent, p.bytes_done, p.bytes_total)
+                    })
                 };
                 match beat {
                     Some(Ok(Beat::Owned)) => {}

@@ -116,6 +116,7 @@ pub async fn convert(
         qemu: QemuImg::new(&params.qemu_img),
         convert: ConvertOptions::default(),
         allowed_source_dirs: vm.path.parent().map(|p| vec![p.to_path_buf()]).unwrap_or_default(),
+        path_map: Vec::new(),
         engine: params.engine,
         hyper2kvm,
         zero_cache: crate::submit::zero_cache(),

@@ -266,9 +266,30 @@ async fn timed_out(p: &WaitParams) -> Waited {
     }
 }
 
-/// Full paths of a record's files, boot disk first.
+/// Full paths of a record's files, boot disk first: where each of *this job's* files is now (with
+/// `on_existing = "archive"`, a later job of the same VM may already have moved it aside).
 pub fn result_paths(output: &OutputDir, r: &ResultRecord) -> Vec<PathBuf> {
     let mut files: Vec<_> = r.files.iter().collect();
     files.sort_by_key(|f| !f.boot);
-    files.iter().map(|f| output.path().join(&f.name)).collect()
+    files
+        .iter()
+        .map(|f| match output.locate(f) {
+            Some(p) => {
+                if p.file_name().is_some_and(|n| n.to_string_lossy() != f.name) {
+                    tracing::warn!(
+                        job = %r.job_id,
+                        "a later job of VM {} took the name {}; this job's disk was moved to {}",
+                        r.vm_name,
+                        f.name,
+                        p.display()
+                    );
+                }
+                p
+            }
+            None => {
+                tracing::warn!(job = %r.job_id, "{} no longer holds this job's disk (moved or removed since)", f.name);
+                output.path().join(&f.name)
+            }
+        })
+        .collect()
 }

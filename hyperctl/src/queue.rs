@@ -44,6 +44,12 @@ pub async fn run(
     }
     println!("in staging (tmp/): {}", s.staging_entries);
     println!("manifest drops waiting: {}", s.pending_drops);
+    if !s.unknown.is_empty() {
+        println!("entries no agent will take (not the protocol's; move them away or back by hand):");
+        for u in &s.unknown {
+            println!("  {}", hyperfarm_shared::text::escape(u));
+        }
+    }
     if s.stale_claims.is_empty() {
         println!("stale claims: none");
     } else {

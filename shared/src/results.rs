@@ -52,6 +52,15 @@ pub struct ResultFile {
     pub bytes: u64,
     /// The disk's virtual size.
     pub virtual_size: u64,
+    /// The published file's inode number (as the file server numbers it: the same on every NFS or
+    /// GlusterFS client). With `on_existing = "archive"` a later job of the same VM moves this
+    /// file aside; readers find it again by this number ([`OutputDir::locate`]). 0: unknown.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub ino: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// `<output>/.hyperfarm/results/<job-id>.json`.
@@ -192,6 +201,34 @@ impl OutputDir {
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(e),
         }
+    }
+
+    /// Move a finished job's record aside (`<id>.json` → `<id>.json.earlier-<ms>`), when an operator
+    /// put the failed or cancelled job back into the queue by hand: its next attempt commits anew.
+    pub fn set_aside_record(&self, id: &JobId) -> io::Result<PathBuf> {
+        let to = self.results_dir().join(format!("{id}.json.earlier-{}", crate::queue::now_ms()));
+        fs::rename(self.record_path(id), &to)?;
+        fsx::fsync_dir(&self.results_dir())?;
+        Ok(to)
+    }
+
+    /// Where a published file is now: under its own name if that still is the file the job
+    /// published, else under the archived name a later job of the same VM moved it to (found by its
+    /// inode number). `None`: it is gone (moved or removed by hand).
+    pub fn locate(&self, f: &ResultFile) -> Option<PathBuf> {
+        let path = self.dir.join(&f.name);
+        let same = |p: &Path| fs::symlink_metadata(p).is_ok_and(|m| f.ino == 0 || m.ino() == f.ino);
+        if same(&path) {
+            return Some(path);
+        }
+        let stem = f.name.strip_suffix(".qcow2").unwrap_or(&f.name);
+        let prefix = format!("{stem}{DISK_SEPARATOR}superseded{DISK_SEPARATOR}");
+        fs::read_dir(&self.dir)
+            .ok()?
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with(&prefix)))
+            .find(|p| same(p))
     }
 
     /// Before any work: would publishing these names collide with an earlier result?
@@ -356,7 +393,20 @@ impl Publication {
                 }
             }
         }
-        if let Some(name) = record.error_file.clone() {
+        let boot_name = format!("{}.qcow2", record.vm_name);
+        if let Some(name) = record.error_file.clone()
+            && fs::symlink_metadata(out_dir.join(&boot_name)).is_ok()
+        {
+            // The seed's contract reads `<vm>.qcow2` as success and `<vm>.error` as failure, so the
+            // two never stand side by side: an earlier job's result holds the name, and this
+            // failure is told only by this job's record (and to the exporter waiting for it).
+            record.error_file = None;
+            if let Some(text) = record.error.as_mut() {
+                text.push_str(&format!(
+                    "(no {name} was written: {boot_name} holds an earlier job's result, which the seed's contract shows)\n"
+                ));
+            }
+        } else if let Some(name) = record.error_file.clone() {
             // An `.error` is a message whose full text also lives in its job's record, so an
             // earlier job's `<vm>.error` is replaced (atomically, by rename). If its name cannot
             // take it (a directory there, say), the record alone carries the failure: the commit
@@ -380,6 +430,9 @@ impl Publication {
             let _ = fsx::remove_file(&stale);
         }
         fsx::fsync_dir(&out_dir).map_err(io_err(&out_dir))?;
+        for f in record.files.iter_mut() {
+            f.ino = fs::symlink_metadata(out_dir.join(&f.name)).map(|m| m.ino()).unwrap_or(0);
+        }
         crate::failpoint::hit("agent.files-linked");
 
         // The commit: link the record. Never replaces a record.
@@ -505,7 +558,7 @@ mod tests {
     }
 
     fn file(disk: &str, name: &str, boot: bool) -> ResultFile {
-        ResultFile { disk_id: disk.into(), name: name.into(), boot, bytes: 3, virtual_size: 3 }
+        ResultFile { disk_id: disk.into(), name: name.into(), boot, bytes: 3, virtual_size: 3, ino: 0 }
     }
 
     fn publish_ok(out: &OutputDir, vm: &str, content: &[u8], policy: OnExisting) -> Result<ResultRecord, ResultError> {
@@ -539,7 +592,7 @@ mod tests {
     fn an_existing_result_is_never_overwritten() {
         let d = tempfile::tempdir().expect("tempdir");
         let out = OutputDir::new(d.path());
-        publish_ok(&out, "vm", b"first", OnExisting::Fail).expect("first");
+        let first = publish_ok(&out, "vm", b"first", OnExisting::Fail).expect("first");
         let err = publish_ok(&out, "vm", b"second", OnExisting::Fail).expect_err("conflict");
         assert!(matches!(err, ResultError::Conflict { .. }), "{err}");
         assert_eq!(fs::read(d.path().join("vm.qcow2")).expect("read"), b"first");
@@ -551,6 +604,15 @@ mod tests {
         assert_eq!(rec.archived.len(), 2);
         for a in &rec.archived {
             assert_eq!(fs::read(d.path().join(a)).expect("archived"), b"first");
+        }
+        // The first job's files are found where the archive moved them; the third's where it put them.
+        for f in &rec.files {
+            assert_eq!(out.locate(f), Some(d.path().join(&f.name)));
+        }
+        for f in &first.files {
+            let now = out.locate(f).expect("found");
+            assert!(rec.archived.iter().any(|a| now.ends_with(a)), "{} is where the archive moved it", now.display());
+            assert_eq!(fs::read(&now).expect("read"), b"first");
         }
     }
 
@@ -566,6 +628,22 @@ mod tests {
         assert_eq!(fs::read_to_string(d.path().join("vm.error")).expect("read"), "disk d0: digest mismatch\ndetails");
         assert_eq!(rec.summary(), "disk d0: digest mismatch");
         assert_eq!(out.read_record(&id).expect("read").expect("some").state, ResultState::Failed);
+    }
+
+    #[test]
+    fn a_failure_never_puts_an_error_beside_an_earlier_success() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let out = OutputDir::new(d.path());
+        publish_ok(&out, "vm", b"good", OnExisting::Fail).expect("first");
+        let id = JobId::new();
+        let p = Publication::begin(&out, id, "tok").expect("begin");
+        let rec = p
+            .publish(record(id, "vm", vec![], ResultState::Failed), Some("already exists\n"), OnExisting::Fail, || true)
+            .expect("recorded");
+        assert!(!d.path().join("vm.error").exists(), "vm.qcow2 and vm.error never stand side by side");
+        assert_eq!(rec.error_file, None);
+        assert!(rec.error.as_deref().expect("text").contains("no vm.error was written"));
+        assert_eq!(fs::read(d.path().join("vm.qcow2")).expect("read"), b"good");
     }
 
     #[test]

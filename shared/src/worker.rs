@@ -28,6 +28,9 @@ pub struct WorkerSettings {
     pub convert: ConvertOptions,
     /// Canonical directories that seed-style manifests may point into.
     pub allowed_source_dirs: Vec<PathBuf>,
+    /// How absolute paths in seed-style manifests written on other hosts map to this host's
+    /// mounts: (prefix as the writer sees it, the same directory here).
+    pub path_map: Vec<(PathBuf, PathBuf)>,
     /// The engine jobs get unless they choose.
     pub engine: EngineChoice,
     /// A usable hyper2kvm, or why there is none.
@@ -130,7 +133,12 @@ impl std::fmt::Display for JobFailure {
 
 /// Load and validate the job in `job_dir` (native: disks inside the job; seed drop: disks under
 /// the allowed source directories).
-pub fn load_job(job_dir: &Path, id: JobId, allowed_source_dirs: &[PathBuf]) -> Result<LoadedJob, JobFailure> {
+pub fn load_job(
+    job_dir: &Path,
+    id: JobId,
+    allowed_source_dirs: &[PathBuf],
+    path_map: &[(PathBuf, PathBuf)],
+) -> Result<LoadedJob, JobFailure> {
     let manifest_path = job_dir.join(MANIFEST);
     let fail = |vm: Option<&str>, msg: String| JobFailure::new(vm, msg);
     let bytes = crate::queue::read_manifest(job_dir)
@@ -160,7 +168,7 @@ pub fn load_job(job_dir: &Path, id: JobId, allowed_source_dirs: &[PathBuf]) -> R
     let mut disks = Vec::with_capacity(checked.disks.len());
     for d in &checked.disks {
         let (path, file) = if seed_drop {
-            open_seed_disk(job_dir, &d.local_path, allowed_source_dirs)
+            open_seed_disk(job_dir, &map_path(&d.local_path, path_map), allowed_source_dirs)
         } else {
             fsx::open_beneath(job_dir, Path::new(&d.local_path)).map(|f| (job_dir.join(&d.local_path), f)).map_err(
                 |e| format!("local_path {:?} must name a regular file inside the job directory ({e})", d.local_path),
@@ -202,6 +210,17 @@ pub fn load_job(job_dir: &Path, id: JobId, allowed_source_dirs: &[PathBuf]) -> R
     })
 }
 
+/// An absolute `local_path` written on a host that mounts the share elsewhere, as this host sees
+/// it: the longest matching prefix of `path_map` replaced (whole path components only).
+pub fn map_path(local_path: &str, path_map: &[(PathBuf, PathBuf)]) -> String {
+    let p = Path::new(local_path);
+    let best = path_map.iter().filter(|(from, _)| p.starts_with(from)).max_by_key(|(from, _)| from.as_os_str().len());
+    match best {
+        Some((from, to)) => to.join(p.strip_prefix(from).expect("it starts with it")).display().to_string(),
+        None => local_path.to_string(),
+    }
+}
+
 /// A seed-style drop's disk: absolute, or relative to the watch directory (where the drop was),
 /// and below one of the allowed source directories, opened without crossing a symlink. The
 /// queue's own directories (jobs, staging, rejected drops) are never a seed drop's: a drop must not
@@ -234,7 +253,7 @@ fn open_seed_disk(job_dir: &Path, local_path: &str, allowed: &[PathBuf]) -> Resu
     }
     let Some(root) = allowed.iter().find(|r| canon.starts_with(r)) else {
         return Err(format!(
-            "local_path {} is outside the allowed source directories ({}); add its directory to allowed_source_dirs in the agent's configuration",
+            "local_path {} is outside the allowed source directories ({}); add its directory to allowed_source_dirs in the agent's configuration (or, if it was written on a host that mounts the share elsewhere, map that mount point with path_map = [\"<its path>=<this host's path>\"])",
             crate::text::Esc(&full),
             allowed.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
         ));
@@ -459,6 +478,7 @@ pub async fn convert_job(
             boot: disk.boot,
             bytes,
             virtual_size: info.virtual_size,
+            ino: 0,
         });
     }
     crate::failpoint::hit("agent.checked");
@@ -492,12 +512,21 @@ async fn convert_qemu_img(
         let confine = info.confinement(&disk.path).write(work_dir);
         let res = settings
             .qemu
-            .convert(src, disk.format, &dst, &settings.convert, &confine, cancel, |pct| {
-                let done = base + (info.virtual_size as f64 * pct / 100.0) as u64;
-                last.bytes_done = done;
-                last.percent = done as f64 * 100.0 / total_virtual as f64;
-                send(progress, last.clone());
-            })
+            .convert(
+                src,
+                disk.format,
+                &dst,
+                &settings.convert,
+                &confine,
+                Some(&work_dir.join(".engine-qemu-img.json")),
+                cancel,
+                |pct| {
+                    let done = base + (info.virtual_size as f64 * pct / 100.0) as u64;
+                    last.bytes_done = done;
+                    last.percent = done as f64 * 100.0 / total_virtual as f64;
+                    send(progress, last.clone());
+                },
+            )
             .await;
         if let Err(e) = res {
             let _ = std::fs::remove_file(&dst);
@@ -701,4 +730,21 @@ fn qcow2_virtual_size(path: &Path) -> io::Result<u64> {
         return Err(io::Error::new(io::ErrorKind::InvalidData, "not a qcow2 file"));
     }
     Ok(u64::from_be_bytes(head[24..32].try_into().expect("8 bytes")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn seed_paths_from_another_mount_point_are_mapped() {
+        let map = vec![
+            (PathBuf::from("/mnt/A"), PathBuf::from("/srv/share")),
+            (PathBuf::from("/mnt/A/queue/special"), PathBuf::from("/data/special")),
+        ];
+        assert_eq!(map_path("/mnt/A/queue/exports/d.raw", &map), "/srv/share/queue/exports/d.raw");
+        assert_eq!(map_path("/mnt/A/queue/special/d.raw", &map), "/data/special/d.raw", "the longest prefix wins");
+        assert_eq!(map_path("/mnt/AB/d.raw", &map), "/mnt/AB/d.raw", "whole components only");
+        assert_eq!(map_path("exports/d.raw", &map), "exports/d.raw");
+    }
 }

@@ -2,8 +2,12 @@
 //!
 //! A GlusterFS volume is served by `glusterd` and its brick in a *storage* network namespace and
 //! mounted with the FUSE client in each *host* namespace (an exporter host, agent hosts); the
-//! namespaces share one bridge, and every host runs its programs under a hostname of its own
-//! (`unshare --uts`). Facts behind it: `../shared/notes/shared-fs-across-namespaces.md`.
+//! namespaces share one bridge. Every host runs its programs as a host of its own would: its own
+//! hostname (`unshare --uts`) and, in a mount namespace of its own, its own `/etc/machine-id` and
+//! boot id (bind-mounted over the machine's), so that nothing a program uses to tell hosts apart
+//! is shared. (The pid namespace is shared, as it is not something a program can tell hosts apart
+//! by anyway; a kill -9 of an agent leaves its children running, as on a real host.) Facts behind
+//! it: `../shared/notes/shared-fs-across-namespaces.md`.
 //!
 //! - **Set up from scratch and torn down**: its own namespaces, addresses, glusterd working
 //!   directory and socket (the system's gluster state is never touched), volume, mounts; all gone
@@ -61,6 +65,8 @@ pub struct Host {
     pub mount: PathBuf,
     veth: String,
     client_pidfile: PathBuf,
+    machine_id: PathBuf,
+    boot_id: PathBuf,
 }
 
 impl Host {
@@ -132,6 +138,13 @@ fn end_pid(pid: i32) {
     kill_pid(pid, rustix::process::Signal::KILL);
 }
 
+/// A UUID-shaped id, different per bed and per host.
+fn uuid_like(tag: u32, i: usize) -> String {
+    let h = blake3::hash(format!("hyperfarm-bed-{tag}-{i}-{:?}", Instant::now()).as_bytes()).to_hex();
+    let x = h.as_str();
+    format!("{}-{}-{}-{}-{}", &x[0..8], &x[8..12], &x[12..16], &x[16..20], &x[20..32])
+}
+
 fn pid_from(file: &Path) -> Option<i32> {
     fs::read_to_string(file).ok()?.trim().parse().ok()
 }
@@ -185,6 +198,12 @@ impl Bed {
             ip(&["-n", &ns, "link", "set", &veth, "up"]);
             let mount = bed.dir.path().join("mnt").join(name);
             fs::create_dir_all(&mount).expect("mkdir");
+            let ids = bed.dir.path().join("ids").join(name);
+            fs::create_dir_all(&ids).expect("mkdir");
+            let (machine_id, boot_id) = (ids.join("machine-id"), ids.join("boot_id"));
+            let u = uuid_like(tag, i);
+            fs::write(&machine_id, format!("{}\n", u.replace('-', ""))).expect("write machine-id");
+            fs::write(&boot_id, format!("{u}\n")).expect("write boot_id");
             bed.hosts.push(Host {
                 name: name.to_string(),
                 hostname: hostname.to_string(),
@@ -193,6 +212,8 @@ impl Bed {
                 mount,
                 veth,
                 client_pidfile: bed.dir.path().join(format!("client-{name}.pid")),
+                machine_id,
+                boot_id,
             });
         }
         bed.start_glusterd();
@@ -219,10 +240,9 @@ impl Bed {
         let work = d.join("glusterd");
         fs::create_dir_all(&work).expect("mkdir");
         let base = fs::read_to_string("/etc/glusterfs/glusterd.vol").expect("/etc/glusterfs/glusterd.vol");
-        let vol = base.replace("/var/lib/glusterd", &work.display().to_string()).replace(
-            "end-volume",
-            &format!("    option glusterd-sockfile {}\nend-volume", self.sock.display()),
-        );
+        let vol = base
+            .replace("/var/lib/glusterd", &work.display().to_string())
+            .replace("end-volume", &format!("    option glusterd-sockfile {}\nend-volume", self.sock.display()));
         let volfile = d.join("glusterd.vol");
         fs::write(&volfile, vol).expect("write glusterd.vol");
         let log = fs::File::create(d.join("glusterd.out")).expect("log");
@@ -280,7 +300,10 @@ impl Bed {
         run(&mut c, &format!("mounting the volume on {}", h.name));
         let m = h.mount.display().to_string();
         wait_until(&format!("the mount on {}", h.name), Duration::from_secs(20), || {
-            fs::read_to_string("/proc/mounts").unwrap_or_default().lines().any(|l| l.split(' ').nth(1) == Some(m.as_str()))
+            fs::read_to_string("/proc/mounts")
+                .unwrap_or_default()
+                .lines()
+                .any(|l| l.split(' ').nth(1) == Some(m.as_str()))
                 && fs::read_dir(&h.mount).is_ok()
         });
     }
@@ -289,17 +312,29 @@ impl Bed {
         self.hosts.iter().find(|h| h.name == name).unwrap_or_else(|| panic!("no host {name} in the bed"))
     }
 
-    /// The command line that runs `program args` on `host` (its network namespace, its hostname).
+    /// Give two hosts the same hostname (a misconfiguration the farm must survive).
+    pub fn set_hostname(&mut self, host: &str, hostname: &str) {
+        let h = self.hosts.iter_mut().find(|h| h.name == host).expect("host");
+        h.hostname = hostname.to_string();
+    }
+
+    /// The command line that runs `program args` on `host`: its network namespace, its hostname,
+    /// its machine id and boot id.
     fn on(&self, host: &str, program: &Path, args: &[String]) -> (PathBuf, Vec<String>) {
         let h = self.host(host);
         let mut a = vec![
             format!("--net=/run/netns/{}", h.netns),
             "unshare".into(),
             "--uts".into(),
+            "--mount".into(),
+            "--propagation".into(),
+            "slave".into(),
             "/bin/sh".into(),
             "-c".into(),
-            "hostname \"$0\" && exec \"$@\"".into(),
+            "hostname \"$0\" && mount --bind \"$1\" /etc/machine-id && mount --bind \"$2\" /proc/sys/kernel/random/boot_id && shift 2 && exec \"$@\"".into(),
             h.hostname.clone(),
+            h.machine_id.display().to_string(),
+            h.boot_id.display().to_string(),
             program.display().to_string(),
         ];
         a.extend(args.iter().cloned());
@@ -381,11 +416,9 @@ impl Drop for Bed {
     fn drop(&mut self) {
         if std::thread::panicking() {
             eprintln!("--- bed {} ({}) ---", self.dir.path().display(), self.cache.name());
-            for log in ["glusterd.log"] {
-                let text = fs::read_to_string(self.dir.path().join(log)).unwrap_or_default();
-                let tail: Vec<&str> = text.lines().rev().take(20).collect();
-                eprintln!("{log} (last lines):\n{}", tail.into_iter().rev().collect::<Vec<_>>().join("\n"));
-            }
+            let text = fs::read_to_string(self.dir.path().join("glusterd.log")).unwrap_or_default();
+            let tail: Vec<&str> = text.lines().rev().take(20).collect();
+            eprintln!("glusterd.log (last lines):\n{}", tail.into_iter().rev().collect::<Vec<_>>().join("\n"));
         }
         self.teardown();
     }

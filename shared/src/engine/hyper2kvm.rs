@@ -301,7 +301,11 @@ pub async fn run(
     let result = process::run(
         c,
         &h.program,
-        process::Spawn { confine: Some(&confine), stdin: None },
+        process::Spawn {
+            confine: Some(&confine),
+            stdin: None,
+            pidfile: spec.dir.parent().map(|w| w.join(".engine-hyper2kvm.json")),
+        },
         h.timeout,
         cancel,
         |_| {},

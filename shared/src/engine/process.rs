@@ -33,6 +33,59 @@ pub struct Finished {
 pub struct Spawn<'a> {
     pub confine: Option<&'a super::sandbox::Confinement>,
     pub stdin: Option<std::fs::File>,
+    /// Where to note the child (pid, process group, start time, host, boot), so that if the agent
+    /// dies (kill -9) the agent that recovers the job on this host can end the orphan before
+    /// anything else touches the job ([`kill_leftovers`]).
+    pub pidfile: Option<std::path::PathBuf>,
+}
+
+/// What [`Spawn::pidfile`] holds.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct EngineNote {
+    pid: i32,
+    start: u64,
+    host_id: String,
+    boot_id: String,
+}
+
+/// A process's start time (clock ticks since boot), to tell it from a later one with its pid.
+fn start_time(pid: i32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit_once(')')?.1.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// End (SIGKILL, its whole process group) every engine an earlier incarnation of this agent left
+/// running in `work_dir` (pid files written at spawn; only this host's and this boot's, and only a
+/// process that is still the one recorded). Waits up to 5 s for them to be gone. Returns how many
+/// were killed.
+pub fn kill_leftovers(work_dir: &Path) -> usize {
+    let Ok(rd) = std::fs::read_dir(work_dir) else { return 0 };
+    let (host, boot) = (crate::fsx::host_id(), crate::fsx::boot_id());
+    let mut killed = Vec::new();
+    for e in rd.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if !(name.starts_with(".engine") && name.ends_with(".json")) {
+            continue;
+        }
+        let Some(note) =
+            crate::fsx::read_bounded(&e.path(), 4096).ok().and_then(|b| serde_json::from_slice::<EngineNote>(&b).ok())
+        else {
+            continue;
+        };
+        if note.host_id != host || note.boot_id != boot || note.pid <= 1 || start_time(note.pid) != Some(note.start) {
+            continue;
+        }
+        if let Some(p) = rustix::process::Pid::from_raw(note.pid) {
+            let _ = rustix::process::kill_process_group(p, rustix::process::Signal::KILL);
+            let _ = rustix::process::kill_process(p, rustix::process::Signal::KILL);
+            killed.push(note.pid);
+        }
+    }
+    let t0 = std::time::Instant::now();
+    while killed.iter().any(|&p| start_time(p).is_some()) && t0.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    killed.len()
 }
 
 pub async fn run(
@@ -60,6 +113,18 @@ pub async fn run(
         None => cmd.spawn(),
     };
     let mut child = spawned.map_err(|source| EngineError::Spawn { program: program.to_path_buf(), source })?;
+    if let (Some(file), Some(pid)) = (&spawn.pidfile, child.id()) {
+        let pid = pid as i32;
+        let note = EngineNote {
+            pid,
+            start: start_time(pid).unwrap_or(0),
+            host_id: crate::fsx::host_id(),
+            boot_id: crate::fsx::boot_id(),
+        };
+        if let Err(e) = crate::fsx::replace_file(file, &serde_json::to_vec(&note).expect("notes serialise")) {
+            tracing::warn!("cannot note the engine's pid in {}: {e}", file.display());
+        }
+    }
     let mut stdout = child.stdout.take().expect("stdout is piped");
     let mut stderr = child.stderr.take().expect("stderr is piped");
     let name = program.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();

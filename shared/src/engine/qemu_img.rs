@@ -145,7 +145,7 @@ impl QemuImg {
         let fin = process::run(
             cmd,
             &self.program,
-            process::Spawn { confine, stdin },
+            process::Spawn { confine, stdin, pidfile: None },
             Some(self.quick_timeout),
             &CancellationToken::new(),
             |b| {
@@ -196,8 +196,8 @@ impl QemuImg {
     }
 
     /// Convert `src` (a path qemu-img opens through [`source_spec`]; see the worker for how it is
-    /// made safe) to a new qcow2 file `dst`, confined. `on_progress` receives the percentage
-    /// qemu-img prints (`-p`).
+    /// made safe) to a new qcow2 file `dst`, confined, its pid noted in `pidfile`. `on_progress`
+    /// receives the percentage qemu-img prints (`-p`).
     #[allow(clippy::too_many_arguments)]
     pub async fn convert(
         &self,
@@ -206,6 +206,7 @@ impl QemuImg {
         dst: &Path,
         opts: &ConvertOptions,
         confine: &Confinement,
+        pidfile: Option<&Path>,
         cancel: &CancellationToken,
         mut on_progress: impl FnMut(f64),
     ) -> Result<(), EngineError> {
@@ -233,7 +234,7 @@ impl QemuImg {
         let fin = process::run(
             c,
             &self.program,
-            process::Spawn { confine: Some(confine), stdin: src.stdin()? },
+            process::Spawn { confine: Some(confine), stdin: src.stdin()?, pidfile: pidfile.map(Path::to_path_buf) },
             None,
             cancel,
             |chunk| {

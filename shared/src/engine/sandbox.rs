@@ -262,7 +262,7 @@ mod tests {
         // Positive control: with the secret readable, the conversion reads it.
         let out = d.path().join("leaked.qcow2");
         let open = Confinement::new().read(d.path()).write(d.path());
-        qemu.convert(src, fmt, &out, &opts, &open, &cancel, |_| {}).await.expect("unconfined convert");
+        qemu.convert(src, fmt, &out, &opts, &open, None, &cancel, |_| {}).await.expect("unconfined convert");
         let raw = d.path().join("leaked.raw");
         let st = std::process::Command::new("qemu-img")
             .args(["convert", "-q", "-O", "raw"])
@@ -276,7 +276,7 @@ mod tests {
         // Confined to the job: the data file cannot be opened, nothing is produced.
         let out = job.join("out.qcow2");
         let job_only = Confinement::new().read(&image).write(&job);
-        let e = qemu.convert(src, fmt, &out, &opts, &job_only, &cancel, |_| {}).await.expect_err("confined");
+        let e = qemu.convert(src, fmt, &out, &opts, &job_only, None, &cancel, |_| {}).await.expect_err("confined");
         assert!(e.to_string().contains("ermission denied"), "{e}");
     }
 }

@@ -54,6 +54,11 @@ pub struct LeaseInfo {
     pub bytes_done: u64,
     #[serde(default)]
     pub bytes_total: u64,
+    /// How many jobs the agent was running at this heartbeat, this one included: when the agent
+    /// dies, a death while it ran several jobs is the host's fault (killed, out of memory, a
+    /// watchdog), not this job's, and is not counted against it (see `recover_claim`). 0: unknown.
+    #[serde(default)]
+    pub running: u32,
 }
 
 /// The held lease: the open, locked `lease.json`.
@@ -163,6 +168,7 @@ pub fn claim(queue: &Queue, id: JobId, agent: &str) -> Result<Option<Claim>, Cla
         percent: 0.0,
         bytes_done: 0,
         bytes_total: 0,
+        running: 0,
     };
     let lease = (|| -> io::Result<Lease> {
         // A previous attempt's lease (its agent died and the job was recovered) is history now;
@@ -207,6 +213,11 @@ impl Claim {
         &self.lease.info
     }
 
+    /// Tell the lease how many jobs this agent runs now (written at the next heartbeat).
+    pub fn set_running(&mut self, n: u32) {
+        self.lease.info.running = n;
+    }
+
     /// How many times this job has been claimed, this claim included.
     pub fn attempts(&self) -> usize {
         count_claims(&self.dir)
@@ -240,7 +251,7 @@ impl Claim {
     /// Move the job to its final state directory. `Ok(false)`: we no longer owned it.
     pub fn finish(self, outcome: Outcome) -> io::Result<bool> {
         let state_dir = self.queue.state_dir(outcome.state());
-        make_dir(&state_dir)?;
+        super::ensure_state_dir(&self.queue, outcome.state())?;
         let target = state_dir.join(self.id.to_string());
         self.record_event(outcome.state().dir_name(), serde_json::json!({}));
         match fsx::rename_noreplace(&self.dir, &target)? {

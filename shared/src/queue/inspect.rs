@@ -124,6 +124,39 @@ pub struct QueueSummary {
     pub staging_entries: usize,
     /// `*.json` files waiting at the top level (seed-style drops not yet ingested).
     pub pending_drops: usize,
+    /// Entries of the state directories and `tmp/` that are not the protocol's (a job directory
+    /// renamed by hand, `queued/<id>.hold`, a file): no agent will ever take them. At most 100.
+    pub unknown: Vec<String>,
+}
+
+/// Entries in the queue's state directories and `tmp/` that the protocol does not know (placeholders
+/// of NFS and FUSE excluded), as `state/name`, at most `max`.
+pub fn unknown_entries(queue: &Queue, max: usize) -> Vec<String> {
+    let mut out = Vec::new();
+    for state in State::ALL {
+        let dir = queue.state_dir(state);
+        for name in read_names(&dir).unwrap_or_default() {
+            let known = if state == State::Converting {
+                parse_claim_name(&name).is_some()
+            } else {
+                name.parse::<JobId>().is_ok() && dir.join(&name).is_dir()
+            };
+            if !known && !name.starts_with(".hyperfarm-probe-") {
+                out.push(format!("{}/{name}", state.dir_name()));
+            }
+        }
+    }
+    for name in read_names(&queue.tmp_dir()).unwrap_or_default() {
+        let known = name.starts_with(".clock.")
+            || name.starts_with('.')
+            || super::publish::parse_staging_name(name.trim_end_matches(".seed.json")).is_some();
+        if !known {
+            out.push(format!("tmp/{name}"));
+        }
+    }
+    out.sort();
+    out.truncate(max);
+    out
 }
 
 /// Summarise the queue. A claim is reported stale when its lease file's timestamp is older than
@@ -156,8 +189,16 @@ pub fn summarize(queue: &Queue, lease_timeout: Duration) -> io::Result<QueueSumm
             });
         }
     }
-    let staging_entries =
-        read_names(&queue.tmp_dir()).map(|n| n.iter().filter(|n| !n.starts_with(".clock.")).count()).unwrap_or(0);
+    let staging_entries = read_names(&queue.tmp_dir())
+        .map(|n| {
+            n.iter()
+                .filter(|n| {
+                    !n.starts_with('.')
+                        && super::publish::parse_staging_name(n.trim_end_matches(".seed.json")).is_some()
+                })
+                .count()
+        })
+        .unwrap_or(0);
     let pending_drops = read_names(queue.root())
         .map(|n| n.iter().filter(|n| !n.starts_with('.') && n.to_ascii_lowercase().ends_with(".json")).count())
         .unwrap_or(0);
@@ -169,5 +210,6 @@ pub fn summarize(queue: &Queue, lease_timeout: Duration) -> io::Result<QueueSumm
         stale_claims,
         staging_entries,
         pending_drops,
+        unknown: unknown_entries(queue, 100),
     })
 }

@@ -29,7 +29,7 @@ pub use claim::{
     Beat, Claim, ClaimError, Lease, LeaseInfo, MAX_REASON, Outcome, cancel_reason, claim, claim_token, failure_reason,
     read_lease,
 };
-pub use inspect::{JobEntry, QueueSummary, StaleClaim, list, read_events, summarize};
+pub use inspect::{JobEntry, QueueSummary, StaleClaim, list, read_events, summarize, unknown_entries};
 pub use publish::{PublishError, Staging, cleanup_own_staging};
 pub use recover::{
     LeaseTracker, Liveness, RecoverAction, cleanup_tmp, finish_foreign, parse_claim_name, recover_claim,
@@ -217,13 +217,37 @@ pub(crate) fn make_dir(dir: &Path) -> io::Result<()> {
     }
 }
 
-/// Names in a directory, skipping NFS silly-rename files (`.nfsXXXX`).
+/// Whether a name is a file system's own placeholder: an NFS silly-rename (`.nfsXXXX`, a file
+/// removed while open) or a FUSE hidden file (`.fuse_hiddenXXXX`, the same on GlusterFS and other
+/// FUSE clients). Never a job, never staging, never reported.
+pub fn is_placeholder(name: &str) -> bool {
+    name.starts_with(".nfs") || name.starts_with(".fuse_hidden")
+}
+
+/// Make sure a state directory of an initialised queue exists before a job moves into it. One that
+/// has to be made again was removed behind the agents' back: it is made (the job must go
+/// somewhere) and said so, not papered over.
+pub(crate) fn ensure_state_dir(queue: &Queue, state: State) -> io::Result<()> {
+    let dir = queue.state_dir(state);
+    if dir.is_dir() {
+        return Ok(());
+    }
+    make_dir(&dir)?;
+    tracing::warn!(
+        dir = %dir.display(),
+        "the queue's {}/ directory was missing (removed by hand, or the queue replaced?) and was created again",
+        state.dir_name()
+    );
+    Ok(())
+}
+
+/// Names in a directory, skipping the file systems' placeholders ([`is_placeholder`]).
 pub(crate) fn read_names(dir: &Path) -> io::Result<Vec<String>> {
     let mut out = Vec::new();
     for entry in fs::read_dir(dir)? {
         let entry = entry?;
         let name = entry.file_name().to_string_lossy().into_owned();
-        if name.starts_with(".nfs") {
+        if is_placeholder(&name) {
             continue;
         }
         out.push(name);

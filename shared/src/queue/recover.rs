@@ -11,8 +11,8 @@ use std::io;
 use std::path::Path;
 use std::time::{Duration, Instant, SystemTime};
 
-use super::claim::{count_events, read_lease, record_event};
-use super::{LEASE, Queue, State, make_dir, read_names};
+use super::claim::{read_lease, record_event};
+use super::{LEASE, Queue, State, read_names};
 use crate::fsx::{self, Moved};
 use crate::jobid::JobId;
 
@@ -149,8 +149,9 @@ impl LeaseTracker {
 pub enum RecoverAction {
     /// Back in `queued/` for another attempt.
     Requeued { attempts: usize },
-    /// Too many attempts: moved to `failed/`; the caller publishes the error result.
-    Failed { attempts: usize },
+    /// Too many deaths: moved to `failed/`; the caller publishes the error result. `attempts`:
+    /// deaths counted against the job; `deaths`: all.
+    Failed { attempts: usize, deaths: usize },
     /// Someone had asked for it to be cancelled: moved to `cancelled/` (the request is honoured,
     /// not forgotten on the way back to the queue); the caller publishes the cancelled result.
     Cancelled { reason: String },
@@ -158,24 +159,34 @@ pub enum RecoverAction {
     Gone,
 }
 
-/// Take a stale claim `converting/<id>@<token>` back: to `queued/` while its agents died fewer
-/// than `max_attempts` times, else to `failed/` (a job that kills its agent must not do so
-/// forever). A graceful requeue does not count. Exactly one recoverer wins the rename.
+/// Take a stale claim `converting/<id>@<token>` back: to `queued/`, or to `failed/` once the job
+/// has been the death of its agents too often (a job that kills its agent must not do so for ever).
+///
+/// Which deaths count against the job: only those of an agent that was running this job alone
+/// (its last heartbeat says so), because a death while it ran several jobs says nothing about any
+/// one of them — on a farm the likely killers are outside (an operator, the OOM killer, a watchdog
+/// firing on a hung share). `max_attempts` counted deaths fail the job; so do `10 × max_attempts`
+/// deaths of any kind (a job whose agents keep dying, whatever the cause, is surfaced rather than
+/// retried for ever). A graceful requeue never counts. Exactly one recoverer wins the rename.
 pub fn recover_claim(queue: &Queue, name: &str, why: &str, max_attempts: usize) -> io::Result<RecoverAction> {
     let Some((id, token)) = parse_claim_name(name) else {
         return Ok(RecoverAction::Gone);
     };
     let dir = queue.state_dir(State::Converting).join(name);
-    let attempts = count_events(&dir, "expired") + 1;
+    let lease = read_lease(&dir.join(LEASE)).ok().and_then(|(_, l)| l);
+    let counted = lease.as_ref().is_none_or(|l| l.running <= 1);
+    let (earlier_counted, earlier_all) = count_deaths(&dir);
+    let attempts = earlier_counted + usize::from(counted);
+    let deaths = earlier_all + 1;
     let (state, action) = if let Some(reason) = super::claim::cancel_reason(&dir) {
         (State::Cancelled, RecoverAction::Cancelled { reason })
-    } else if attempts >= max_attempts {
-        (State::Failed, RecoverAction::Failed { attempts })
+    } else if attempts >= max_attempts || deaths >= max_attempts.saturating_mul(10) {
+        (State::Failed, RecoverAction::Failed { attempts, deaths })
     } else {
         (State::Queued, RecoverAction::Requeued { attempts })
     };
-    record_event(&dir, "expired", token, serde_json::json!({ "why": why }));
-    make_dir(&queue.state_dir(state))?;
+    record_event(&dir, "expired", token, serde_json::json!({ "why": why, "counted": counted }));
+    super::ensure_state_dir(queue, state)?;
     match fsx::rename_noreplace(&dir, &queue.job_dir(state, &id))? {
         Moved::Yes => {
             fsx::fsync_dir(&queue.state_dir(state))?;
@@ -186,6 +197,24 @@ pub fn recover_claim(queue: &Queue, name: &str, why: &str, max_attempts: usize) 
     }
 }
 
+/// Deaths of this job's agents so far: (counted against the job, all). Events of older agents,
+/// which did not say, count.
+fn count_deaths(job_dir: &Path) -> (usize, usize) {
+    let events = job_dir.join(super::EVENTS);
+    let names = read_names(&events).unwrap_or_default();
+    let mut counted = 0;
+    let mut all = 0;
+    for n in names.iter().filter(|n| n.contains("-expired-")).take(10_000) {
+        all += 1;
+        let v: serde_json::Value =
+            super::read_small(&events.join(n)).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default();
+        if v.pointer("/detail/counted").and_then(|c| c.as_bool()) != Some(false) {
+            counted += 1;
+        }
+    }
+    (counted, all)
+}
+
 /// Move a claim we do not own to a final state (used after completing a dead agent's publication).
 pub fn finish_foreign(queue: &Queue, name: &str, state: State) -> io::Result<bool> {
     let Some((id, token)) = parse_claim_name(name) else {
@@ -193,7 +222,7 @@ pub fn finish_foreign(queue: &Queue, name: &str, state: State) -> io::Result<boo
     };
     let dir = queue.state_dir(State::Converting).join(name);
     record_event(&dir, state.dir_name(), token, serde_json::json!({"completed_by_recovery": true}));
-    make_dir(&queue.state_dir(state))?;
+    super::ensure_state_dir(queue, state)?;
     Ok(fsx::rename_noreplace(&dir, &queue.job_dir(state, &id))? == Moved::Yes)
 }
 

@@ -24,7 +24,9 @@ here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 repo=$(cd "$here/.." && pwd)
 cache=${HYPERFARM_CACHE:-/var/cache/hyperfarm}
 venv=${HYPERFARM_ANSIBLE_VENV:-/opt/hyperfarm-ansible-venv}
-mirror=${HYPERFARM_DEBIAN_MIRROR:-http://deb.debian.org/debian}
+# The Debian archive: this machine's own apt configuration (or HYPERFARM_DEBIAN_MIRROR).
+. "$repo/scripts/lib/apt-mirror.sh"
+mirror=${HYPERFARM_DEBIAN_MIRROR:-$(apt_mirror)}
 suite=bookworm
 include=systemd,systemd-sysv,dbus,python3,python3-apt,qemu-utils
 machine=hyperfarm-converge

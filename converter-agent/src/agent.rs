@@ -229,7 +229,8 @@ pub async fn serve(core: Arc<Core>, extra_stop: impl std::future::Future<Output 
     let tls = core.cfg.grpc.tls_cert.is_some();
     let url =
         crate::registration::advertise_url(core.cfg.grpc.advertise_url.as_deref(), grpc.as_ref().map(|g| g.addr), tls);
-    let me = crate::registration::this_agent(&core.cfg.instance, url.clone(), tls);
+    let local = crate::registration::local_url(grpc.as_ref().map(|g| g.addr), tls);
+    let me = crate::registration::this_agent(&core.cfg.instance, url.clone(), local, tls);
     {
         let (q, me) = (core.queue.clone(), me.clone());
         tokio::task::spawn_blocking(move || crate::registration::check_identity(&q, &me)).await??;

@@ -33,8 +33,23 @@ pub fn advertise_url(configured: Option<&str>, bound: Option<std::net::SocketAdd
     Some(format!("{scheme}://{host}:{}", addr.port()))
 }
 
+/// The URL exporters on this host reach the agent at, when it listens on loopback.
+pub fn local_url(bound: Option<std::net::SocketAddr>, tls: bool) -> Option<String> {
+    let addr = bound?;
+    let ip = addr.ip().to_canonical();
+    ip.is_loopback().then(|| {
+        let host = if ip.is_ipv6() { format!("[{ip}]") } else { ip.to_string() };
+        format!("{}://{host}:{}", if tls { "https" } else { "http" }, addr.port())
+    })
+}
+
 /// This agent's registration.
-pub fn this_agent(instance: &str, advertise_url: Option<String>, tls: bool) -> agents::Registration {
+pub fn this_agent(
+    instance: &str,
+    advertise_url: Option<String>,
+    local_url: Option<String>,
+    tls: bool,
+) -> agents::Registration {
     agents::Registration {
         host_id: fsx::host_id(),
         host: fsx::hostname(),
@@ -43,6 +58,7 @@ pub fn this_agent(instance: &str, advertise_url: Option<String>, tls: bool) -> a
         boot_id: fsx::boot_id(),
         started_at_ms: hyperfarm_shared::queue::now_ms(),
         advertise_url,
+        local_url,
         tls,
         version: env!("CARGO_PKG_VERSION").to_string(),
         beat: 0,

@@ -57,9 +57,11 @@ pub async fn registered(watch_dir: &Path, base: &AgentEndpoint) -> (Vec<AgentEnd
     };
     let fresh: Vec<_> = found.into_iter().filter(|f| f.fresh()).collect();
     let n = fresh.len();
+    // An agent on this very host may be reached on loopback; others at their advertised address.
+    let me = hyperfarm_shared::fsx::host_id();
     let eps = fresh
         .into_iter()
-        .filter_map(|f| f.reg.advertise_url)
+        .filter_map(|f| if f.reg.host_id == me { f.reg.local_url.or(f.reg.advertise_url) } else { f.reg.advertise_url })
         .map(|url| AgentEndpoint { url, token: None, ..base.clone() })
         .collect();
     (eps, n)

@@ -2,6 +2,7 @@
 //! start-up errors, corrupted jobs.
 
 use std::fs;
+use std::path::Path;
 use std::time::Duration;
 
 use hyperfarm_tests::images::{self, assert_identical};
@@ -177,4 +178,55 @@ fn with_verify_before_a_corrupted_disk_never_starts_the_engine() {
     wait_for("the good result", Duration::from_secs(60), || (farm.records().len() == 2).then_some(()));
     assert_identical(&raw, &farm.output.join("fine.qcow2"));
     assert_eq!(converts(), 1, "the wrapper saw the good job's conversion ({good})");
+}
+
+/// The README's first command works on a machine where an agent already listens on the default
+/// 127.0.0.1:50071 (an installed one): the demo's agent takes a port of its own, and the demo's
+/// exporter talks to it, not to the other one.
+#[test]
+fn the_demo_runs_beside_an_installed_agent() {
+    let squatter = std::net::TcpListener::bind("127.0.0.1:50071");
+    let demo = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/demo");
+    let farm = Farm::new();
+    let bin_dir = hyperfarm_tests::bin("hyper2kvm-agent").parent().unwrap().to_path_buf();
+    let ran = hyperfarm_tests::Run::new(&demo, &[farm.path().join("demo").display().to_string()])
+        .env("HYPERFARM_DEMO_BIN", bin_dir.to_str().unwrap())
+        .timeout(Duration::from_secs(120))
+        .run();
+    ran.expect_code(0);
+    assert!(ran.stdout().contains("demo-vm.qcow2"), "{}", ran.stdout());
+    drop(squatter);
+}
+
+/// No file of the repository names a package registry or mirror host: installs take them from the
+/// machine's own apt/pip/cargo configuration (`scripts/lib/apt-mirror.sh`).
+#[test]
+fn the_repository_names_no_package_registry_host() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let out = std::process::Command::new("git").arg("-C").arg(&root).args(["ls-files", "-z"]).output().unwrap();
+    assert!(out.status.success(), "git ls-files");
+    let hosts = [
+        ["deb", "debian", "org"].join("."),
+        ["security", "debian", "org"].join("."),
+        ["snapshot", "debian", "org"].join("."),
+        ["pypi", "org"].join("."),
+        ["files", "pythonhosted", "org"].join("."),
+        ["registry", "npmjs", "org"].join("."),
+        ["index", "crates", "io"].join("."),
+        ["static", "crates", "io"].join("."),
+    ];
+    let mut found = Vec::new();
+    for f in out.stdout.split(|&b| b == 0).filter(|f| !f.is_empty()) {
+        let name = String::from_utf8_lossy(f).into_owned();
+        if name == "Cargo.lock" {
+            continue;
+        }
+        let text = String::from_utf8_lossy(&fs::read(root.join(&name)).unwrap_or_default()).into_owned();
+        for h in &hosts {
+            if text.contains(h.as_str()) {
+                found.push(format!("{name}: {h}"));
+            }
+        }
+    }
+    assert!(found.is_empty(), "registry hosts named in the repository: {found:?}");
 }

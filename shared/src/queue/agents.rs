@@ -39,6 +39,9 @@ pub struct Registration {
     /// Where exporters reach its gRPC API (`http://…` or `https://…`), if anywhere but loopback.
     #[serde(default)]
     pub advertise_url: Option<String>,
+    /// Where exporters on this very host reach it (a loopback address), when it listens there.
+    #[serde(default)]
+    pub local_url: Option<String>,
     #[serde(default)]
     pub tls: bool,
     pub version: String,
@@ -143,6 +146,7 @@ mod tests {
             boot_id: boot.into(),
             started_at_ms: 1,
             advertise_url: Some("http://10.0.0.1:50071".into()),
+            local_url: None,
             tls: false,
             version: "0".into(),
             beat: 0,

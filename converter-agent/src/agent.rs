@@ -148,6 +148,14 @@ pub async fn prepare(cfg: Config) -> anyhow::Result<Arc<Core>> {
             }
         },
     };
+    // Engines a killed predecessor on this host left running are ended before anything else.
+    if let Some(d) = &cfg.cache_dir {
+        hyperfarm_shared::engine::process::set_local_notes(d);
+        let killed = hyperfarm_shared::engine::process::kill_local_leftovers();
+        if killed > 0 {
+            warn!(killed, "ended engine processes that an earlier agent on this host left running");
+        }
+    }
     let zero_cache = Arc::new(match &cfg.cache_dir {
         Some(d) => hyperfarm_shared::tree_hash::ZeroCache::open(d),
         None => hyperfarm_shared::tree_hash::ZeroCache::memory(),

@@ -439,6 +439,8 @@ async fn daemon(
 }
 
 fn finish(output: &OutputDir, rec: ResultRecord, json: bool) -> Result<(), ExportError> {
+    // The moment between reading the result and printing where it is (races are tested here).
+    hyperfarm_shared::failpoint::hit("export.result-read");
     match rec.state {
         ResultState::Done => {
             print_success(output, &rec, json);

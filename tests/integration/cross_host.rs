@@ -3,12 +3,13 @@
 //! hostname; gRPC between the namespaces). Every scenario runs under the strict cache settings the
 //! docs require and under gluster's defaults.
 
+use std::fs;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use hyperfarm_tests::bed::{Bed, Cache};
 use hyperfarm_tests::images::{self, assert_identical};
-use hyperfarm_tests::{Proc, bin};
+use hyperfarm_tests::{Proc, bin, wait_for};
 
 const HOSTS: &[(&str, &str)] = &[("ex", "export01"), ("a1", "conv01"), ("a2", "conv02")];
 
@@ -100,4 +101,196 @@ fn readme_two_host_quick_start_strict() {
 #[test]
 fn readme_two_host_quick_start_default_caches() {
     readme_quick_start(Cache::Default);
+}
+
+/// Publish a VM from a host into the queue (export only: no waiting); its job id.
+fn publish_from(bed: &Bed, host: &str, vm: &Path, name: &str) -> String {
+    let q = bed.host(host).queue();
+    let ran = bed
+        .run(
+            host,
+            &bin("hyperexport"),
+            &["--vm".into(), s(vm), "--name".into(), name.into(), "--output".into(), s(&q), "--json".into()],
+        )
+        .timeout(Duration::from_secs(120))
+        .run();
+    ran.expect_code(0);
+    ran.json()["job_id"].as_str().unwrap().to_string()
+}
+
+/// A job's directory in whatever state, as the first host sees the volume.
+fn job_dir(bed: &Bed, id: &str) -> Option<PathBuf> {
+    let q = bed.hosts[0].queue();
+    for st in ["queued", "done", "failed", "cancelled"] {
+        let d = q.join(st).join(id);
+        if d.is_dir() {
+            return Some(d);
+        }
+    }
+    fs::read_dir(q.join("converting"))
+        .ok()?
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with(id)))
+}
+
+/// The lease of a converting job, if it has one now.
+fn lease(bed: &Bed, id: &str) -> Option<serde_json::Value> {
+    let d = job_dir(bed, id)?;
+    let b = fs::read(d.join("lease.json")).ok()?;
+    serde_json::from_slice(b.trim_ascii()).ok()
+}
+
+fn events(bed: &Bed, id: &str, kind: &str) -> usize {
+    let Some(d) = job_dir(bed, id) else { return 0 };
+    fs::read_dir(d.join("events"))
+        .map(|rd| rd.flatten().filter(|e| e.file_name().to_string_lossy().contains(&format!("-{kind}-"))).count())
+        .unwrap_or(0)
+}
+
+/// qemu-img processes working on this job (their command lines name its work area).
+fn engines_of(id: &str) -> Vec<i32> {
+    let mut out = Vec::new();
+    for e in fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|p| p.parse::<i32>().ok()) else { continue };
+        let cmd = fs::read(e.path().join("cmdline")).unwrap_or_default();
+        let cmd = String::from_utf8_lossy(&cmd);
+        let stat = fs::read_to_string(e.path().join("stat")).unwrap_or_default();
+        if cmd.contains("qemu-img") && cmd.contains(id) && !stat.contains(") Z ") {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+fn record_of(bed: &Bed, id: &str) -> Option<serde_json::Value> {
+    records(bed).into_iter().find(|r| r["job_id"] == id)
+}
+
+/// A slow job's disk: 64 MiB of data, converted in about 4 s at the 16M rate limit.
+fn slow_disk(bed: &Bed, name: &str, seed: u64) -> PathBuf {
+    let src = bed.dir.path().join("export-host-disks");
+    fs::create_dir_all(&src).unwrap();
+    images::raw_disk(&src.join(name), 128 << 20, &[(0, 32 << 20), (64 << 20, 32 << 20)], seed)
+}
+
+fn slow_config(bed: &Bed) -> String {
+    let p = bed.dir.path().join("slow.toml");
+    fs::write(&p, "[convert]\nrate_limit = \"16M\"\n").unwrap();
+    s(&p)
+}
+
+/// 20 jobs, two agent hosts that (by mistake) share a hostname — each converted exactly once.
+fn twenty_jobs_two_hosts_same_hostname(cache: Cache) {
+    let mut bed = Bed::up(cache, HOSTS);
+    bed.set_hostname("a2", "conv01");
+    let src = bed.dir.path().join("export-host-disks");
+    fs::create_dir_all(&src).unwrap();
+    let raw = images::sample_disk(&src, "many.raw", 8, 211);
+    let fast = ["--poll-interval", "1s", "--lease-timeout", "5s"];
+    let a1 = agent(&bed, "a1", &fast);
+    let a2 = agent(&bed, "a2", &fast);
+    let t0 = Instant::now();
+    let ids: Vec<String> = (0..20).map(|i| publish_from(&bed, "ex", &raw, &format!("many-{i:02}"))).collect();
+    wait_for("20 results", Duration::from_secs(180), || (records(&bed).len() == 20).then_some(()));
+    let secs = t0.elapsed().as_secs_f64();
+    let recs = records(&bed);
+    assert!(recs.iter().all(|r| r["state"] == "done"), "{recs:?}");
+    for id in &ids {
+        assert_eq!(events(&bed, id, "claim"), 1, "job {id} was claimed exactly once");
+        assert_eq!(events(&bed, id, "expired"), 0, "job {id} was never taken from a live agent");
+    }
+    for (name, a) in [("a1", &a1), ("a2", &a2)] {
+        assert!(!a.log_text().contains("stale claim"), "{name} judged a live claim dead:\n{}", a.log_text());
+    }
+    let by_a2 = recs.iter().filter(|r| r["host"] == "conv01" && r["agent"] == "default@conv01").count();
+    assert_eq!(by_a2, 20, "both hosts call themselves conv01");
+    for i in [0, 9, 19] {
+        assert_identical(&raw, &bed.hosts[0].output().join(format!("many-{i:02}.qcow2")));
+    }
+    eprintln!("20 jobs across 2 agent hosts sharing a hostname ({}): exactly once each, {secs:.1}s", cache.name());
+}
+
+#[test]
+fn twenty_jobs_two_agent_hosts_sharing_a_hostname_strict() {
+    twenty_jobs_two_hosts_same_hostname(Cache::Strict);
+}
+
+#[test]
+fn twenty_jobs_two_agent_hosts_sharing_a_hostname_default_caches() {
+    twenty_jobs_two_hosts_same_hostname(Cache::Default);
+}
+
+/// kill -9 of an agent host mid-job: its qemu-img lives on; restarted, the agent ends it before
+/// touching the job; killed again and left dead, the other host recovers the job. Exactly once.
+fn kill_9_mid_job(cache: Cache) {
+    let bed = Bed::up(cache, HOSTS);
+    let slow = slow_config(&bed);
+    let timing = ["--lease-timeout", "4s", "--poll-interval", "500ms"];
+    let mut a1 = agent(&bed, "a1", &[&["--config", &slow][..], &timing[..]].concat());
+    let raw = slow_disk(&bed, "victim.raw", 212);
+    let id = publish_from(&bed, "ex", &raw, "victim");
+    wait_for("conv01 converting", Duration::from_secs(60), || {
+        lease(&bed, &id).filter(|l| l["phase"] == "converting" && l["agent"] == "default@conv01").map(|_| ())
+    });
+    // Live progress from the export host, over gRPC between the namespaces.
+    let a1_url = format!("http://{}:50071", bed.host("a1").addr);
+    let shown = wait_for("progress over gRPC", Duration::from_secs(30), || {
+        let r = bed
+            .run(
+                "ex",
+                &bin("hyperctl"),
+                &["--agent".into(), a1_url.clone(), "--json".into(), "jobs".into(), "show".into(), id.clone()],
+            )
+            .run();
+        (r.code() == Some(0) && r.json()["percent"].as_f64().unwrap_or(0.0) > 0.0).then(|| r.json())
+    });
+    assert_eq!(shown["state"], "converting");
+    a1.kill9();
+    let orphans = engines_of(&id);
+    assert!(!orphans.is_empty(), "positive control: kill -9 leaves the agent's qemu-img running");
+    // Restarted on the same host: the leftover is ended before the job is touched again.
+    let t0 = Instant::now();
+    let mut a1 = agent(&bed, "a1", &[&["--config", &slow][..], &timing[..]].concat());
+    wait_for("the leftover qemu-img to be gone", Duration::from_secs(10), || {
+        orphans
+            .iter()
+            .all(|p| {
+                !Path::new(&format!("/proc/{p}")).exists()
+                    || fs::read_to_string(format!("/proc/{p}/stat")).unwrap_or_default().contains(") Z ")
+            })
+            .then_some(())
+    });
+    let ended_in = t0.elapsed();
+    wait_for("conv01 converting again", Duration::from_secs(60), || {
+        lease(&bed, &id).filter(|l| l["phase"] == "converting").map(|_| ())
+    });
+    assert_eq!(engines_of(&id).len(), 1, "never two conversions of one job at once");
+    // Killed again, for good this time: the other host takes over after the lease timeout.
+    a1.kill9();
+    let _a2 = agent(&bed, "a2", &[&["--config", &slow][..], &timing[..]].concat());
+    let rec = wait_for("the result", Duration::from_secs(120), || record_of(&bed, &id));
+    assert_eq!(rec["state"], "done", "{rec}");
+    assert_eq!(rec["agent"], "default@conv02", "{rec}");
+    assert_eq!(records(&bed).len(), 1, "exactly one result");
+    assert_identical(&raw, &bed.hosts[0].output().join("victim.qcow2"));
+    // Clean up the second orphan (no agent restarts on conv01 in this story).
+    for p in engines_of(&id) {
+        let _ =
+            rustix::process::kill_process(rustix::process::Pid::from_raw(p).unwrap(), rustix::process::Signal::KILL);
+    }
+    eprintln!(
+        "kill -9 mid-job ({}): leftover ended {ended_in:?} after the restart; recovered by the other host",
+        cache.name()
+    );
+}
+
+#[test]
+fn kill_9_of_an_agent_host_mid_job_strict() {
+    kill_9_mid_job(Cache::Strict);
+}
+
+#[test]
+fn kill_9_of_an_agent_host_mid_job_default_caches() {
+    kill_9_mid_job(Cache::Default);
 }

@@ -46,6 +46,62 @@ struct EngineNote {
     start: u64,
     host_id: String,
     boot_id: String,
+    /// The agent that started it: an engine is a leftover only once that agent is gone (another
+    /// agent on this host, with the same cache directory, is not a predecessor).
+    #[serde(default)]
+    agent_pid: i32,
+    #[serde(default)]
+    agent_start: u64,
+}
+
+static LOCAL_NOTES: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+
+/// Keep a second note of every engine in this host's own directory `dir` (the agent's cache
+/// directory): another host that recovers a job removes the job's work area, note and all, but a
+/// restarted agent still finds — and ends — what its predecessor left running
+/// ([`kill_local_leftovers`]).
+pub fn set_local_notes(dir: &Path) {
+    let d = dir.join("engines");
+    if std::fs::create_dir_all(&d).is_ok() {
+        let _ = LOCAL_NOTES.set(d);
+    }
+}
+
+/// A note in the local directory, removed when the engine is done.
+struct LocalNote(std::path::PathBuf);
+
+impl LocalNote {
+    fn write(pid: i32, bytes: &[u8]) -> Option<LocalNote> {
+        let p = LOCAL_NOTES.get()?.join(format!(".engine-{pid}.json"));
+        std::fs::write(&p, bytes).ok()?;
+        Some(LocalNote(p))
+    }
+}
+
+impl Drop for LocalNote {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// At start-up: end every engine an earlier incarnation of this agent (this host, this boot) left
+/// running, as its local notes say, and forget the notes. Returns how many were killed.
+pub fn kill_local_leftovers() -> usize {
+    let Some(d) = LOCAL_NOTES.get() else { return 0 };
+    let n = kill_leftovers(d);
+    // Forget the notes of engines that are gone (or were just ended); those of live agents stay.
+    if let Ok(rd) = std::fs::read_dir(d) {
+        for e in rd.flatten() {
+            let gone = crate::fsx::read_bounded(&e.path(), 4096)
+                .ok()
+                .and_then(|b| serde_json::from_slice::<EngineNote>(&b).ok())
+                .is_none_or(|n| start_time(n.pid) != Some(n.start));
+            if gone {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+    }
+    n
 }
 
 /// A process's start time (clock ticks since boot), to tell it from a later one with its pid.
@@ -54,10 +110,10 @@ fn start_time(pid: i32) -> Option<u64> {
     stat.rsplit_once(')')?.1.split_whitespace().nth(19)?.parse().ok()
 }
 
-/// End (SIGKILL, its whole process group) every engine an earlier incarnation of this agent left
-/// running in `work_dir` (pid files written at spawn; only this host's and this boot's, and only a
-/// process that is still the one recorded). Waits up to 5 s for them to be gone. Returns how many
-/// were killed.
+/// End (SIGKILL, its whole process group) every engine a dead agent left running, as the notes in
+/// `work_dir` say (written at spawn; only this host's and this boot's, only when the agent that
+/// started it is gone, and only a process that is still the one recorded). Waits up to 5 s for
+/// them to be gone. Returns how many were killed.
 pub fn kill_leftovers(work_dir: &Path) -> usize {
     let Ok(rd) = std::fs::read_dir(work_dir) else { return 0 };
     let (host, boot) = (crate::fsx::host_id(), crate::fsx::boot_id());
@@ -72,7 +128,13 @@ pub fn kill_leftovers(work_dir: &Path) -> usize {
         else {
             continue;
         };
-        if note.host_id != host || note.boot_id != boot || note.pid <= 1 || start_time(note.pid) != Some(note.start) {
+        let agent_alive = note.agent_pid > 0 && start_time(note.agent_pid) == Some(note.agent_start);
+        if note.host_id != host
+            || note.boot_id != boot
+            || note.pid <= 1
+            || agent_alive
+            || start_time(note.pid) != Some(note.start)
+        {
             continue;
         }
         if let Some(p) = rustix::process::Pid::from_raw(note.pid) {
@@ -113,18 +175,26 @@ pub async fn run(
         None => cmd.spawn(),
     };
     let mut child = spawned.map_err(|source| EngineError::Spawn { program: program.to_path_buf(), source })?;
-    if let (Some(file), Some(pid)) = (&spawn.pidfile, child.id()) {
-        let pid = pid as i32;
-        let note = EngineNote {
-            pid,
-            start: start_time(pid).unwrap_or(0),
-            host_id: crate::fsx::host_id(),
-            boot_id: crate::fsx::boot_id(),
-        };
-        if let Err(e) = crate::fsx::replace_file(file, &serde_json::to_vec(&note).expect("notes serialise")) {
-            tracing::warn!("cannot note the engine's pid in {}: {e}", file.display());
+    let _local_note = match (&spawn.pidfile, child.id()) {
+        (Some(file), Some(pid)) => {
+            let pid = pid as i32;
+            let me = std::process::id() as i32;
+            let note = EngineNote {
+                pid,
+                start: start_time(pid).unwrap_or(0),
+                host_id: crate::fsx::host_id(),
+                boot_id: crate::fsx::boot_id(),
+                agent_pid: me,
+                agent_start: start_time(me).unwrap_or(0),
+            };
+            let bytes = serde_json::to_vec(&note).expect("notes serialise");
+            if let Err(e) = crate::fsx::replace_file(file, &bytes) {
+                tracing::warn!("cannot note the engine's pid in {}: {e}", file.display());
+            }
+            LocalNote::write(pid, &bytes)
         }
-    }
+        _ => None,
+    };
     let mut stdout = child.stdout.take().expect("stdout is piped");
     let mut stderr = child.stderr.take().expect("stderr is piped");
     let name = program.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();

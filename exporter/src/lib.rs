@@ -407,6 +407,7 @@ async fn daemon(
         timeout: s.timeout,
         quiet: cli.quiet,
         vm_name: sub.vm_name.clone(),
+        rediscover: (s.detect && !s.agent_explicit).then(|| s.agent.clone()),
         agent,
     };
     match wait::follow(&params, interrupt).await {

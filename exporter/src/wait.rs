@@ -4,7 +4,8 @@
 //! progress, the result the moment it is published). When the agent cannot be reached, or the
 //! stream breaks, the exporter falls back to polling the output directory for its job's result
 //! record — at once, then every poll interval — and tries the stream again at every poll, going
-//! back to it when the agent answers. Either way it reports only this job's result (the record
+//! back to it when the agent answers (or, when no agent was named, any agent registered in the
+//! queue: the one it followed may be gone for good and another host recovering the job). Either way it reports only this job's result (the record
 //! named by its job id) and honours the timeout; on timeout it withdraws the job if no agent has
 //! claimed it.
 
@@ -56,6 +57,10 @@ pub struct WaitParams {
     pub vm_name: String,
     /// Follow over gRPC when set.
     pub agent: Option<AgentEndpoint>,
+    /// While polling, look for agents registered in the queue (`.agents/`) and follow the first
+    /// that answers (TLS settings and token from this endpoint): detection found the queue but no
+    /// agent answering, e.g. its gRPC port is blocked, and it may answer later.
+    pub rediscover: Option<AgentEndpoint>,
 }
 
 enum Step {
@@ -68,11 +73,12 @@ enum Step {
 pub async fn follow(p: &WaitParams, interrupt: Arc<Notify>) -> Waited {
     let deadline = Instant::now() + p.timeout;
     let mut meter = Meter::new(format!("job {}", p.id.short()), 1000, p.quiet);
-    let mut streaming = p.agent.is_some();
+    let mut agent = p.agent.clone();
+    let mut streaming = agent.is_some();
     let mut final_without_record = 0;
     let mut first_poll = true;
     loop {
-        if streaming && let Some(agent) = &p.agent {
+        if streaming && let Some(agent) = &agent {
             let step = tokio::select! {
                 s = stream(p, agent, &mut meter) => s,
                 _ = tokio::time::sleep_until(deadline.into()) => Step::Poll("timeout".into()),
@@ -134,16 +140,37 @@ pub async fn follow(p: &WaitParams, interrupt: Arc<Notify>) -> Waited {
             meter.finish();
             return timed_out(p).await;
         }
-        // Back to the stream as soon as the agent answers again.
-        if let Some(agent) = &p.agent {
-            let mut quick = agent.clone();
-            quick.connect_timeout = quick.connect_timeout.min(p.poll).max(Duration::from_millis(200));
-            if quick.connect().await.is_ok() {
-                tracing::info!(job = %p.id, "the agent answers again at {}; back on the gRPC stream", agent.url);
-                streaming = true;
-            }
+        // Back to the stream as soon as an agent answers again.
+        if let Some(ep) = answering(p, agent.as_ref()).await {
+            tracing::info!(job = %p.id, "the agent answers at {}; following the job on its gRPC stream", ep.url);
+            agent = Some(ep);
+            streaming = true;
         }
     }
+}
+
+/// While polling: the agent followed before, else (when asked to) another registered in the queue,
+/// if it accepts a connection now. Each try is bounded by the poll interval (at most 1 s), so a
+/// silently dropped port does not stretch the polling.
+async fn answering(p: &WaitParams, known: Option<&AgentEndpoint>) -> Option<AgentEndpoint> {
+    let quick = |ep: &AgentEndpoint| {
+        let mut q = ep.clone();
+        q.connect_timeout = q.connect_timeout.min(p.poll).min(Duration::from_secs(1)).max(Duration::from_millis(200));
+        q
+    };
+    if let Some(ep) = known
+        && quick(ep).connect().await.is_ok()
+    {
+        return Some(ep.clone());
+    }
+    let base = p.rediscover.as_ref()?;
+    let (eps, _) = crate::detect::registered(p.queue.root(), base).await;
+    for ep in eps.into_iter().filter(|e| known.is_none_or(|k| k.url != e.url)) {
+        if quick(&ep).connect().await.is_ok() {
+            return Some(ep);
+        }
+    }
+    None
 }
 
 /// Follow the watch stream until the final state (or a failure of the stream).

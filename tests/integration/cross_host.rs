@@ -294,3 +294,137 @@ fn kill_9_of_an_agent_host_mid_job_strict() {
 fn kill_9_of_an_agent_host_mid_job_default_caches() {
     kill_9_mid_job(Cache::Default);
 }
+
+/// Ask an agent over loopback inside its own host; the time it took and the answer.
+fn ask_locally(bed: &Bed, host: &str, args: &[&str]) -> (Duration, hyperfarm_tests::Ran) {
+    let mut a: Vec<String> = vec!["--agent".into(), "http://127.0.0.1:50071".into(), "--json".into()];
+    a.extend(args.iter().map(|x| x.to_string()));
+    let t0 = Instant::now();
+    let r = bed.run(host, &bin("hyperctl"), &a).timeout(Duration::from_secs(30)).run();
+    (t0.elapsed(), r)
+}
+
+/// A 25 s cut of an agent host's link mid-job (longer than the lease and than gluster's ping
+/// timeout): status and job lists still answer on that host from memory; the other host recovers the
+/// job; the cut-off agent learns it lost the job and publishes nothing. Exactly one, identical result.
+fn cut_link_mid_job(cache: Cache) {
+    let bed = Bed::up(cache, HOSTS);
+    let slow = slow_config(&bed);
+    let timing = ["--config", &slow, "--lease-timeout", "6s", "--poll-interval", "500ms"];
+    let mut a1 = agent(&bed, "a1", &timing);
+    let raw = slow_disk(&bed, "cut.raw", 213);
+    let id = publish_from(&bed, "ex", &raw, "cut");
+    wait_for("conv01 converting", Duration::from_secs(60), || {
+        lease(&bed, &id).filter(|l| l["phase"] == "converting" && l["agent"] == "default@conv01").map(|_| ())
+    });
+    let _a2 = agent(&bed, "a2", &timing);
+    bed.link("a1", false);
+    let cut = Instant::now();
+    let mut slowest = Duration::ZERO;
+    let mut answers = 0;
+    let mut saw_not_serving = false;
+    while cut.elapsed() < Duration::from_secs(25) {
+        let (took, st) = ask_locally(&bed, "a1", &["daemon", "status"]);
+        st.expect_code(0);
+        let (took2, jobs) = ask_locally(&bed, "a1", &["jobs", "list"]);
+        jobs.expect_code(0);
+        assert!(jobs.stdout().contains(&id), "the job list still shows the job:\n{}", jobs.stdout());
+        slowest = slowest.max(took).max(took2);
+        let row = &st.json()[0];
+        assert_eq!(row["status"], "running", "status answers over loopback during the cut: {row}");
+        saw_not_serving |= row["serving"] == false;
+        answers += 2;
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    bed.link("a1", true);
+    let rec = wait_for("the result", Duration::from_secs(180), || record_of(&bed, &id));
+    assert_eq!(rec["state"], "done", "{rec}");
+    assert_eq!(rec["agent"], "default@conv02", "recovered by the other host: {rec}");
+    assert_identical(&raw, &bed.hosts[0].output().join("cut.qcow2"));
+    a1.wait_log("lost the job", Duration::from_secs(90));
+    // Give the cut-off agent time to do anything it still might, then check nothing else appeared.
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(records(&bed).len(), 1, "exactly one result");
+    let out = bed.hosts[0].output();
+    assert!(!out.join("cut.error").exists(), "no .error from the agent that lost the job");
+    let names: Vec<String> =
+        fs::read_dir(&out).unwrap().flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+    assert!(names.iter().all(|n| n == "cut.qcow2" || n.starts_with('.')), "{names:?}");
+    assert!(engines_of(&id).is_empty(), "the cut-off agent ended its engine");
+    eprintln!(
+        "cut link 25 s ({}): {answers} status/list answers on the cut host, slowest {slowest:?}; not-serving seen: {saw_not_serving}; one result by conv02",
+        cache.name()
+    );
+}
+
+#[test]
+fn cut_link_on_an_agent_host_mid_job_strict() {
+    cut_link_mid_job(Cache::Strict);
+}
+
+#[test]
+fn cut_link_on_an_agent_host_mid_job_default_caches() {
+    cut_link_mid_job(Cache::Default);
+}
+
+/// A firewall drops the agent host's gRPC port: the exporter still finds the queue, submits, and
+/// follows by polling; when the port opens mid-job it goes back to the gRPC stream.
+fn grpc_blocked(cache: Cache) {
+    let bed = Bed::up(cache, HOSTS);
+    let slow = slow_config(&bed);
+    let _a1 = agent(&bed, "a1", &["--config", &slow, "--poll-interval", "500ms"]);
+    bed.block_port("a1", 50071, true);
+    let raw = slow_disk(&bed, "walled.raw", 214);
+    let ex = bed.host("ex");
+    let t0 = Instant::now();
+    let (child, desc) = bed
+        .run(
+            "ex",
+            &bin("hyperexport"),
+            &[
+                "--vm".into(),
+                s(&raw),
+                "--pipeline".into(),
+                "--hyper2kvm-daemon".into(),
+                "--hyper2kvm-watch-dir".into(),
+                s(&ex.queue()),
+                "--hyper2kvm-output-dir".into(),
+                s(&ex.output()),
+                "--hyper2kvm-poll-interval".into(),
+                "1".into(),
+            ],
+        )
+        .spawn();
+    let id = wait_for("the job converting", Duration::from_secs(60), || {
+        fs::read_dir(bed.hosts[0].queue().join("converting")).ok()?.flatten().next().map(|e| e.file_name())
+    });
+    std::thread::sleep(Duration::from_secs(1));
+    bed.block_port("a1", 50071, false);
+    let ran = hyperfarm_tests::collect(child, desc, Duration::from_secs(180));
+    ran.expect_code(0);
+    let err = ran.stderr();
+    assert!(err.contains("following the result by polling"), "polled while the port was blocked:\n{err}");
+    assert!(!err.contains("converting on this host"), "never converts on the export host:\n{err}");
+    assert!(err.contains("following the job on its gRPC stream"), "back on gRPC once the port opened ({id:?}):\n{err}");
+    let out = PathBuf::from(ran.stdout().trim());
+    assert_eq!(out, ex.output().join("walled.qcow2"));
+    assert_identical(&raw, &out);
+    let recs = records(&bed);
+    assert_eq!(recs.len(), 1);
+    assert_eq!(recs[0]["agent"], "default@conv01");
+    eprintln!(
+        "gRPC port blocked ({}): polled, back on gRPC when it opened; done in {:.1}s",
+        cache.name(),
+        t0.elapsed().as_secs_f64()
+    );
+}
+
+#[test]
+fn grpc_port_blocked_strict() {
+    grpc_blocked(Cache::Strict);
+}
+
+#[test]
+fn grpc_port_blocked_default_caches() {
+    grpc_blocked(Cache::Default);
+}

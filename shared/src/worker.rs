@@ -168,7 +168,14 @@ pub fn load_job(
     let mut disks = Vec::with_capacity(checked.disks.len());
     for d in &checked.disks {
         let (path, file) = if seed_drop {
-            open_seed_disk(job_dir, &map_path(&d.local_path, path_map), allowed_source_dirs)
+            let mapped = map_path(&d.local_path, path_map);
+            open_seed_disk(job_dir, &mapped, allowed_source_dirs).map_err(|e| {
+                if mapped == d.local_path {
+                    e
+                } else {
+                    format!("{e} (path_map turned {} into it)", crate::text::Esc(&d.local_path))
+                }
+            })
         } else {
             fsx::open_beneath(job_dir, Path::new(&d.local_path)).map(|f| (job_dir.join(&d.local_path), f)).map_err(
                 |e| format!("local_path {:?} must name a regular file inside the job directory ({e})", d.local_path),
@@ -245,7 +252,16 @@ fn open_seed_disk(job_dir: &Path, local_path: &str, allowed: &[PathBuf]) -> Resu
     if let Some(d) = protocol.iter().find(|d| lexical.starts_with(watch_dir.join(d))) {
         return Err(inside_jobs(d));
     }
-    let canon = std::fs::canonicalize(&full).map_err(|e| format!("local_path {}: {e}", full.display()))?;
+    let canon = std::fs::canonicalize(&full).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::NotFound {
+            format!(
+                "local_path {} does not exist on this host; if the manifest was written on a host that mounts the share elsewhere, map that mount point with path_map = [\"<its path>=<this host's path>\"] (--path-map)",
+                crate::text::Esc(&full)
+            )
+        } else {
+            format!("local_path {}: {e}", crate::text::Esc(&full))
+        }
+    })?;
     if let Ok(watch) = std::fs::canonicalize(watch_dir)
         && let Some(d) = protocol.iter().find(|d| canon.starts_with(watch.join(d)))
     {

@@ -428,3 +428,65 @@ fn grpc_port_blocked_strict() {
 fn grpc_port_blocked_default_caches() {
     grpc_blocked(Cache::Default);
 }
+
+/// A seed-style drop (one manifest, written non-atomically, absolute `local_path` as the export
+/// host mounts the share) reaches an agent host that mounts the share elsewhere: refused with the
+/// setting to change, then converted once `--path-map` maps the mount point.
+fn seed_drop_from_another_host(cache: Cache) {
+    let bed = Bed::up(cache, HOSTS);
+    let (ex, a1) = (bed.host("ex"), bed.host("a1"));
+    assert_ne!(ex.mount, a1.mount, "the hosts mount the share at different paths");
+    let exports = ex.queue().join("exports");
+    fs::create_dir_all(&exports).unwrap();
+    let drop = |vm: &str, seed: u64| {
+        let disk = images::sample_disk(&exports, &format!("{vm}-disk1.raw"), 8, seed);
+        let bytes = fs::metadata(&disk).unwrap().len();
+        let text = format!(
+            r#"{{"manifest_version": "1.0", "source": {{"provider": "vsphere", "vm_name": "{vm}"}},
+  "disks": [{{"id": "disk-0", "source_format": "raw", "bytes": {bytes}, "local_path": "{}"}}]}}"#,
+            disk.display()
+        );
+        // Written from the export host, in two pieces a second apart (the seed's plain write).
+        let path = ex.queue().join(format!("{vm}-manifest.json"));
+        let (a, b) = text.split_at(text.len() / 2);
+        let sh = format!("printf '%s' \"$1\" > \"$3\" && sleep 1 && printf '%s' \"$2\" >> \"$3\"");
+        bed.run("ex", Path::new("/bin/sh"), &["-c".into(), sh, "sh".into(), a.into(), b.into(), s(&path)])
+            .run()
+            .expect_code(0);
+        disk
+    };
+    let map = format!("{}={}", ex.mount.display(), a1.mount.display());
+    let mut plain =
+        agent(&bed, "a1", &["--poll-interval", "500ms", "--allowed-source-dir", &s(&a1.queue().join("exports"))]);
+    drop("unmapped", 215);
+    let err_file = a1.output().join("unmapped.error");
+    wait_for("the refusal", Duration::from_secs(60), || err_file.exists().then_some(()));
+    let err = fs::read_to_string(&err_file).unwrap();
+    assert!(err.contains("path_map"), "names the setting to change: {err}");
+    plain.signal(rustix::process::Signal::TERM);
+    plain.wait_exit(Duration::from_secs(30));
+    let _mapped = agent(
+        &bed,
+        "a1",
+        &["--poll-interval", "500ms", "--allowed-source-dir", &s(&a1.queue().join("exports")), "--path-map", &map],
+    );
+    let disk = drop("mapped", 216);
+    let rec = wait_for("the mapped drop's result", Duration::from_secs(60), || {
+        records(&bed).into_iter().find(|r| r["vm_name"] == "mapped")
+    });
+    assert_eq!(rec["state"], "done", "{rec}");
+    assert_identical(&disk, &a1.output().join("mapped.qcow2"));
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(records(&bed).iter().filter(|r| r["state"] == "done").count(), 1, "exactly once");
+    eprintln!("seed drop from another host ({}): refused without path_map, converted with it", cache.name());
+}
+
+#[test]
+fn seed_style_drop_from_another_host_strict() {
+    seed_drop_from_another_host(Cache::Strict);
+}
+
+#[test]
+fn seed_style_drop_from_another_host_default_caches() {
+    seed_drop_from_another_host(Cache::Default);
+}

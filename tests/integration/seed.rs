@@ -73,6 +73,21 @@ fn a_drop_pointing_outside_the_allowed_directories_fails_with_the_setting_to_cha
 }
 
 #[test]
+fn a_drop_naming_a_path_this_host_does_not_have_points_at_path_map() {
+    let farm = Farm::new();
+    let _agent = farm.agent(&["--path-map", "/mnt/elsewhere=/mnt/nowhere-either"]);
+    let disk = images::sample_disk(&farm.src, "gone.raw", 8, 8);
+    let text = seed_manifest("gone", &disk).replace(&disk.display().to_string(), "/mnt/elsewhere/queue/gone.raw");
+    fs::write(farm.queue.join("artifact-manifest.json"), text).unwrap();
+    wait_for("the error", Duration::from_secs(30), || farm.output.join("gone.error").exists().then_some(()));
+    let err = fs::read_to_string(farm.output.join("gone.error")).unwrap();
+    let first = err.lines().next().unwrap();
+    assert!(first.contains("/mnt/nowhere-either/queue/gone.raw does not exist on this host"), "{err}");
+    assert!(first.contains("path_map") && first.contains("--path-map"), "{err}");
+    assert!(first.contains("path_map turned /mnt/elsewhere/queue/gone.raw into it"), "{err}");
+}
+
+#[test]
 fn allowed_source_directories_admit_disks_elsewhere() {
     let farm = Farm::new();
     let src = farm.src.display().to_string();

@@ -449,7 +449,7 @@ fn seed_drop_from_another_host(cache: Cache) {
         // Written from the export host, in two pieces a second apart (the seed's plain write).
         let path = ex.queue().join(format!("{vm}-manifest.json"));
         let (a, b) = text.split_at(text.len() / 2);
-        let sh = format!("printf '%s' \"$1\" > \"$3\" && sleep 1 && printf '%s' \"$2\" >> \"$3\"");
+        let sh = "printf '%s' \"$1\" > \"$3\" && sleep 1 && printf '%s' \"$2\" >> \"$3\"".to_string();
         bed.run("ex", Path::new("/bin/sh"), &["-c".into(), sh, "sh".into(), a.into(), b.into(), s(&path)])
             .run()
             .expect_code(0);

@@ -490,3 +490,61 @@ fn seed_style_drop_from_another_host_strict() {
 fn seed_style_drop_from_another_host_default_caches() {
     seed_drop_from_another_host(Cache::Default);
 }
+
+/// `on_existing = "archive"`, two jobs for one VM name racing through two agent hosts: each
+/// exporter prints the path that holds its own VM (the first one's result was archived between
+/// the moment it read its record and the moment it printed).
+fn archive_race(cache: Cache) {
+    let bed = Bed::up(cache, HOSTS);
+    let archive = ["--on-existing", "archive", "--poll-interval", "500ms"];
+    let _a1 = agent(&bed, "a1", &archive);
+    let _a2 = agent(&bed, "a2", &archive);
+    let src = bed.dir.path().join("export-host-disks");
+    fs::create_dir_all(src.join("one")).unwrap();
+    fs::create_dir_all(src.join("two")).unwrap();
+    let first = images::sample_disk(&src.join("one"), "dup.raw", 8, 217);
+    let second = images::sample_disk(&src.join("two"), "dup.raw", 8, 218);
+    let ex = bed.host("ex");
+    let export = |disk: &Path| {
+        bed.run(
+            "ex",
+            &bin("hyperexport"),
+            &[
+                "--vm".into(),
+                s(disk),
+                "--pipeline".into(),
+                "--hyper2kvm-daemon".into(),
+                "--hyper2kvm-watch-dir".into(),
+                s(&ex.queue()),
+                "--hyper2kvm-output-dir".into(),
+                s(&ex.output()),
+            ],
+        )
+        .timeout(Duration::from_secs(120))
+    };
+    let (held, desc) = export(&first).env("HYPERFARM_FAILPOINT", "stop:export.result-read").spawn();
+    hyperfarm_tests::wait_stopped(held.id(), Duration::from_secs(120));
+    let ran = export(&second).run();
+    ran.expect_code(0);
+    let second_out = PathBuf::from(ran.stdout().trim());
+    hyperfarm_tests::cont(held.id());
+    let ran = hyperfarm_tests::collect(held, desc, Duration::from_secs(60));
+    ran.expect_code(0);
+    let first_out = PathBuf::from(ran.stdout().trim());
+    assert_eq!(second_out, ex.output().join("dup.qcow2"));
+    assert_ne!(first_out, second_out, "each exporter prints its own file");
+    assert!(s(&first_out).contains("dup~superseded~"), "{first_out:?}");
+    assert_identical(&first, &first_out);
+    assert_identical(&second, &second_out);
+    eprintln!("archive race ({}): {} and {}", cache.name(), first_out.display(), second_out.display());
+}
+
+#[test]
+fn archive_race_between_agent_hosts_strict() {
+    archive_race(Cache::Strict);
+}
+
+#[test]
+fn archive_race_between_agent_hosts_default_caches() {
+    archive_race(Cache::Default);
+}

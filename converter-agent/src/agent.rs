@@ -285,8 +285,9 @@ pub async fn serve(core: Arc<Core>, extra_stop: impl std::future::Future<Output 
                         continue;
                     }
                     let c2 = core.clone();
+                    let running = core.running_count() as u32 + 1;
                     let claimed =
-                        tokio::task::spawn_blocking(move || queue::claim(&c2.queue, id, &c2.agent_name)).await;
+                        tokio::task::spawn_blocking(move || queue::claim(&c2.queue, id, &c2.agent_name, running)).await;
                     match claimed {
                         Ok(Ok(Some(claim))) => {
                             let stop = Arc::new(JobStop::default());
@@ -526,6 +527,23 @@ fn recover(core: &Core, name: &str, why: &str) -> anyhow::Result<()> {
             queue::finish_foreign(queue, name, state)?;
             return Ok(());
         }
+    }
+    // The claim published its result (the record carries its token) and only the move out of
+    // converting/ is missing (the agent died just then, or the share refused the move): the job
+    // is over, it is not converted again.
+    if let Some(rec) = core.output.read_record(&id).ok().flatten()
+        && rec.token == token
+    {
+        let state = match rec.state {
+            ResultState::Done => State::Done,
+            ResultState::Failed => State::Failed,
+            ResultState::Cancelled => State::Cancelled,
+        };
+        if queue::finish_foreign(queue, name, state)? {
+            info!(job = %id, state = %state, "the claim had published its result; moved the job to its final state");
+        }
+        let _ = fsx::remove_tree(&core.output.work_dir(&id, token));
+        return Ok(());
     }
     match queue::recover_claim(queue, name, why, core.cfg.max_attempts)? {
         RecoverAction::Requeued { attempts } => {

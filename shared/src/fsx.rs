@@ -13,32 +13,55 @@ use rustix::fs::{Mode, OFlags, RenameFlags, ResolveFlags};
 
 /// fsync a directory so that the names created, renamed or removed in it are durable.
 pub fn fsync_dir(dir: &Path) -> io::Result<()> {
-    File::open(dir)?.sync_all()
+    retry_stale(&[dir], || File::open(dir))?.sync_all()
 }
 
-/// Create `dir` and its parents, then fsync the parent of every directory that was created.
-pub fn create_dir_all_durable(dir: &Path) -> io::Result<()> {
-    if dir.is_dir() {
-        return Ok(());
+/// Is this "stale file handle" (ESTALE)? NFS and FUSE clients (gluster) report it when a name
+/// they had looked up was renamed or replaced through another host; it was measured on the
+/// cross-host bed for a rename of a directory another host had just moved.
+pub fn is_stale(e: &io::Error) -> bool {
+    e.raw_os_error() == Some(libc::ESTALE)
+}
+
+/// Run a path-based step; on ESTALE, look the `dirs` up again (list them, which makes the
+/// client drop its stale handles) and retry, at most 6 tries in all over about 1.5 s (gluster's
+/// default caches kept one stale for about a second on the bed; docs/protocol.md rule 9).
+/// ESTALE is reported before the step is carried out, so a retry never does it twice.
+pub fn retry_stale<T>(dirs: &[&Path], step: impl FnMut() -> io::Result<T>) -> io::Result<T> {
+    retry_stale_for(dirs, std::time::Duration::from_millis(1500), step)
+}
+
+/// [`retry_stale`] with a time budget of its own, for steps that are worth waiting for (the move
+/// of a finished job to its final state). Waits double from 50 ms, at most 1 s.
+pub fn retry_stale_for<T>(
+    dirs: &[&Path],
+    budget: std::time::Duration,
+    mut step: impl FnMut() -> io::Result<T>,
+) -> io::Result<T> {
+    let t0 = std::time::Instant::now();
+    let mut wait = std::time::Duration::from_millis(50);
+    loop {
+        match step() {
+            Err(e) if is_stale(&e) && t0.elapsed() + wait <= budget => {
+                for d in dirs {
+                    let _ = fs::symlink_metadata(d);
+                    if let Ok(rd) = fs::read_dir(d) {
+                        rd.take(100_000).for_each(drop);
+                    }
+                }
+                std::thread::sleep(wait);
+                wait = (wait * 2).min(std::time::Duration::from_secs(1));
+            }
+            other => return other,
+        }
     }
-    if let Some(parent) = dir.parent() {
-        create_dir_all_durable(parent)?;
-    }
-    match fs::create_dir(dir) {
-        Ok(()) => {}
-        Err(e) if e.kind() == io::ErrorKind::AlreadyExists && dir.is_dir() => return Ok(()),
-        Err(e) => return Err(e),
-    }
-    if let Some(parent) = dir.parent() {
-        fsync_dir(parent)?;
-    }
-    Ok(())
 }
 
 /// Write `bytes` to a new file at `path` (which must not exist): write, fsync, close. The caller
 /// renames or links it into place and fsyncs the directory.
 pub fn write_new_file(path: &Path, bytes: &[u8]) -> io::Result<()> {
-    let mut f = OpenOptions::new().write(true).create_new(true).mode(0o644).open(path)?;
+    let mut f =
+        retry_stale(&[parent_of(path)], || OpenOptions::new().write(true).create_new(true).mode(0o644).open(path))?;
     f.write_all(bytes)?;
     f.sync_all()?;
     // On NFS, close reports deferred write errors; std's drop ignores them, so the fsync above is
@@ -53,7 +76,7 @@ pub fn replace_file(path: &Path, bytes: &[u8]) -> io::Result<()> {
     let tmp = sibling_tmp(path);
     let _ = fs::remove_file(&tmp);
     write_new_file(&tmp, bytes)?;
-    fs::rename(&tmp, path)?;
+    retry_stale(&[parent_of(path)], || fs::rename(&tmp, path))?;
     fsync_dir(parent_of(path))
 }
 
@@ -77,7 +100,7 @@ pub fn create_file_noreplace(path: &Path, bytes: &[u8]) -> io::Result<bool> {
 /// `to` already names another file. An EEXIST that NFS reports for a retried request that did
 /// succeed is recognised by comparing the inode of both names.
 pub fn link_noreplace(from: &Path, to: &Path) -> io::Result<bool> {
-    match fs::hard_link(from, to) {
+    match retry_stale(&[parent_of(from), parent_of(to)], || fs::hard_link(from, to)) {
         Ok(()) => Ok(true),
         Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(same_file(from, to)?),
         Err(e) => Err(e),
@@ -107,15 +130,24 @@ pub enum Moved {
 /// it; elsewhere (some NFS clients answer EINVAL) an existence check then a plain rename, which is
 /// safe because every destination we use has exactly one possible writer (see the protocol).
 pub fn rename_noreplace(from: &Path, to: &Path) -> io::Result<Moved> {
-    let result = match rustix::fs::renameat_with(rustix::fs::CWD, from, rustix::fs::CWD, to, RenameFlags::NOREPLACE) {
+    rename_noreplace_for(from, to, std::time::Duration::from_millis(1500))
+}
+
+/// [`rename_noreplace`], waiting out ESTALE for up to `stale_budget`.
+pub fn rename_noreplace_for(from: &Path, to: &Path, stale_budget: std::time::Duration) -> io::Result<Moved> {
+    let dirs = [parent_of(from), parent_of(to)];
+    let result = match retry_stale_for(&dirs, stale_budget, || {
+        rustix::fs::renameat_with(rustix::fs::CWD, from, rustix::fs::CWD, to, RenameFlags::NOREPLACE)
+            .map_err(io::Error::from)
+    }) {
         Ok(()) => Ok(()),
-        Err(e) if e == rustix::io::Errno::INVAL || e == rustix::io::Errno::NOSYS => {
+        Err(e) if matches!(e.raw_os_error(), Some(libc::EINVAL) | Some(libc::ENOSYS)) => {
             if fs::symlink_metadata(to).is_ok() {
                 return Ok(Moved::DestinationExists);
             }
-            fs::rename(from, to)
+            retry_stale_for(&dirs, stale_budget, || fs::rename(from, to))
         }
-        Err(e) => Err(io::Error::from(e)),
+        Err(e) => Err(e),
     };
     match result {
         Ok(()) => Ok(Moved::Yes),
@@ -470,6 +502,32 @@ fn parent_of(path: &Path) -> &Path {
 mod tests {
     use super::*;
     use std::os::unix::fs::symlink;
+
+    #[test]
+    fn a_stale_handle_is_retried_after_a_fresh_lookup_and_other_errors_are_not() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let stale = || io::Error::from_raw_os_error(libc::ESTALE);
+        let mut calls = 0;
+        let got = retry_stale(&[d.path()], || {
+            calls += 1;
+            if calls < 3 { Err(stale()) } else { Ok(calls) }
+        });
+        assert_eq!(got.expect("third try"), 3);
+        let mut calls = 0;
+        let got: io::Result<()> = retry_stale(&[d.path()], || {
+            calls += 1;
+            Err(stale())
+        });
+        assert!(is_stale(&got.expect_err("still stale")));
+        assert_eq!(calls, 5, "bounded: 50+100+200+400 ms waited, the next 800 would pass 1.5 s");
+        let mut calls = 0;
+        let got: io::Result<()> = retry_stale(&[d.path()], || {
+            calls += 1;
+            Err(io::Error::from_raw_os_error(libc::EACCES))
+        });
+        assert_eq!(got.expect_err("denied").raw_os_error(), Some(libc::EACCES));
+        assert_eq!(calls, 1);
+    }
 
     #[test]
     fn create_noreplace_never_overwrites() {

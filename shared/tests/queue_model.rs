@@ -120,7 +120,7 @@ impl World {
             Op::Publish => self.publish(),
             Op::Claim { agent, job } => {
                 let Some(&id) = self.jobs.get(job % self.jobs.len().max(1)) else { return };
-                let got = queue::claim(&self.q, id, &format!("agent{agent}")).unwrap();
+                let got = queue::claim(&self.q, id, &format!("agent{agent}"), 1).unwrap();
                 if self.model[&id] == M::Queued {
                     let c = got.expect("a queued job must be claimable");
                     self.agents[agent].push(c);

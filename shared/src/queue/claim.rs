@@ -131,7 +131,9 @@ pub struct Claim {
 }
 
 /// Try to claim `queued/<id>`. `Ok(None)`: another agent was first (or the job was withdrawn).
-pub fn claim(queue: &Queue, id: JobId, agent: &str) -> Result<Option<Claim>, ClaimError> {
+/// `running`: how many jobs the agent will run with this one (the lease says so from its first
+/// write, so a death before the first heartbeat is judged right; 0: unknown).
+pub fn claim(queue: &Queue, id: JobId, agent: &str, running: u32) -> Result<Option<Claim>, ClaimError> {
     let token = claim_token();
     let from = queue.job_dir(State::Queued, &id);
     let converting = queue.state_dir(State::Converting);
@@ -168,7 +170,7 @@ pub fn claim(queue: &Queue, id: JobId, agent: &str) -> Result<Option<Claim>, Cla
         percent: 0.0,
         bytes_done: 0,
         bytes_total: 0,
-        running: 0,
+        running,
     };
     let lease = (|| -> io::Result<Lease> {
         // A previous attempt's lease (its agent died and the job was recovered) is history now;
@@ -254,7 +256,10 @@ impl Claim {
         super::ensure_state_dir(&self.queue, outcome.state())?;
         let target = state_dir.join(self.id.to_string());
         self.record_event(outcome.state().dir_name(), serde_json::json!({}));
-        match fsx::rename_noreplace(&self.dir, &target)? {
+        // The result is published: this move is worth waiting for. A client that serves stale
+        // handles for a while (gluster with its default caches, measured on the bed) must not turn
+        // a finished job into a stale claim that is converted again.
+        match fsx::rename_noreplace_for(&self.dir, &target, std::time::Duration::from_secs(20))? {
             Moved::Yes => {
                 fsx::fsync_dir(&state_dir)?;
                 fsx::fsync_dir(&self.queue.state_dir(State::Converting))?;
@@ -387,8 +392,8 @@ mod tests {
     #[test]
     fn exactly_one_claim_wins() {
         let (_d, q, id) = queue_with_job();
-        let a = claim(&q, id, "a").expect("claim a");
-        let b = claim(&q, id, "b").expect("claim b");
+        let a = claim(&q, id, "a", 1).expect("claim a");
+        let b = claim(&q, id, "b", 1).expect("claim b");
         assert!(a.is_some() && b.is_none());
         let a = a.expect("a");
         assert_eq!(a.attempts(), 1);
@@ -406,7 +411,7 @@ mod tests {
     #[test]
     fn heartbeat_sees_cancel_and_loss() {
         let (_d, q, id) = queue_with_job();
-        let mut c = claim(&q, id, "a").expect("claim").expect("won");
+        let mut c = claim(&q, id, "a", 1).expect("claim").expect("won");
         assert_eq!(c.heartbeat("converting", 10.0, 1, 10).expect("beat"), Beat::Owned);
         assert_eq!(q.request_cancel(&id, "operator said so").expect("cancel"), Some(State::Converting));
         assert_eq!(
@@ -423,9 +428,9 @@ mod tests {
     #[test]
     fn requeue_counts_attempts() {
         let (_d, q, id) = queue_with_job();
-        let c = claim(&q, id, "a").expect("claim").expect("won");
+        let c = claim(&q, id, "a", 1).expect("claim").expect("won");
         assert!(c.requeue("shutdown").expect("requeue"));
-        let c = claim(&q, id, "a").expect("claim").expect("won");
+        let c = claim(&q, id, "a", 1).expect("claim").expect("won");
         assert_eq!(c.attempts(), 2);
     }
 }

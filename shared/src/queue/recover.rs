@@ -85,7 +85,7 @@ impl LeaseTracker {
                         && f.try_lock().is_ok()
                     {
                         let who = if info.pid == std::process::id() {
-                            "this very agent now (the pid was reused after a restart)".to_string()
+                            "it names this agent's pid, but this agent does not work on it: its job ended without leaving converting/ (see the log above), or the pid was reused after a restart".to_string()
                         } else {
                             format!("pid {} is another process now", info.pid)
                         };
@@ -292,7 +292,7 @@ mod tests {
         q.init().expect("init");
         let id = JobId::new();
         fs::create_dir(q.job_dir(State::Queued, &id)).expect("mkdir");
-        let mut c = claim(&q, id, "a").expect("claim").expect("won");
+        let mut c = claim(&q, id, "a", 1).expect("claim").expect("won");
         let name = c.dir().file_name().expect("name").to_string_lossy().into_owned();
 
         // Same host, live process holding the lock: alive until the lease stops changing.
@@ -377,12 +377,62 @@ mod tests {
         let id = JobId::new();
         fs::create_dir(q.job_dir(State::Queued, &id)).expect("mkdir");
         for _ in 0..2 {
-            let c = claim(&q, id, "a").expect("claim").expect("won");
+            let c = claim(&q, id, "a", 1).expect("claim").expect("won");
             let name = c.dir().file_name().expect("name").to_string_lossy().into_owned();
             drop(c);
             let _ = recover_claim(&q, &name, "crash", 2).expect("recover");
         }
         assert!(q.job_dir(State::Failed, &id).is_dir());
+    }
+
+    /// Claim and "die" (recover the claim) `n` times, the agent running `running` jobs.
+    fn die(q: &Queue, id: JobId, running: u32, n: usize, max: usize) -> Vec<RecoverAction> {
+        (0..n)
+            .map(|_| {
+                let c = claim(q, id, "a", running).expect("claim").expect("won");
+                let name = c.dir().file_name().expect("name").to_string_lossy().into_owned();
+                drop(c);
+                recover_claim(q, &name, "killed", max).expect("recover")
+            })
+            .collect()
+    }
+
+    #[test]
+    fn deaths_while_the_agent_ran_several_jobs_do_not_count_against_the_job() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let q = Queue::new(d.path());
+        q.init().expect("init");
+        let id = JobId::new();
+        fs::create_dir(q.job_dir(State::Queued, &id)).expect("mkdir");
+        let acts = die(&q, id, 2, 10, 3);
+        assert!(acts.iter().all(|a| *a == RecoverAction::Requeued { attempts: 0 }), "{acts:?}");
+        // Then it runs alone: those deaths count, and three of them fail it.
+        let acts = die(&q, id, 1, 3, 3);
+        assert_eq!(acts[..2], [RecoverAction::Requeued { attempts: 1 }, RecoverAction::Requeued { attempts: 2 }]);
+        assert_eq!(acts[2], RecoverAction::Failed { attempts: 3, deaths: 13 });
+        assert!(q.job_dir(State::Failed, &id).is_dir());
+    }
+
+    #[test]
+    fn deaths_of_any_kind_fail_the_job_at_ten_times_the_limit() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let q = Queue::new(d.path());
+        q.init().expect("init");
+        let id = JobId::new();
+        fs::create_dir(q.job_dir(State::Queued, &id)).expect("mkdir");
+        let acts = die(&q, id, 4, 19, 2);
+        assert!(acts.iter().all(|a| matches!(a, RecoverAction::Requeued { .. })), "{acts:?}");
+        assert_eq!(die(&q, id, 4, 1, 2), [RecoverAction::Failed { attempts: 0, deaths: 20 }]);
+    }
+
+    #[test]
+    fn a_lease_of_unknown_load_counts_the_death() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let q = Queue::new(d.path());
+        q.init().expect("init");
+        let id = JobId::new();
+        fs::create_dir(q.job_dir(State::Queued, &id)).expect("mkdir");
+        assert_eq!(die(&q, id, 0, 1, 3), [RecoverAction::Requeued { attempts: 1 }]);
     }
 
     #[test]

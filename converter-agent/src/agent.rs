@@ -230,6 +230,25 @@ pub async fn serve(core: Arc<Core>, extra_stop: impl std::future::Future<Output 
         instance = %cfg.instance, watch_dir = %cfg.watch_dir.display(), output_dir = %cfg.output_dir.display(),
         max_concurrent = cfg.max_concurrent, qemu_img = %core.qemu_version, "starting"
     );
+    // How the share is mounted (docs/protocol.md, "What the shared storage must provide"): what
+    // this host can see of it is checked once, and wrong settings are logged, not refused — the
+    // protocol stays safe without them, only slower to see other hosts' changes.
+    let dirs = [("queue", cfg.watch_dir.clone()), ("output", cfg.output_dir.clone())];
+    let checked = tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        tokio::task::spawn_blocking(move || {
+            dirs.into_iter()
+                .filter_map(|(what, d)| Some((what, hyperfarm_shared::storage::check(&d)?)))
+                .collect::<Vec<_>>()
+        }),
+    )
+    .await;
+    for (what, (fs, advice)) in checked.ok().and_then(Result::ok).unwrap_or_default() {
+        info!(dir = what, storage = %fs, "shared storage");
+        for a in advice {
+            warn!(dir = what, "storage: {}", hyperfarm_shared::text::Esc(a.as_str()));
+        }
+    }
 
     let grpc = crate::grpc::start(core.clone(), core.health.clone()).await?;
     // Announce this agent in the queue (where exporters on other hosts find its gRPC address),

@@ -142,7 +142,7 @@ pub async fn follow(p: &WaitParams, interrupt: Arc<Notify>) -> Waited {
         }
         // Back to the stream as soon as an agent answers again.
         if let Some(ep) = answering(p, agent.as_ref()).await {
-            tracing::info!(job = %p.id, "the agent answers at {}; following the job on its gRPC stream", ep.url);
+            tracing::info!(job = %p.id, "back on the gRPC stream: the agent at {} answers; following the job there", ep.url);
             agent = Some(ep);
             streaming = true;
         }

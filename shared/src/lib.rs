@@ -27,6 +27,7 @@ pub mod names;
 pub mod progress;
 pub mod queue;
 pub mod results;
+pub mod storage;
 pub mod text;
 pub mod timefmt;
 pub mod tree_hash;

@@ -77,7 +77,14 @@ fn readme_quick_start(cache: Cache) {
     let src = bed.dir.path().join("export-host-disks");
     std::fs::create_dir_all(&src).unwrap();
     let raw = images::sample_disk(&src, "web01.raw", 32, 201);
-    let _a1 = agent(&bed, "a1", &[]);
+    let a1 = agent(&bed, "a1", &[]);
+    // The agent tells what it can see of the mount: gluster's client timeouts.
+    let log = a1.log_text();
+    assert!(log.contains("storage=fuse.glusterfs at"), "{log}");
+    let warned = log.contains(
+        "GlusterFS mount without attribute-timeout=0,entry-timeout=0,negative-timeout=0,fopen-keep-cache=off",
+    );
+    assert_eq!(warned, cache == Cache::Default, "warned about the default caches only:\n{log}");
     let ex = bed.host("ex");
     // The README's export-host command, as written (its paths are the export host's mount).
     let t0 = Instant::now();
@@ -421,7 +428,7 @@ fn grpc_blocked(cache: Cache) {
     let err = ran.stderr();
     assert!(err.contains("following the result by polling"), "polled while the port was blocked:\n{err}");
     assert!(!err.contains("converting on this host"), "never converts on the export host:\n{err}");
-    assert!(err.contains("following the job on its gRPC stream"), "back on gRPC once the port opened ({id:?}):\n{err}");
+    assert!(err.contains("back on the gRPC stream"), "back on gRPC once the port opened ({id:?}):\n{err}");
     let out = PathBuf::from(ran.stdout().trim());
     assert_eq!(out, ex.output().join("walled.qcow2"));
     assert_identical(&raw, &out);
@@ -745,4 +752,49 @@ fn submission_to_claim_latency_strict() {
 #[test]
 fn submission_to_claim_latency_default_caches() {
     claim_latency(Cache::Default);
+}
+
+/// A cloned VM (same host name, same machine id) started as a second agent host: it refuses to
+/// start (exit 3) with the fix in its message, and the original keeps working.
+fn clone_refused(cache: Cache) {
+    let mut bed = Bed::up(cache, HOSTS);
+    bed.make_clone("a2", "a1");
+    let a1 = agent(&bed, "a1", &[]);
+    let h = bed.host("a2");
+    let ran = bed
+        .run(
+            "a2",
+            &bin("hyper2kvm-agent"),
+            &[
+                "--watch-dir".into(),
+                s(&h.queue()),
+                "--output-dir".into(),
+                s(&h.output()),
+                "--listen".into(),
+                "127.0.0.1:0".into(),
+            ],
+        )
+        .timeout(Duration::from_secs(60))
+        .run();
+    assert_eq!(ran.code(), Some(3), "a clone refuses to start:\n{}", ran.stderr());
+    let err = ran.stderr();
+    assert!(err.contains("a cloned VM?") && err.contains("systemd-machine-id-setup"), "{err}");
+    // The original still converts.
+    let src = bed.dir.path().join("export-host-disks");
+    fs::create_dir_all(&src).unwrap();
+    let raw = images::sample_disk(&src, "orig.raw", 8, 241);
+    let id = publish_from(&bed, "ex", &raw, "orig");
+    let rec = wait_for("the result", Duration::from_secs(60), || record_of(&bed, &id));
+    assert_eq!(rec["state"], "done", "{rec}\n{}", a1.log_text());
+    eprintln!("clone ({}): refused with exit 3; the original converted", cache.name());
+}
+
+#[test]
+fn a_cloned_agent_host_refuses_to_start_strict() {
+    clone_refused(Cache::Strict);
+}
+
+#[test]
+fn a_cloned_agent_host_refuses_to_start_default_caches() {
+    clone_refused(Cache::Default);
 }

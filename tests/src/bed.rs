@@ -318,6 +318,18 @@ impl Bed {
         h.hostname = hostname.to_string();
     }
 
+    /// Make `host` a clone of `of` (a copied VM image: same host name, same machine id; its own
+    /// boot id), a misconfiguration the agent must refuse.
+    pub fn make_clone(&mut self, host: &str, of: &str) {
+        let (hostname, machine_id) = {
+            let o = self.host(of);
+            (o.hostname.clone(), o.machine_id.clone())
+        };
+        let h = self.hosts.iter_mut().find(|h| h.name == host).expect("host");
+        h.hostname = hostname;
+        h.machine_id = machine_id;
+    }
+
     /// The command line that runs `program args` on `host`: its network namespace, its hostname,
     /// its machine id and boot id.
     fn on(&self, host: &str, program: &Path, args: &[String]) -> (PathBuf, Vec<String>) {

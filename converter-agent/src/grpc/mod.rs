@@ -216,10 +216,18 @@ impl GrpcServer {
     /// Stop accepting, give streams a moment to end, then stop.
     pub async fn shutdown(mut self) {
         self.stop.cancel();
-        let mut handle = self.handle;
-        if tokio::time::timeout(Duration::from_secs(2), &mut handle).await.is_err() {
-            handle.abort();
+        if tokio::time::timeout(Duration::from_secs(2), &mut self.handle).await.is_err() {
+            self.handle.abort();
         }
+        // Drop stops the runtime.
+    }
+}
+
+/// An early return (a start-up error after the server started) drops the server inside the
+/// agent's runtime, where dropping a runtime would panic: stop it in the background instead.
+impl Drop for GrpcServer {
+    fn drop(&mut self) {
+        self.stop.cancel();
         if let Some(rt) = self.runtime.take() {
             rt.shutdown_background();
         }

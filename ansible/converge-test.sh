@@ -73,16 +73,8 @@ exec 9>"$cache/converge.lock"
 flock -w 600 9 || die "another converge test holds $cache/converge.lock"
 
 # --- the venv ------------------------------------------------------------------------------------
-stamp="$venv/.hyperfarm-requirements-converge"
-want=$(cat "$here/requirements.txt" "$here/requirements-converge.txt")
-if [[ ! -x $venv/bin/ansible-playbook || ! -f $stamp || $(cat "$stamp") != "$want" ]]; then
-    log "installing ansible/requirements-converge.txt into $venv"
-    [[ -x $venv/bin/python ]] || python3 -m venv "$venv" ||
-        die "cannot create $venv (apt-get install python3-venv)"
-    (cd "$here" && "$venv/bin/pip" install --quiet --disable-pip-version-check \
-        -r requirements-converge.txt)
-    printf '%s' "$want" >"$stamp"
-fi
+. "$repo/scripts/lib/ansible-venv.sh"
+ansible_venv "$venv" "$here/requirements-converge.txt" || die "no Ansible venv"
 
 # --- the cached Debian root -----------------------------------------------------------------------
 key=$(printf '%s %s %s' "$suite" "$include" "$mirror" | sha256sum | cut -c1-12)

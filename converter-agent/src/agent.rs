@@ -277,13 +277,16 @@ pub async fn serve(core: Arc<Core>, extra_stop: impl std::future::Future<Output 
     let mut unhealthy_logged = false;
     let watchdog = sdnotify::watchdog_interval();
     let mut last_watchdog = Instant::now();
+    let mut last_status = String::new();
     loop {
+        let mut queued_now = None;
         let scan = {
             let core = core.clone();
             tokio::task::spawn_blocking(move || scan(&core)).await
         };
         match scan {
             Ok(Ok(queued)) => {
+                queued_now = Some(queued.len());
                 // While the queue or output directory is unusable (a share unmounted, a full or
                 // read-only file system), jobs stay queued rather than fail.
                 let health = core.health.snapshot();
@@ -334,6 +337,15 @@ pub async fn serve(core: Arc<Core>, extra_stop: impl std::future::Future<Output 
             first = false;
             info!("ready");
             sdnotify::notify("READY=1");
+        }
+        // `systemctl status` shows this line: what the agent is doing, at a glance.
+        let health = core.health.snapshot();
+        let problem = [&health.queue, &health.output, &health.engine].iter().find_map(|r| (*r).clone().err());
+        let status =
+            sdnotify::status_line(queued_now, core.running_count(), core.cfg.max_concurrent, problem.as_deref());
+        if status != last_status {
+            sdnotify::notify(&format!("STATUS={status}"));
+            last_status = status;
         }
         if let Some(every) = watchdog
             && last_watchdog.elapsed() >= every

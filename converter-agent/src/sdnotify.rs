@@ -31,3 +31,35 @@ pub fn watchdog_interval() -> Option<Duration> {
     }
     Some(Duration::from_micros(usec / 2).max(Duration::from_millis(100)))
 }
+
+/// The `STATUS=` text: the agent's state as `systemctl status` shows it. `queued` is what the
+/// last scan saw (None: the scan failed); `problem` is why the agent does not claim, if it does
+/// not. One line, at most 200 characters, control characters escaped.
+pub fn status_line(queued: Option<usize>, running: usize, max: usize, problem: Option<&str>) -> String {
+    let queued = queued.map_or_else(|| "queue unreadable".to_string(), |n| format!("{n} queued"));
+    let line = match problem {
+        None => format!("serving: {running}/{max} converting, {queued}"),
+        Some(p) => format!("NOT serving ({p}): {running}/{max} converting, {queued}"),
+    };
+    let line = hyperfarm_shared::text::escape(&line).into_owned();
+    match line.char_indices().nth(200) {
+        Some((i, _)) => format!("{}...", &line[..i]),
+        None => line,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_status_line_says_what_the_agent_does_in_one_bounded_line() {
+        assert_eq!(status_line(Some(3), 1, 2, None), "serving: 1/2 converting, 3 queued");
+        assert_eq!(status_line(None, 0, 2, None), "serving: 0/2 converting, queue unreadable");
+        let bad = status_line(Some(0), 0, 4, Some("output /srv/out: read-only file system\nx"));
+        assert!(bad.starts_with("NOT serving (output /srv/out: read-only"), "{bad}");
+        assert!(!bad.contains('\n'), "{bad}");
+        let long = status_line(Some(0), 0, 4, Some(&"x".repeat(500)));
+        assert!(long.chars().count() <= 203 && long.ends_with("..."), "{long}");
+    }
+}

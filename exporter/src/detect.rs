@@ -67,6 +67,15 @@ pub async fn registered(watch_dir: &Path, base: &AgentEndpoint) -> (Vec<AgentEnd
     (eps, n)
 }
 
+/// Whether two paths on this host name the same directory (same device and inode).
+fn same_dir(a: &Path, b: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (std::fs::metadata(a), std::fs::metadata(b)) {
+        (Ok(x), Ok(y)) => x.dev() == y.dev() && x.ino() == y.ino(),
+        _ => false,
+    }
+}
+
 /// Find an agent to follow, or decide how to go on without one.
 pub async fn detect(l: &Lookup<'_>) -> Detected {
     let mut tried: Vec<String> = Vec::new();
@@ -85,6 +94,13 @@ pub async fn detect(l: &Lookup<'_>) -> Detected {
     }
     if !l.agent_explicit {
         match l.agent.status().await {
+            // A local agent that watches another queue (e.g. the packaged default instance on an
+            // export host whose jobs go to a shared queue) would never see this job.
+            Ok(s) if !same_dir(Path::new(&s.watch_dir), l.watch_dir) => tried.push(format!(
+                "{} (watches another queue: {})",
+                l.agent.url,
+                hyperfarm_shared::text::escape(&s.watch_dir)
+            )),
             Ok(s) => return Detected::Grpc(l.agent.clone(), Box::new(s)),
             Err(e) => tried.push(format!("{} ({e})", l.agent.url)),
         }

@@ -120,19 +120,28 @@ pub fn advice(m: &Mount, gluster_args: Option<&[String]>) -> Vec<String> {
     } else if m.fstype == "fuse.glusterfs" {
         match gluster_args {
             None => out.push(format!(
-                "{at} is a GlusterFS mount whose client process was not found on this host; check that it is mounted with attribute-timeout=0,entry-timeout=0,negative-timeout=0,fopen-keep-cache=off"
+                "{at} is a GlusterFS mount whose client process was not found on this host; check that it is mounted with attribute-timeout=0,entry-timeout=0,negative-timeout=0"
             )),
             Some(args) => {
-                let missing: Vec<&str> = [
+                let mut missing: Vec<&str> = [
                     ("--attribute-timeout=0", "attribute-timeout=0"),
                     ("--entry-timeout=0", "entry-timeout=0"),
                     ("--negative-timeout=0", "negative-timeout=0"),
-                    ("--fopen-keep-cache=off", "fopen-keep-cache=off"),
                 ]
                 .into_iter()
                 .filter(|(arg, _)| !args.iter().any(|a| a == arg))
                 .map(|(_, opt)| opt)
                 .collect();
+                // fopen-keep-cache is off unless asked for; mount.glusterfs 10.3 cannot even pass
+                // `fopen-keep-cache=off` (it hands the client "==off", which it refuses), so only
+                // a client that turned it on is advised against.
+                let keeps_cache = args.iter().any(|a| {
+                    a == "--fopen-keep-cache"
+                        || a.strip_prefix("--fopen-keep-cache=").is_some_and(|v| !matches!(v, "off" | "false" | "no" | "0"))
+                });
+                if keeps_cache {
+                    missing.push("fopen-keep-cache=off");
+                }
                 if !missing.is_empty() {
                     out.push(format!(
                         "{at} is a GlusterFS mount without {}: with the client's default caches another host's renames and new files show late (a renamed file under both names for about a second); mount with those options and turn the volume's performance caches off (docs/protocol.md)",
@@ -204,7 +213,23 @@ mod tests {
         let defaults: Vec<String> = ["glusterfs", "--volfile-server=srv", "/mnt/gl"].map(String::from).to_vec();
         let a = advice(m, Some(&defaults));
         assert_eq!(a.len(), 1);
-        assert!(a[0].contains("attribute-timeout=0,entry-timeout=0,negative-timeout=0,fopen-keep-cache=off"), "{a:?}");
+        assert!(a[0].contains("without attribute-timeout=0,entry-timeout=0,negative-timeout=0:"), "{a:?}");
+        // What mount.glusterfs starts for the strict mount options (it cannot pass fopen-keep-cache=off).
+        let helper: Vec<String> = [
+            "glusterfs",
+            "--attribute-timeout=0",
+            "--entry-timeout=0",
+            "--negative-timeout=0",
+            "--process-name",
+            "fuse",
+            "/mnt/gl",
+        ]
+        .map(String::from)
+        .to_vec();
+        assert!(advice(m, Some(&helper)).is_empty(), "the kernel timeouts 0 without fopen-keep-cache are right");
+        let mut kept = strict.clone();
+        kept[4] = "--fopen-keep-cache=on".into();
+        assert!(advice(m, Some(&kept))[0].contains("without fopen-keep-cache=off:"), "{:?}", advice(m, Some(&kept)));
         assert!(advice(m, None)[0].contains("client process was not found"));
     }
 }

@@ -230,3 +230,40 @@ fn the_repository_names_no_package_registry_host() {
     }
     assert!(found.is_empty(), "registry hosts named in the repository: {found:?}");
 }
+
+/// Under systemd (`Type=notify`) the agent says READY=1 after its first scan, keeps a STATUS=
+/// line that `systemctl status` shows (what runs, what waits, why it does not claim), and
+/// STOPPING=1 on SIGTERM: read here from a real `$NOTIFY_SOCKET` datagram socket.
+#[test]
+fn systemd_sees_ready_a_status_line_and_stopping() {
+    use std::os::unix::net::UnixDatagram;
+    let farm = Farm::new();
+    let sock_path = farm.path().join("notify.sock");
+    let sock = UnixDatagram::bind(&sock_path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+    let mut got: Vec<String> = Vec::new();
+    let recv_until = |want: &dyn Fn(&str) -> bool, got: &mut Vec<String>| {
+        let t = std::time::Instant::now();
+        let mut buf = [0u8; 4096];
+        while t.elapsed() < Duration::from_secs(30) {
+            if let Ok(n) = sock.recv(&mut buf) {
+                let m = String::from_utf8_lossy(&buf[..n]).into_owned();
+                got.push(m.clone());
+                if want(&m) {
+                    return;
+                }
+            }
+        }
+        panic!("no such notification in 30 s; got {got:?}");
+    };
+    let cfg = slow_config(&farm);
+    let mut agent = farm.agent_env(&[("NOTIFY_SOCKET", sock_path.to_str().unwrap())], &["--config", &cfg]);
+    recv_until(&|m| m == "READY=1", &mut got);
+    recv_until(&|m| m == "STATUS=serving: 0/2 converting, 0 queued", &mut got);
+    // The line follows what the agent does: a slow job running.
+    publish(&farm, &slow_disk(&farm, "s.raw", 40), "statusvm");
+    recv_until(&|m| m == "STATUS=serving: 1/2 converting, 0 queued", &mut got);
+    agent.signal(rustix::process::Signal::TERM);
+    recv_until(&|m| m == "STOPPING=1", &mut got);
+    agent.wait_exit(Duration::from_secs(30));
+}

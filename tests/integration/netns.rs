@@ -129,3 +129,50 @@ fn a_cut_link_falls_back_to_polling_and_the_stream_returns_when_the_link_does() 
     assert!(!farm.output.join("netvm.error").exists(), "the contradicting old error is gone");
     agent.kill9();
 }
+
+/// On an export host the packaged agent's default instance listens on the default address but
+/// watches its own local queue: an exporter that submits to the shared queue must not follow
+/// it (it would never see the job), and goes on by polling the shared queue's output instead.
+#[test]
+fn a_local_agent_watching_another_queue_is_not_followed() {
+    let farm = Farm::new();
+    let local = Farm::new();
+    let hosts = Hosts::new();
+    let disk = hyperfarm_tests::images::raw_disk(&farm.src.join("o.raw"), 8 << 20, &[(1 << 20, 1 << 20)], 7);
+    // The export host's own agent: default address 127.0.0.1:50071 inside namespace a.
+    let wrapper = ["/usr/sbin/ip", "netns", "exec", hosts.a.as_str()];
+    let mut local_agent = local.agent_via(&wrapper, &["--listen", "127.0.0.1:50071"]);
+    // The conversion host's agent on the shared queue, unreachable over gRPC from here.
+    let _farm_agent = farm.agent(&[]);
+    let exporter = bin("hyperexport");
+    let args: Vec<String> = [
+        "netns",
+        "exec",
+        hosts.a.as_str(),
+        exporter.to_str().unwrap(),
+        "--vm",
+        disk.to_str().unwrap(),
+        "--name",
+        "othervm",
+        "--pipeline",
+        "--hyper2kvm-daemon",
+        "--hyper2kvm-watch-dir",
+        farm.queue.to_str().unwrap(),
+        "--hyper2kvm-output-dir",
+        farm.output.to_str().unwrap(),
+        "--hyper2kvm-poll-interval",
+        "200ms",
+        "--hyper2kvm-daemon-timeout",
+        "2m",
+    ]
+    .map(String::from)
+    .to_vec();
+    let ran = hyperfarm_tests::Run::new(std::path::Path::new("/usr/sbin/ip"), &args).run();
+    ran.expect_code(0);
+    let err = ran.stderr();
+    assert!(err.contains("127.0.0.1:50071 (watches another queue:"), "the local agent was not skipped:\n{err}");
+    assert!(ran.stdout().contains(&farm.output.join("othervm.qcow2").display().to_string()), "{}", ran.stdout());
+    assert_identical(&disk, &farm.output.join("othervm.qcow2"));
+    assert!(local.jobs_in("queued").is_empty() && local.records().is_empty(), "nothing went to the local queue");
+    local_agent.kill9();
+}

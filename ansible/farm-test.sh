@@ -156,10 +156,9 @@ status=$(conv systemctl status --no-pager hyper2kvm-agent.service || true)
 grep -q 'Active: active (running)' <<<"$status" && grep -q 'Status: "' <<<"$status" ||
     fail "the agent on hf-convert is not running and READY: $status"
 grep -q '^ *Status: ' <<<"$status" && grep '^ *Status: ' <<<"$status"
-conv journalctl --no-pager -u hyper2kvm-agent.service | grep -q 'storage=fuse.glusterfs' || fail "the agent does not see the volume"
-if conv journalctl --no-pager -u hyper2kvm-agent.service | grep -q 'storage: '; then
-    fail "the agent warns about the mount the roles made: $(conv journalctl --no-pager -u hyper2kvm-agent.service | grep 'storage: ')"
-fi
+journal=$(conv journalctl --no-pager -u hyper2kvm-agent.service)
+grep -q 'storage=fuse.glusterfs' <<<"$journal" || fail "the agent does not see the volume"
+if grep -q 'storage: ' <<<"$journal"; then fail "the agent warns about the mount the roles made: $(grep 'storage: ' <<<"$journal")"; fi
 [[ $(expo systemctl is-active hyper2kvm-agent.service || true) != active ]] || fail "an agent runs on the export host"
 [[ $(conv dpkg-query -W -f '${Status}' hyperfarm) == "install ok installed" ]] || fail "hyperfarm is not installed from the package"
 expo runuser -u alice -- hyperctl daemon list | tee "$work/daemon-list.log"
@@ -227,7 +226,8 @@ for _ in $(seq 1 1200); do
 done
 [[ $now != "$before" && $now != 0 ]] || fail "the stopped agent was not restarted"
 [[ $(conv systemctl show -p NRestarts --value hyper2kvm-agent.service) -gt $restarts ]] || fail "no restart counted"
-conv journalctl --no-pager -u hyper2kvm-agent.service | grep -qi 'watchdog timeout' || fail "the restart was not the watchdog's"
+journal=$(conv journalctl --no-pager -u hyper2kvm-agent.service)
+grep -qi 'watchdog timeout' <<<"$journal" || fail "the restart was not the watchdog's"
 echo "watchdog ($wd) restarted the stopped agent after $(($(date +%s) - t)) s ($before -> $now)"
 
 step "systemctl stop hyper2kvm-agent.target stops every instance"

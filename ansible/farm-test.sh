@@ -128,9 +128,10 @@ export ANSIBLE_CALLBACKS_ENABLED=ansible.posix.profile_tasks
 mkdir -p "$HOME"
 playbook() {
     # The containers have no route to a package mirror: everything the roles install is in the
-    # root already (or is the .deb), so apt's cache is not refreshed.
+    # root already (or is the .deb), so apt's cache is not refreshed. Ansible enters them as root;
+    # `become` goes through su (a minimal Debian has no sudo).
     "$venv/bin/ansible-playbook" -i "$work/inventory.ini" -c community.docker.nsenter \
-        -e ansible_python_interpreter=/usr/bin/python3 \
+        -e ansible_python_interpreter=/usr/bin/python3 -e ansible_become_method=su \
         -e hyperfarm_storage_apt_cache_valid_time=0 -e hyperfarm_storage_client_apt_cache_valid_time=0 \
         -e hyperfarm_agent_apt_cache_valid_time=0 -e hyperfarm_exporter_apt_cache_valid_time=0 \
         "$here/site.yml" "$@"
@@ -152,6 +153,20 @@ expo() { nspawn_in hf-export "$@"; }
 for h in hf-export hf-convert; do
     [[ $(nspawn_in "$h" findmnt -n -o FSTYPE /srv/hyperfarm) == fuse.glusterfs ]] || fail "$h: /srv/hyperfarm is not the volume"
 done
+for h in hf-export hf-convert; do
+    client=$(nspawn_in "$h" ps -eo args | grep '^/usr/sbin/glusterfs ' || true)
+    for o in --attribute-timeout=0 --entry-timeout=0 --negative-timeout=0; do
+        [[ " $client " == *" $o "* ]] || fail "$h: the GlusterFS client runs without $o: $client"
+    done
+done
+for o in performance.write-behind performance.stat-prefetch performance.quick-read performance.io-cache \
+    performance.read-ahead performance.open-behind performance.readdir-ahead; do
+    v=$(nspawn_in hf-storage gluster --mode=script volume get hyperfarm "$o" | awk -v o="$o" '$1 == o {print $2}')
+    [[ $v == off ]] || fail "volume option $o is '$v'"
+done
+[[ $(nspawn_in hf-storage gluster --mode=script volume get hyperfarm network.ping-timeout | awk '$1 == "network.ping-timeout" {print $2}') == 10 ]] ||
+    fail "network.ping-timeout is not 10"
+echo "mounts and volume have the settings docs/protocol.md requires"
 status=$(conv systemctl status --no-pager hyper2kvm-agent.service || true)
 grep -q 'Active: active (running)' <<<"$status" && grep -q 'Status: "' <<<"$status" ||
     fail "the agent on hf-convert is not running and READY: $status"
@@ -161,8 +176,14 @@ grep -q 'storage=fuse.glusterfs' <<<"$journal" || fail "the agent does not see t
 if grep -q 'storage: ' <<<"$journal"; then fail "the agent warns about the mount the roles made: $(grep 'storage: ' <<<"$journal")"; fi
 [[ $(expo systemctl is-active hyper2kvm-agent.service || true) != active ]] || fail "an agent runs on the export host"
 [[ $(conv dpkg-query -W -f '${Status}' hyperfarm) == "install ok installed" ]] || fail "hyperfarm is not installed from the package"
-expo runuser -u alice -- hyperctl daemon list | tee "$work/daemon-list.log"
-grep -q 'hf-convert' "$work/daemon-list.log" || fail "hyperctl on hf-export does not reach the agent over TLS"
+expo runuser -u alice -- hyperctl daemon list
+st=$(expo runuser -u alice -- hyperctl --json daemon status 2>&1 || true)
+python3 -c '
+import json, sys
+rows = json.loads(sys.argv[1])
+assert any(r.get("url") == "https://hf-convert:50071" and r.get("status") == "running" and r.get("serving") is True
+           and (r.get("host") or "").startswith("hf-convert") for r in rows), rows
+' "$st" || fail "hyperctl on hf-export does not reach hf-convert's agent over TLS: $st"
 
 export_vm() { # NAME: exports alice's VM in the background, output in $work/export-NAME.log
     expo runuser -u alice -- hyperexport --vm /home/alice/vm.raw --name "$1" --pipeline --hyper2kvm-daemon \
@@ -236,7 +257,12 @@ conv systemctl start hyper2kvm-agent@extra.service
 [[ $(conv systemctl is-active hyper2kvm-agent@extra.service) == active ]] || fail "hyper2kvm-agent@extra did not start"
 conv systemctl stop hyper2kvm-agent.target
 for u in hyper2kvm-agent.service hyper2kvm-agent@extra.service; do
-    s=$(conv systemctl is-active "$u" || true)
+    # The target's stop job returns first; the agents finish theirs within TimeoutStopSec (45 s).
+    for _ in $(seq 1 500); do
+        s=$(conv systemctl is-active "$u" || true)
+        [[ $s == deactivating ]] || break
+        sleep 0.1
+    done
     r=$(conv systemctl show -p Result --value "$u")
     [[ $s == inactive && $r == success ]] || fail "$u after stopping the target: $s, result $r"
 done

@@ -64,13 +64,15 @@ nspawn_root_tarball() {
     printf '%s\n' "$tarball"
 }
 
-# Unpack the root for a machine: its host name, and an empty machine id so that systemd makes a
-# fresh one at boot (machines restored from one tarball are different hosts, not clones).
+# Unpack the root for a machine: its host name, and a machine id of its own (machines restored
+# from one tarball are different hosts, not clones; an empty /etc/machine-id is not enough under
+# nspawn --register=no, which hands every container the same one).
 nspawn_restore() { # TARBALL ROOT NAME
     mkdir -p "$2"
     tar -C "$2" -xf "$1"
     echo "$3" >"$2/etc/hostname"
-    : >"$2/etc/machine-id"
+    od -An -tx1 -N16 /dev/urandom | tr -d ' \n' >"$2/etc/machine-id"
+    echo >>"$2/etc/machine-id"
 }
 
 _nspawn_cgroups() { # NAME: the per-machine cgroup directories, one per mounted hierarchy

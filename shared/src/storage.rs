@@ -119,9 +119,10 @@ pub fn advice(m: &Mount, gluster_args: Option<&[String]>) -> Vec<String> {
         }
     } else if m.fstype == "fuse.glusterfs" {
         match gluster_args {
-            None => out.push(format!(
-                "{at} is a GlusterFS mount whose client process was not found on this host; check that it is mounted with attribute-timeout=0,entry-timeout=0,negative-timeout=0"
-            )),
+            // Under the agent's unit (ProtectProc=invisible, PrivateUsers=) other processes are
+            // hidden: nothing to judge, and a warning every start would only teach operators to
+            // ignore warnings. `check` says so in its description instead.
+            None => {}
             Some(args) => {
                 let mut missing: Vec<&str> = [
                     ("--attribute-timeout=0", "attribute-timeout=0"),
@@ -137,7 +138,8 @@ pub fn advice(m: &Mount, gluster_args: Option<&[String]>) -> Vec<String> {
                 // a client that turned it on is advised against.
                 let keeps_cache = args.iter().any(|a| {
                     a == "--fopen-keep-cache"
-                        || a.strip_prefix("--fopen-keep-cache=").is_some_and(|v| !matches!(v, "off" | "false" | "no" | "0"))
+                        || a.strip_prefix("--fopen-keep-cache=")
+                            .is_some_and(|v| !matches!(v, "off" | "false" | "no" | "0"))
                 });
                 if keeps_cache {
                     missing.push("fopen-keep-cache=off");
@@ -157,8 +159,10 @@ pub fn advice(m: &Mount, gluster_args: Option<&[String]>) -> Vec<String> {
 /// The advice for the storage under `dir`: (file-system type and mount point, sentences).
 pub fn check(dir: &Path) -> Option<(String, Vec<String>)> {
     let m = mount_of(dir)?;
-    let args = (m.fstype == "fuse.glusterfs").then(|| gluster_client_args(&m.mount_point)).flatten();
-    Some((format!("{} at {}", m.fstype, m.mount_point.display()), advice(&m, args.as_deref())))
+    let gluster = m.fstype == "fuse.glusterfs";
+    let args = gluster.then(|| gluster_client_args(&m.mount_point)).flatten();
+    let unseen = if gluster && args.is_none() { " (its client's options are not visible to this process)" } else { "" };
+    Some((format!("{} at {}{unseen}", m.fstype, m.mount_point.display()), advice(&m, args.as_deref())))
 }
 
 #[cfg(test)]
@@ -230,6 +234,6 @@ mod tests {
         let mut kept = strict.clone();
         kept[4] = "--fopen-keep-cache=on".into();
         assert!(advice(m, Some(&kept))[0].contains("without fopen-keep-cache=off:"), "{:?}", advice(m, Some(&kept)));
-        assert!(advice(m, None)[0].contains("client process was not found"));
+        assert!(advice(m, None).is_empty(), "a client that cannot be seen is not judged");
     }
 }

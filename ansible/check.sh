@@ -135,6 +135,20 @@ if command -v systemd-analyze >/dev/null; then
     fi
 fi
 
+# The storage templates: the NFS export is synchronous and root-squashed, the mount unit verifies
+# and mounts hard with a short attribute cache.
+grep -Eq '^/srv/hyperfarm 10\.0\.0\.0/24\(rw,sync,no_subtree_check,root_squash\)$' "$out/hyperfarm.exports" ||
+    fail "the rendered NFS export is not sync/root_squash: $(cat "$out/hyperfarm.exports")"
+if command -v systemd-analyze >/dev/null; then
+    v=$(cd "$out" && systemd-analyze verify ./srv-hyperfarm.mount 2>&1) || v="$v (exit $?)"
+    if [[ -n $v ]]; then
+        fail "the rendered mount unit does not verify: $v"
+    fi
+fi
+grep -qx 'Options=hard,actimeo=1,_netdev' "$out/srv-hyperfarm.mount" && grep -qx 'Type=nfs' "$out/srv-hyperfarm.mount" ||
+    fail "the rendered NFS mount unit lacks the required options: $(cat "$out/srv-hyperfarm.mount")"
+echo "ok: rendered NFS export and mount unit"
+
 # hyperexport has no --check-config: compare the keys with its FileConfig (exporter/src/cli.rs).
 if ! "$venv/bin/python" - "$out/hyperexport.toml" "$repo/exporter/src/cli.rs" <<'EOF'; then
 import re, sys, tomllib

@@ -24,11 +24,6 @@ here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 repo=$(cd "$here/.." && pwd)
 cache=${HYPERFARM_CACHE:-/var/cache/hyperfarm}
 venv=${HYPERFARM_ANSIBLE_VENV:-/opt/hyperfarm-ansible-venv}
-# The Debian archive: this machine's own apt configuration (or HYPERFARM_DEBIAN_MIRROR).
-. "$repo/scripts/lib/apt-mirror.sh"
-mirror=${HYPERFARM_DEBIAN_MIRROR:-$(apt_mirror)}
-suite=bookworm
-include=systemd,systemd-sysv,dbus,python3,python3-apt,qemu-utils
 machine=hyperfarm-converge
 start=$(date +%s.%N)
 
@@ -58,17 +53,10 @@ pick_bin() {
 agent_bin=$(pick_bin hyper2kvm-agent HYPERFARM_AGENT_BIN)
 export_bin=$(pick_bin hyperexport HYPERFARM_EXPORT_BIN)
 
-missing=()
-command -v systemd-nspawn >/dev/null || missing+=(systemd-container)
-command -v debootstrap >/dev/null || missing+=(debootstrap)
-if [[ ${#missing[@]} -gt 0 ]]; then
-    log "installing ${missing[*]}"
-    apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
-fi
-
+. "$repo/scripts/lib/nspawn.sh"
+nspawn_require
 mkdir -p "$cache"
-# One converge test at a time: nspawn's cgroups (payload/, supervisor/) are per calling cgroup.
+# One converge test at a time (it names its machine hyperfarm-converge).
 exec 9>"$cache/converge.lock"
 flock -w 600 9 || die "another converge test holds $cache/converge.lock"
 
@@ -76,72 +64,20 @@ flock -w 600 9 || die "another converge test holds $cache/converge.lock"
 . "$repo/scripts/lib/ansible-venv.sh"
 ansible_venv "$venv" "$here/requirements-converge.txt" || die "no Ansible venv"
 
-# --- the cached Debian root -----------------------------------------------------------------------
-key=$(printf '%s %s %s' "$suite" "$include" "$mirror" | sha256sum | cut -c1-12)
-tarball="$cache/debian-$suite-converge-$key.tar"
-if [[ ! -f $tarball ]]; then
-    log "debootstrap $suite into the cache (once; a few minutes)"
-    build=$(mktemp -d "$cache/build.XXXXXX")
-    if ! debootstrap --variant=minbase --include="$include" "$suite" "$build/root" "$mirror" \
-        >"$build/debootstrap.log" 2>&1; then
-        tail -n 30 "$build/debootstrap.log" >&2
-        rm -rf "$build"
-        die "debootstrap failed"
-    fi
-    tar -C "$build/root" -cf "$build/root.tar" --exclude='./proc/*' --exclude='./sys/*' \
-        --exclude='./dev/*' .
-    mv "$build/root.tar" "$tarball"
-    rm -rf "$build"
-fi
+# --- the cached Debian root (shared with the other deployment tests) ------------------------------
+tarball=$(nspawn_root_tarball "$NSPAWN_FARM_INCLUDE") || die "no Debian root"
 
 work=$(mktemp -d /var/tmp/hyperfarm-converge.XXXXXX)
 root="$work/root"
-nspawn_pid=""
-pid1=""
 
-cleanup_cgroups() {
-    # nspawn --keep-unit leaves payload/ and supervisor/ in our cgroup; the next boot needs them gone.
-    local d
-    for d in /sys/fs/cgroup/*/payload /sys/fs/cgroup/*/supervisor /sys/fs/cgroup/payload /sys/fs/cgroup/supervisor; do
-        if [[ -d $d ]]; then
-            find "$d" -depth -type d -exec rmdir {} \; 2>/dev/null || true
-        fi
-    done
-    rm -rf "/run/systemd/nspawn/propagate/$machine" 2>/dev/null || true
-}
-
-in_machine() { nsenter -t "$pid1" -a "$@"; }
-
-poweroff_machine() {
-    [[ -n $nspawn_pid ]] || return 0
-    if kill -0 "$nspawn_pid" 2>/dev/null; then
-        if [[ -n $pid1 ]]; then
-            in_machine systemctl poweroff >/dev/null 2>&1 || true
-        fi
-        for _ in $(seq 1 100); do
-            kill -0 "$nspawn_pid" 2>/dev/null || break
-            sleep 0.1
-        done
-        if kill -0 "$nspawn_pid" 2>/dev/null; then
-            kill -TERM "$nspawn_pid" 2>/dev/null || true
-            sleep 1
-            kill -KILL "$nspawn_pid" 2>/dev/null || true
-        fi
-    fi
-    wait "$nspawn_pid" 2>/dev/null || true
-    nspawn_pid=""
-}
+in_machine() { nspawn_in "$machine" "$@"; }
 
 on_exit() {
     local rc=$?
-    if [[ $rc -ne 0 && -n $pid1 ]] && kill -0 "$pid1" 2>/dev/null; then
-        echo "---- journal of the agent units (container) ----" >&2
-        in_machine journalctl --no-pager -n 120 >&2 || true
-        echo "---- failed units ----" >&2
-        in_machine systemctl --no-pager --failed >&2 || true
+    if [[ $rc -ne 0 && -n ${NSPAWN_PID1[$machine]:-} ]]; then
+        nspawn_dump "$machine" hyper2kvm-agent.service hyper2kvm-agent@share.service
     fi
-    poweroff_machine
-    cleanup_cgroups
+    nspawn_poweroff_all
     if [[ -n ${HYPERFARM_CONVERGE_LOGS:-} ]]; then
         mkdir -p "$HYPERFARM_CONVERGE_LOGS"
         cp "$work"/*.log "$HYPERFARM_CONVERGE_LOGS"/ 2>/dev/null || true
@@ -161,9 +97,7 @@ export_bin="$work/bin/hyperexport"
 
 # --- restore and prepare the root ---------------------------------------------------------------
 log "restoring the Debian root"
-mkdir -p "$root"
-tar -C "$root" -xf "$tarball"
-echo "$machine" >"$root/etc/hostname"
+nspawn_restore "$tarball" "$root" "$machine"
 # Fixtures that exist before Ansible runs, like on a real export host: an exporter account with a
 # small disk to convert.
 chroot "$root" useradd --create-home --shell /bin/bash exporter1
@@ -172,26 +106,10 @@ printf 'hyperfarm converge test' | dd of="$root/home/exporter1/disk.raw" bs=1 se
 chroot "$root" chown exporter1:exporter1 /home/exporter1/disk.raw
 
 # --- boot -----------------------------------------------------------------------------------------
-cleanup_cgroups
 log "booting it with systemd-nspawn"
-setsid systemd-nspawn --quiet --register=no --keep-unit --console=passive --private-network \
-    -M "$machine" -D "$root" -b >"$work/nspawn.log" 2>&1 </dev/null &
-nspawn_pid=$!
-for _ in $(seq 1 200); do
-    pid1=$(pgrep -P "$nspawn_pid" -x systemd || true)
-    [[ -n $pid1 ]] && break
-    kill -0 "$nspawn_pid" 2>/dev/null || { cat "$work/nspawn.log" >&2; die "systemd-nspawn exited"; }
-    sleep 0.1
-done
-[[ -n $pid1 ]] || die "no systemd in the container after 20s"
-state=""
-for _ in $(seq 1 300); do
-    state=$(in_machine systemctl is-system-running 2>/dev/null || true)
-    [[ $state == running || $state == degraded ]] && break
-    sleep 0.1
-done
-[[ $state == running || $state == degraded ]] || die "container systemd is '$state' after 30s"
-log "container up (systemd $state, PID $pid1)"
+nspawn_boot "$machine" "$root" --private-network || die "the container did not boot"
+pid1=${NSPAWN_PID1[$machine]}
+log "container up (PID 1 = $pid1)"
 
 # --- Ansible --------------------------------------------------------------------------------------
 export HOME="$work/home" ANSIBLE_CONFIG="$here/ansible.cfg" ANSIBLE_NOCOLOR=1
@@ -272,5 +190,5 @@ for unit in hyper2kvm-agent.service hyper2kvm-agent@share.service; do
 done
 
 log "powering off"
-poweroff_machine
+nspawn_poweroff "$machine"
 log "converge test passed"

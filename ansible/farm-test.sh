@@ -175,6 +175,9 @@ journal=$(conv journalctl --no-pager -u hyper2kvm-agent.service)
 grep -q 'storage=fuse.glusterfs' <<<"$journal" || fail "the agent does not see the volume"
 if grep -q 'storage: ' <<<"$journal"; then fail "the agent warns about the mount the roles made: $(grep 'storage: ' <<<"$journal")"; fi
 [[ $(expo systemctl is-active hyper2kvm-agent.service || true) != active ]] || fail "an agent runs on the export host"
+metrics=$(conv python3 -c 'import urllib.request; print(urllib.request.urlopen("http://127.0.0.1:9471/metrics", timeout=10).read().decode())' 2>&1 || true)
+grep -qx 'hyperfarm_storage_ok{dir="queue"} 1' <<<"$metrics" || fail "the packaged agent's /metrics: $metrics"
+echo "the packaged agent serves /metrics on 127.0.0.1:9471 (queue and output usable)"
 [[ $(conv dpkg-query -W -f '${Status}' hyperfarm) == "install ok installed" ]] || fail "hyperfarm is not installed from the package"
 expo runuser -u alice -- hyperctl daemon list
 st=$(expo runuser -u alice -- hyperctl --json daemon status 2>&1 || true)

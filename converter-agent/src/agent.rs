@@ -54,6 +54,8 @@ pub struct Core {
     pub connections: Arc<crate::grpc::conn::ConnStats>,
     /// The last health probe (directories writable, engine usable).
     pub health: Arc<crate::grpc::HealthState>,
+    /// Prometheus counters and histograms (`metrics.rs`).
+    pub metrics: crate::metrics::Metrics,
     /// Queued jobs already announced on the board.
     announced: Mutex<HashSet<JobId>>,
     /// Unknown queue entries already reported (each is logged once).
@@ -186,8 +188,8 @@ pub async fn prepare(cfg: Config) -> anyhow::Result<Arc<Core>> {
         running: Mutex::new(HashMap::new()),
         index: Arc::new(crate::index::JobIndex::new(cfg.max_listed_jobs)),
         connections: Default::default(),
-
         health: Default::default(),
+        metrics: crate::metrics::Metrics::new(),
         announced: Default::default(),
         shutdown: CancellationToken::new(),
         started: Instant::now(),
@@ -576,7 +578,11 @@ fn recover(core: &Core, name: &str, why: &str) -> anyhow::Result<()> {
         let _ = fsx::remove_tree(&core.output.work_dir(&id, token));
         return Ok(());
     }
-    match queue::recover_claim(queue, name, why, core.cfg.max_attempts)? {
+    let action = queue::recover_claim(queue, name, why, core.cfg.max_attempts)?;
+    if !matches!(action, RecoverAction::Gone) {
+        core.metrics.lease_recoveries.inc();
+    }
+    match action {
         RecoverAction::Requeued { attempts } => {
             info!(job = %id, attempts, "returned to the queue");
             let _ = fsx::remove_tree(&core.output.work_dir(&id, token));

@@ -97,6 +97,11 @@ pub struct Cli {
     /// it needs --tls-cert/--tls-key, or --insecure-listen
     #[arg(long, env = "HYPER2KVM_AGENT_LISTEN", value_name = "ADDR")]
     pub listen: Option<String>,
+    /// Prometheus metrics listen address (`host:port`, GET /metrics), or `off` [default:
+    /// 127.0.0.1:9471 for the default instance, off for named ones]. Served with the gRPC API
+    /// (off when gRPC is off); an address in use is logged and the agent runs without metrics
+    #[arg(long, env = "HYPER2KVM_AGENT_METRICS_LISTEN", value_name = "ADDR")]
+    pub metrics_listen: Option<String>,
     /// Where exporters on other hosts reach this agent's gRPC API (`http[s]://HOST:PORT`); it is
     /// written into the queue (`.agents/`) for them to find [default: derived from --listen: the
     /// host name (for 0.0.0.0/[::]) or the address itself; nothing for loopback]
@@ -224,6 +229,7 @@ pub struct FileConfig {
     pub hyper2kvm_timeout: Option<Duration>,
     pub cache_dir: Option<PathBuf>,
     pub listen: Option<String>,
+    pub metrics_listen: Option<String>,
     pub advertise_url: Option<String>,
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
@@ -249,6 +255,8 @@ pub struct FileConfig {
 pub struct GrpcConfig {
     /// `None`: gRPC is off.
     pub listen: Option<std::net::SocketAddr>,
+    /// Prometheus metrics (`None`: off).
+    pub metrics_listen: Option<std::net::SocketAddr>,
     /// Set explicitly; else derived from the bound address at start-up.
     pub advertise_url: Option<String>,
     pub tls_cert: Option<PathBuf>,
@@ -268,6 +276,8 @@ pub struct GrpcConfig {
 
 /// The default gRPC address.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:50071";
+/// The default metrics address of the default instance (named instances: off).
+pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9471";
 
 /// The validated configuration.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -354,6 +364,7 @@ pub fn load(cli: &Cli) -> anyhow::Result<Config> {
     } else {
         cli.path_map.clone()
     };
+    let metrics_default = if instance == instance::DEFAULT { DEFAULT_METRICS_LISTEN } else { "off" };
     let cfg = Config {
         path_map,
         instance,
@@ -393,6 +404,9 @@ pub fn load(cli: &Cli) -> anyhow::Result<Config> {
             .or_else(hyperfarm_shared::tree_hash::ZeroCache::default_dir),
         grpc: GrpcConfig {
             listen: parse_listen(cli.listen.as_deref().or(file.listen.as_deref()).unwrap_or(DEFAULT_LISTEN))?,
+            metrics_listen: parse_listen(
+                cli.metrics_listen.as_deref().or(file.metrics_listen.as_deref()).unwrap_or(metrics_default),
+            )?,
             advertise_url: cli.advertise_url.clone().or(file.advertise_url),
             tls_cert: cli.tls_cert.clone().or(file.tls_cert),
             tls_key: cli.tls_key.clone().or(file.tls_key),

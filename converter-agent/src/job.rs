@@ -65,6 +65,9 @@ pub async fn run_claimed(core: Arc<Core>, claim: Claim, stop: Arc<JobStop>) {
         let started_at_ms = hyperfarm_shared::queue::now_ms();
         let attempts = claim.attempts() as u32;
         info!(attempt = attempts, "claimed");
+        if attempts == 1 {
+            core.metrics.queue_wait_seconds.observe(started_at_ms.saturating_sub(id.created_ms()) as f64 / 1000.0);
+        }
         let claim: SharedClaim = Arc::new(Mutex::new(Some(claim)));
         let (ptx, prx) = watch::channel(Progress::phase(Phase::Verifying, 0));
         let view = Arc::new(Mutex::new(JobView {
@@ -101,6 +104,18 @@ pub async fn run_claimed(core: Arc<Core>, claim: Claim, stop: Arc<JobStop>) {
         };
         drop(hb);
         fwd.abort();
+        let now = hyperfarm_shared::queue::now_ms();
+        match &result {
+            Ok(rec) => core.metrics.job_ended("done", started_at_ms, now, rec.files.iter().map(|f| f.virtual_size).sum(), false),
+            Err(Ended::Failed(f)) => core.metrics.job_ended(
+                if f.cancelled { "cancelled" } else { "failed" },
+                started_at_ms,
+                now,
+                0,
+                f.message.contains("digest mismatch"),
+            ),
+            Err(_) => {}
+        }
         finish(&core, &claim, id, &token, started_at_ms, result, &stop, &view).await;
     }
     .instrument(span)

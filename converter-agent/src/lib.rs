@@ -17,6 +17,7 @@ pub mod config;
 pub mod grpc;
 pub mod index;
 pub mod job;
+pub mod metrics;
 pub mod registration;
 pub mod sdnotify;
 

@@ -245,7 +245,7 @@ pub async fn start(core: Arc<Core>, health: Arc<HealthState>) -> anyhow::Result<
     core.index.start(core.queue.clone(), core.output.clone(), core.cfg.poll_interval);
     let g = core.cfg.grpc.clone();
     let Some(listen) = g.listen else {
-        info!("gRPC is off (listen = off)");
+        info!("gRPC is off (listen = off); so are the metrics, which it serves");
         spawn_reporter(health, None);
         return Ok(None);
     };
@@ -326,6 +326,9 @@ pub async fn start(core: Arc<Core>, health: Arc<HealthState>) -> anyhow::Result<
         }
     });
     info!(%addr, tls, mutual_tls = mutual, max_connections = limits.max_connections, "gRPC listening");
+    if let Some(m) = core.cfg.grpc.metrics_listen {
+        crate::metrics::serve(core.clone(), m, runtime.handle());
+    }
     Ok(Some(GrpcServer { addr, stop, handle, runtime: Some(runtime) }))
 }
 

@@ -57,6 +57,18 @@ pub fn run(ctx: &Ctx, report: &mut Report) {
         let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
         listed = v["total"].as_u64().unwrap_or(0);
     }
+    // A job that just finished leaves converting/ at once but reaches the listing of done/ at its
+    // next refresh (every 10 s): the total can be one short meanwhile. Count again until whole.
+    let deadline = Instant::now() + std::time::Duration::from_secs(15);
+    while (listed as usize) < n && Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(500));
+        let out = Command::new(ctx.bin("hyperctl"))
+            .args(["--agent", &url, "--json", "jobs", "list"])
+            .output()
+            .expect("hyperctl");
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+        listed = v["total"].as_u64().unwrap_or(0);
+    }
     let rss_mib = util::peak_rss_kib(agent.pid()) as f64 / 1024.0;
     drop(agent);
     let first = list_times[0];

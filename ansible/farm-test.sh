@@ -18,19 +18,6 @@ cd "$repo"
 [[ $(id -u) -eq 0 ]] || { echo "run as root (systemd-nspawn, network namespaces)" >&2; exit 1; }
 venv=${HYPERFARM_ANSIBLE_VENV:-/opt/hyperfarm-ansible-venv}
 
-t0=$(date +%s)
-lap=$t0
-step() {
-    local now
-    now=$(date +%s)
-    printf '== [%4ds total, previous step %3ds] %s\n' $((now - t0)) $((now - lap)) "$*"
-    lap=$now
-}
-fail() {
-    echo "FAIL: $*" >&2
-    exit 1
-}
-
 hosts=(hf-storage hf-export hf-convert)
 declare -A addr=([hf-storage]=10.232.7.1 [hf-export]=10.232.7.2 [hf-convert]=10.232.7.3)
 work=$(mktemp -d /var/tmp/hyperfarm-farm.XXXXXX)

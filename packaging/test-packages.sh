@@ -18,19 +18,6 @@ cd "$repo"
 . scripts/lib/nspawn.sh
 [[ $(id -u) -eq 0 ]] || { echo "run as root (systemd-nspawn)" >&2; exit 1; }
 
-t0=$(date +%s)
-lap=$t0
-step() {
-    local now
-    now=$(date +%s)
-    printf '== [%4ds total, previous step %3ds] %s\n' $((now - t0)) $((now - lap)) "$*"
-    lap=$now
-}
-fail() {
-    echo "FAIL: $*" >&2
-    exit 1
-}
-
 work=$(mktemp -d /var/tmp/hyperfarm-packages.XXXXXX)
 on_exit() {
     local rc=$?

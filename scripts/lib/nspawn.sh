@@ -22,6 +22,20 @@ NSPAWN_SUITE=bookworm
 NSPAWN_FARM_INCLUDE=systemd,systemd-sysv,dbus,python3,python3-apt,qemu-utils,man-db,glusterfs-server,glusterfs-client,iproute2,procps
 declare -gA NSPAWN_LAUNCHER=() NSPAWN_PID1=()
 
+# The deployment tests' steps: `step "what"` prints the total and the previous step's time.
+NSPAWN_T0=$(date +%s)
+NSPAWN_LAP=$NSPAWN_T0
+step() {
+    local now
+    now=$(date +%s)
+    printf '== [%4ds total, previous step %3ds] %s\n' $((now - NSPAWN_T0)) $((now - NSPAWN_LAP)) "$*"
+    NSPAWN_LAP=$now
+}
+fail() {
+    echo "FAIL: $*" >&2
+    exit 1
+}
+
 nspawn_log() { printf '== [%s] %s\n' "$(date +%T)" "$*" >&2; }
 
 nspawn_require() {

@@ -18,8 +18,22 @@ use hyperfarm_shared::results::OnExisting;
 /// wait for this job's result. Direct (`--pipeline`): convert here into `--output`. Export only
 /// (no `--pipeline`): publish the job into the queue at `--output` for a conversion server.
 #[derive(Debug, Parser)]
-#[command(name = "hyperexport", version, about, long_about = None, args_override_self = true)]
+#[command(
+    name = "hyperexport",
+    version,
+    about,
+    long_about = None,
+    args_override_self = true,
+    subcommand_negates_reqs = true,
+    args_conflicts_with_subcommands = true
+)]
 pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    /// The interactive wizard on a terminal: pick the VM, the output, the pipeline stages and
+    /// (when asked for) the daemon phase, see a summary, then follow the export to the end
+    #[arg(long, short = 'i')]
+    pub interactive: bool,
     /// TOML configuration file [default: /etc/hyper2kvm/hyperexport.toml, if present]
     #[arg(long, env = "HYPEREXPORT_CONFIG", value_name = "FILE")]
     pub config: Option<PathBuf>,
@@ -27,8 +41,8 @@ pub struct Cli {
     #[arg(long, default_value = "local", value_parser = ["local"])]
     pub provider: String,
     /// The VM: an .ova, an .ovf (disks beside it), a .vmx (VMDKs beside it), or a disk image
-    #[arg(long, value_name = "PATH")]
-    pub vm: PathBuf,
+    #[arg(long, value_name = "PATH", required_unless_present = "interactive")]
+    pub vm: Option<PathBuf>,
     /// VM name (default: from the OVF/VMX, else the file name); names the output files
     #[arg(long)]
     pub name: Option<String>,
@@ -83,6 +97,10 @@ pub struct Cli {
     /// Daemon mode: publish the job and exit without waiting for its result
     #[arg(long)]
     pub detach: bool,
+    /// Daemon mode: Ctrl-C/SIGTERM while waiting also cancels a job an agent has claimed
+    /// (default: only a job no agent has claimed yet is withdrawn; a claimed one goes on)
+    #[arg(long)]
+    pub cancel_on_interrupt: bool,
     /// Daemon mode: first check that an agent is there (gRPC, else the local systemd unit) and
     /// convert on this host when none is; `false` always submits to the queue [default: true]
     #[arg(long, num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
@@ -105,9 +123,24 @@ pub struct Cli {
     /// Print the result as JSON on stdout
     #[arg(long)]
     pub json: bool,
+    /// Idempotent submission: the queue job's id (a UUID). When the queue already holds a job of
+    /// this id it is followed (or, without --pipeline, reported), never submitted a second time
+    #[arg(long, value_name = "UUID")]
+    pub job_id: Option<hyperfarm_shared::JobId>,
+    /// Progress for programs: `json` prints one JSON object per line on stdout (events
+    /// `progress` and `published`), the result object last (`hyperexport serve` runs exports so)
+    #[arg(long, value_parser = ["text", "json"], default_value = "text", value_name = "text|json")]
+    pub progress: String,
     /// No progress output
     #[arg(long, short)]
     pub quiet: bool,
+}
+
+/// hyperexport's subcommands (without one, hyperexport exports the VM given by --vm).
+#[derive(Debug, clap::Subcommand)]
+pub enum Command {
+    /// The export host's daemon: HTTP job API, web dashboard, live updates and /metrics
+    Serve(crate::serve::ServeArgs),
 }
 
 fn parse_engine(s: &str) -> Result<EngineChoice, String> {

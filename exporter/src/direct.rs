@@ -128,7 +128,7 @@ pub async fn convert(
     let quiet = params.quiet;
     let label = format!("converting {}", vm.name);
     let ui = tokio::spawn(async move {
-        let mut meter = Meter::new(label, 1000, quiet);
+        let mut meter = Meter::new(label, 1000, quiet).stage("convert", "local");
         while rx.changed().await.is_ok() {
             let p = rx.borrow_and_update().clone();
             meter.set_percent(p.phase.as_str(), p.percent);

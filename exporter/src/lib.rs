@@ -11,6 +11,8 @@ pub mod cli;
 pub mod copy;
 pub mod detect;
 pub mod direct;
+pub mod interactive;
+pub mod serve;
 pub mod source;
 pub mod submit;
 pub mod ui;
@@ -88,6 +90,13 @@ impl ExportError {
 
 pub fn main_entry() -> ExitCode {
     let cli = Cli::parse();
+    if let Some(cli::Command::Serve(args)) = cli.command {
+        init_logging(false);
+        return serve::main(args);
+    }
+    if cli.interactive {
+        return interactive::main(cli);
+    }
     init_logging(cli.quiet);
     let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
@@ -227,7 +236,7 @@ fn read_config(p: &std::path::Path) -> Result<FileConfig, ExportError> {
 /// What the job asks of its agent.
 fn submit_options(cli: &Cli) -> submit::Options {
     let st = stages(cli);
-    submit::Options { inspect: st.inspect, fix: st.fix, validate: st.validate, engine: cli.engine }
+    submit::Options { inspect: st.inspect, fix: st.fix, validate: st.validate, engine: cli.engine, id: cli.job_id }
 }
 
 /// The stages the job asks for besides convert.
@@ -254,9 +263,13 @@ fn direct_params(cli: &Cli, s: &Settings, out: PathBuf) -> direct::DirectParams 
 }
 
 /// Run hyperexport.
-pub async fn run(cli: Cli) -> Result<(), ExportError> {
+pub async fn run(mut cli: Cli) -> Result<(), ExportError> {
+    if cli.progress == "json" {
+        ui::set_json(true);
+        cli.json = true;
+    }
     let s = settings(&cli)?;
-    let vm_path = cli.vm.clone();
+    let vm_path = cli.vm.clone().ok_or_else(|| ExportError::Usage("give --vm PATH (or --interactive)".into()))?;
     let name = cli.name.clone();
     let vm = tokio::task::spawn_blocking(move || source::load(&vm_path, name.as_deref()))
         .await
@@ -435,6 +448,22 @@ async fn daemon(
                 sub.id
             )
         })),
+        Waited::Interrupted { withdrawn: false } if cli.cancel_on_interrupt => {
+            let (q, id) = (params.queue.clone(), sub.id);
+            let asked = tokio::task::spawn_blocking(move || {
+                q.request_cancel(&id, "interrupted in hyperexport (--cancel-on-interrupt)")
+            })
+            .await
+            .map_err(|e| ExportError::Internal(e.to_string()))?;
+            match asked {
+                Ok(Some(state)) if !state.is_final() || state == State::Cancelled => {
+                    eprintln!("hyperexport: job {} is being cancelled at its agent", sub.id);
+                    Err(ExportError::Interrupted(true))
+                }
+                Ok(_) => Err(ExportError::Interrupted(false)),
+                Err(e) => Err(ExportError::Unreachable(format!("interrupted; cancelling job {} failed: {e}", sub.id))),
+            }
+        }
         Waited::Interrupted { withdrawn } => Err(ExportError::Interrupted(withdrawn)),
     }
 }

@@ -26,6 +26,9 @@ pub struct Submitted {
     pub job_dir: PathBuf,
     pub vm_name: String,
     pub bytes: u64,
+    /// The queue already held a job of the requested id (`--job-id`), in this state: nothing
+    /// was copied or published this time.
+    pub already: Option<queue::State>,
 }
 
 /// What the job asks of its agent: hyper2kvm pipeline stages besides convert (none by default:
@@ -36,6 +39,8 @@ pub struct Options {
     pub fix: bool,
     pub validate: bool,
     pub engine: Option<hyperfarm_shared::engine::EngineChoice>,
+    /// The job's id (`--job-id`, idempotent submission); a new one when unset.
+    pub id: Option<JobId>,
 }
 
 /// Copy the VM's disks into a new job in `queue` and publish it.
@@ -62,7 +67,23 @@ pub async fn submit(
         queue.root().display()
     )))?;
 
-    let id = JobId::new();
+    let id = stages.id.unwrap_or_default();
+    if stages.id.is_some() {
+        let q = queue.clone();
+        let found = tokio::task::spawn_blocking(move || q.locate(&id))
+            .await
+            .map_err(|e| ExportError::Internal(e.to_string()))?
+            .map_err(|e| {
+                ExportError::Unreachable(format!("looking for job {id} in {}: {e}", queue.root().display()))
+            })?;
+        if let Some((state, job_dir)) = found {
+            tracing::info!(job = %id, %state, "the queue already holds this job: not submitting it again");
+            crate::ui::event(
+                &serde_json::json!({"event": "published", "job_id": id, "queue": queue.root(), "job_dir": job_dir, "already": true}),
+            );
+            return Ok(Submitted { id, job_dir, vm_name: vm.name.clone(), bytes: 0, already: Some(state) });
+        }
+    }
     let staging = Staging::create(queue, id).map_err(|e| ExportError::Unreachable(format!("{e:#}")))?;
     tracing::info!(job = %id, vm = %vm.name, staging = %staging.dir().display(), "staging the job");
 
@@ -107,7 +128,10 @@ pub async fn submit(
         .await
         .map_err(|e| ExportError::Internal(e.to_string()))?
         .map_err(|e| ExportError::Unreachable(format!("{e:#}")))?;
-    Ok(Submitted { id, job_dir, vm_name: vm.name.clone(), bytes: total })
+    crate::ui::event(
+        &serde_json::json!({"event": "published", "job_id": id, "queue": queue.root(), "job_dir": job_dir, "already": false}),
+    );
+    Ok(Submitted { id, job_dir, vm_name: vm.name.clone(), bytes: total, already: None })
 }
 
 /// This process's cache of all-zero BLAKE3 subtrees (see `hyperfarm_shared::tree_hash`).
@@ -126,7 +150,7 @@ pub async fn copy_with_meter(
     quiet: bool,
 ) -> Result<copy::Copied, ExportError> {
     ctl.done.store(0, Ordering::Relaxed);
-    let mut meter = Meter::new(format!("copying {}", d.id), d.data.len(), quiet);
+    let mut meter = Meter::new(format!("copying {}", d.id), d.data.len(), quiet).stage("export", &d.id);
     let (data, dst2, ctl2) = (d.data.clone(), dst.to_path_buf(), ctl.clone());
     let cache = zero_cache();
     let mut task = tokio::task::spawn_blocking(move || copy::copy_disk(&data, &dst2, member, &ctl2, &cache));

@@ -72,7 +72,7 @@ enum Step {
 /// Follow the job until it ends, the timeout passes, or `interrupt` fires.
 pub async fn follow(p: &WaitParams, interrupt: Arc<Notify>) -> Waited {
     let deadline = Instant::now() + p.timeout;
-    let mut meter = Meter::new(format!("job {}", p.id.short()), 1000, p.quiet);
+    let mut meter = Meter::new(format!("job {}", p.id.short()), 1000, p.quiet).stage("convert", &p.id.to_string());
     let mut agent = p.agent.clone();
     let mut streaming = agent.is_some();
     let mut final_without_record = 0;

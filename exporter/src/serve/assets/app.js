@@ -1,0 +1,55 @@
+// hyperexport dashboard: live progress over server-sent events, and the daemon section of the
+// submission form shown only when the daemon phase is asked for. The pages work without it.
+(function () {
+  "use strict";
+  var daemon = document.getElementById("hyper2kvm_daemon");
+  var section = document.getElementById("daemon-section");
+  if (daemon && section) {
+    var sync = function () {
+      section.hidden = !daemon.checked;
+      var pipe = document.getElementById("enable_pipeline");
+      if (daemon.checked && pipe) { pipe.checked = true; }
+    };
+    daemon.addEventListener("change", sync);
+    sync();
+  }
+
+  var rows = document.querySelectorAll("[data-job]");
+  if (!rows.length || !window.EventSource) { return; }
+  var detail = document.querySelector("section.detail");
+  var finals = { done: 1, failed: 1, cancelled: 1, interrupted: 1 };
+
+  function update(el, job) {
+    var state = el.querySelector(".state");
+    if (state) { state.textContent = job.state; state.className = "state s-" + job.state; }
+    var span = el.querySelector(".bar span");
+    var pct = Math.max(0, Math.min(100, job.percent || 0));
+    if (span) { span.style.width = pct.toFixed(1) + "%"; }
+    var bar = el.querySelector(".bar");
+    if (bar) { bar.setAttribute("aria-valuenow", pct.toFixed(0)); }
+    var label = el.querySelector(".pct");
+    if (label) { label.textContent = pct.toFixed(0) + "%"; }
+    var phase = el.querySelector(".phase");
+    if (phase) { phase.textContent = job.phase; }
+  }
+
+  var url = detail ? "/api/v1/jobs/" + encodeURIComponent(detail.getAttribute("data-job")) + "/events" : "/api/v1/events";
+  var es = new EventSource(url);
+  es.addEventListener("job", function (ev) {
+    var job;
+    try { job = JSON.parse(ev.data); } catch (e) { return; }
+    var els = document.querySelectorAll('[data-job="' + job.id + '"]');
+    if (!els.length && !detail) {
+      // A job submitted elsewhere: show it.
+      window.location.reload();
+      return;
+    }
+    for (var i = 0; i < els.length; i++) { update(els[i], job); }
+    if (detail && finals[job.state] && detail.getAttribute("data-final") !== "true") {
+      // Ended: the page shows the result paths or the error text.
+      es.close();
+      window.location.reload();
+    }
+  });
+  es.addEventListener("lagged", function () { window.location.reload(); });
+})();

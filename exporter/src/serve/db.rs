@@ -1,0 +1,377 @@
+//! The job history of `hyperexport serve`: one SQLite database in the state directory
+//! (`jobs.sqlite`, WAL, `synchronous=FULL`), so that what was submitted survives restarts.
+//!
+//! Every statement is short; the connection sits behind a mutex and callers hold it for one
+//! statement (or one small transaction) only.
+
+use std::path::Path;
+use std::sync::Mutex;
+
+use rusqlite::{Connection, OptionalExtension, params};
+use serde::Serialize;
+
+/// Lines of child output kept per job (the oldest are dropped).
+pub const LOG_LINES_KEPT: i64 = 1000;
+
+/// A job as the API shows it.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct JobRow {
+    pub id: String,
+    pub name: String,
+    pub state: String,
+    pub mode: String,
+    pub phase: String,
+    pub percent: f64,
+    /// Per-disk export progress (percent), in disk order.
+    pub disks: serde_json::Value,
+    /// The queue job's id (daemon and export-only modes).
+    pub queue_job_id: Option<String>,
+    /// The queue the job was published into, once it was.
+    pub queue: Option<String>,
+    pub job_dir: Option<String>,
+    /// Result paths (the qcow2 files) once done.
+    pub files: serde_json::Value,
+    pub error: Option<String>,
+    pub exit_code: Option<i64>,
+    pub attempts: i64,
+    pub created_ms: i64,
+    pub updated_ms: i64,
+    pub finished_ms: Option<i64>,
+    /// The request as submitted (the seed's shape).
+    pub request: serde_json::Value,
+    #[serde(skip)]
+    pub pid: Option<i64>,
+}
+
+pub struct Db {
+    conn: Mutex<Connection>,
+}
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS jobs (
+  id TEXT PRIMARY KEY,
+  name TEXT NOT NULL,
+  state TEXT NOT NULL,
+  mode TEXT NOT NULL,
+  phase TEXT NOT NULL DEFAULT '',
+  percent REAL NOT NULL DEFAULT 0,
+  disks TEXT NOT NULL DEFAULT '{}',
+  queue_job_id TEXT,
+  queue TEXT,
+  job_dir TEXT,
+  files TEXT NOT NULL DEFAULT '[]',
+  error TEXT,
+  exit_code INTEGER,
+  attempts INTEGER NOT NULL DEFAULT 1,
+  created_ms INTEGER NOT NULL,
+  updated_ms INTEGER NOT NULL,
+  finished_ms INTEGER,
+  request TEXT NOT NULL,
+  pid INTEGER
+);
+CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state);
+CREATE TABLE IF NOT EXISTS log (
+  job_id TEXT NOT NULL,
+  seq INTEGER PRIMARY KEY AUTOINCREMENT,
+  ts_ms INTEGER NOT NULL,
+  line TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS log_job ON log(job_id, seq);
+PRAGMA user_version = 1;
+";
+
+const COLUMNS: &str = "id, name, state, mode, phase, percent, disks, queue_job_id, queue, job_dir, files, error, exit_code, attempts, created_ms, updated_ms, finished_ms, request, pid";
+
+fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<JobRow> {
+    let json = |s: String, default: serde_json::Value| serde_json::from_str(&s).unwrap_or(default);
+    Ok(JobRow {
+        id: r.get(0)?,
+        name: r.get(1)?,
+        state: r.get(2)?,
+        mode: r.get(3)?,
+        phase: r.get(4)?,
+        percent: r.get(5)?,
+        disks: json(r.get(6)?, serde_json::json!({})),
+        queue_job_id: r.get(7)?,
+        queue: r.get(8)?,
+        job_dir: r.get(9)?,
+        files: json(r.get(10)?, serde_json::json!([])),
+        error: r.get(11)?,
+        exit_code: r.get(12)?,
+        attempts: r.get(13)?,
+        created_ms: r.get(14)?,
+        updated_ms: r.get(15)?,
+        finished_ms: r.get(16)?,
+        request: json(r.get(17)?, serde_json::Value::Null),
+        pid: r.get(18)?,
+    })
+}
+
+/// A change to a job's row; `None` leaves a column as it is.
+#[derive(Debug, Default, Clone)]
+pub struct Update {
+    pub state: Option<String>,
+    pub phase: Option<String>,
+    pub percent: Option<f64>,
+    pub disks: Option<serde_json::Value>,
+    pub queue_job_id: Option<Option<String>>,
+    pub queue: Option<Option<String>>,
+    pub job_dir: Option<Option<String>>,
+    pub files: Option<serde_json::Value>,
+    pub error: Option<Option<String>>,
+    pub exit_code: Option<Option<i64>>,
+    pub attempts: Option<i64>,
+    pub finished_ms: Option<Option<i64>>,
+    pub pid: Option<Option<i64>>,
+}
+
+impl Db {
+    pub fn open(path: &Path) -> Result<Db, String> {
+        let conn = Connection::open(path).map_err(|e| format!("job database {}: {e}", path.display()))?;
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .and_then(|()| conn.pragma_update(None, "synchronous", "FULL"))
+            .and_then(|()| conn.busy_timeout(std::time::Duration::from_secs(5)))
+            .and_then(|()| conn.execute_batch(SCHEMA))
+            .map_err(|e| format!("job database {}: {e}", path.display()))?;
+        Ok(Db { conn: Mutex::new(conn) })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Connection> {
+        // A panic while holding the lock leaves the connection usable (SQLite rolls back).
+        self.conn.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn insert(&self, j: &JobRow) -> rusqlite::Result<()> {
+        self.lock().execute(
+            &format!("INSERT INTO jobs ({COLUMNS}) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14,?15,?16,?17,?18,?19)"),
+            params![
+                j.id,
+                j.name,
+                j.state,
+                j.mode,
+                j.phase,
+                j.percent,
+                j.disks.to_string(),
+                j.queue_job_id,
+                j.queue,
+                j.job_dir,
+                j.files.to_string(),
+                j.error,
+                j.exit_code,
+                j.attempts,
+                j.created_ms,
+                j.updated_ms,
+                j.finished_ms,
+                j.request.to_string(),
+                j.pid
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// Insert several jobs in one transaction: all or none.
+    pub fn insert_all(&self, jobs: &[JobRow]) -> rusqlite::Result<()> {
+        let mut c = self.lock();
+        let tx = c.transaction()?;
+        for j in jobs {
+            tx.execute(
+                &format!("INSERT INTO jobs ({COLUMNS}) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14,?15,?16,?17,?18,?19)"),
+                params![
+                    j.id,
+                    j.name,
+                    j.state,
+                    j.mode,
+                    j.phase,
+                    j.percent,
+                    j.disks.to_string(),
+                    j.queue_job_id,
+                    j.queue,
+                    j.job_dir,
+                    j.files.to_string(),
+                    j.error,
+                    j.exit_code,
+                    j.attempts,
+                    j.created_ms,
+                    j.updated_ms,
+                    j.finished_ms,
+                    j.request.to_string(),
+                    j.pid
+                ],
+            )?;
+        }
+        tx.commit()
+    }
+
+    pub fn get(&self, id: &str) -> rusqlite::Result<Option<JobRow>> {
+        self.lock().query_row(&format!("SELECT {COLUMNS} FROM jobs WHERE id = ?1"), [id], row).optional()
+    }
+
+    /// Newest first.
+    pub fn list(&self, state: Option<&str>, limit: i64, offset: i64) -> rusqlite::Result<(Vec<JobRow>, i64)> {
+        let c = self.lock();
+        let (rows, total) = match state {
+            Some(s) => {
+                let mut st = c.prepare_cached(&format!(
+                    "SELECT {COLUMNS} FROM jobs WHERE state = ?1 ORDER BY created_ms DESC, id DESC LIMIT ?2 OFFSET ?3"
+                ))?;
+                let rows = st.query_map(params![s, limit, offset], row)?.collect::<rusqlite::Result<Vec<_>>>()?;
+                let total = c.query_row("SELECT COUNT(*) FROM jobs WHERE state = ?1", [s], |r| r.get(0))?;
+                (rows, total)
+            }
+            None => {
+                let mut st = c.prepare_cached(&format!(
+                    "SELECT {COLUMNS} FROM jobs ORDER BY created_ms DESC, id DESC LIMIT ?1 OFFSET ?2"
+                ))?;
+                let rows = st.query_map(params![limit, offset], row)?.collect::<rusqlite::Result<Vec<_>>>()?;
+                let total = c.query_row("SELECT COUNT(*) FROM jobs", [], |r| r.get(0))?;
+                (rows, total)
+            }
+        };
+        Ok((rows, total))
+    }
+
+    /// Jobs in any of these states, oldest first.
+    pub fn in_states(&self, states: &[&str]) -> rusqlite::Result<Vec<JobRow>> {
+        let c = self.lock();
+        let marks = vec!["?"; states.len()].join(",");
+        let mut st =
+            c.prepare(&format!("SELECT {COLUMNS} FROM jobs WHERE state IN ({marks}) ORDER BY created_ms, id"))?;
+        st.query_map(rusqlite::params_from_iter(states.iter()), row)?.collect()
+    }
+
+    pub fn counts(&self) -> rusqlite::Result<Vec<(String, i64)>> {
+        let c = self.lock();
+        let mut st = c.prepare_cached("SELECT state, COUNT(*) FROM jobs GROUP BY state")?;
+        st.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?.collect()
+    }
+
+    pub fn update(&self, id: &str, u: &Update, now_ms: i64) -> rusqlite::Result<()> {
+        let mut sets: Vec<&str> = vec!["updated_ms = :now"];
+        let mut vals: Vec<(&str, Box<dyn rusqlite::ToSql>)> =
+            vec![(":id", Box::new(id.to_string())), (":now", Box::new(now_ms))];
+        macro_rules! set {
+            ($field:ident, $col:literal, $conv:expr) => {
+                if let Some(v) = &u.$field {
+                    sets.push(concat!($col, " = :", $col));
+                    vals.push((concat!(":", $col), Box::new($conv(v.clone()))));
+                }
+            };
+        }
+        set!(state, "state", |v: String| v);
+        set!(phase, "phase", |v: String| v);
+        set!(percent, "percent", |v: f64| v);
+        set!(disks, "disks", |v: serde_json::Value| v.to_string());
+        set!(queue_job_id, "queue_job_id", |v: Option<String>| v);
+        set!(queue, "queue", |v: Option<String>| v);
+        set!(job_dir, "job_dir", |v: Option<String>| v);
+        set!(files, "files", |v: serde_json::Value| v.to_string());
+        set!(error, "error", |v: Option<String>| v);
+        set!(exit_code, "exit_code", |v: Option<i64>| v);
+        set!(attempts, "attempts", |v: i64| v);
+        set!(finished_ms, "finished_ms", |v: Option<i64>| v);
+        set!(pid, "pid", |v: Option<i64>| v);
+        let sql = format!("UPDATE jobs SET {} WHERE id = :id", sets.join(", "));
+        let c = self.lock();
+        let named: Vec<(&str, &dyn rusqlite::ToSql)> = vals.iter().map(|(k, v)| (*k, v.as_ref())).collect();
+        c.execute(&sql, named.as_slice())?;
+        Ok(())
+    }
+
+    /// Append lines of a job's output, keeping the last [`LOG_LINES_KEPT`].
+    pub fn log(&self, id: &str, lines: &[String], now_ms: i64) -> rusqlite::Result<()> {
+        if lines.is_empty() {
+            return Ok(());
+        }
+        let mut c = self.lock();
+        let tx = c.transaction()?;
+        for l in lines {
+            tx.execute("INSERT INTO log (job_id, ts_ms, line) VALUES (?1, ?2, ?3)", params![id, now_ms, l])?;
+        }
+        tx.execute(
+            "DELETE FROM log WHERE job_id = ?1 AND seq <= (SELECT seq FROM log WHERE job_id = ?1 ORDER BY seq DESC LIMIT 1 OFFSET ?2)",
+            params![id, LOG_LINES_KEPT],
+        )?;
+        tx.commit()
+    }
+
+    /// The last `n` lines of a job's output, oldest first.
+    pub fn log_tail(&self, id: &str, n: i64) -> rusqlite::Result<Vec<(i64, String)>> {
+        let c = self.lock();
+        let mut st = c.prepare_cached("SELECT ts_ms, line FROM log WHERE job_id = ?1 ORDER BY seq DESC LIMIT ?2")?;
+        let mut v: Vec<(i64, String)> =
+            st.query_map(params![id, n], |r| Ok((r.get(0)?, r.get(1)?)))?.collect::<rusqlite::Result<_>>()?;
+        v.reverse();
+        Ok(v)
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn job(id: &str, state: &str, created: i64) -> JobRow {
+        JobRow {
+            id: id.into(),
+            name: "n".into(),
+            state: state.into(),
+            mode: "daemon".into(),
+            phase: String::new(),
+            percent: 0.0,
+            disks: serde_json::json!({}),
+            queue_job_id: None,
+            queue: None,
+            job_dir: None,
+            files: serde_json::json!([]),
+            error: None,
+            exit_code: None,
+            attempts: 1,
+            created_ms: created,
+            updated_ms: created,
+            finished_ms: None,
+            request: serde_json::json!({"vm_path": "/x"}),
+            pid: None,
+        }
+    }
+
+    #[test]
+    fn rows_survive_reopening_and_updates_touch_only_their_columns() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("jobs.sqlite");
+        {
+            let db = Db::open(&p).unwrap();
+            db.insert_all(&[job("a", "pending", 1), job("b", "done", 2)]).unwrap();
+            db.update("a", &Update { state: Some("converting".into()), percent: Some(40.0), ..Default::default() }, 5)
+                .unwrap();
+        }
+        let db = Db::open(&p).unwrap();
+        let a = db.get("a").unwrap().unwrap();
+        assert_eq!((a.state.as_str(), a.percent, a.updated_ms, a.name.as_str()), ("converting", 40.0, 5, "n"));
+        let (rows, total) = db.list(None, 10, 0).unwrap();
+        assert_eq!(total, 2);
+        assert_eq!(rows[0].id, "b", "newest first");
+        assert_eq!(db.in_states(&["converting"]).unwrap().len(), 1);
+        assert!(db.get("zzz").unwrap().is_none());
+    }
+
+    #[test]
+    fn a_batch_with_a_duplicate_inserts_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(&dir.path().join("j.sqlite")).unwrap();
+        assert!(db.insert_all(&[job("a", "pending", 1), job("a", "pending", 1)]).is_err());
+        assert_eq!(db.list(None, 10, 0).unwrap().1, 0);
+    }
+
+    #[test]
+    fn the_log_keeps_its_last_lines() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(&dir.path().join("j.sqlite")).unwrap();
+        db.insert(&job("a", "pending", 1)).unwrap();
+        let lines: Vec<String> = (0..LOG_LINES_KEPT + 50).map(|i| format!("line {i}")).collect();
+        db.log("a", &lines, 1).unwrap();
+        let tail = db.log_tail("a", 5000).unwrap();
+        assert_eq!(tail.len() as i64, LOG_LINES_KEPT);
+        assert_eq!(tail.last().unwrap().1, format!("line {}", LOG_LINES_KEPT + 49));
+        assert_eq!(db.log_tail("a", 2).unwrap().len(), 2);
+    }
+}

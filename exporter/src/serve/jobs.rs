@@ -1,0 +1,625 @@
+//! Running the jobs of `hyperexport serve`.
+//!
+//! Each job is the hyperexport CLI itself, run as a child process with `--progress json` (the
+//! same code as on the command line, and a crash of one export cannot take the daemon down); its
+//! events update the job's row and are broadcast to the browsers (server-sent events). In daemon
+//! mode those events come from the child following the agent's gRPC watch stream, falling back
+//! to polling the output directory exactly as the CLI does.
+//!
+//! The queue job's id is chosen here and given to the child (`--job-id`): a child run again for
+//! the same job — after a restart of serve, or a retry of an interrupted job — finds the job in
+//! the queue and follows it instead of submitting it twice.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncBufRead, AsyncBufReadExt, BufReader};
+use tokio::sync::{Semaphore, broadcast};
+
+use hyperfarm_shared::JobId;
+use hyperfarm_shared::queue::{Queue, State};
+
+use super::db::{Db, JobRow, Update};
+use super::metrics::Metrics;
+use super::request::{ExportRequest, Mode};
+
+/// Longest line read from a child (longer ones are cut).
+const MAX_LINE: usize = 64 * 1024;
+
+/// States of a job in serve's history.
+pub const PENDING: &str = "pending";
+pub const EXPORTING: &str = "exporting";
+pub const QUEUED: &str = "queued";
+pub const CONVERTING: &str = "converting";
+pub const DONE: &str = "done";
+pub const FAILED: &str = "failed";
+pub const CANCELLED: &str = "cancelled";
+pub const INTERRUPTED: &str = "interrupted";
+pub const ALL_STATES: [&str; 8] = [PENDING, EXPORTING, QUEUED, CONVERTING, DONE, FAILED, CANCELLED, INTERRUPTED];
+/// States with a child process (or waiting for one).
+const ACTIVE: [&str; 4] = [PENDING, EXPORTING, QUEUED, CONVERTING];
+
+pub fn is_final(state: &str) -> bool {
+    matches!(state, DONE | FAILED | CANCELLED | INTERRUPTED)
+}
+
+pub fn now_ms() -> i64 {
+    hyperfarm_shared::queue::now_ms() as i64
+}
+
+#[derive(Debug, Default)]
+struct Running {
+    pid: Option<u32>,
+    cancel: bool,
+    queue: Option<PathBuf>,
+    queue_job_id: String,
+}
+
+/// Why an action on a job was refused (HTTP 404 / 409).
+#[derive(Debug)]
+pub enum Refused {
+    NotFound,
+    Conflict(String),
+    Internal(String),
+}
+
+pub struct Manager {
+    pub db: Arc<Db>,
+    exe: PathBuf,
+    config: Option<PathBuf>,
+    slots: Arc<Semaphore>,
+    pub events: broadcast::Sender<Arc<str>>,
+    running: Mutex<HashMap<String, Running>>,
+    shutting_down: AtomicBool,
+    pub metrics: Arc<Metrics>,
+    pub max_concurrent: usize,
+}
+
+impl Manager {
+    pub fn new(
+        db: Arc<Db>,
+        exe: PathBuf,
+        config: Option<PathBuf>,
+        max_concurrent: usize,
+        metrics: Arc<Metrics>,
+    ) -> Arc<Manager> {
+        let (events, _) = broadcast::channel(1024);
+        Arc::new(Manager {
+            db,
+            exe,
+            config,
+            slots: Arc::new(Semaphore::new(max_concurrent.max(1))),
+            events,
+            running: Mutex::new(HashMap::new()),
+            shutting_down: AtomicBool::new(false),
+            metrics,
+            max_concurrent: max_concurrent.max(1),
+        })
+    }
+
+    fn running(&self) -> std::sync::MutexGuard<'_, HashMap<String, Running>> {
+        self.running.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Persist a change and tell the browsers.
+    fn update(&self, id: &str, u: &Update) {
+        if let Err(e) = self.db.update(id, u, now_ms()) {
+            tracing::error!(job = %id, "cannot record the job's state in the job database: {e}");
+        }
+        self.announce(id);
+    }
+
+    fn announce(&self, id: &str) {
+        if let Ok(Some(row)) = self.db.get(id)
+            && let Ok(text) = serde_json::to_string(&row)
+        {
+            let _ = self.events.send(text.into());
+        }
+    }
+
+    /// Record the requests (all or none) and start them.
+    pub fn submit(self: &Arc<Self>, reqs: Vec<ExportRequest>) -> Result<Vec<JobRow>, String> {
+        let now = now_ms();
+        let rows: Vec<JobRow> = reqs
+            .into_iter()
+            .map(|r| {
+                let id = JobId::new().to_string();
+                JobRow {
+                    queue_job_id: (r.mode() != Mode::Direct).then(|| id.clone()),
+                    id,
+                    name: r.display_name(),
+                    state: PENDING.into(),
+                    mode: r.mode().as_str().into(),
+                    phase: "waiting for a slot".into(),
+                    percent: 0.0,
+                    disks: serde_json::json!({}),
+                    queue: None,
+                    job_dir: None,
+                    files: serde_json::json!([]),
+                    error: None,
+                    exit_code: None,
+                    attempts: 1,
+                    created_ms: now,
+                    updated_ms: now,
+                    finished_ms: None,
+                    request: serde_json::to_value(&r).unwrap_or_default(),
+                    pid: None,
+                }
+            })
+            .collect();
+        self.db.insert_all(&rows).map_err(|e| format!("cannot record the jobs in the job database: {e}"))?;
+        for r in &rows {
+            tracing::info!(job = %r.id, name = %hyperfarm_shared::text::Esc(&r.name), mode = %r.mode, "job submitted");
+            self.announce(&r.id);
+            self.start(r.id.clone());
+        }
+        Ok(rows)
+    }
+
+    fn start(self: &Arc<Self>, id: String) {
+        let me = self.clone();
+        tokio::spawn(async move { me.run(id).await });
+    }
+
+    /// Pick up the history after a start: jobs that were published are followed again (the
+    /// child finds them in the queue), jobs caught halfway through their export are marked
+    /// interrupted, to be retried.
+    pub async fn recover(self: &Arc<Self>) -> Result<(), String> {
+        let rows = self.db.in_states(&ACTIVE).map_err(|e| format!("job database: {e}"))?;
+        for r in rows {
+            if let Some(pid) = r.pid {
+                stop_leftover_child(pid as u32, r.queue_job_id.as_deref().unwrap_or(&r.id)).await;
+            }
+            if r.state == PENDING {
+                self.start(r.id.clone());
+            } else if r.queue.is_some() {
+                tracing::info!(job = %r.id, queue_job = ?r.queue_job_id, "following the job again after a restart (it is in the queue)");
+                self.db.log(&r.id, &["hyperexport serve restarted: following this job again".into()], now_ms()).ok();
+                self.start(r.id.clone());
+            } else {
+                tracing::warn!(job = %r.id, "the job was interrupted by a restart of hyperexport serve during its export");
+                self.update(
+                    &r.id,
+                    &Update {
+                        state: Some(INTERRUPTED.into()),
+                        error: Some(Some(
+                            "hyperexport serve stopped while this job was exporting. Retry it: the retry uses the same queue job id, so a job that did reach the queue is followed, never submitted twice".into(),
+                        )),
+                        finished_ms: Some(Some(now_ms())),
+                        pid: Some(None),
+                        ..Default::default()
+                    },
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// Cancel a job: not started yet → cancelled at once; exporting → the child is stopped
+    /// (its staged copy is removed); in the queue → a cancel request the agent acts on.
+    pub async fn cancel(self: &Arc<Self>, id: &str) -> Result<JobRow, Refused> {
+        let row = self.db.get(id).map_err(|e| Refused::Internal(e.to_string()))?.ok_or(Refused::NotFound)?;
+        if is_final(&row.state) {
+            return Err(Refused::Conflict(format!("job {id} is already {}; nothing to cancel", row.state)));
+        }
+        let (pid, queue, qid) = {
+            let mut running = self.running();
+            match running.get_mut(id) {
+                Some(r) => {
+                    r.cancel = true;
+                    (r.pid, r.queue.clone(), r.queue_job_id.clone())
+                }
+                None => (None, None, String::new()),
+            }
+        };
+        match (pid, queue) {
+            (_, Some(q)) => {
+                let qid2 = qid.clone();
+                let asked = tokio::task::spawn_blocking(move || -> std::io::Result<Option<State>> {
+                    let id: JobId = qid2.parse().map_err(|e| std::io::Error::other(format!("{e}")))?;
+                    Queue::new(q).request_cancel(&id, "cancelled from hyperexport serve")
+                })
+                .await
+                .map_err(|e| Refused::Internal(e.to_string()))?;
+                match asked {
+                    Ok(Some(s)) if !s.is_final() || s == State::Cancelled => {
+                        self.db.log(id, &[format!("cancel requested: queue job {qid} ({s})")], now_ms()).ok();
+                    }
+                    other => {
+                        // Ended meanwhile, or not in the queue: stop following.
+                        tracing::info!(job = %id, ?other, "cancel: the queue job is not cancellable; stopping the child");
+                        if let Some(pid) = pid {
+                            signal(pid, rustix::process::Signal::TERM);
+                        }
+                    }
+                }
+            }
+            (Some(pid), None) => {
+                self.db.log(id, &["cancel requested: stopping the export".into()], now_ms()).ok();
+                signal(pid, rustix::process::Signal::TERM);
+            }
+            (None, None) => {
+                // Waiting for a slot (or between a restart and its child): it will not start.
+                self.update(
+                    id,
+                    &Update {
+                        state: Some(CANCELLED.into()),
+                        phase: Some("cancelled before it started".into()),
+                        finished_ms: Some(Some(now_ms())),
+                        ..Default::default()
+                    },
+                );
+            }
+        }
+        self.db.get(id).map_err(|e| Refused::Internal(e.to_string()))?.ok_or(Refused::NotFound)
+    }
+
+    /// Run a failed, cancelled or interrupted job again. An interrupted job keeps its queue job
+    /// id (it may have reached the queue); the others get a new one.
+    pub fn retry(self: &Arc<Self>, id: &str) -> Result<JobRow, Refused> {
+        let row = self.db.get(id).map_err(|e| Refused::Internal(e.to_string()))?.ok_or(Refused::NotFound)?;
+        if !matches!(row.state.as_str(), FAILED | CANCELLED | INTERRUPTED) {
+            return Err(Refused::Conflict(format!(
+                "job {id} is {}; only failed, cancelled or interrupted jobs can be retried",
+                row.state
+            )));
+        }
+        if self.running().contains_key(id) {
+            return Err(Refused::Conflict(format!("job {id} is still stopping; retry it in a moment")));
+        }
+        let qid = match (row.mode.as_str(), row.state.as_str()) {
+            ("direct", _) => None,
+            (_, INTERRUPTED) => row.queue_job_id.clone(),
+            _ => Some(JobId::new().to_string()),
+        };
+        self.db
+            .log(id, &[format!("retry {} (queue job {})", row.attempts + 1, qid.as_deref().unwrap_or("-"))], now_ms())
+            .ok();
+        self.update(
+            id,
+            &Update {
+                state: Some(PENDING.into()),
+                phase: Some("waiting for a slot".into()),
+                percent: Some(0.0),
+                disks: Some(serde_json::json!({})),
+                queue_job_id: Some(qid),
+                queue: Some(None),
+                job_dir: Some(None),
+                files: Some(serde_json::json!([])),
+                error: Some(None),
+                exit_code: Some(None),
+                attempts: Some(row.attempts + 1),
+                finished_ms: Some(None),
+                pid: Some(None),
+            },
+        );
+        self.start(id.to_string());
+        self.db.get(id).map_err(|e| Refused::Internal(e.to_string()))?.ok_or(Refused::NotFound)
+    }
+
+    /// Stop for a shutdown: exports in progress are stopped (their staged copies removed) and
+    /// marked interrupted; children following a published job are killed without withdrawing it
+    /// (the job goes on in the farm, and is followed again at the next start).
+    pub async fn shutdown(&self) {
+        self.shutting_down.store(true, Ordering::Relaxed);
+        let children: Vec<(String, Option<u32>, bool)> =
+            self.running().iter().map(|(id, r)| (id.clone(), r.pid, r.queue.is_some())).collect();
+        for (id, pid, published) in &children {
+            if let Some(pid) = pid {
+                tracing::info!(job = %id, published, "shutdown: stopping the job's hyperexport");
+                signal(*pid, if *published { rustix::process::Signal::KILL } else { rustix::process::Signal::TERM });
+            }
+        }
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !self.running().is_empty() && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn run(self: Arc<Self>, id: String) {
+        self.running().entry(id.clone()).or_default();
+        let permit = match self.slots.clone().acquire_owned().await {
+            Ok(p) => p,
+            Err(_) => return,
+        };
+        let row = match self.db.get(&id) {
+            Ok(Some(r)) if !is_final(&r.state) && !self.shutting_down.load(Ordering::Relaxed) => r,
+            _ => {
+                self.running().remove(&id);
+                return;
+            }
+        };
+        if self.running().get(&id).is_some_and(|r| r.cancel) {
+            self.running().remove(&id);
+            return;
+        }
+        let outcome = self.run_child(&row).await;
+        drop(permit);
+        self.running().remove(&id);
+        if let Some((state, started)) = outcome {
+            self.metrics.job_ended(&state, started.elapsed());
+        }
+    }
+
+    async fn run_child(&self, row: &JobRow) -> Option<(String, Instant)> {
+        let id = row.id.clone();
+        let req: ExportRequest = match serde_json::from_value(row.request.clone()) {
+            Ok(r) => r,
+            Err(e) => {
+                self.update(
+                    &id,
+                    &Update {
+                        state: Some(FAILED.into()),
+                        error: Some(Some(format!("the stored request cannot be read: {e}"))),
+                        finished_ms: Some(Some(now_ms())),
+                        ..Default::default()
+                    },
+                );
+                return None;
+            }
+        };
+        let qid = row.queue_job_id.clone().unwrap_or_else(|| row.id.clone());
+        let args = super::request::command_args(&req, &qid, self.config.as_deref());
+        let mut cmd = tokio::process::Command::new(&self.exe);
+        cmd.args(&args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            // Its own process group: a Ctrl-C at serve's terminal is serve's to handle.
+            .process_group(0)
+            .env("HYPEREXPORT_LOG", "info")
+            .kill_on_drop(false);
+        let started = Instant::now();
+        let mut child = match cmd.spawn() {
+            Ok(c) => c,
+            Err(e) => {
+                self.update(
+                    &id,
+                    &Update {
+                        state: Some(FAILED.into()),
+                        error: Some(Some(format!("cannot start {}: {e}", self.exe.display()))),
+                        finished_ms: Some(Some(now_ms())),
+                        ..Default::default()
+                    },
+                );
+                return Some((FAILED.into(), started));
+            }
+        };
+        let pid = child.id();
+        {
+            let mut running = self.running();
+            let r = running.entry(id.clone()).or_default();
+            r.pid = pid;
+            r.queue_job_id = qid.clone();
+            r.queue = row.queue.clone().map(PathBuf::from);
+            if r.cancel
+                && let Some(pid) = pid
+            {
+                // Cancelled while it was being started.
+                signal(pid, rustix::process::Signal::TERM);
+            }
+        }
+        let state = if row.queue.is_some() { row.state.clone() } else { EXPORTING.to_string() };
+        self.update(
+            &id,
+            &Update {
+                state: Some(state),
+                phase: Some(if row.queue.is_some() { "following".into() } else { "reading the VM".into() }),
+                pid: Some(pid.map(i64::from)),
+                ..Default::default()
+            },
+        );
+        self.metrics.running.inc();
+        let stdout = child.stdout.take();
+        let stderr = child.stderr.take();
+        let err_lines = Arc::new(Mutex::new(Vec::<String>::new()));
+        let stderr_task = {
+            let (db, id, err_lines) = (self.db.clone(), id.clone(), err_lines.clone());
+            tokio::spawn(async move {
+                let Some(e) = stderr else { return };
+                let mut r = BufReader::new(e);
+                let mut batch = Vec::new();
+                let mut last_flush = Instant::now();
+                let mut in_error = false;
+                while let Ok(Some(line)) = next_line(&mut r, MAX_LINE).await {
+                    let line = hyperfarm_shared::text::Esc(&line).to_string();
+                    if let Some(msg) = line.strip_prefix("hyperexport: ") {
+                        in_error = true;
+                        let mut el = err_lines.lock().unwrap_or_else(|p| p.into_inner());
+                        el.clear();
+                        el.push(msg.to_string());
+                    } else if in_error {
+                        let mut el = err_lines.lock().unwrap_or_else(|p| p.into_inner());
+                        if el.len() < 200 {
+                            el.push(line.clone());
+                        }
+                    }
+                    batch.push(line);
+                    if batch.len() >= 50 || last_flush.elapsed() >= Duration::from_millis(500) {
+                        db.log(&id, &std::mem::take(&mut batch), now_ms()).ok();
+                        last_flush = Instant::now();
+                    }
+                }
+                db.log(&id, &batch, now_ms()).ok();
+            })
+        };
+        let mut result: Option<serde_json::Value> = None;
+        let mut disks = serde_json::Map::new();
+        if let Some(o) = stdout {
+            let mut r = BufReader::new(o);
+            while let Ok(Some(line)) = next_line(&mut r, MAX_LINE).await {
+                let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else { continue };
+                match v.get("event").and_then(|e| e.as_str()) {
+                    Some("published") => {
+                        let queue = v.get("queue").and_then(|q| q.as_str()).map(str::to_string);
+                        if let Some(r) = self.running().get_mut(&id) {
+                            r.queue = queue.clone().map(PathBuf::from);
+                        }
+                        let cancel_now = self.running().get(&id).is_some_and(|r| r.cancel);
+                        self.update(
+                            &id,
+                            &Update {
+                                state: Some(QUEUED.into()),
+                                phase: Some("queued".into()),
+                                percent: Some(0.0),
+                                queue: Some(queue.clone()),
+                                job_dir: Some(v.get("job_dir").and_then(|q| q.as_str()).map(str::to_string)),
+                                ..Default::default()
+                            },
+                        );
+                        if cancel_now && let Some(q) = queue {
+                            // Cancelled while its export finished: cancel it in the queue too.
+                            let qid = qid.clone();
+                            tokio::task::spawn_blocking(move || {
+                                if let Ok(jid) = qid.parse::<JobId>() {
+                                    let _ = Queue::new(q).request_cancel(&jid, "cancelled from hyperexport serve");
+                                }
+                            });
+                        }
+                    }
+                    Some("progress") => {
+                        let stage = v.get("stage").and_then(|s| s.as_str()).unwrap_or("");
+                        let item = v.get("item").and_then(|s| s.as_str()).unwrap_or("").to_string();
+                        let phase = v.get("phase").and_then(|s| s.as_str()).unwrap_or("").to_string();
+                        let pct = v.get("percent").and_then(|p| p.as_f64()).unwrap_or(0.0).clamp(0.0, 100.0);
+                        let u = if stage == "export" {
+                            disks.insert(item.clone(), serde_json::json!(pct));
+                            Update {
+                                state: Some(EXPORTING.into()),
+                                phase: Some(format!("copying {item}")),
+                                percent: Some(pct),
+                                disks: Some(serde_json::Value::Object(disks.clone())),
+                                ..Default::default()
+                            }
+                        } else {
+                            let queued = phase == "queued";
+                            Update {
+                                state: Some(if queued { QUEUED } else { CONVERTING }.into()),
+                                phase: Some(phase),
+                                percent: Some(pct),
+                                ..Default::default()
+                            }
+                        };
+                        self.update(&id, &u);
+                    }
+                    Some(_) => {}
+                    None => result = Some(v),
+                }
+            }
+        }
+        let status = child.wait().await;
+        let _ = stderr_task.await;
+        self.metrics.running.dec();
+        let code = status.as_ref().ok().and_then(|s| s.code());
+        let cancelled = self.running().get(&id).is_some_and(|r| r.cancel);
+        let error_text = {
+            let el = err_lines.lock().unwrap_or_else(|p| p.into_inner());
+            (!el.is_empty()).then(|| el.join("\n"))
+        };
+        let shutting_down = self.shutting_down.load(Ordering::Relaxed);
+        let (state, error) = match code {
+            Some(0) => (DONE, None),
+            Some(7) => (CANCELLED, error_text),
+            _ if cancelled => (CANCELLED, Some(error_text.unwrap_or_else(|| "cancelled".into()))),
+            None | Some(130) if shutting_down => {
+                if self.db.get(&id).ok().flatten().is_some_and(|r| r.queue.is_some()) {
+                    // Published: followed again at the next start.
+                    return None;
+                }
+                (INTERRUPTED, Some("hyperexport serve was stopped during the export; retry the job".to_string()))
+            }
+            Some(c) => (FAILED, Some(error_text.unwrap_or_else(|| format!("hyperexport exited with code {c}")))),
+            None => (FAILED, Some(error_text.unwrap_or_else(|| "hyperexport was killed by a signal".into()))),
+        };
+        let files = result
+            .as_ref()
+            .and_then(|r| r.get("files").cloned())
+            .or_else(|| result.as_ref().and_then(|r| r.get("job_dir")).map(|d| serde_json::json!([d])))
+            .unwrap_or_else(|| serde_json::json!([]));
+        self.update(
+            &id,
+            &Update {
+                state: Some(state.into()),
+                phase: Some(if state == DONE { "done".into() } else { state.into() }),
+                percent: (state == DONE).then_some(100.0),
+                files: Some(files),
+                error: Some(error),
+                exit_code: Some(code.map(i64::from)),
+                finished_ms: Some(Some(now_ms())),
+                pid: Some(None),
+                ..Default::default()
+            },
+        );
+        Some((state.into(), started))
+    }
+}
+
+fn signal(pid: u32, sig: rustix::process::Signal) {
+    if let Some(p) = i32::try_from(pid).ok().and_then(rustix::process::Pid::from_raw) {
+        let _ = rustix::process::kill_process(p, sig);
+    }
+}
+
+/// A child of an earlier serve that outlived it (serve killed outside systemd): kill it before
+/// deciding the job's fate, so that it cannot publish behind our back. Only a process whose
+/// command line names this queue job is touched.
+async fn stop_leftover_child(pid: u32, queue_job_id: &str) {
+    let ours = |pid: u32| {
+        std::fs::read(format!("/proc/{pid}/cmdline")).ok().is_some_and(|c| {
+            let needle = format!("--job-id\0{queue_job_id}\0");
+            c.windows(needle.len()).any(|w| w == needle.as_bytes())
+        })
+    };
+    if !ours(pid) {
+        return;
+    }
+    tracing::warn!(pid, queue_job = %queue_job_id, "a hyperexport of an earlier serve is still running this job: killing it");
+    signal(pid, rustix::process::Signal::KILL);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while ours(pid) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// One line (without its newline), at most `max` bytes kept; `None` at the end.
+async fn next_line<R: AsyncBufRead + Unpin>(r: &mut R, max: usize) -> std::io::Result<Option<String>> {
+    let mut out = Vec::new();
+    let mut seen = false;
+    loop {
+        let buf = r.fill_buf().await?;
+        if buf.is_empty() {
+            return Ok(seen.then(|| String::from_utf8_lossy(&out).into_owned()));
+        }
+        seen = true;
+        let (take, used, end) = match buf.iter().position(|b| *b == b'\n') {
+            Some(i) => (i, i + 1, true),
+            None => (buf.len(), buf.len(), false),
+        };
+        let room = max.saturating_sub(out.len());
+        out.extend_from_slice(&buf[..take.min(room)]);
+        r.consume(used);
+        if end {
+            return Ok(Some(String::from_utf8_lossy(&out).into_owned()));
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn lines_are_bounded_and_the_last_one_needs_no_newline() {
+        let data = format!("short\n{}\nlast", "x".repeat(100));
+        let mut r = BufReader::with_capacity(7, data.as_bytes());
+        assert_eq!(next_line(&mut r, 10).await.unwrap().as_deref(), Some("short"));
+        assert_eq!(next_line(&mut r, 10).await.unwrap().as_deref(), Some("xxxxxxxxxx"));
+        assert_eq!(next_line(&mut r, 10).await.unwrap().as_deref(), Some("last"));
+        assert_eq!(next_line(&mut r, 10).await.unwrap(), None);
+    }
+}

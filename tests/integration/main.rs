@@ -19,3 +19,4 @@ mod metrics;
 mod netns;
 mod races;
 mod seed;
+mod serve;

@@ -8,6 +8,7 @@
 
 pub mod bed;
 pub mod certs;
+pub mod http;
 pub mod images;
 
 use std::ffi::OsStr;

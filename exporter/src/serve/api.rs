@@ -198,7 +198,7 @@ fn sse(app: Arc<App>, only: Option<String>) -> Response {
                 {
                     return None;
                 }
-                Some(Ok::<Event, Infallible>(Event::default().event("job").data(text.to_string())))
+                Some(Ok::<Event, Infallible>(Event::default().event("job").data(&*text)))
             }
             // Too slow a reader missed updates: tell it to reload.
             Err(_) => Some(Ok(Event::default().event("lagged").data("{}"))),

@@ -386,7 +386,10 @@ mod tests {
                 serde_json::json!({"vm_path": p, "options": {"hyper2kvm_daemon": true, "libvirt_integration": true}}),
                 "options.libvirt_integration",
             ),
-            (serde_json::json!({"vm_path": p, "options": {"hyper2kvm_daemon": true, "surprise": 1}}), "options"),
+            (
+                serde_json::json!({"vm_path": p, "options": {"hyper2kvm_daemon": true, "surprise": 1}}),
+                "options.surprise",
+            ),
             (serde_json::json!({"vm_path": p, "options": {"hyper2kvm_daemon": "yes"}}), "options.hyper2kvm_daemon"),
             (
                 serde_json::json!({"vm_path": p, "options": {"hyper2kvm_daemon": true, "hyper2kvm_instance": "../x"}}),

@@ -186,7 +186,7 @@ pub fn validate(r: &ExportRequest) -> Result<(), Invalid> {
     }
     let vm = abs_path("vm_path", &r.vm_path)?;
     match std::fs::symlink_metadata(&vm) {
-        Ok(m) if m.is_file() || m.is_dir() => {}
+        Ok(m) if m.is_file() => {}
         Ok(_) => {
             return Err(Invalid::field(
                 "vm_path",

@@ -35,9 +35,7 @@
 
   var url = detail ? "/api/v1/jobs/" + encodeURIComponent(detail.getAttribute("data-job")) + "/events" : "/api/v1/events";
   var es = new EventSource(url);
-  es.addEventListener("job", function (ev) {
-    var job;
-    try { job = JSON.parse(ev.data); } catch (e) { return; }
+  function apply(job) {
     var els = document.querySelectorAll('[data-job="' + job.id + '"]');
     if (!els.length && !detail) {
       // A job submitted elsewhere: show it.
@@ -50,6 +48,19 @@
       es.close();
       window.location.reload();
     }
+  }
+  es.addEventListener("job", function (ev) {
+    try { apply(JSON.parse(ev.data)); } catch (e) { /* not a job */ }
+  });
+  // What changed between the page's rendering and the stream's start is read once the stream
+  // is open (and again after every reconnection): no update is lost.
+  es.addEventListener("open", function () {
+    var path = detail ? "/api/v1/jobs/" + encodeURIComponent(detail.getAttribute("data-job")) : "/api/v1/jobs?limit=200";
+    fetch(path, { credentials: "same-origin" }).then(function (r) { return r.ok ? r.json() : null; }).then(function (body) {
+      if (!body) { return; }
+      var jobs = detail ? [body] : body.jobs;
+      for (var i = 0; i < jobs.length; i++) { apply(jobs[i]); }
+    }).catch(function () { /* the next event will do */ });
   });
   es.addEventListener("lagged", function () { window.location.reload(); });
 })();

@@ -15,6 +15,7 @@ mod hostile;
 mod hostile_exporter;
 mod hostile_queue;
 mod hyper2kvm;
+mod interactive;
 mod metrics;
 mod netns;
 mod races;

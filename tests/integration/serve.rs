@@ -405,3 +405,65 @@ fn serve_needs_tls_and_a_token_beyond_loopback_and_checks_the_token() {
         request(addr, "POST", "/login", &[("Content-Type", "application/x-www-form-urlencoded")], Some("token=nope"));
     assert_eq!(r.status, 401);
 }
+
+#[test]
+fn serve_beyond_loopback_speaks_https_and_wants_the_token() {
+    let farm = Farm::new();
+    let state = farm.path().join("state");
+    let ca = hyperfarm_tests::certs::Ca::new(farm.path(), "serve-ca");
+    let pair = ca.server(farm.path(), "serve");
+    let token_file = farm.path().join("token");
+    let token = "abcdefghijklmnop-0123456789";
+    std::fs::write(&token_file, token).unwrap();
+    let args: Vec<String> = [
+        "serve",
+        "--listen",
+        "0.0.0.0:0",
+        "--state-dir",
+        &state.display().to_string(),
+        "--tls-cert",
+        &pair.cert.display().to_string(),
+        "--tls-key",
+        &pair.key.display().to_string(),
+        "--token-file",
+        &token_file.display().to_string(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let mut p = Proc::spawn(&bin("hyperexport"), &args, farm.path(), &[]);
+    p.wait_log("listening on https://", Duration::from_secs(30));
+    let log = p.log_text();
+    let at = log.find("listening on https://").unwrap() + "listening on https://".len();
+    let port = log[at..].split('/').next().unwrap().rsplit(':').next().unwrap().to_string();
+    // Over loopback (the listener is on every address): curl checks the certificate against the CA.
+    let curl = |extra: &[&str]| {
+        let mut a: Vec<String> = vec![
+            "-sS".into(),
+            "-o".into(),
+            "/dev/null".into(),
+            "-w".into(),
+            "%{http_code}".into(),
+            "--cacert".into(),
+            ca.cert_pem.display().to_string(),
+            "--resolve".into(),
+            format!("localhost:{port}:127.0.0.1"),
+        ];
+        a.extend(extra.iter().map(|s| s.to_string()));
+        a.push(format!("https://localhost:{port}/api/v1/jobs"));
+        Run::new(std::path::Path::new("curl"), &a).timeout(Duration::from_secs(20)).run()
+    };
+    let r = curl(&[]);
+    assert_eq!(r.stdout(), "401", "{}", r.stderr());
+    let auth = format!("Authorization: Bearer {token}");
+    let r = curl(&["-H", &auth]);
+    assert_eq!(r.stdout(), "200", "{}", r.stderr());
+    // Plain HTTP on the TLS port gets nowhere.
+    let plain = Run::new(
+        std::path::Path::new("curl"),
+        &["-sS".into(), "-m".into(), "5".into(), format!("http://127.0.0.1:{port}/api/v1/health")],
+    )
+    .timeout(Duration::from_secs(20))
+    .run();
+    assert_ne!(plain.code(), Some(0), "{}", plain.stdout());
+}

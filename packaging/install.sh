@@ -48,13 +48,13 @@ put_config() {
     put "$1" "$2" 644
 }
 
-units="hyper2kvm-agent.service hyper2kvm-agent@.service hyper2kvm-agent.target"
+units="hyper2kvm-agent.service hyper2kvm-agent@.service hyper2kvm-agent.target hyperexport-serve.service"
 bins="hyper2kvm-agent hyperexport hyperctl"
 
 if [ $mode = uninstall ]; then
     if [ $systemd_up = yes ]; then
-        systemctl stop hyper2kvm-agent.target hyper2kvm-agent.service 'hyper2kvm-agent@*.service' 2>/dev/null || true
-        systemctl disable hyper2kvm-agent.service hyper2kvm-agent.target >/dev/null 2>&1 || true
+        systemctl stop hyper2kvm-agent.target hyper2kvm-agent.service 'hyper2kvm-agent@*.service' hyperexport-serve.service 2>/dev/null || true
+        systemctl disable hyper2kvm-agent.service hyper2kvm-agent.target hyperexport-serve.service >/dev/null 2>&1 || true
     fi
     for u in $units; do rm -f "/etc/systemd/system/$u"; done
     for b in $bins; do

@@ -53,8 +53,8 @@ step "the .rpm: files, config files, requirements, scriptlets"
 files=$(rpm -qlp "$rpm" 2>/dev/null)
 for f in /usr/bin/hyper2kvm-agent /usr/bin/hyperexport /usr/bin/hyperctl \
     /usr/lib/systemd/system/hyper2kvm-agent.service /usr/lib/systemd/system/hyper2kvm-agent@.service \
-    /usr/lib/systemd/system/hyper2kvm-agent.target /usr/lib/sysusers.d/hyperfarm.conf \
-    /usr/lib/tmpfiles.d/hyperfarm.conf /etc/hyper2kvm/agent.toml /etc/hyper2kvm/hyperexport.toml \
+    /usr/lib/systemd/system/hyper2kvm-agent.target /usr/lib/systemd/system/hyperexport-serve.service \
+    /usr/lib/sysusers.d/hyperfarm.conf /usr/lib/tmpfiles.d/hyperfarm.conf /etc/hyper2kvm/agent.toml /etc/hyper2kvm/hyperexport.toml \
     /usr/share/man/man1/hyper2kvm-agent.1.gz /usr/share/man/man1/hyperctl-jobs.1.gz \
     /usr/share/bash-completion/completions/hyperctl /usr/share/zsh/site-functions/_hyperexport \
     /usr/share/fish/vendor_completions.d/hyper2kvm-agent.fish; do
@@ -121,6 +121,36 @@ for _ in $(seq 1 30); do
 done
 grep -q 'done.*pkgvm\|pkgvm.*done' <<<"$list" || fail "hyperctl jobs list does not show pkgvm done: $list"
 echo "converted pkgvm with the packaged binaries; hyperctl lists it"
+
+step "hyperexport serve under its hardened unit: a job submitted over HTTP is converted"
+[[ $(pk systemctl is-enabled hyperexport-serve.service || true) == disabled ]] || fail "hyperexport-serve is enabled by the package (it is opt-in)"
+pk systemctl start hyperexport-serve.service
+[[ $(pk systemctl is-active hyperexport-serve.service || true) == active ]] || fail "hyperexport-serve did not start: $(pk systemctl status --no-pager hyperexport-serve.service || true)"
+pk mkdir -p /srv/vms
+pk truncate -s 8M /srv/vms/served.raw
+pk sh -c 'printf "served by the API" | dd of=/srv/vms/served.raw bs=1 seek=1048576 conv=notrunc status=none'
+pk chmod 0644 /srv/vms/served.raw
+served=$(pk python3 - <<'PY'
+import json, time, urllib.request
+base = "http://127.0.0.1:8470"
+body = json.dumps({"name": "served", "vm_path": "/srv/vms/served.raw", "options": {
+    "enable_pipeline": True, "hyper2kvm_daemon": True, "hyper2kvm_poll_interval": 1,
+    "hyper2kvm_daemon_timeout": 2}}).encode()
+req = urllib.request.Request(base + "/api/v1/jobs", data=body, headers={"Content-Type": "application/json"})
+job = json.load(urllib.request.urlopen(req, timeout=10))["jobs"][0]
+for _ in range(240):
+    job = json.load(urllib.request.urlopen(base + "/api/v1/jobs/" + job["id"], timeout=10))
+    if job["state"] in ("done", "failed", "cancelled", "interrupted"):
+        break
+    time.sleep(0.5)
+print(json.dumps(job))
+PY
+) || fail "the API client: $served"
+[[ $served == *'"state": "done"'* || $served == *'"state":"done"'* ]] || fail "the served job did not end done: $served"
+pk qemu-img compare -q /srv/vms/served.raw /var/lib/hyper2kvm/output/served.qcow2 || fail "the served conversion differs"
+[[ $(pk stat -c '%U' /var/lib/hyperexport/jobs.sqlite) == hyperfarm ]] || fail "job history not in /var/lib/hyperexport"
+pk systemctl stop hyperexport-serve.service
+echo "hyperexport serve (hardened unit) converted served.raw; history in /var/lib/hyperexport/jobs.sqlite"
 
 step "upgrade keeps an edited config and restarts the agent"
 pk sed -i 's/^#max_concurrent = 2$/max_concurrent = 3/' /etc/hyper2kvm/agent.toml

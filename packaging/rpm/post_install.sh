@@ -8,6 +8,6 @@ if [ -d /run/systemd/system ]; then
         systemctl enable hyper2kvm-agent.service hyper2kvm-agent.target >/dev/null
         systemctl start hyper2kvm-agent.target hyper2kvm-agent.service || :
     else
-        systemctl try-restart hyper2kvm-agent.service 'hyper2kvm-agent@*.service' || :
+        systemctl try-restart hyper2kvm-agent.service 'hyper2kvm-agent@*.service' hyperexport-serve.service || :
     fi
 fi

@@ -209,6 +209,41 @@ grep -q 'daemon mode with live progress' "$work/export-farmvm.log" || fail "the 
 grep -qx '/srv/hyperfarm/output/farmvm.qcow2' "$work/export-farmvm.out" || fail "hyperexport printed $(cat "$work/export-farmvm.out")"
 expo qemu-img compare -q /home/alice/vm.raw /srv/hyperfarm/output/farmvm.qcow2 || fail "farmvm.qcow2 differs from the VM"
 
+step "hyperexport serve on hf-export (from site.yml): a job submitted over HTTP converts on hf-convert"
+[[ $(expo systemctl is-active hyperexport-serve.service || true) == active ]] ||
+    fail "hyperexport serve is not running on hf-export: $(expo systemctl status --no-pager hyperexport-serve.service || true)"
+expo mkdir -p /srv/vms
+expo truncate -s 16M /srv/vms/api.raw
+expo sh -c 'printf "submitted over HTTP" | dd of=/srv/vms/api.raw bs=1 seek=4194304 conv=notrunc status=none'
+expo chmod 0644 /srv/vms/api.raw
+served=$(expo python3 - <<'PY'
+import json, time, urllib.request
+base = "http://127.0.0.1:8470"
+body = json.dumps({"name": "api", "vm_path": "/srv/vms/api.raw", "vm_name": "apivm", "options": {
+    "enable_pipeline": True, "hyper2kvm_daemon": True, "hyper2kvm_poll_interval": 1,
+    "hyper2kvm_daemon_timeout": 10}}).encode()
+req = urllib.request.Request(base + "/api/v1/jobs", data=body, headers={"Content-Type": "application/json"})
+job = json.load(urllib.request.urlopen(req, timeout=10))["jobs"][0]
+for _ in range(600):
+    job = json.load(urllib.request.urlopen(base + "/api/v1/jobs/" + job["id"], timeout=10))
+    if job["state"] in ("done", "failed", "cancelled", "interrupted"):
+        break
+    time.sleep(0.3)
+log = json.load(urllib.request.urlopen(base + "/api/v1/jobs/" + job["id"] + "/log?lines=200", timeout=10))
+job["log"] = "\n".join(l["line"] for l in log["lines"])
+print(json.dumps(job))
+PY
+) || fail "the API client on hf-export: $served"
+python3 -c '
+import json, sys
+j = json.loads(sys.argv[1])
+assert j["state"] == "done", j
+assert j["files"] == ["/srv/hyperfarm/output/apivm.qcow2"], j
+assert "the agent answers over gRPC" in j["log"], j["log"]
+' "$served" || fail "the job submitted to hyperexport serve: $served"
+expo qemu-img compare -q /srv/vms/api.raw /srv/hyperfarm/output/apivm.qcow2 || fail "apivm.qcow2 differs from the VM"
+echo "hyperexport serve on hf-export: apivm converted on hf-convert, followed over gRPC with TLS"
+
 step "restart the agent mid-job: the job finishes once"
 export_vm restartvm
 pid=$!

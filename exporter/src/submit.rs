@@ -129,7 +129,7 @@ pub async fn submit(
         .map_err(|e| ExportError::Internal(e.to_string()))?
         .map_err(|e| ExportError::Unreachable(format!("{e:#}")))?;
     crate::ui::event(
-        &serde_json::json!({"event": "published", "job_id": id, "queue": queue.root(), "job_dir": job_dir, "already": false}),
+        &serde_json::json!({"event": "published", "job_id": id, "queue": queue.root(), "job_dir": job_dir, "already": false, "bytes": total}),
     );
     Ok(Submitted { id, job_dir, vm_name: vm.name.clone(), bytes: total, already: None })
 }

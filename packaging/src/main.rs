@@ -98,7 +98,9 @@ fn completions(mut cmd: Command, out: &Path) -> Result<(), String> {
 /// then silently do nothing and the package would start a binary that is not there.
 fn units(src: &Path, dst: &Path) -> Result<usize, String> {
     let mut n = 0;
-    for name in ["hyper2kvm-agent.service", "hyper2kvm-agent@.service", "hyper2kvm-agent.target", "hyperexport-serve.service"] {
+    for name in
+        ["hyper2kvm-agent.service", "hyper2kvm-agent@.service", "hyper2kvm-agent.target", "hyperexport-serve.service"]
+    {
         let path = src.join(name);
         let text = fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
         let packaged =

@@ -796,3 +796,86 @@ fn a_cloned_agent_host_refuses_to_start_strict() {
 fn a_cloned_agent_host_refuses_to_start_default_caches() {
     clone_refused(Cache::Default);
 }
+
+/// `hyperexport serve` on the export host, the agent on a conversion host, the queue on the
+/// shared volume: a job submitted over HTTP (by a client on the export host) is converted on the
+/// other host and followed live over gRPC; with the agent's port blocked, the job is still
+/// followed to the end by polling the shared output directory.
+fn serve_across_hosts(cache: Cache) {
+    let bed = Bed::up(cache, HOSTS);
+    let ex = bed.host("ex");
+    let src = bed.dir.path().join("export-host-disks");
+    std::fs::create_dir_all(&src).unwrap();
+    let raws = [images::sample_disk(&src, "api01.raw", 16, 301), images::sample_disk(&src, "api02.raw", 16, 302)];
+    let _a1 = agent(&bed, "a1", &[]);
+    let cfg = bed.dir.path().join("hyperexport.toml");
+    std::fs::write(
+        &cfg,
+        format!("watch_dir = {:?}\noutput_dir = {:?}\npoll_interval = \"1s\"\n", s(&ex.queue()), s(&ex.output())),
+    )
+    .unwrap();
+    let state = bed.dir.path().join("serve-state");
+    let args: Vec<String> = ["serve", "--listen", "127.0.0.1:8470", "--state-dir", &s(&state), "--config", &s(&cfg)]
+        .iter()
+        .map(|x| x.to_string())
+        .collect();
+    let mut serve = bed.spawn("ex", &bin("hyperexport"), &args, &[]);
+    serve.wait_log("listening on http://127.0.0.1:8470/", Duration::from_secs(30));
+    // The client runs on the export host (its own network namespace, its loopback).
+    let client = r#"
+import json, sys, time, urllib.request
+base = "http://127.0.0.1:8470"
+req = urllib.request.Request(base + "/api/v1/jobs", data=json.dumps({"name": sys.argv[2], "vm_path": sys.argv[1],
+    "options": {"enable_pipeline": True, "hyper2kvm_daemon": True, "hyper2kvm_poll_interval": 1,
+                "hyper2kvm_daemon_timeout": 3}}).encode(), headers={"Content-Type": "application/json"})
+job = json.load(urllib.request.urlopen(req, timeout=10))["jobs"][0]
+for _ in range(600):
+    job = json.load(urllib.request.urlopen(base + "/api/v1/jobs/" + job["id"], timeout=10))
+    if job["state"] in ("done", "failed", "cancelled", "interrupted"):
+        break
+    time.sleep(0.3)
+log = json.load(urllib.request.urlopen(base + "/api/v1/jobs/" + job["id"] + "/log?lines=200", timeout=10))
+job["log"] = "\n".join(l["line"] for l in log["lines"])
+print(json.dumps(job))
+"#;
+    for (i, raw) in raws.iter().enumerate() {
+        let blocked = i == 1;
+        if blocked {
+            bed.block_port("a1", 50071, true);
+        }
+        let name = format!("api0{}", i + 1);
+        let ran = bed
+            .run("ex", Path::new("python3"), &["-c".into(), client.into(), s(raw), name.clone()])
+            .timeout(Duration::from_secs(240))
+            .run();
+        ran.expect_code(0);
+        let job: serde_json::Value = serde_json::from_str(ran.stdout().trim()).unwrap();
+        assert_eq!(job["state"], "done", "{job:#}");
+        let out = ex.output().join(format!("{name}.qcow2"));
+        assert_eq!(job["files"][0].as_str(), Some(s(&out).as_str()), "{job:#}");
+        assert_identical(raw, &out);
+        let log = job["log"].as_str().unwrap();
+        if blocked {
+            assert!(log.contains("following the result by polling"), "followed by polling:\n{log}");
+        } else {
+            assert!(log.contains("the agent answers over gRPC"), "followed over gRPC:\n{log}");
+        }
+        assert!(!log.contains("converting on this host"), "{log}");
+    }
+    bed.block_port("a1", 50071, false);
+    let recs = records(&bed);
+    assert_eq!(recs.len(), 2);
+    assert!(recs.iter().all(|r| r["agent"] == "default@conv01"), "{recs:#?}");
+    serve.signal(rustix::process::Signal::TERM);
+    serve.wait_exit(Duration::from_secs(30));
+}
+
+#[test]
+fn serve_on_the_export_host_converts_on_another_strict() {
+    serve_across_hosts(Cache::Strict);
+}
+
+#[test]
+fn serve_on_the_export_host_converts_on_another_default_caches() {
+    serve_across_hosts(Cache::Default);
+}

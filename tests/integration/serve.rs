@@ -132,6 +132,7 @@ fn a_seed_shaped_submission_is_converted_and_followed_live() {
     let m = get(addr, "/metrics").body;
     assert!(m.lines().any(|l| l == "hyperexport_jobs{state=\"done\"} 2"), "{m}");
     assert!(m.contains("hyperexport_jobs_finished_total{result=\"done\"} 2"), "{m}");
+    assert!(m.lines().any(|l| l == format!("hyperexport_exported_bytes_total {}", (24 + 16) << 20)), "{m}");
     let agents = get(addr, "/api/v1/agents").json();
     assert_eq!(agents["agents"].as_array().unwrap().len(), 1, "{agents:#}");
     assert_eq!(agents["agents"][0]["fresh"], true);

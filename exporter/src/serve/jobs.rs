@@ -456,6 +456,9 @@ impl Manager {
                 match v.get("event").and_then(|e| e.as_str()) {
                     Some("published") => {
                         let queue = v.get("queue").and_then(|q| q.as_str()).map(str::to_string);
+                        if let Some(b) = v.get("bytes").and_then(|b| b.as_u64()) {
+                            self.metrics.exported_bytes.inc_by(b);
+                        }
                         if let Some(r) = self.running().get_mut(&id) {
                             r.queue = queue.clone().map(PathBuf::from);
                         }

@@ -34,6 +34,7 @@ pub struct Metrics {
     finished: Family<ResultLabel, Counter>,
     duration: Histogram,
     pub running: Gauge,
+    pub exported_bytes: Counter,
     pub sse_clients: Gauge,
     pub http_connections: Gauge,
     storage_ok: Family<DirLabel, Gauge>,
@@ -48,6 +49,7 @@ impl Metrics {
             // 1 s … ~4.5 h
             duration: Histogram::new(exponential_buckets(1.0, 2.0, 15)),
             running: Gauge::default(),
+            exported_bytes: Counter::default(),
             sse_clients: Gauge::default(),
             http_connections: Gauge::default(),
             storage_ok: Family::default(),
@@ -62,6 +64,11 @@ impl Metrics {
                 m.duration.clone(),
             );
             r.register("exports_running", "hyperexport processes running now", m.running.clone());
+            r.register(
+                "exported_bytes",
+                "Bytes of disks copied into the queue (holes included)",
+                m.exported_bytes.clone(),
+            );
             r.register("sse_clients", "Browsers following live updates", m.sse_clients.clone());
             r.register("http_connections", "Open HTTP connections", m.http_connections.clone());
             r.register(

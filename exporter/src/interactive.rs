@@ -248,11 +248,15 @@ fn wizard(cli: &mut Cli) -> Result<bool, Stop> {
             })
             .prompt()?;
         let inst = Some(inst.trim().to_string()).filter(|s| !s.is_empty());
-        let watch_default =
-            cli.hyper2kvm_watch_dir.clone().unwrap_or_else(|| hyperfarm_shared::instance::watch_dir(inst.as_deref()));
-        let out_default =
-            cli.hyper2kvm_output_dir.clone().unwrap_or_else(|| hyperfarm_shared::instance::output_dir(inst.as_deref()));
-        cli.hyper2kvm_instance = inst;
+        cli.hyper2kvm_instance = inst.clone();
+        // The defaults a command line would get: flags, then hyperexport.toml, then the instance's.
+        let (watch_default, out_default) =
+            crate::settings(cli).map(|s| (s.watch_dir, s.output_dir)).unwrap_or_else(|_| {
+                (
+                    hyperfarm_shared::instance::watch_dir(inst.as_deref()),
+                    hyperfarm_shared::instance::output_dir(inst.as_deref()),
+                )
+            });
         cli.hyper2kvm_watch_dir = Some(dir_input("Watch (queue) directory:", Some(&watch_default), true)?);
         cli.hyper2kvm_output_dir = Some(dir_input("Output directory:", Some(&out_default), true)?);
         let poll = range("Poll interval (seconds):", "seconds", 1, 60, 5)?;

@@ -270,6 +270,15 @@ pub async fn run(mut cli: Cli) -> Result<(), ExportError> {
     }
     let s = settings(&cli)?;
     let vm_path = cli.vm.clone().ok_or_else(|| ExportError::Usage("give --vm PATH (or --interactive)".into()))?;
+    // Idempotent submission: a job of this id already in the queue is followed (daemon mode) or
+    // reported (export only) before anything else — without reading the VM again (it may be gone)
+    // and without detection (which could decide to convert here).
+    if let Some(id) = cli.job_id
+        && s.mode != Mode::Direct
+        && let Some(done) = already_submitted(&cli, &s, id).await?
+    {
+        return done;
+    }
     let name = cli.name.clone();
     let vm = tokio::task::spawn_blocking(move || source::load(&vm_path, name.as_deref()))
         .await
@@ -401,9 +410,21 @@ async fn daemon(
         }
     }
     let queue = Queue::new(&s.watch_dir);
-    let output = OutputDir::new(&s.output_dir);
     let sub = submit::submit(&queue, vm, submit_options(cli), ctl, cli.quiet).await?;
     tracing::info!(job = %sub.id, "published; waiting for the result");
+    follow_submitted(cli, s, sub, interrupt, agent).await
+}
+
+/// Daemon mode once the job is in the queue: print it (--detach) or follow it to its result.
+async fn follow_submitted(
+    cli: &Cli,
+    s: &Settings,
+    sub: submit::Submitted,
+    interrupt: Arc<Notify>,
+    agent: Option<AgentEndpoint>,
+) -> Result<(), ExportError> {
+    let queue = Queue::new(&s.watch_dir);
+    let output = OutputDir::new(&s.output_dir);
     if cli.detach {
         if cli.json {
             println!("{}", serde_json::json!({"job_id": sub.id, "vm": sub.vm_name, "state": "queued"}));
@@ -466,6 +487,71 @@ async fn daemon(
         }
         Waited::Interrupted { withdrawn } => Err(ExportError::Interrupted(withdrawn)),
     }
+}
+
+/// `--job-id` given and found in the queue: the outcome of following (or reporting) it.
+async fn already_submitted(
+    cli: &Cli,
+    s: &Settings,
+    id: hyperfarm_shared::JobId,
+) -> Result<Option<Result<(), ExportError>>, ExportError> {
+    let root = match s.mode {
+        Mode::ExportOnly => s.export_dir.clone().expect("checked in settings"),
+        _ => s.watch_dir.clone(),
+    };
+    let q = Queue::new(&root);
+    let found = tokio::task::spawn_blocking(move || {
+        // A queue not made yet (no state directories) holds no job.
+        let found = match q.locate(&id) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            other => other?,
+        };
+        let name = found.as_ref().and_then(|(_, dir)| {
+            let bytes = hyperfarm_shared::queue::read_manifest(dir).ok()?;
+            hyperfarm_shared::manifest::Manifest::parse(&bytes).ok()?.vm_name().map(str::to_string)
+        });
+        Ok::<_, std::io::Error>(found.map(|(state, dir)| (state, dir, name)))
+    })
+    .await
+    .map_err(|e| ExportError::Internal(e.to_string()))?
+    .map_err(|e| ExportError::Unreachable(format!("looking for job {id} in {}: {e}", root.display())))?;
+    let Some((state, job_dir, name)) = found else { return Ok(None) };
+    tracing::info!(job = %id, %state, "the queue already holds this job: not submitting it again");
+    ui::event(
+        &serde_json::json!({"event": "published", "job_id": id, "queue": root, "job_dir": job_dir, "already": true}),
+    );
+    let sub = submit::Submitted {
+        id,
+        job_dir: job_dir.clone(),
+        vm_name: name.unwrap_or_else(|| id.short()),
+        bytes: 0,
+        already: Some(state),
+    };
+    if s.mode == Mode::ExportOnly {
+        if cli.json {
+            println!(
+                "{}",
+                serde_json::json!({"job_id": id, "vm": sub.vm_name, "job_dir": job_dir, "state": state.dir_name(), "bytes": 0})
+            );
+        } else {
+            println!("{}", job_dir.display());
+        }
+        return Ok(Some(Ok(())));
+    }
+    let interrupt = Arc::new(Notify::new());
+    {
+        let interrupt = interrupt.clone();
+        tokio::spawn(async move {
+            use tokio::signal::unix::{SignalKind, signal};
+            let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+                return;
+            };
+            tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+            interrupt.notify_one();
+        });
+    }
+    let agent = s.agent_explicit.then(|| s.agent.clone());
+    Ok(Some(follow_submitted(cli, s, sub, interrupt, agent).await))
 }
 
 fn finish(output: &OutputDir, rec: ResultRecord, json: bool) -> Result<(), ExportError> {

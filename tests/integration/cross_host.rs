@@ -33,7 +33,7 @@ fn agent(bed: &Bed, host: &str, extra: &[&str]) -> Proc {
     ];
     args.extend(extra.iter().map(|x| x.to_string()));
     let mut p = bed.spawn(host, &bin("hyper2kvm-agent"), &args, &[]);
-    p.wait_log("ready", Duration::from_secs(60));
+    p.wait_log("INFO ready", Duration::from_secs(60));
     p
 }
 

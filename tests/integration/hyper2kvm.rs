@@ -144,7 +144,7 @@ fn cancel_mid_run_leaves_nothing_behind() {
     let mut args = farm.agent_args();
     args.extend(["--engine", "hyper2kvm", "--hyper2kvm-path", h2k.to_str().unwrap()].map(String::from));
     let mut agent = Proc::spawn(&hyperfarm_tests::bin("hyper2kvm-agent"), &args, farm.path(), &[("PATH", &path)]);
-    agent.wait_log("ready", Duration::from_secs(60));
+    agent.wait_log("INFO ready", Duration::from_secs(60));
     let url = agent.grpc_url().unwrap();
     let raw = hyperfarm_tests::slow_disk(&farm, "c.raw", 86);
     let id = publish(&farm, &raw, "cancel-me");

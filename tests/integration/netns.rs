@@ -82,7 +82,7 @@ fn a_cut_link_falls_back_to_polling_and_the_stream_returns_when_the_link_does() 
         cfg.display().to_string(),
     ]);
     let mut agent = Proc::spawn(std::path::Path::new("/usr/sbin/ip"), &agent_args, farm.path(), &[]);
-    agent.wait_log("ready", Duration::from_secs(30));
+    agent.wait_log("INFO ready", Duration::from_secs(30));
 
     let exporter_args: Vec<String> = [
         "netns",

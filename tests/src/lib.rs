@@ -101,7 +101,7 @@ impl Farm {
         let mut args = self.agent_args();
         args.extend(extra.iter().map(|s| s.to_string()));
         let mut p = Proc::spawn(&bin("hyper2kvm-agent"), &args, self.path(), &[]);
-        p.wait_log("ready", Duration::from_secs(30));
+        p.wait_log("INFO ready", Duration::from_secs(30));
         *self.agent_url.lock().expect("lock") = p.grpc_url();
         p
     }
@@ -111,7 +111,7 @@ impl Farm {
         let mut args = self.agent_args();
         args.extend(extra.iter().map(|s| s.to_string()));
         let mut p = Proc::spawn(&bin("hyper2kvm-agent"), &args, self.path(), env);
-        p.wait_log("ready", Duration::from_secs(30));
+        p.wait_log("INFO ready", Duration::from_secs(30));
         *self.agent_url.lock().expect("lock") = p.grpc_url();
         p
     }
@@ -124,7 +124,7 @@ impl Farm {
         args.extend(self.agent_args());
         args.extend(extra.iter().map(|s| s.to_string()));
         let mut p = Proc::spawn(Path::new(wrapper[0]), &args, self.path(), &[]);
-        p.wait_log("ready", Duration::from_secs(30));
+        p.wait_log("INFO ready", Duration::from_secs(30));
         *self.agent_url.lock().expect("lock") = p.grpc_url();
         p
     }

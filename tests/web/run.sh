@@ -58,7 +58,7 @@ ls "$shots"
 echo "== schemathesis against ${url}openapi.json"
 # positive_data_acceptance is left out: a request valid by the schema still names a VM file that
 # must exist on this host (vm_path), so random valid-looking requests are rightly refused (422).
-"$venv/bin/schemathesis" run "${url}openapi.json" --url "${url%/}" \
+cd "$work" && "$venv/bin/schemathesis" run "${url}openapi.json" --url "${url%/}" \
   --checks all --exclude-checks positive_data_acceptance \
   --exclude-path-regex '/events$' --max-examples 30 --no-color \
   || { echo "--- serve.log"; tail -50 "$work/serve.log"; exit 1; }

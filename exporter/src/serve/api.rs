@@ -19,7 +19,7 @@ use super::jobs::{ALL_STATES, Refused};
 use super::request;
 
 /// Browsers following live updates at once, at most.
-pub const MAX_SSE_CLIENTS: i64 = 64;
+pub const MAX_SSE_CLIENTS: usize = 64;
 
 pub const OPENAPI: &str = include_str!("openapi.json");
 
@@ -169,8 +169,8 @@ pub async fn log(
     }
 }
 
-/// Counts SSE clients while a stream lives.
-struct SseGuard(Arc<App>);
+/// Holds one of the event-stream slots (and counts the client) while a stream lives.
+struct SseGuard(Arc<App>, #[allow(dead_code)] tokio::sync::OwnedSemaphorePermit);
 
 impl Drop for SseGuard {
     fn drop(&mut self) {
@@ -179,15 +179,15 @@ impl Drop for SseGuard {
 }
 
 fn sse(app: Arc<App>, only: Option<String>) -> Response {
-    if app.mgr.metrics.sse_clients.get() >= MAX_SSE_CLIENTS {
+    let Ok(permit) = app.sse_slots.clone().try_acquire_owned() else {
         return error(
             StatusCode::SERVICE_UNAVAILABLE,
             None,
             format!("{MAX_SSE_CLIENTS} clients already follow live updates; poll /api/v1/jobs instead"),
         );
-    }
+    };
     app.mgr.metrics.sse_clients.inc();
-    let guard = SseGuard(app.clone());
+    let guard = SseGuard(app.clone(), permit);
     let rx = app.mgr.events.subscribe();
     let stream = BroadcastStream::new(rx).filter_map(move |m| {
         let _keep = &guard;

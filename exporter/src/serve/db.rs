@@ -43,6 +43,16 @@ pub struct JobRow {
     pub pid: Option<i64>,
 }
 
+/// Run database work (and waiting for the connection) off the async worker threads: on a
+/// multi-threaded runtime's worker, tokio hands that worker's other tasks to another thread
+/// meanwhile; elsewhere (a blocking thread, a test) it just runs.
+fn blocking<T>(f: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => tokio::task::block_in_place(f),
+        _ => f(),
+    }
+}
+
 pub struct Db {
     conn: Mutex<Connection>,
 }
@@ -70,6 +80,8 @@ CREATE TABLE IF NOT EXISTS jobs (
   pid INTEGER
 );
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state);
+CREATE INDEX IF NOT EXISTS jobs_created ON jobs(created_ms DESC, id DESC);
+CREATE INDEX IF NOT EXISTS jobs_state_created ON jobs(state, created_ms DESC, id DESC);
 CREATE TABLE IF NOT EXISTS log (
   job_id TEXT NOT NULL,
   seq INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -123,6 +135,9 @@ pub struct Update {
     pub attempts: Option<i64>,
     pub finished_ms: Option<Option<i64>>,
     pub pid: Option<Option<i64>>,
+    /// Change the row only while the job has not ended (a late progress event never turns a
+    /// cancelled job back into a running one).
+    pub only_active: bool,
 }
 
 impl Db {
@@ -138,43 +153,12 @@ impl Db {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Connection> {
         // A panic while holding the lock leaves the connection usable (SQLite rolls back).
-        self.conn.lock().unwrap_or_else(|p| p.into_inner())
+        blocking(|| self.conn.lock().unwrap_or_else(|p| p.into_inner()))
     }
 
     pub fn insert(&self, j: &JobRow) -> rusqlite::Result<()> {
-        self.lock().execute(
-            &format!("INSERT INTO jobs ({COLUMNS}) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14,?15,?16,?17,?18,?19)"),
-            params![
-                j.id,
-                j.name,
-                j.state,
-                j.mode,
-                j.phase,
-                j.percent,
-                j.disks.to_string(),
-                j.queue_job_id,
-                j.queue,
-                j.job_dir,
-                j.files.to_string(),
-                j.error,
-                j.exit_code,
-                j.attempts,
-                j.created_ms,
-                j.updated_ms,
-                j.finished_ms,
-                j.request.to_string(),
-                j.pid
-            ],
-        )?;
-        Ok(())
-    }
-
-    /// Insert several jobs in one transaction: all or none.
-    pub fn insert_all(&self, jobs: &[JobRow]) -> rusqlite::Result<()> {
-        let mut c = self.lock();
-        let tx = c.transaction()?;
-        for j in jobs {
-            tx.execute(
+        blocking(|| {
+            self.lock().execute(
                 &format!("INSERT INTO jobs ({COLUMNS}) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14,?15,?16,?17,?18,?19)"),
                 params![
                     j.id,
@@ -198,54 +182,97 @@ impl Db {
                     j.pid
                 ],
             )?;
-        }
-        tx.commit()
+            Ok(())
+        })
+    }
+
+    /// Insert several jobs in one transaction: all or none.
+    pub fn insert_all(&self, jobs: &[JobRow]) -> rusqlite::Result<()> {
+        blocking(|| {
+            let mut c = self.lock();
+            let tx = c.transaction()?;
+            for j in jobs {
+                tx.execute(
+                    &format!("INSERT INTO jobs ({COLUMNS}) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14,?15,?16,?17,?18,?19)"),
+                    params![
+                        j.id,
+                        j.name,
+                        j.state,
+                        j.mode,
+                        j.phase,
+                        j.percent,
+                        j.disks.to_string(),
+                        j.queue_job_id,
+                        j.queue,
+                        j.job_dir,
+                        j.files.to_string(),
+                        j.error,
+                        j.exit_code,
+                        j.attempts,
+                        j.created_ms,
+                        j.updated_ms,
+                        j.finished_ms,
+                        j.request.to_string(),
+                        j.pid
+                    ],
+                )?;
+            }
+            tx.commit()
+        })
     }
 
     pub fn get(&self, id: &str) -> rusqlite::Result<Option<JobRow>> {
-        self.lock().query_row(&format!("SELECT {COLUMNS} FROM jobs WHERE id = ?1"), [id], row).optional()
+        let c = self.lock();
+        blocking(|| c.query_row(&format!("SELECT {COLUMNS} FROM jobs WHERE id = ?1"), [id], row).optional())
     }
 
     /// Newest first.
     pub fn list(&self, state: Option<&str>, limit: i64, offset: i64) -> rusqlite::Result<(Vec<JobRow>, i64)> {
-        let c = self.lock();
-        let (rows, total) = match state {
-            Some(s) => {
-                let mut st = c.prepare_cached(&format!(
-                    "SELECT {COLUMNS} FROM jobs WHERE state = ?1 ORDER BY created_ms DESC, id DESC LIMIT ?2 OFFSET ?3"
-                ))?;
-                let rows = st.query_map(params![s, limit, offset], row)?.collect::<rusqlite::Result<Vec<_>>>()?;
-                let total = c.query_row("SELECT COUNT(*) FROM jobs WHERE state = ?1", [s], |r| r.get(0))?;
-                (rows, total)
-            }
-            None => {
-                let mut st = c.prepare_cached(&format!(
-                    "SELECT {COLUMNS} FROM jobs ORDER BY created_ms DESC, id DESC LIMIT ?1 OFFSET ?2"
-                ))?;
-                let rows = st.query_map(params![limit, offset], row)?.collect::<rusqlite::Result<Vec<_>>>()?;
-                let total = c.query_row("SELECT COUNT(*) FROM jobs", [], |r| r.get(0))?;
-                (rows, total)
-            }
-        };
-        Ok((rows, total))
+        blocking(|| {
+            let c = self.lock();
+            let (rows, total) = match state {
+                Some(s) => {
+                    let mut st = c.prepare_cached(&format!(
+                        "SELECT {COLUMNS} FROM jobs WHERE state = ?1 ORDER BY created_ms DESC, id DESC LIMIT ?2 OFFSET ?3"
+                    ))?;
+                    let rows = st.query_map(params![s, limit, offset], row)?.collect::<rusqlite::Result<Vec<_>>>()?;
+                    let total = c.query_row("SELECT COUNT(*) FROM jobs WHERE state = ?1", [s], |r| r.get(0))?;
+                    (rows, total)
+                }
+                None => {
+                    let mut st = c.prepare_cached(&format!(
+                        "SELECT {COLUMNS} FROM jobs ORDER BY created_ms DESC, id DESC LIMIT ?1 OFFSET ?2"
+                    ))?;
+                    let rows = st.query_map(params![limit, offset], row)?.collect::<rusqlite::Result<Vec<_>>>()?;
+                    let total = c.query_row("SELECT COUNT(*) FROM jobs", [], |r| r.get(0))?;
+                    (rows, total)
+                }
+            };
+            Ok((rows, total))
+        })
     }
 
     /// Jobs in any of these states, oldest first.
     pub fn in_states(&self, states: &[&str]) -> rusqlite::Result<Vec<JobRow>> {
-        let c = self.lock();
-        let marks = vec!["?"; states.len()].join(",");
-        let mut st =
-            c.prepare(&format!("SELECT {COLUMNS} FROM jobs WHERE state IN ({marks}) ORDER BY created_ms, id"))?;
-        st.query_map(rusqlite::params_from_iter(states.iter()), row)?.collect()
+        blocking(|| {
+            let c = self.lock();
+            let marks = vec!["?"; states.len()].join(",");
+            let mut st =
+                c.prepare(&format!("SELECT {COLUMNS} FROM jobs WHERE state IN ({marks}) ORDER BY created_ms, id"))?;
+            st.query_map(rusqlite::params_from_iter(states.iter()), row)?.collect()
+        })
     }
 
     pub fn counts(&self) -> rusqlite::Result<Vec<(String, i64)>> {
-        let c = self.lock();
-        let mut st = c.prepare_cached("SELECT state, COUNT(*) FROM jobs GROUP BY state")?;
-        st.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?.collect()
+        blocking(|| {
+            let c = self.lock();
+            let mut st = c.prepare_cached("SELECT state, COUNT(*) FROM jobs GROUP BY state")?;
+            st.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?.collect()
+        })
     }
 
-    pub fn update(&self, id: &str, u: &Update, now_ms: i64) -> rusqlite::Result<()> {
+    /// Returns the number of rows changed (0: no such job, or ended and `only_active`).
+    pub fn update(&self, id: &str, u: &Update, now_ms: i64) -> rusqlite::Result<usize> {
         let mut sets: Vec<&str> = vec!["updated_ms = :now"];
         let mut vals: Vec<(&str, Box<dyn rusqlite::ToSql>)> =
             vec![(":id", Box::new(id.to_string())), (":now", Box::new(now_ms))];
@@ -270,38 +297,43 @@ impl Db {
         set!(attempts, "attempts", |v: i64| v);
         set!(finished_ms, "finished_ms", |v: Option<i64>| v);
         set!(pid, "pid", |v: Option<i64>| v);
-        let sql = format!("UPDATE jobs SET {} WHERE id = :id", sets.join(", "));
+        let guard = if u.only_active { " AND state NOT IN ('done', 'failed', 'cancelled', 'interrupted')" } else { "" };
+        let sql = format!("UPDATE jobs SET {} WHERE id = :id{guard}", sets.join(", "));
         let c = self.lock();
         let named: Vec<(&str, &dyn rusqlite::ToSql)> = vals.iter().map(|(k, v)| (*k, v.as_ref())).collect();
-        c.execute(&sql, named.as_slice())?;
-        Ok(())
+        blocking(|| c.execute(&sql, named.as_slice()))
     }
 
     /// Append lines of a job's output, keeping the last [`LOG_LINES_KEPT`].
     pub fn log(&self, id: &str, lines: &[String], now_ms: i64) -> rusqlite::Result<()> {
-        if lines.is_empty() {
-            return Ok(());
-        }
-        let mut c = self.lock();
-        let tx = c.transaction()?;
-        for l in lines {
-            tx.execute("INSERT INTO log (job_id, ts_ms, line) VALUES (?1, ?2, ?3)", params![id, now_ms, l])?;
-        }
-        tx.execute(
-            "DELETE FROM log WHERE job_id = ?1 AND seq <= (SELECT seq FROM log WHERE job_id = ?1 ORDER BY seq DESC LIMIT 1 OFFSET ?2)",
-            params![id, LOG_LINES_KEPT],
-        )?;
-        tx.commit()
+        blocking(|| {
+            if lines.is_empty() {
+                return Ok(());
+            }
+            let mut c = self.lock();
+            let tx = c.transaction()?;
+            for l in lines {
+                tx.execute("INSERT INTO log (job_id, ts_ms, line) VALUES (?1, ?2, ?3)", params![id, now_ms, l])?;
+            }
+            tx.execute(
+                "DELETE FROM log WHERE job_id = ?1 AND seq <= (SELECT seq FROM log WHERE job_id = ?1 ORDER BY seq DESC LIMIT 1 OFFSET ?2)",
+                params![id, LOG_LINES_KEPT],
+            )?;
+            tx.commit()
+        })
     }
 
     /// The last `n` lines of a job's output, oldest first.
     pub fn log_tail(&self, id: &str, n: i64) -> rusqlite::Result<Vec<(i64, String)>> {
-        let c = self.lock();
-        let mut st = c.prepare_cached("SELECT ts_ms, line FROM log WHERE job_id = ?1 ORDER BY seq DESC LIMIT ?2")?;
-        let mut v: Vec<(i64, String)> =
-            st.query_map(params![id, n], |r| Ok((r.get(0)?, r.get(1)?)))?.collect::<rusqlite::Result<_>>()?;
-        v.reverse();
-        Ok(v)
+        blocking(|| {
+            let c = self.lock();
+            let mut st =
+                c.prepare_cached("SELECT ts_ms, line FROM log WHERE job_id = ?1 ORDER BY seq DESC LIMIT ?2")?;
+            let mut v: Vec<(i64, String)> =
+                st.query_map(params![id, n], |r| Ok((r.get(0)?, r.get(1)?)))?.collect::<rusqlite::Result<_>>()?;
+            v.reverse();
+            Ok(v)
+        })
     }
 }
 

@@ -29,6 +29,9 @@ use super::request::{ExportRequest, Mode};
 
 /// Longest line read from a child (longer ones are cut).
 const MAX_LINE: usize = 64 * 1024;
+/// Children (hyperexport processes) at once, exporting or following a job in the farm: a
+/// follower holds no export slot, but each is a process.
+pub const MAX_CHILDREN: usize = 32;
 
 /// States of a job in serve's history.
 pub const PENDING: &str = "pending";
@@ -67,11 +70,25 @@ pub enum Refused {
     Internal(String),
 }
 
+/// What hyperexport.toml says about queues (for finding a job's queue without its child).
+#[derive(Debug, Clone, Default)]
+pub struct QueueDefaults {
+    pub config_watch_dir: Option<PathBuf>,
+    pub config_instance: Option<String>,
+}
+
 pub struct Manager {
+    queues: QueueDefaults,
     pub db: Arc<Db>,
     exe: PathBuf,
     config: Option<PathBuf>,
+    /// Children copying into the queue (or converting here) at once: `--max-concurrent`.
     slots: Arc<Semaphore>,
+    /// Children at all, exporting or following a published job.
+    children: Arc<Semaphore>,
+    /// Serialises the decisions that start a job again or end one without its child (retry,
+    /// cancel of a job with no child), so that two requests cannot both act on one job.
+    control: Mutex<()>,
     pub events: broadcast::Sender<Arc<str>>,
     running: Mutex<HashMap<String, Running>>,
     shutting_down: AtomicBool,
@@ -86,6 +103,7 @@ impl Manager {
         config: Option<PathBuf>,
         max_concurrent: usize,
         metrics: Arc<Metrics>,
+        queues: QueueDefaults,
     ) -> Arc<Manager> {
         let (events, _) = broadcast::channel(1024);
         Arc::new(Manager {
@@ -93,31 +111,64 @@ impl Manager {
             exe,
             config,
             slots: Arc::new(Semaphore::new(max_concurrent.max(1))),
+            children: Arc::new(Semaphore::new(MAX_CHILDREN.max(max_concurrent))),
+            control: Mutex::new(()),
             events,
             running: Mutex::new(HashMap::new()),
             shutting_down: AtomicBool::new(false),
             metrics,
             max_concurrent: max_concurrent.max(1),
+            queues,
         })
+    }
+
+    /// The queue a request's job goes to, as its child resolves it (the request, then
+    /// hyperexport.toml, then the instance's default); `None` in direct mode.
+    fn queue_of(&self, r: &ExportRequest) -> Option<PathBuf> {
+        match r.mode() {
+            Mode::Direct => None,
+            Mode::ExportOnly => r.output_dir.clone().map(PathBuf::from),
+            Mode::Daemon => Some(match (&r.options.hyper2kvm_watch_dir, &self.queues.config_watch_dir) {
+                (Some(d), _) => PathBuf::from(d),
+                (None, Some(d)) => d.clone(),
+                (None, None) => hyperfarm_shared::instance::watch_dir(
+                    r.options
+                        .hyper2kvm_instance
+                        .as_deref()
+                        .filter(|i| !i.is_empty())
+                        .or(self.queues.config_instance.as_deref()),
+                ),
+            }),
+        }
     }
 
     fn running(&self) -> std::sync::MutexGuard<'_, HashMap<String, Running>> {
         self.running.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Persist a change and tell the browsers.
-    fn update(&self, id: &str, u: &Update) {
-        if let Err(e) = self.db.update(id, u, now_ms()) {
-            tracing::error!(job = %id, "cannot record the job's state in the job database: {e}");
+    /// Persist a change and tell the browsers. Returns whether the row changed (an update with
+    /// `only_active` leaves an ended job alone).
+    fn update(&self, id: &str, u: &Update) -> bool {
+        let changed = match self.db.update(id, u, now_ms()) {
+            Ok(n) => n > 0,
+            Err(e) => {
+                tracing::error!(job = %id, "cannot record the job's state in the job database: {e}");
+                false
+            }
+        };
+        if changed {
+            self.announce(id);
         }
-        self.announce(id);
+        changed
     }
 
+    /// Broadcast the row without its request (small and bounded whatever was submitted).
     fn announce(&self, id: &str) {
-        if let Ok(Some(row)) = self.db.get(id)
-            && let Ok(text) = serde_json::to_string(&row)
-        {
-            let _ = self.events.send(text.into());
+        if let Ok(Some(mut row)) = self.db.get(id) {
+            row.request = serde_json::Value::Null;
+            if let Ok(text) = serde_json::to_string(&row) {
+                let _ = self.events.send(text.into());
+            }
         }
     }
 
@@ -160,9 +211,19 @@ impl Manager {
         Ok(rows)
     }
 
-    fn start(self: &Arc<Self>, id: String) {
+    /// Start the job's task unless one runs: the entry in `running` is made here, before the
+    /// task, so that a second start (a double retry) finds it.
+    fn start(self: &Arc<Self>, id: String) -> bool {
+        {
+            let mut running = self.running();
+            if running.contains_key(&id) {
+                return false;
+            }
+            running.insert(id.clone(), Running::default());
+        }
         let me = self.clone();
         tokio::spawn(async move { me.run(id).await });
+        true
     }
 
     /// Pick up the history after a start: jobs that were published are followed again (the
@@ -175,6 +236,19 @@ impl Manager {
                 stop_leftover_child(pid as u32, r.queue_job_id.as_deref().unwrap_or(&r.id)).await;
             }
             if r.state == PENDING {
+                self.start(r.id.clone());
+            } else if let Some(q) = self.published_meanwhile(&r) {
+                // Its export finished (a child that outlived the earlier serve) after the last
+                // event serve recorded: follow it.
+                tracing::info!(job = %r.id, queue = %q.display(), "the job reached the queue while serve was down: following it");
+                self.db
+                    .log(
+                        &r.id,
+                        &["hyperexport serve restarted: the job is in the queue, following it".into()],
+                        now_ms(),
+                    )
+                    .ok();
+                self.update(&r.id, &Update { queue: Some(Some(q.display().to_string())), ..Default::default() });
                 self.start(r.id.clone());
             } else if r.queue.is_some() {
                 tracing::info!(job = %r.id, queue_job = ?r.queue_job_id, "following the job again after a restart (it is in the queue)");
@@ -199,8 +273,21 @@ impl Manager {
         Ok(())
     }
 
+    /// A job recorded as exporting whose queue job is in its queue after all.
+    fn published_meanwhile(&self, r: &JobRow) -> Option<PathBuf> {
+        if r.queue.is_some() {
+            return None;
+        }
+        let req: ExportRequest = serde_json::from_value(r.request.clone()).ok()?;
+        let root = self.queue_of(&req)?;
+        let qid: JobId = r.queue_job_id.as_deref()?.parse().ok()?;
+        let found = tokio::task::block_in_place(|| Queue::new(&root).locate(&qid)).ok().flatten();
+        found.map(|_| root)
+    }
+
     /// Cancel a job: not started yet → cancelled at once; exporting → the child is stopped
-    /// (its staged copy is removed); in the queue → a cancel request the agent acts on.
+    /// (its staged copy is removed); in the queue → a cancel request the agent acts on, and
+    /// the child (if any) sees the job end cancelled.
     pub async fn cancel(self: &Arc<Self>, id: &str) -> Result<JobRow, Refused> {
         let row = self.db.get(id).map_err(|e| Refused::Internal(e.to_string()))?.ok_or(Refused::NotFound)?;
         if is_final(&row.state) {
@@ -211,13 +298,17 @@ impl Manager {
             match running.get_mut(id) {
                 Some(r) => {
                     r.cancel = true;
-                    (r.pid, r.queue.clone(), r.queue_job_id.clone())
+                    (r.pid, r.queue.clone(), Some(r.queue_job_id.clone()).filter(|q| !q.is_empty()))
                 }
-                None => (None, None, String::new()),
+                None => (None, None, None),
             }
         };
-        match (pid, queue) {
-            (_, Some(q)) => {
+        // A published job whose follower is not running (waiting for a slot after a restart):
+        // its queue is in the row.
+        let queue = queue.or_else(|| row.queue.clone().map(PathBuf::from));
+        let qid = qid.or_else(|| row.queue_job_id.clone());
+        match (pid, queue, qid) {
+            (_, Some(q), Some(qid)) => {
                 let qid2 = qid.clone();
                 let asked = tokio::task::spawn_blocking(move || -> std::io::Result<Option<State>> {
                     let id: JobId = qid2.parse().map_err(|e| std::io::Error::other(format!("{e}")))?;
@@ -228,39 +319,71 @@ impl Manager {
                 match asked {
                     Ok(Some(s)) if !s.is_final() || s == State::Cancelled => {
                         self.db.log(id, &[format!("cancel requested: queue job {qid} ({s})")], now_ms()).ok();
-                    }
-                    other => {
-                        // Ended meanwhile, or not in the queue: stop following.
-                        tracing::info!(job = %id, ?other, "cancel: the queue job is not cancellable; stopping the child");
-                        if let Some(pid) = pid {
-                            signal(pid, rustix::process::Signal::TERM);
+                        if pid.is_none() {
+                            self.end_without_child(id, CANCELLED, "cancelled in the queue");
                         }
+                    }
+                    Ok(Some(s)) => {
+                        // It ended meanwhile (done or failed): its follower reports that.
+                        if let Some(r) = self.running().get_mut(id) {
+                            r.cancel = false;
+                        }
+                        return Err(Refused::Conflict(format!(
+                            "queue job {qid} already ended ({s}); nothing to cancel"
+                        )));
+                    }
+                    Ok(None) => {
+                        // Not in the queue (removed by hand, or the wrong queue): stop following.
+                        match pid {
+                            Some(pid) => signal(pid, rustix::process::Signal::TERM),
+                            None => self.end_without_child(id, CANCELLED, "cancelled (the queue job was not found)"),
+                        }
+                    }
+                    Err(e) => {
+                        if let Some(r) = self.running().get_mut(id) {
+                            r.cancel = false;
+                        }
+                        return Err(Refused::Internal(format!(
+                            "cannot ask the queue to cancel job {qid}: {e}; nothing was changed"
+                        )));
                     }
                 }
             }
-            (Some(pid), None) => {
+            (Some(pid), _, _) => {
                 self.db.log(id, &["cancel requested: stopping the export".into()], now_ms()).ok();
                 signal(pid, rustix::process::Signal::TERM);
             }
-            (None, None) => {
-                // Waiting for a slot (or between a restart and its child): it will not start.
-                self.update(
-                    id,
-                    &Update {
-                        state: Some(CANCELLED.into()),
-                        phase: Some("cancelled before it started".into()),
-                        finished_ms: Some(Some(now_ms())),
-                        ..Default::default()
-                    },
-                );
+            _ => {
+                // Waiting for a slot, never published: it will not start.
+                self.end_without_child(id, CANCELLED, "cancelled before it started");
             }
         }
         self.db.get(id).map_err(|e| Refused::Internal(e.to_string()))?.ok_or(Refused::NotFound)
     }
 
-    /// Run a failed, cancelled or interrupted job again. An interrupted job keeps its queue job
-    /// id (it may have reached the queue); the others get a new one.
+    /// End a job that has no child running, unless it ended meanwhile.
+    fn end_without_child(&self, id: &str, state: &str, phase: &str) {
+        let _g = self.control.lock().unwrap_or_else(|p| p.into_inner());
+        if self.running().get(id).is_some_and(|r| r.pid.is_some()) {
+            return;
+        }
+        self.update(
+            id,
+            &Update {
+                state: Some(state.into()),
+                phase: Some(phase.into()),
+                finished_ms: Some(Some(now_ms())),
+                only_active: true,
+                ..Default::default()
+            },
+        );
+    }
+
+    /// Run a failed, cancelled or interrupted job again. A job whose queue job is still in the
+    /// queue and not ended (interrupted, or failed while following it) keeps its queue id and is
+    /// followed; the others get a new id and are submitted anew.
     pub fn retry(self: &Arc<Self>, id: &str) -> Result<JobRow, Refused> {
+        let _g = self.control.lock().unwrap_or_else(|p| p.into_inner());
         let row = self.db.get(id).map_err(|e| Refused::Internal(e.to_string()))?.ok_or(Refused::NotFound)?;
         if !matches!(row.state.as_str(), FAILED | CANCELLED | INTERRUPTED) {
             return Err(Refused::Conflict(format!(
@@ -271,9 +394,20 @@ impl Manager {
         if self.running().contains_key(id) {
             return Err(Refused::Conflict(format!("job {id} is still stopping; retry it in a moment")));
         }
+        let alive_in_queue = || -> bool {
+            let (Some(q), Some(qid)) = (&row.queue, row.queue_job_id.as_deref().and_then(|q| q.parse::<JobId>().ok()))
+            else {
+                return false;
+            };
+            tokio::task::block_in_place(|| Queue::new(q).locate(&qid))
+                .ok()
+                .flatten()
+                .is_some_and(|(s, _)| !s.is_final())
+        };
         let qid = match (row.mode.as_str(), row.state.as_str()) {
             ("direct", _) => None,
             (_, INTERRUPTED) => row.queue_job_id.clone(),
+            _ if alive_in_queue() => row.queue_job_id.clone(),
             _ => Some(JobId::new().to_string()),
         };
         self.db
@@ -295,6 +429,7 @@ impl Manager {
                 attempts: Some(row.attempts + 1),
                 finished_ms: Some(None),
                 pid: Some(None),
+                only_active: false,
             },
         );
         self.start(id.to_string());
@@ -306,6 +441,9 @@ impl Manager {
     /// (the job goes on in the farm, and is followed again at the next start).
     pub async fn shutdown(&self) {
         self.shutting_down.store(true, Ordering::Relaxed);
+        // Jobs still waiting for a slot stay pending (started at the next start).
+        self.slots.close();
+        self.children.close();
         let children: Vec<(String, Option<u32>, bool)> =
             self.running().iter().map(|(id, r)| (id.clone(), r.pid, r.queue.is_some())).collect();
         for (id, pid, published) in &children {
@@ -321,10 +459,23 @@ impl Manager {
     }
 
     async fn run(self: Arc<Self>, id: String) {
-        self.running().entry(id.clone()).or_default();
-        let permit = match self.slots.clone().acquire_owned().await {
-            Ok(p) => p,
-            Err(_) => return,
+        // Closed semaphores: serve is stopping; the job stays as it is for the next start.
+        let Ok(child_permit) = self.children.clone().acquire_owned().await else {
+            self.running().remove(&id);
+            return;
+        };
+        let published = matches!(self.db.get(&id), Ok(Some(r)) if r.queue.is_some());
+        // A job already in the queue only needs following: no export slot.
+        let export_permit = if published {
+            None
+        } else {
+            match self.slots.clone().acquire_owned().await {
+                Ok(p) => Some(p),
+                Err(_) => {
+                    self.running().remove(&id);
+                    return;
+                }
+            }
         };
         let row = match self.db.get(&id) {
             Ok(Some(r)) if !is_final(&r.state) && !self.shutting_down.load(Ordering::Relaxed) => r,
@@ -337,15 +488,19 @@ impl Manager {
             self.running().remove(&id);
             return;
         }
-        let outcome = self.run_child(&row).await;
-        drop(permit);
+        let outcome = self.run_child(&row, export_permit).await;
+        drop(child_permit);
         self.running().remove(&id);
         if let Some((state, started)) = outcome {
             self.metrics.job_ended(&state, started.elapsed());
         }
     }
 
-    async fn run_child(&self, row: &JobRow) -> Option<(String, Instant)> {
+    async fn run_child(
+        &self,
+        row: &JobRow,
+        mut export_permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    ) -> Option<(String, Instant)> {
         let id = row.id.clone();
         let req: ExportRequest = match serde_json::from_value(row.request.clone()) {
             Ok(r) => r,
@@ -396,11 +551,16 @@ impl Manager {
             r.pid = pid;
             r.queue_job_id = qid.clone();
             r.queue = row.queue.clone().map(PathBuf::from);
-            if r.cancel
-                && let Some(pid) = pid
-            {
-                // Cancelled while it was being started.
-                signal(pid, rustix::process::Signal::TERM);
+            if let Some(pid) = pid {
+                if r.cancel {
+                    // Cancelled while it was being started.
+                    signal(pid, rustix::process::Signal::TERM);
+                } else if self.shutting_down.load(Ordering::Relaxed) {
+                    // Started while serve began stopping (after shutdown's look at the children).
+                    let sig =
+                        if r.queue.is_some() { rustix::process::Signal::KILL } else { rustix::process::Signal::TERM };
+                    signal(pid, sig);
+                }
             }
         }
         let state = if row.queue.is_some() { row.state.clone() } else { EXPORTING.to_string() };
@@ -410,6 +570,7 @@ impl Manager {
                 state: Some(state),
                 phase: Some(if row.queue.is_some() { "following".into() } else { "reading the VM".into() }),
                 pid: Some(pid.map(i64::from)),
+                only_active: true,
                 ..Default::default()
             },
         );
@@ -449,6 +610,9 @@ impl Manager {
         };
         let mut result: Option<serde_json::Value> = None;
         let mut disks = serde_json::Map::new();
+        // Progress is written (and broadcast) at most once a second per job, and at every change
+        // of state or phase.
+        let mut last_progress: Option<(Instant, String, String)> = None;
         if let Some(o) = stdout {
             let mut r = BufReader::new(o);
             while let Ok(Some(line)) = next_line(&mut r, MAX_LINE).await {
@@ -459,6 +623,9 @@ impl Manager {
                         if let Some(b) = v.get("bytes").and_then(|b| b.as_u64()) {
                             self.metrics.exported_bytes.inc_by(b);
                         }
+                        // The export is over: its slot goes to the next job while this one is
+                        // followed in the farm.
+                        export_permit.take();
                         if let Some(r) = self.running().get_mut(&id) {
                             r.queue = queue.clone().map(PathBuf::from);
                         }
@@ -471,6 +638,7 @@ impl Manager {
                                 percent: Some(0.0),
                                 queue: Some(queue.clone()),
                                 job_dir: Some(v.get("job_dir").and_then(|q| q.as_str()).map(str::to_string)),
+                                only_active: true,
                                 ..Default::default()
                             },
                         );
@@ -489,6 +657,18 @@ impl Manager {
                         let item = v.get("item").and_then(|s| s.as_str()).unwrap_or("").to_string();
                         let phase = v.get("phase").and_then(|s| s.as_str()).unwrap_or("").to_string();
                         let pct = v.get("percent").and_then(|p| p.as_f64()).unwrap_or(0.0).clamp(0.0, 100.0);
+                        let key = (format!("{stage}/{item}"), phase.clone());
+                        if pct < 100.0
+                            && last_progress.as_ref().is_some_and(|(t, k, ph)| {
+                                t.elapsed() < Duration::from_secs(1) && *k == key.0 && *ph == key.1
+                            })
+                        {
+                            if stage == "export" {
+                                disks.insert(item.clone(), serde_json::json!(pct));
+                            }
+                            continue;
+                        }
+                        last_progress = Some((Instant::now(), key.0, key.1));
                         let u = if stage == "export" {
                             disks.insert(item.clone(), serde_json::json!(pct));
                             Update {
@@ -496,6 +676,7 @@ impl Manager {
                                 phase: Some(format!("copying {item}")),
                                 percent: Some(pct),
                                 disks: Some(serde_json::Value::Object(disks.clone())),
+                                only_active: true,
                                 ..Default::default()
                             }
                         } else {
@@ -504,6 +685,7 @@ impl Manager {
                                 state: Some(if queued { QUEUED } else { CONVERTING }.into()),
                                 phase: Some(phase),
                                 percent: Some(pct),
+                                only_active: true,
                                 ..Default::default()
                             }
                         };
@@ -515,6 +697,10 @@ impl Manager {
             }
         }
         let status = child.wait().await;
+        // The pid may be reused from now on: never signal it again.
+        if let Some(r) = self.running().get_mut(&id) {
+            r.pid = None;
+        }
         let _ = stderr_task.await;
         self.metrics.running.dec();
         let code = status.as_ref().ok().and_then(|s| s.code());

@@ -1,4 +1,4 @@
-//! `/metrics` of `hyperexport serve` (Prometheus text format), on its own listener.
+//! `/metrics` of `hyperexport serve` (Prometheus text format), on serve's own HTTP listener.
 
 use std::sync::Mutex;
 use std::time::Duration;

@@ -68,6 +68,8 @@ pub struct App {
     pub watch_dir: PathBuf,
     pub output_dir: PathBuf,
     pub tls: bool,
+    /// Event-stream clients at once ([`api::MAX_SSE_CLIENTS`]).
+    pub sse_slots: Arc<tokio::sync::Semaphore>,
 }
 
 impl App {
@@ -146,8 +148,11 @@ fn read_token(p: &Path) -> Result<String, String> {
     }
     let t = std::fs::read_to_string(p).map_err(|e| format!("--token-file {}: {e}", p.display()))?;
     let t = t.trim().to_string();
-    if t.len() < 16 || t.chars().any(|c| c.is_control() || c == ' ') {
-        return Err(format!("--token-file {}: the token must be at least 16 characters, without spaces", p.display()));
+    if t.len() < 16 || !t.chars().all(|c| c.is_ascii_graphic() && !matches!(c, ';' | ',' | '"' | '\\')) {
+        return Err(format!(
+            "--token-file {}: the token must be at least 16 visible ASCII characters, without spaces, ; , \" or \\ (it is also the dashboard's cookie)",
+            p.display()
+        ));
     }
     Ok(t)
 }
@@ -208,10 +213,18 @@ async fn run(args: ServeArgs) -> Result<(), (u8, String)> {
     let db = Arc::new(db::Db::open(&db_path).map_err(|e| (crate::EXIT_UNREACHABLE, e))?);
     let exe = std::env::current_exe().map_err(|e| (crate::EXIT_INTERNAL, format!("cannot find this program: {e}")))?;
     let metrics = Arc::new(metrics::Metrics::new());
-    let mgr = jobs::Manager::new(db, exe, file.clone(), usize::from(args.max_concurrent), metrics);
+    let queues = jobs::QueueDefaults { config_watch_dir: fc.watch_dir.clone(), config_instance: fc.instance.clone() };
+    let mgr = jobs::Manager::new(db, exe, file.clone(), usize::from(args.max_concurrent), metrics, queues);
     mgr.recover().await.map_err(|e| (crate::EXIT_INTERNAL, e))?;
 
-    let app = Arc::new(App { mgr: mgr.clone(), token, watch_dir, output_dir, tls: tls.is_some() });
+    let app = Arc::new(App {
+        mgr: mgr.clone(),
+        token,
+        watch_dir,
+        output_dir,
+        tls: tls.is_some(),
+        sse_slots: Arc::new(tokio::sync::Semaphore::new(api::MAX_SSE_CLIENTS)),
+    });
     let router = router(app.clone());
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
@@ -322,9 +335,20 @@ fn router(app: Arc<App>) -> Router {
         .route("/assets/app.js", get(web::app_js))
         .route("/assets/style.css", get(web::style_css))
         .fallback(api::not_found)
+        .layer(axum::middleware::from_fn(deadline))
         .layer(axum::middleware::from_fn_with_state(app.clone(), guard))
         .layer(axum::extract::DefaultBodyLimit::max(1024 * 1024))
         .with_state(app)
+}
+
+/// `localhost`, `127.x.y.z` or `[::1]`, with or without a port.
+fn loopback_host(host: &str) -> bool {
+    let name = if let Some(rest) = host.strip_prefix('[') {
+        rest.split(']').next().unwrap_or("")
+    } else {
+        host.rsplit_once(':').map(|(n, _)| n).unwrap_or(host)
+    };
+    name.eq_ignore_ascii_case("localhost") || name.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
 }
 
 /// Compare without an early exit (the token's length is not secret).
@@ -347,6 +371,20 @@ fn given_token(h: &HeaderMap) -> Option<String> {
         .find_map(|c| c.trim().strip_prefix(web::COOKIE).and_then(|r| r.strip_prefix('=')).map(str::to_string))
 }
 
+/// A request (its body included) must be answered within this; event streams are exempt.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A slow client cannot hold a connection slot with a body it never finishes sending.
+async fn deadline(req: Request, next: Next) -> Response {
+    if req.uri().path().ends_with("/events") {
+        return next.run(req).await;
+    }
+    match tokio::time::timeout(REQUEST_TIMEOUT, next.run(req)).await {
+        Ok(r) => r,
+        Err(_) => api::error(StatusCode::REQUEST_TIMEOUT, None, "the request took too long"),
+    }
+}
+
 /// Authentication (when a token is configured) and cross-site request refusal (always).
 async fn guard(State(app): State<Arc<App>>, req: Request, next: Next) -> Response {
     let path = req.uri().path().to_string();
@@ -365,6 +403,15 @@ async fn guard(State(app): State<Arc<App>>, req: Request, next: Next) -> Respons
         if cross || origin_mismatch {
             return api::error(StatusCode::FORBIDDEN, None, "cross-site request refused");
         }
+    }
+    // Without a token (loopback only), a request must name this host by a loopback address or
+    // `localhost`: a page elsewhere that rebinds its own DNS name to 127.0.0.1 gets nothing.
+    if app.token.is_none() && !h.get(header::HOST).and_then(|v| v.to_str().ok()).is_some_and(loopback_host) {
+        return api::error(
+            StatusCode::MISDIRECTED_REQUEST,
+            None,
+            "without a token, hyperexport serve answers only requests to a loopback address or localhost",
+        );
     }
     let open = path == "/login" || path.starts_with("/assets/") || path == "/api/v1/health";
     if let Some(token) = &app.token
@@ -385,4 +432,32 @@ async fn guard(State(app): State<Arc<App>>, req: Request, next: Next) -> Respons
         }
     }
     next.run(req).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_loopback_names_pass_without_a_token() {
+        for ok in ["127.0.0.1:8470", "localhost:8470", "LOCALHOST", "[::1]:8470", "127.0.0.2"] {
+            assert!(loopback_host(ok), "{ok}");
+        }
+        for bad in ["evil.example:8470", "10.0.0.1:8470", "[::2]:1", "localhost.evil.example", ""] {
+            assert!(!loopback_host(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn the_token_comes_from_the_header_in_any_case_or_the_cookie() {
+        let mut h = HeaderMap::new();
+        h.insert(header::AUTHORIZATION, "BEARER abc".parse().expect("header"));
+        assert_eq!(given_token(&h).as_deref(), Some("abc"));
+        let mut h = HeaderMap::new();
+        h.insert(header::COOKIE, "a=b; hyperexport_token=xyz".parse().expect("header"));
+        assert_eq!(given_token(&h).as_deref(), Some("xyz"));
+        let mut h = HeaderMap::new();
+        h.insert(header::AUTHORIZATION, "Basic abc".parse().expect("header"));
+        assert_eq!(given_token(&h), None);
+    }
 }

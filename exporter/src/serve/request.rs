@@ -269,6 +269,12 @@ pub fn validate(r: &ExportRequest) -> Result<(), Invalid> {
         return Err(Invalid::field("options.engine", format!("\"{}\" is not auto, qemu-img or hyper2kvm", Esc(e))));
     }
     if let Some(st) = &o.stages {
+        if st.len() > 3 || st.iter().enumerate().any(|(i, s)| st[..i].contains(s)) {
+            return Err(Invalid::field(
+                "options.stages",
+                format!("{} stages; give at most inspect, fix and validate, once each", st.len()),
+            ));
+        }
         for (i, s) in st.iter().enumerate() {
             if !["inspect", "fix", "validate"].contains(&s.as_str()) {
                 return Err(Invalid::field(

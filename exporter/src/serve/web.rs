@@ -61,7 +61,7 @@ fn bar(pct: f64) -> String {
 
 fn job_tr(j: &JobRow) -> String {
     format!(
-        r#"<tr data-job="{id}"><td><a href="/jobs/{id}">{name}</a><div class="sub">{mode}</div></td><td><span class="state s-{state}">{state}</span></td><td class="progress">{bar}<div class="phase">{phase}</div></td><td class="when">{created}</td></tr>"#,
+        r#"<tr data-job="{id}" data-created="{created_ms}"><td><a href="/jobs/{id}">{name}</a><div class="sub">{mode}</div></td><td><span class="state s-{state}">{state}</span></td><td class="progress">{bar}<div class="phase">{phase}</div></td><td class="when">{created}</td></tr>"#,
         id = esc(&j.id),
         name = esc(&j.name),
         mode = esc(&j.mode),
@@ -69,6 +69,7 @@ fn job_tr(j: &JobRow) -> String {
         bar = bar(j.percent),
         phase = esc(&j.phase),
         created = time(j.created_ms),
+        created_ms = j.created_ms,
     )
 }
 

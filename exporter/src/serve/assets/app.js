@@ -17,6 +17,20 @@
   var rows = document.querySelectorAll("[data-job]");
   if (!rows.length || !window.EventSource) { return; }
   var detail = document.querySelector("section.detail");
+  // An ended job's page has nothing to follow.
+  if (detail && detail.getAttribute("data-final") === "true") { return; }
+  // The newest job the list was rendered with: a job newer than it was submitted since (show it);
+  // an update of an older job not on the page (beyond the first 200) is ignored.
+  var newest = 0;
+  for (var r = 0; r < rows.length; r++) {
+    newest = Math.max(newest, Number(rows[r].getAttribute("data-created")) || 0);
+  }
+  var reloading = false;
+  function reloadSoon() {
+    if (reloading) { return; }
+    reloading = true;
+    setTimeout(function () { window.location.reload(); }, 1000);
+  }
   var finals = { done: 1, failed: 1, cancelled: 1, interrupted: 1 };
 
   function update(el, job) {
@@ -38,8 +52,8 @@
   function apply(job) {
     var els = document.querySelectorAll('[data-job="' + job.id + '"]');
     if (!els.length && !detail) {
-      // A job submitted elsewhere: show it.
-      window.location.reload();
+      // A job submitted elsewhere since the page was made: show it (once a second at most).
+      if (job.created_ms > newest) { reloadSoon(); }
       return;
     }
     for (var i = 0; i < els.length; i++) { update(els[i], job); }
@@ -62,5 +76,5 @@
       for (var i = 0; i < jobs.length; i++) { apply(jobs[i]); }
     }).catch(function () { /* the next event will do */ });
   });
-  es.addEventListener("lagged", function () { window.location.reload(); });
+  es.addEventListener("lagged", function () { reloadSoon(); });
 })();

@@ -94,6 +94,19 @@ pub struct Cli {
     /// Direct mode: when <vm>.qcow2 already exists, fail (default) or archive the old file
     #[arg(long, value_parser = parse_on_existing, value_name = "fail|archive")]
     pub on_existing: Option<OnExisting>,
+    /// Direct mode: define the converted VM in libvirt (domain XML written as <output>/<vm>.xml
+    /// from the VM's CPUs, memory, firmware and disks, validated, then `virsh define`)
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
+    pub libvirt: Option<bool>,
+    /// Where --libvirt defines the domain
+    #[arg(long, default_value = "qemu:///system", value_name = "URI")]
+    pub libvirt_uri: String,
+    /// Disk bus of the domain: virtio (fast; Linux guests) or sata (any guest boots)
+    #[arg(long, default_value = "virtio", value_parser = ["virtio", "sata"], value_name = "virtio|sata")]
+    pub libvirt_bus: String,
+    /// The libvirt network the domain's network interface joins
+    #[arg(long, default_value = "default", value_name = "NAME")]
+    pub libvirt_network: String,
     /// Daemon mode: publish the job and exit without waiting for its result
     #[arg(long)]
     pub detach: bool,

@@ -5,7 +5,7 @@
 //! 0 success · 1 internal error · 2 usage · 3 bad input (the VM cannot be read or is not
 //! supported) · 4 conversion failed (the `.error` text is printed) · 5 timeout · 6 a directory is
 //! unreachable or unwritable · 7 the job was cancelled · 8 the output name is taken by an earlier
-//! result · 130 interrupted.
+//! result · 9 converted, but defining it in libvirt failed · 130 interrupted.
 
 pub mod cli;
 pub mod copy;
@@ -44,6 +44,7 @@ pub const EXIT_TIMEOUT: u8 = 5;
 pub const EXIT_UNREACHABLE: u8 = 6;
 pub const EXIT_CANCELLED: u8 = 7;
 pub const EXIT_CONFLICT: u8 = 8;
+pub const EXIT_LIBVIRT: u8 = 9;
 pub const EXIT_INTERRUPTED: u8 = 130;
 
 /// Everything that ends hyperexport unsuccessfully, each with its exit code.
@@ -65,6 +66,8 @@ pub enum ExportError {
     Cancelled(String),
     #[error("{0}")]
     Conflict(String),
+    #[error("{0}")]
+    Libvirt(String),
     #[error("interrupted{}", if *.0 { "; the job was withdrawn from the queue" } else { "" })]
     Interrupted(bool),
     #[error("internal error: {0}")]
@@ -82,6 +85,7 @@ impl ExportError {
             ExportError::Unreachable(_) => EXIT_UNREACHABLE,
             ExportError::Cancelled(_) => EXIT_CANCELLED,
             ExportError::Conflict(_) => EXIT_CONFLICT,
+            ExportError::Libvirt(_) => EXIT_LIBVIRT,
             ExportError::Interrupted(_) => EXIT_INTERRUPTED,
             ExportError::Internal(_) => EXIT_INTERNAL,
         }
@@ -269,6 +273,11 @@ pub async fn run(mut cli: Cli) -> Result<(), ExportError> {
         cli.json = true;
     }
     let s = settings(&cli)?;
+    if cli.libvirt == Some(true) && s.mode != Mode::Direct {
+        return Err(ExportError::Usage(
+            "--libvirt defines the VM where it was converted: for now only in direct mode (--pipeline without --hyper2kvm-daemon); on a farm, define it on the conversion host from <vm>.qcow2".into(),
+        ));
+    }
     let vm_path = cli.vm.clone().ok_or_else(|| ExportError::Usage("give --vm PATH (or --interactive)".into()))?;
     // Idempotent submission: a job of this id already in the queue is followed (daemon mode) or
     // reported (export only) before anything else — without reading the VM again (it may be gone)
@@ -345,7 +354,8 @@ pub async fn run(mut cli: Cli) -> Result<(), ExportError> {
         Mode::Direct => {
             let params = direct_params(&cli, &s, s.export_dir.clone().expect("checked in settings"));
             let rec = direct::convert(&vm, &params, ctl, cancel).await?;
-            print_success(&params.output, &rec, cli.json);
+            let domain = libvirt_define(&cli, &vm, &params.output, &rec).await?;
+            print_success_with(&params.output, &rec, cli.json, domain);
             Ok(())
         }
         Mode::Daemon => {
@@ -604,12 +614,92 @@ fn remote_finish(output: &OutputDir, job: hyperfarm_proto::v1::Job, json: bool) 
 }
 
 fn print_success(output: &OutputDir, rec: &ResultRecord, json: bool) {
+    print_success_with(output, rec, json, None)
+}
+
+/// `--libvirt` after a conversion here: the domain XML beside the qcow2, validated, defined.
+async fn libvirt_define(
+    cli: &Cli,
+    vm: &source::VmSource,
+    output: &OutputDir,
+    rec: &ResultRecord,
+) -> Result<Option<serde_json::Value>, ExportError> {
+    if cli.libvirt != Some(true) {
+        return Ok(None);
+    }
+    use hyperfarm_shared::libvirt::{Bus, DomainSpec, Nic};
+    let disks = wait::result_paths(output, rec);
+    let cpu = vm.cpu.filter(|c| *c >= 1);
+    let memory = vm.memory_mib.filter(|m| *m >= 1);
+    if cpu.is_none() || memory.is_none() {
+        tracing::warn!(
+            "the VM does not say its {}: the domain gets {} (change it with virsh edit)",
+            if cpu.is_none() && memory.is_none() {
+                "CPUs and memory"
+            } else if cpu.is_none() {
+                "CPUs"
+            } else {
+                "memory"
+            },
+            "1 CPU / 2048 MiB where unknown"
+        );
+    }
+    let spec = DomainSpec {
+        name: rec.vm_name.clone(),
+        vcpus: cpu.unwrap_or(1),
+        memory_mib: memory.unwrap_or(2048),
+        uefi: vm.firmware == source::Firmware::Uefi,
+        disks: disks.clone(),
+        bus: Bus::parse(&cli.libvirt_bus).unwrap_or(Bus::Virtio),
+        nics: vec![Nic { mac: None, network: cli.libvirt_network.clone() }],
+    };
+    let xml_path = output.path().join(format!("{}.xml", rec.vm_name));
+    let uri = cli.libvirt_uri.clone();
+    let kept = format!(
+        "the VM was converted ({}); define it by hand when fixed: virsh -c {uri} define {}",
+        disks.first().map(|d| d.display().to_string()).unwrap_or_default(),
+        xml_path.display()
+    );
+    let xml = spec.xml().map_err(|e| ExportError::Libvirt(format!("libvirt domain for {}: {e}", rec.vm_name)))?;
+    let (p, uri2) = (xml_path.clone(), uri.clone());
+    let defined =
+        tokio::task::spawn_blocking(move || -> Result<(bool, String), hyperfarm_shared::libvirt::LibvirtError> {
+            hyperfarm_shared::fsx::replace_file(&p, xml.as_bytes()).map_err(|e| {
+                hyperfarm_shared::libvirt::LibvirtError::Tool {
+                    program: "writing the domain XML".into(),
+                    message: format!("{}: {e}", p.display()),
+                }
+            })?;
+            let validated = hyperfarm_shared::libvirt::validate(&p)?;
+            let said = hyperfarm_shared::libvirt::define(&uri2, &p)?;
+            Ok((validated, said))
+        })
+        .await
+        .map_err(|e| ExportError::Internal(e.to_string()))?;
+    match defined {
+        Ok((validated, said)) => {
+            if !validated {
+                tracing::warn!(
+                    "virt-xml-validate is not installed: the domain XML was not checked against libvirt's schema"
+                );
+            }
+            eprintln!("hyperexport: libvirt domain {} defined at {uri} ({})", rec.vm_name, xml_path.display());
+            Ok(Some(
+                serde_json::json!({"domain": rec.vm_name, "uri": uri, "xml": xml_path, "validated": validated, "virsh": said}),
+            ))
+        }
+        Err(e) => Err(ExportError::Libvirt(format!("defining libvirt domain {}: {e}; {kept}", rec.vm_name))),
+    }
+}
+
+fn print_success_with(output: &OutputDir, rec: &ResultRecord, json: bool, libvirt: Option<serde_json::Value>) {
     let paths = wait::result_paths(output, rec);
     if json {
-        println!(
-            "{}",
-            serde_json::json!({"job_id": rec.job_id, "vm": rec.vm_name, "state": "done", "files": paths, "engine": rec.engine})
-        );
+        let mut v = serde_json::json!({"job_id": rec.job_id, "vm": rec.vm_name, "state": "done", "files": paths, "engine": rec.engine});
+        if let Some(l) = libvirt {
+            v["libvirt"] = l;
+        }
+        println!("{v}");
     } else {
         for p in paths {
             println!("{}", p.display());

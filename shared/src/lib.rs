@@ -22,6 +22,7 @@ pub mod fsx;
 pub mod human;
 pub mod instance;
 pub mod jobid;
+pub mod libvirt;
 pub mod manifest;
 pub mod names;
 pub mod progress;

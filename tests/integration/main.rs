@@ -16,6 +16,7 @@ mod hostile_exporter;
 mod hostile_queue;
 mod hyper2kvm;
 mod interactive;
+mod libvirt;
 mod metrics;
 mod netns;
 mod races;

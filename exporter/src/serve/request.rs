@@ -257,10 +257,10 @@ pub fn validate(r: &ExportRequest) -> Result<(), Invalid> {
     {
         return Err(Invalid::field("options.hyper2kvm_daemon_timeout", format!("{t} minutes: give 1 to 240")));
     }
-    if o.libvirt_integration == Some(true) {
+    if o.libvirt_integration == Some(true) && mode != Mode::Direct {
         return Err(Invalid::field(
             "options.libvirt_integration",
-            "defining the converted VM in libvirt is not available yet (hyperfarm issue 13); leave it false and define the domain from the qcow2",
+            "the VM is defined in libvirt where it was converted: for now only in direct mode (enable_pipeline without hyper2kvm_daemon); on a farm, define it on the conversion host from <vm>.qcow2",
         ));
     }
     if let Some(e) = &o.engine
@@ -325,6 +325,9 @@ pub fn command_args(r: &ExportRequest, queue_job_id: &str, config: Option<&Path>
     }
     if let Some(e) = &o.engine {
         a.extend(["--engine".into(), e.clone()]);
+    }
+    if o.libvirt_integration == Some(true) {
+        a.push("--libvirt".into());
     }
     if let Some(st) = o.stages.as_ref().filter(|s| !s.is_empty()) {
         a.extend(["--hyper2kvm-stages".into(), st.join(",")]);

@@ -216,24 +216,8 @@ expo mkdir -p /srv/vms
 expo truncate -s 16M /srv/vms/api.raw
 expo sh -c 'printf "submitted over HTTP" | dd of=/srv/vms/api.raw bs=1 seek=4194304 conv=notrunc status=none'
 expo chmod 0644 /srv/vms/api.raw
-served=$(expo python3 - <<'PY'
-import json, time, urllib.request
-base = "http://127.0.0.1:8470"
-body = json.dumps({"name": "api", "vm_path": "/srv/vms/api.raw", "vm_name": "apivm", "options": {
-    "enable_pipeline": True, "hyper2kvm_daemon": True, "hyper2kvm_poll_interval": 1,
-    "hyper2kvm_daemon_timeout": 10}}).encode()
-req = urllib.request.Request(base + "/api/v1/jobs", data=body, headers={"Content-Type": "application/json"})
-job = json.load(urllib.request.urlopen(req, timeout=10))["jobs"][0]
-for _ in range(600):
-    job = json.load(urllib.request.urlopen(base + "/api/v1/jobs/" + job["id"], timeout=10))
-    if job["state"] in ("done", "failed", "cancelled", "interrupted"):
-        break
-    time.sleep(0.3)
-log = json.load(urllib.request.urlopen(base + "/api/v1/jobs/" + job["id"] + "/log?lines=200", timeout=10))
-job["log"] = "\n".join(l["line"] for l in log["lines"])
-print(json.dumps(job))
-PY
-) || fail "the API client on hf-export: $served"
+served=$(expo python3 - /srv/vms/api.raw api apivm 10 <scripts/lib/serve-job.py) ||
+    fail "the API client on hf-export: $served"
 python3 -c '
 import json, sys
 j = json.loads(sys.argv[1])

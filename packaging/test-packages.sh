@@ -130,22 +130,7 @@ pk mkdir -p /srv/vms
 pk truncate -s 8M /srv/vms/served.raw
 pk sh -c 'printf "served by the API" | dd of=/srv/vms/served.raw bs=1 seek=1048576 conv=notrunc status=none'
 pk chmod 0644 /srv/vms/served.raw
-served=$(pk python3 - <<'PY'
-import json, time, urllib.request
-base = "http://127.0.0.1:8470"
-body = json.dumps({"name": "served", "vm_path": "/srv/vms/served.raw", "options": {
-    "enable_pipeline": True, "hyper2kvm_daemon": True, "hyper2kvm_poll_interval": 1,
-    "hyper2kvm_daemon_timeout": 2}}).encode()
-req = urllib.request.Request(base + "/api/v1/jobs", data=body, headers={"Content-Type": "application/json"})
-job = json.load(urllib.request.urlopen(req, timeout=10))["jobs"][0]
-for _ in range(240):
-    job = json.load(urllib.request.urlopen(base + "/api/v1/jobs/" + job["id"], timeout=10))
-    if job["state"] in ("done", "failed", "cancelled", "interrupted"):
-        break
-    time.sleep(0.5)
-print(json.dumps(job))
-PY
-) || fail "the API client: $served"
+served=$(pk python3 - /srv/vms/served.raw served "" 2 <scripts/lib/serve-job.py) || fail "the API client: $served"
 [[ $served == *'"state": "done"'* || $served == *'"state":"done"'* ]] || fail "the served job did not end done: $served"
 pk qemu-img compare -q /srv/vms/served.raw /var/lib/hyper2kvm/output/served.qcow2 || fail "the served conversion differs"
 [[ $(pk stat -c '%U' /var/lib/hyperexport/jobs.sqlite) == hyperfarm ]] || fail "job history not in /var/lib/hyperexport"

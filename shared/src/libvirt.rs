@@ -90,18 +90,7 @@ pub enum LibvirtError {
 }
 
 fn xml_escape(s: &str) -> String {
-    let mut o = String::with_capacity(s.len());
-    for c in s.chars() {
-        match c {
-            '&' => o.push_str("&amp;"),
-            '<' => o.push_str("&lt;"),
-            '>' => o.push_str("&gt;"),
-            '"' => o.push_str("&quot;"),
-            '\'' => o.push_str("&apos;"),
-            c => o.push(c),
-        }
-    }
-    o
+    crate::text::markup_escape(s)
 }
 
 fn valid_mac(m: &str) -> bool {
@@ -269,9 +258,9 @@ mod tests {
         let mut s = spec();
         s.name = "a'b<c>&".into();
         let x = s.xml().unwrap();
-        assert!(x.contains("<name>a&apos;b&lt;c&gt;&amp;</name>"), "{x}");
+        assert!(x.contains("<name>a&#39;b&lt;c&gt;&amp;</name>"), "{x}");
         s.disks = vec![PathBuf::from("/srv/o'ne.qcow2")];
-        assert!(s.xml().unwrap().contains("<source file='/srv/o&apos;ne.qcow2'/>"));
+        assert!(s.xml().unwrap().contains("<source file='/srv/o&#39;ne.qcow2'/>"));
         for bad in [
             DomainSpec { name: "x\ny".into(), ..spec() },
             DomainSpec { vcpus: 0, ..spec() },

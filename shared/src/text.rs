@@ -85,6 +85,23 @@ pub fn bounded(s: &str, max: usize) -> String {
     out
 }
 
+/// Escape `& < > " '` for XML and HTML text and attribute values (control characters are the
+/// caller's business: escape them first with [`escape`] when they may occur).
+pub fn markup_escape(s: &str) -> String {
+    let mut o = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '&' => o.push_str("&amp;"),
+            '<' => o.push_str("&lt;"),
+            '>' => o.push_str("&gt;"),
+            '"' => o.push_str("&quot;"),
+            '\'' => o.push_str("&#39;"),
+            c => o.push(c),
+        }
+    }
+    o
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

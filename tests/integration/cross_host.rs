@@ -822,22 +822,7 @@ fn serve_across_hosts(cache: Cache) {
     let mut serve = bed.spawn("ex", &bin("hyperexport"), &args, &[]);
     serve.wait_log("listening on http://127.0.0.1:8470/", Duration::from_secs(30));
     // The client runs on the export host (its own network namespace, its loopback).
-    let client = r#"
-import json, sys, time, urllib.request
-base = "http://127.0.0.1:8470"
-req = urllib.request.Request(base + "/api/v1/jobs", data=json.dumps({"name": sys.argv[2], "vm_path": sys.argv[1],
-    "options": {"enable_pipeline": True, "hyper2kvm_daemon": True, "hyper2kvm_poll_interval": 1,
-                "hyper2kvm_daemon_timeout": 3}}).encode(), headers={"Content-Type": "application/json"})
-job = json.load(urllib.request.urlopen(req, timeout=10))["jobs"][0]
-for _ in range(600):
-    job = json.load(urllib.request.urlopen(base + "/api/v1/jobs/" + job["id"], timeout=10))
-    if job["state"] in ("done", "failed", "cancelled", "interrupted"):
-        break
-    time.sleep(0.3)
-log = json.load(urllib.request.urlopen(base + "/api/v1/jobs/" + job["id"] + "/log?lines=200", timeout=10))
-job["log"] = "\n".join(l["line"] for l in log["lines"])
-print(json.dumps(job))
-"#;
+    let client = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/lib/serve-job.py");
     for (i, raw) in raws.iter().enumerate() {
         let blocked = i == 1;
         if blocked {
@@ -845,7 +830,7 @@ print(json.dumps(job))
         }
         let name = format!("api0{}", i + 1);
         let ran = bed
-            .run("ex", Path::new("python3"), &["-c".into(), client.into(), s(raw), name.clone()])
+            .run("ex", Path::new("python3"), &[s(&client), s(raw), name.clone(), String::new(), "3".into()])
             .timeout(Duration::from_secs(240))
             .run();
         ran.expect_code(0);

@@ -157,33 +157,7 @@ impl Db {
     }
 
     pub fn insert(&self, j: &JobRow) -> rusqlite::Result<()> {
-        blocking(|| {
-            self.lock().execute(
-                &format!("INSERT INTO jobs ({COLUMNS}) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14,?15,?16,?17,?18,?19)"),
-                params![
-                    j.id,
-                    j.name,
-                    j.state,
-                    j.mode,
-                    j.phase,
-                    j.percent,
-                    j.disks.to_string(),
-                    j.queue_job_id,
-                    j.queue,
-                    j.job_dir,
-                    j.files.to_string(),
-                    j.error,
-                    j.exit_code,
-                    j.attempts,
-                    j.created_ms,
-                    j.updated_ms,
-                    j.finished_ms,
-                    j.request.to_string(),
-                    j.pid
-                ],
-            )?;
-            Ok(())
-        })
+        self.insert_all(std::slice::from_ref(j))
     }
 
     /// Insert several jobs in one transaction: all or none.

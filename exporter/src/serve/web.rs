@@ -22,19 +22,7 @@ const STYLE_CSS: &str = include_str!("assets/style.css");
 
 /// Escape text for HTML (control characters shown as escapes first).
 fn esc(s: &str) -> String {
-    let s = hyperfarm_shared::text::Esc(s).to_string();
-    let mut o = String::with_capacity(s.len());
-    for c in s.chars() {
-        match c {
-            '&' => o.push_str("&amp;"),
-            '<' => o.push_str("&lt;"),
-            '>' => o.push_str("&gt;"),
-            '"' => o.push_str("&quot;"),
-            '\'' => o.push_str("&#39;"),
-            c => o.push(c),
-        }
-    }
-    o
+    hyperfarm_shared::text::markup_escape(&hyperfarm_shared::text::Esc(s).to_string())
 }
 
 fn page(title: &str, body: &str) -> Html<String> {

@@ -530,3 +530,42 @@ fn two_retries_at_once_start_the_job_once() {
     std::thread::sleep(Duration::from_millis(500));
     assert_eq!(farm.jobs_in("queued").len(), 1, "{}", farm.listing());
 }
+
+#[test]
+fn a_submission_sent_twice_with_its_idempotency_key_makes_one_job() {
+    let farm = Farm::new();
+    let (_serve, addr) = serve(&farm, &farm.path().join("state"), &[], &[]);
+    let vm = sample_disk(&farm.src, "vm.raw", 4, 1);
+    let body = daemon_request(&vm, "once").to_string();
+    let send = |key: &str, body: &str| {
+        request(
+            addr,
+            "POST",
+            "/api/v1/jobs",
+            &[("Content-Type", "application/json"), ("Idempotency-Key", key)],
+            Some(body),
+        )
+    };
+    let first = send("client-7f3a-0001", &body);
+    assert_eq!(first.status, 201, "{}", first.body);
+    let again = send("client-7f3a-0001", &body);
+    assert_eq!(again.status, 200, "{}", again.body);
+    assert_eq!(ids(&first), ids(&again), "the same job, not a second one");
+    let other = daemon_request(&vm, "another").to_string();
+    let r = send("client-7f3a-0001", &other);
+    assert_eq!((r.status, r.json()["field"].as_str()), (422, Some("Idempotency-Key")), "{}", r.body);
+    let r = send(&"k".repeat(129), &body);
+    assert_eq!((r.status, r.json()["field"].as_str()), (400, Some("Idempotency-Key")), "{}", r.body);
+    assert_eq!(get(addr, "/api/v1/jobs").json()["total"], 1);
+    // The form carries a key of its own: pressing Submit twice makes one job.
+    let page = get(addr, "/submit").body;
+    let at = page.find("name=\"idempotency_key\" value=\"").unwrap() + "name=\"idempotency_key\" value=\"".len();
+    let key: String = page[at..].chars().take_while(|c| *c != '"').collect();
+    let form = format!("vm_path={}&enable_pipeline=on&hyper2kvm_daemon=on&idempotency_key={key}", vm.display());
+    let post =
+        || request(addr, "POST", "/submit", &[("Content-Type", "application/x-www-form-urlencoded")], Some(&form));
+    let (a, b) = (post(), post());
+    assert_eq!((a.status, b.status), (303, 303));
+    assert_eq!(a.header("location"), b.header("location"), "both presses lead to the one job");
+    assert_eq!(get(addr, "/api/v1/jobs").json()["total"], 2);
+}

@@ -57,6 +57,15 @@ pub async fn submit(State(app): State<Arc<App>>, headers: HeaderMap, body: Bytes
     if !json_type {
         return error(StatusCode::UNSUPPORTED_MEDIA_TYPE, None, "send the export request as application/json");
     }
+    // A client that may send the same submission twice (a retry after a lost answer) names it.
+    let key = match headers.get("idempotency-key").map(|v| v.to_str().map(str::to_string)) {
+        None => None,
+        Some(Ok(k)) if (1..=128).contains(&k.len()) && k.chars().all(|c| c.is_ascii_graphic()) => Some(k),
+        Some(_) => {
+            return error(StatusCode::BAD_REQUEST, Some("Idempotency-Key"), "give 1 to 128 visible ASCII characters");
+        }
+    };
+    let hash = blake3::hash(&body).to_hex().to_string();
     let reqs = match tokio::task::spawn_blocking(move || request::parse_submission(&body)).await {
         Ok(Ok(r)) => r,
         Ok(Err(inv)) => {
@@ -68,8 +77,15 @@ pub async fn submit(State(app): State<Arc<App>>, headers: HeaderMap, body: Bytes
         }
         Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, None, e.to_string()),
     };
-    match app.mgr.submit(reqs) {
-        Ok(rows) => (StatusCode::CREATED, Json(serde_json::json!({"jobs": rows}))).into_response(),
+    use super::jobs::Submitted;
+    match app.mgr.submit_once(reqs, key.as_deref().map(|k| (k, hash.as_str()))) {
+        Ok(Submitted::New(rows)) => (StatusCode::CREATED, Json(serde_json::json!({"jobs": rows}))).into_response(),
+        Ok(Submitted::Earlier(rows)) => (StatusCode::OK, Json(serde_json::json!({"jobs": rows}))).into_response(),
+        Ok(Submitted::KeyReused) => error(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            Some("Idempotency-Key"),
+            "this key was used before for another submission; use a new key for a new submission",
+        ),
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, None, e),
     }
 }

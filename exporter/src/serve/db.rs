@@ -89,6 +89,12 @@ CREATE TABLE IF NOT EXISTS log (
   line TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS log_job ON log(job_id, seq);
+CREATE TABLE IF NOT EXISTS idempotency (
+  key TEXT PRIMARY KEY,
+  request_hash TEXT NOT NULL,
+  job_ids TEXT NOT NULL,
+  created_ms INTEGER NOT NULL
+);
 PRAGMA user_version = 1;
 ";
 
@@ -162,9 +168,41 @@ impl Db {
 
     /// Insert several jobs in one transaction: all or none.
     pub fn insert_all(&self, jobs: &[JobRow]) -> rusqlite::Result<()> {
+        self.insert_all_once(jobs, None).map(|_| ())
+    }
+
+    /// Insert the jobs, unless `key` (an `Idempotency-Key`: key and hash of the request) was
+    /// used before: then nothing is inserted and the earlier submission is returned, as
+    /// `Some((its request hash, its job ids))`. One transaction: two requests with one key
+    /// cannot both insert.
+    pub fn insert_all_once(
+        &self,
+        jobs: &[JobRow],
+        key: Option<(&str, &str)>,
+    ) -> rusqlite::Result<Option<(String, Vec<String>)>> {
         blocking(|| {
             let mut c = self.lock();
             let tx = c.transaction()?;
+            if let Some((key, hash)) = key {
+                let earlier: Option<(String, String)> = tx
+                    .query_row("SELECT request_hash, job_ids FROM idempotency WHERE key = ?1", [key], |r| {
+                        Ok((r.get(0)?, r.get(1)?))
+                    })
+                    .optional()?;
+                if let Some((h, ids)) = earlier {
+                    return Ok(Some((h, serde_json::from_str(&ids).unwrap_or_default())));
+                }
+                let ids: Vec<&str> = jobs.iter().map(|j| j.id.as_str()).collect();
+                tx.execute(
+                    "INSERT INTO idempotency (key, request_hash, job_ids, created_ms) VALUES (?1, ?2, ?3, ?4)",
+                    params![
+                        key,
+                        hash,
+                        serde_json::to_string(&ids).unwrap_or_default(),
+                        jobs.first().map(|j| j.created_ms)
+                    ],
+                )?;
+            }
             for j in jobs {
                 tx.execute(
                     &format!("INSERT INTO jobs ({COLUMNS}) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14,?15,?16,?17,?18,?19)"),
@@ -191,7 +229,8 @@ impl Db {
                     ],
                 )?;
             }
-            tx.commit()
+            tx.commit()?;
+            Ok(None)
         })
     }
 

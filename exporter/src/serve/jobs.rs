@@ -62,6 +62,16 @@ struct Running {
     queue_job_id: String,
 }
 
+/// What a submission with an idempotency key did.
+#[derive(Debug)]
+pub enum Submitted {
+    New(Vec<JobRow>),
+    /// The key was used before for the same request: its jobs, nothing new.
+    Earlier(Vec<JobRow>),
+    /// The key was used before for another request.
+    KeyReused,
+}
+
 /// Why an action on a job was refused (HTTP 404 / 409).
 #[derive(Debug)]
 pub enum Refused {
@@ -174,6 +184,19 @@ impl Manager {
 
     /// Record the requests (all or none) and start them.
     pub fn submit(self: &Arc<Self>, reqs: Vec<ExportRequest>) -> Result<Vec<JobRow>, String> {
+        match self.submit_once(reqs, None)? {
+            Submitted::New(rows) | Submitted::Earlier(rows) => Ok(rows),
+            Submitted::KeyReused => Err("internal: a key conflict without a key".into()),
+        }
+    }
+
+    /// Like [`Manager::submit`], with an idempotency key (the client's key and the request's
+    /// hash): a key seen before returns the jobs it made, nothing new is started.
+    pub fn submit_once(
+        self: &Arc<Self>,
+        reqs: Vec<ExportRequest>,
+        key: Option<(&str, &str)>,
+    ) -> Result<Submitted, String> {
         let now = now_ms();
         let rows: Vec<JobRow> = reqs
             .into_iter()
@@ -202,13 +225,23 @@ impl Manager {
                 }
             })
             .collect();
-        self.db.insert_all(&rows).map_err(|e| format!("cannot record the jobs in the job database: {e}"))?;
+        let earlier = self
+            .db
+            .insert_all_once(&rows, key)
+            .map_err(|e| format!("cannot record the jobs in the job database: {e}"))?;
+        if let Some((hash, ids)) = earlier {
+            if key.is_some_and(|(_, h)| h != hash) {
+                return Ok(Submitted::KeyReused);
+            }
+            let rows = ids.iter().filter_map(|id| self.db.get(id).ok().flatten()).collect();
+            return Ok(Submitted::Earlier(rows));
+        }
         for r in &rows {
             tracing::info!(job = %r.id, name = %hyperfarm_shared::text::Esc(&r.name), mode = %r.mode, "job submitted");
             self.announce(&r.id);
             self.start(r.id.clone());
         }
-        Ok(rows)
+        Ok(Submitted::New(rows))
     }
 
     /// Start the job's task unless one runs: the entry in `running` is made here, before the

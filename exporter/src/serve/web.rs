@@ -210,6 +210,10 @@ pub struct SubmitForm {
     stage_fix: Option<String>,
     #[serde(default)]
     stage_validate: Option<String>,
+    /// Made with the form: a second press of Submit (or a reload of the POST) names the same
+    /// submission and gets the job the first one made.
+    #[serde(default)]
+    idempotency_key: String,
 }
 
 fn opt(s: &str) -> Option<String> {
@@ -321,6 +325,7 @@ fn form_page(app: &App, f: &SubmitForm, error: Option<&request::Invalid>, agents
 <label>Poll interval (seconds, 1–60) <input type="number" name="hyper2kvm_poll_interval" id="hyper2kvm_poll_interval" min="1" max="60" placeholder="5" value="{poll}"></label>
 <label>Timeout (minutes, 1–240) <input type="number" name="hyper2kvm_daemon_timeout" id="hyper2kvm_daemon_timeout" min="1" max="240" placeholder="60" value="{timeout}"></label>
 </fieldset>
+<input type="hidden" name="idempotency_key" value="{key}">
 <button type="submit" id="submit">Submit</button></form>"#,
         vm_path = val(&f.vm_path),
         name = val(&f.name),
@@ -339,6 +344,7 @@ fn form_page(app: &App, f: &SubmitForm, error: Option<&request::Invalid>, agents
         out = val(&f.hyper2kvm_output_dir),
         poll = val(&f.hyper2kvm_poll_interval),
         timeout = val(&f.hyper2kvm_daemon_timeout),
+        key = if f.idempotency_key.is_empty() { uuid::Uuid::new_v4().to_string() } else { val(&f.idempotency_key) },
     );
     b
 }
@@ -371,10 +377,33 @@ pub async fn submit(
         return (StatusCode::INTERNAL_SERVER_ERROR, "internal error").into_response();
     };
     match r {
-        Ok(req) => match app.mgr.submit(vec![req]) {
-            Ok(rows) => Redirect::to(&format!("/jobs/{}", rows[0].id)).into_response(),
-            Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e).into_response(),
-        },
+        Ok(req) => {
+            use super::jobs::Submitted;
+            let key = Some(f.idempotency_key.trim())
+                .filter(|k| (1..=128).contains(&k.len()) && k.chars().all(|c| c.is_ascii_graphic()));
+            let hash = blake3::hash(serde_json::to_string(&req).unwrap_or_default().as_bytes()).to_hex().to_string();
+            match app.mgr.submit_once(vec![req], key.map(|k| (k, hash.as_str()))) {
+                Ok(Submitted::New(rows) | Submitted::Earlier(rows)) if !rows.is_empty() => {
+                    Redirect::to(&format!("/jobs/{}", rows[0].id)).into_response()
+                }
+                Ok(_) => {
+                    let inv = request::Invalid::field(
+                        "form",
+                        "this form was already submitted with other values; reload the form to submit again",
+                    );
+                    let agents = agent_list(&app).await;
+                    (
+                        StatusCode::UNPROCESSABLE_ENTITY,
+                        page(
+                            "Submit",
+                            &form_page(&app, &SubmitForm { idempotency_key: String::new(), ..f }, Some(&inv), &agents),
+                        ),
+                    )
+                        .into_response()
+                }
+                Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e).into_response(),
+            }
+        }
         Err(inv) => {
             let agents = agent_list(&app).await;
             (StatusCode::UNPROCESSABLE_ENTITY, page("Submit", &form_page(&app, &f, Some(&inv), &agents)))

@@ -317,6 +317,22 @@ impl Db {
         blocking(|| c.execute(&sql, named.as_slice()))
     }
 
+    /// Forget jobs that ended before `before_ms` (their log lines too) and idempotency keys
+    /// older than that. Returns how many jobs were removed.
+    pub fn prune(&self, before_ms: i64) -> rusqlite::Result<usize> {
+        blocking(|| {
+            let mut c = self.lock();
+            let tx = c.transaction()?;
+            let ended =
+                "state IN ('done', 'failed', 'cancelled', 'interrupted') AND COALESCE(finished_ms, updated_ms) < ?1";
+            tx.execute(&format!("DELETE FROM log WHERE job_id IN (SELECT id FROM jobs WHERE {ended})"), [before_ms])?;
+            let n = tx.execute(&format!("DELETE FROM jobs WHERE {ended}"), [before_ms])?;
+            tx.execute("DELETE FROM idempotency WHERE created_ms < ?1", [before_ms])?;
+            tx.commit()?;
+            Ok(n)
+        })
+    }
+
     /// Append lines of a job's output, keeping the last [`LOG_LINES_KEPT`].
     pub fn log(&self, id: &str, lines: &[String], now_ms: i64) -> rusqlite::Result<()> {
         blocking(|| {
@@ -405,6 +421,24 @@ mod tests {
         let db = Db::open(&dir.path().join("j.sqlite")).unwrap();
         assert!(db.insert_all(&[job("a", "pending", 1), job("a", "pending", 1)]).is_err());
         assert_eq!(db.list(None, 10, 0).unwrap().1, 0);
+    }
+
+    #[test]
+    fn pruning_forgets_only_jobs_that_ended_long_ago() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(&dir.path().join("j.sqlite")).unwrap();
+        let mut old_done = job("old", "done", 1);
+        old_done.finished_ms = Some(10);
+        let mut new_done = job("new", "done", 1);
+        new_done.finished_ms = Some(1000);
+        db.insert_all(&[old_done, new_done, job("running", "converting", 1)]).unwrap();
+        db.log("old", &["x".into()], 10).unwrap();
+        assert_eq!(db.prune(500).unwrap(), 1);
+        let (rows, total) = db.list(None, 10, 0).unwrap();
+        assert_eq!(total, 2);
+        assert!(rows.iter().all(|r| r.id != "old"));
+        assert!(db.log_tail("old", 10).unwrap().is_empty());
+        assert!(db.get("running").unwrap().is_some(), "a job still running is never pruned, however old");
     }
 
     #[test]

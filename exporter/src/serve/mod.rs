@@ -58,6 +58,10 @@ pub struct ServeArgs {
     /// HTTP connections served at once; more are refused
     #[arg(long, default_value_t = 128, value_name = "N")]
     pub max_connections: usize,
+    /// Jobs that ended more than this many days ago are forgotten (checked at start and every
+    /// hour; 0 keeps them for ever)
+    #[arg(long, default_value_t = 90, value_name = "DAYS")]
+    pub keep_days: u32,
 }
 
 /// What the handlers share.
@@ -216,6 +220,21 @@ async fn run(args: ServeArgs) -> Result<(), (u8, String)> {
     let queues = jobs::QueueDefaults { config_watch_dir: fc.watch_dir.clone(), config_instance: fc.instance.clone() };
     let mgr = jobs::Manager::new(db, exe, file.clone(), usize::from(args.max_concurrent), metrics, queues);
     mgr.recover().await.map_err(|e| (crate::EXIT_INTERNAL, e))?;
+    if args.keep_days > 0 {
+        let (db, days) = (mgr.db.clone(), i64::from(args.keep_days));
+        tokio::spawn(async move {
+            loop {
+                let before = jobs::now_ms() - days * 86_400_000;
+                let db2 = db.clone();
+                match tokio::task::spawn_blocking(move || db2.prune(before)).await {
+                    Ok(Ok(n)) if n > 0 => tracing::info!(jobs = n, days, "forgot jobs that ended long ago"),
+                    Ok(Err(e)) => tracing::warn!("pruning the job history: {e}"),
+                    _ => {}
+                }
+                tokio::time::sleep(Duration::from_secs(3600)).await;
+            }
+        });
+    }
 
     let app = Arc::new(App {
         mgr: mgr.clone(),

@@ -53,6 +53,40 @@ fn blocking<T>(f: impl FnOnce() -> T) -> T {
     }
 }
 
+impl JobRow {
+    /// A job just submitted: `pending`, first attempt, nothing run yet.
+    pub fn pending(
+        id: String,
+        name: String,
+        mode: &str,
+        queue_job_id: Option<String>,
+        request: serde_json::Value,
+        now_ms: i64,
+    ) -> JobRow {
+        JobRow {
+            id,
+            name,
+            state: super::jobs::PENDING.into(),
+            mode: mode.into(),
+            phase: "waiting for a slot".into(),
+            percent: 0.0,
+            disks: serde_json::json!({}),
+            queue_job_id,
+            queue: None,
+            job_dir: None,
+            files: serde_json::json!([]),
+            error: None,
+            exit_code: None,
+            attempts: 1,
+            created_ms: now_ms,
+            updated_ms: now_ms,
+            finished_ms: None,
+            request,
+            pid: None,
+        }
+    }
+}
+
 pub struct Db {
     conn: Mutex<Connection>,
 }
@@ -372,27 +406,10 @@ mod tests {
     use super::*;
 
     fn job(id: &str, state: &str, created: i64) -> JobRow {
-        JobRow {
-            id: id.into(),
-            name: "n".into(),
-            state: state.into(),
-            mode: "daemon".into(),
-            phase: String::new(),
-            percent: 0.0,
-            disks: serde_json::json!({}),
-            queue_job_id: None,
-            queue: None,
-            job_dir: None,
-            files: serde_json::json!([]),
-            error: None,
-            exit_code: None,
-            attempts: 1,
-            created_ms: created,
-            updated_ms: created,
-            finished_ms: None,
-            request: serde_json::json!({"vm_path": "/x"}),
-            pid: None,
-        }
+        let mut j =
+            JobRow::pending(id.into(), "n".into(), "daemon", None, serde_json::json!({"vm_path": "/x"}), created);
+        j.state = state.into();
+        j
     }
 
     #[test]

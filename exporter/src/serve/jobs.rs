@@ -202,27 +202,14 @@ impl Manager {
             .into_iter()
             .map(|r| {
                 let id = JobId::new().to_string();
-                JobRow {
-                    queue_job_id: (r.mode() != Mode::Direct).then(|| id.clone()),
-                    id,
-                    name: r.display_name(),
-                    state: PENDING.into(),
-                    mode: r.mode().as_str().into(),
-                    phase: "waiting for a slot".into(),
-                    percent: 0.0,
-                    disks: serde_json::json!({}),
-                    queue: None,
-                    job_dir: None,
-                    files: serde_json::json!([]),
-                    error: None,
-                    exit_code: None,
-                    attempts: 1,
-                    created_ms: now,
-                    updated_ms: now,
-                    finished_ms: None,
-                    request: serde_json::to_value(&r).unwrap_or_default(),
-                    pid: None,
-                }
+                JobRow::pending(
+                    id.clone(),
+                    r.display_name(),
+                    r.mode().as_str(),
+                    (r.mode() != Mode::Direct).then_some(id),
+                    serde_json::to_value(&r).unwrap_or_default(),
+                    now,
+                )
             })
             .collect();
         let earlier = self

@@ -37,12 +37,26 @@ pub struct Cli {
     /// TOML configuration file [default: /etc/hyper2kvm/hyperexport.toml, if present]
     #[arg(long, env = "HYPEREXPORT_CONFIG", value_name = "FILE")]
     pub config: Option<PathBuf>,
-    /// Where the VM comes from (only `local` for now; vSphere and clouds later)
-    #[arg(long, default_value = "local", value_parser = ["local"])]
+    /// Where the VM comes from: `local` files, or `vsphere` (a vCenter or ESXi, see --vsphere-url)
+    #[arg(long, default_value = "local", value_parser = ["local", "vsphere"])]
     pub provider: String,
-    /// The VM: an .ova, an .ovf (disks beside it), a .vmx (VMDKs beside it), or a disk image
+    /// The VM: an .ova, an .ovf (disks beside it), a .vmx (VMDKs beside it), or a disk image;
+    /// with --provider vsphere, its name or inventory path (/DC1/vm/folder/name)
     #[arg(long, value_name = "PATH", required_unless_present = "interactive")]
     pub vm: Option<PathBuf>,
+    #[command(flatten)]
+    pub vsphere: crate::vsphere::VsphereArgs,
+    /// vSphere: export a running VM from a snapshot of its disks taken for the export (removed
+    /// after it; crash-consistent) instead of refusing it
+    #[arg(long)]
+    pub allow_powered_on: bool,
+    /// vSphere: how often the export lease is renewed while disks download (vSphere ends a
+    /// lease that hears nothing for its timeout, 5 minutes by default)
+    #[arg(long, value_parser = parse_seconds, default_value = "10s", value_name = "DURATION")]
+    pub vsphere_keepalive: Duration,
+    /// vSphere: how many times a broken disk transfer is resumed before the export fails
+    #[arg(long, default_value_t = 5, value_name = "N")]
+    pub vsphere_retries: u32,
     /// VM name (default: from the OVF/VMX, else the file name); names the output files
     #[arg(long)]
     pub name: Option<String>,
@@ -154,6 +168,9 @@ pub struct Cli {
 pub enum Command {
     /// The export host's daemon: HTTP job API, web dashboard, live updates and /metrics
     Serve(crate::serve::ServeArgs),
+    /// List the VMs of a vCenter or ESXi (--vsphere-url, GOVC_* environment), with their
+    /// inventory paths, power states and sizes
+    Vms(crate::vsphere::VmsArgs),
 }
 
 fn parse_engine(s: &str) -> Result<EngineChoice, String> {

@@ -16,6 +16,7 @@ pub mod serve;
 pub mod source;
 pub mod submit;
 pub mod ui;
+pub mod vsphere;
 pub mod wait;
 
 use std::path::PathBuf;
@@ -93,10 +94,17 @@ impl ExportError {
 }
 
 pub fn main_entry() -> ExitCode {
-    let cli = Cli::parse();
-    if let Some(cli::Command::Serve(args)) = cli.command {
-        init_logging(false);
-        return serve::main(args);
+    let mut cli = Cli::parse();
+    match cli.command.take() {
+        Some(cli::Command::Serve(args)) => {
+            init_logging(false);
+            return serve::main(args);
+        }
+        Some(cli::Command::Vms(args)) => {
+            init_logging(true);
+            return vsphere::vms_main(args);
+        }
+        None => {}
     }
     if cli.interactive {
         return interactive::main(cli);
@@ -288,29 +296,11 @@ pub async fn run(mut cli: Cli) -> Result<(), ExportError> {
     {
         return done;
     }
-    let name = cli.name.clone();
-    let vm = tokio::task::spawn_blocking(move || source::load(&vm_path, name.as_deref()))
-        .await
-        .map_err(|e| ExportError::Internal(e.to_string()))?
-        .map_err(|e| ExportError::BadInput(e.to_string()))?;
-    // Every byte of a disk is hashed, holes included (BLAKE3 chains each 1 KiB chunk to its
-    // position, so a hole costs as much as data the first time its place is seen): a huge sparse
-    // file is bounded here, before anything is copied.
-    if let Some(d) = vm.disks.iter().find(|d| d.data.len() > s.max_disk_size) {
-        return Err(ExportError::BadInput(format!(
-            "{}: disk {} is {} ({} bytes, holes included), more than --max-disk-size {}; exporting hashes every byte, which for this disk takes long. Raise --max-disk-size (or max_disk_size in hyperexport.toml) if this is intended",
-            hyperfarm_shared::text::Esc(&vm.path),
-            d.id,
-            hyperfarm_shared::human::bytes(d.data.len()),
-            d.data.len(),
-            hyperfarm_shared::human::bytes(s.max_disk_size)
-        )));
-    }
-    tracing::info!(
-        vm = %vm.name, kind = vm.kind, disks = vm.disks.len(),
-        cpu = vm.cpu.unwrap_or(0), memory_mib = vm.memory_mib.unwrap_or(0), firmware = vm.firmware.as_str(),
-        "read the VM"
-    );
+    let input = if cli.provider == "vsphere" {
+        Input::Vsphere(Box::new(vsphere::prepare(&cli, s.max_disk_size).await?))
+    } else {
+        Input::Local(Box::new(load_local(&cli, vm_path, s.max_disk_size).await?))
+    };
 
     // Ctrl-C / SIGTERM: stop copying (the staged job is removed), or stop waiting.
     let ctl = Arc::new(Control::default());
@@ -334,7 +324,7 @@ pub async fn run(mut cli: Cli) -> Result<(), ExportError> {
         Mode::ExportOnly => {
             let dir = s.export_dir.clone().expect("checked in settings");
             let queue = Queue::new(&dir);
-            let sub = submit::submit(&queue, &vm, submit_options(&cli), ctl, cli.quiet).await?;
+            let sub = submit_input(&queue, &input, submit_options(&cli), ctl, cli.quiet).await?;
             if cli.json {
                 println!(
                     "{}",
@@ -353,6 +343,7 @@ pub async fn run(mut cli: Cli) -> Result<(), ExportError> {
         }
         Mode::Direct => {
             let params = direct_params(&cli, &s, s.export_dir.clone().expect("checked in settings"));
+            let (vm, _scratch) = local_vm(input, params.output.path(), &ctl, cli.quiet).await?;
             let rec = direct::convert(&vm, &params, ctl, cancel).await?;
             let domain = libvirt_define(&cli, &vm, &params.output, &rec).await?;
             print_success_with(&params.output, &rec, cli.json, domain);
@@ -392,21 +383,93 @@ pub async fn run(mut cli: Cli) -> Result<(), ExportError> {
                         let out = s.export_dir.clone().unwrap_or_else(|| s.output_dir.clone());
                         tracing::warn!("{why}: converting on this host instead (direct mode) into {}", out.display());
                         let params = direct_params(&cli, &s, out);
+                        let (vm, _scratch) = local_vm(input, params.output.path(), &ctl, cli.quiet).await?;
                         let rec = direct::convert(&vm, &params, ctl, cancel).await?;
                         print_success(&params.output, &rec, cli.json);
                         return Ok(());
                     }
                 }
             }
-            daemon(&cli, &s, &vm, ctl, interrupt, agent).await
+            daemon(&cli, &s, &input, ctl, interrupt, agent).await
         }
+    }
+}
+
+/// The VM to export: local files, or a VM on vSphere (downloaded when it is exported).
+pub enum Input {
+    Local(Box<source::VmSource>),
+    Vsphere(Box<vsphere::Prepared>),
+}
+
+/// Read a local VM.
+async fn load_local(cli: &Cli, vm_path: PathBuf, max_disk_size: u64) -> Result<source::VmSource, ExportError> {
+    let name = cli.name.clone();
+    let vm = tokio::task::spawn_blocking(move || source::load(&vm_path, name.as_deref()))
+        .await
+        .map_err(|e| ExportError::Internal(e.to_string()))?
+        .map_err(|e| ExportError::BadInput(e.to_string()))?;
+    // Every byte of a disk is hashed, holes included (BLAKE3 chains each 1 KiB chunk to its
+    // position, so a hole costs as much as data the first time its place is seen): a huge sparse
+    // file is bounded here, before anything is copied.
+    if let Some(d) = vm.disks.iter().find(|d| d.data.len() > max_disk_size) {
+        return Err(ExportError::BadInput(format!(
+            "{}: disk {} is {} ({} bytes, holes included), more than --max-disk-size {}; exporting hashes every byte, which for this disk takes long. Raise --max-disk-size (or max_disk_size in hyperexport.toml) if this is intended",
+            hyperfarm_shared::text::Esc(&vm.path),
+            d.id,
+            hyperfarm_shared::human::bytes(d.data.len()),
+            d.data.len(),
+            hyperfarm_shared::human::bytes(max_disk_size)
+        )));
+    }
+    tracing::info!(
+        vm = %vm.name, kind = vm.kind, disks = vm.disks.len(),
+        cpu = vm.cpu.unwrap_or(0), memory_mib = vm.memory_mib.unwrap_or(0), firmware = vm.firmware.as_str(),
+        "read the VM"
+    );
+    Ok(vm)
+}
+
+/// A directory removed when dropped: where a vSphere VM's disks wait to be converted here.
+struct Scratch(Option<PathBuf>);
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        if let Some(d) = &self.0
+            && let Err(e) = hyperfarm_shared::fsx::remove_tree(d)
+        {
+            tracing::warn!("removing {}: {e}", d.display());
+        }
+    }
+}
+
+/// The VM as local files, for conversion on this host: a vSphere VM is downloaded into a
+/// scratch directory in `out` first (removed afterwards).
+async fn local_vm(input: Input, out: &std::path::Path, ctl: &Arc<Control>, quiet: bool) -> Result<(source::VmSource, Scratch), ExportError> {
+    match input {
+        Input::Local(vm) => Ok((*vm, Scratch(None))),
+        Input::Vsphere(p) => {
+            let dir = out.join(format!(".hyperexport-vsphere-{}", uuid::Uuid::new_v4()));
+            std::fs::create_dir_all(&dir)
+                .map_err(|e| ExportError::Unreachable(format!("cannot create {}: {e}", dir.display())))?;
+            let scratch = Scratch(Some(dir.clone()));
+            let vm = vsphere::materialize(&p, &dir, ctl, quiet).await?;
+            Ok((vm, scratch))
+        }
+    }
+}
+
+/// Publish the VM into `queue`.
+async fn submit_input(queue: &Queue, input: &Input, opts: submit::Options, ctl: Arc<Control>, quiet: bool) -> Result<submit::Submitted, ExportError> {
+    match input {
+        Input::Local(vm) => submit::submit(queue, vm, opts, ctl, quiet).await,
+        Input::Vsphere(p) => submit::submit_vsphere(queue, p, opts, ctl, quiet).await,
     }
 }
 
 async fn daemon(
     cli: &Cli,
     s: &Settings,
-    vm: &source::VmSource,
+    input: &Input,
     ctl: Arc<Control>,
     interrupt: Arc<Notify>,
     agent: Option<AgentEndpoint>,
@@ -420,7 +483,7 @@ async fn daemon(
         }
     }
     let queue = Queue::new(&s.watch_dir);
-    let sub = submit::submit(&queue, vm, submit_options(cli), ctl, cli.quiet).await?;
+    let sub = submit_input(&queue, input, submit_options(cli), ctl, cli.quiet).await?;
     tracing::info!(job = %sub.id, "published; waiting for the result");
     follow_submitted(cli, s, sub, interrupt, agent).await
 }
@@ -651,7 +714,13 @@ async fn libvirt_define(
         uefi: vm.firmware == source::Firmware::Uefi,
         disks: disks.clone(),
         bus: Bus::parse(&cli.libvirt_bus).unwrap_or(Bus::Virtio),
-        nics: vec![Nic { mac: None, network: cli.libvirt_network.clone() }],
+        // The source's interfaces keep their MACs (guests bind their configuration to them); all
+        // join --libvirt-network, since the source's networks do not exist in libvirt.
+        nics: if vm.nics.is_empty() {
+            vec![Nic { mac: None, network: cli.libvirt_network.clone() }]
+        } else {
+            vm.nics.iter().map(|n| Nic { mac: n.mac.clone(), network: cli.libvirt_network.clone() }).collect()
+        },
     };
     let xml_path = output.path().join(format!("{}.xml", rec.vm_name));
     let uri = cli.libvirt_uri.clone();

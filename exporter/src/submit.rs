@@ -7,6 +7,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use hyperfarm_shared::JobId;
+use hyperfarm_shared::format::DiskFormat;
 use hyperfarm_shared::digest::to_hex;
 use hyperfarm_shared::fsx;
 use hyperfarm_shared::manifest::{self, Disk, HyperfarmInfo, Manifest, Pipeline, Source, Stage, Submitter, VmInfo};
@@ -43,14 +44,14 @@ pub struct Options {
     pub id: Option<JobId>,
 }
 
-/// Copy the VM's disks into a new job in `queue` and publish it.
-pub async fn submit(
-    queue: &Queue,
-    vm: &VmSource,
-    stages: Options,
-    ctl: Arc<Control>,
-    quiet: bool,
-) -> Result<Submitted, ExportError> {
+/// The start of a submission: the job already in the queue (`--job-id`), or a new staged job.
+pub enum Begun {
+    Already(Submitted),
+    Staged(Staging, JobId),
+}
+
+/// Prepare the queue and stage a new job (or find the one `--job-id` names).
+pub async fn begin(queue: &Queue, vm_name: &str, stages: &Options) -> Result<Begun, ExportError> {
     let q = queue.clone();
     tokio::task::spawn_blocking(move || -> std::io::Result<()> {
         if let Ok(n) = queue::cleanup_own_staging(&q)
@@ -81,14 +82,70 @@ pub async fn submit(
             crate::ui::event(
                 &serde_json::json!({"event": "published", "job_id": id, "queue": queue.root(), "job_dir": job_dir, "already": true}),
             );
-            return Ok(Submitted { id, job_dir, vm_name: vm.name.clone(), bytes: 0, already: Some(state) });
+            return Ok(Begun::Already(Submitted {
+                id,
+                job_dir,
+                vm_name: vm_name.to_string(),
+                bytes: 0,
+                already: Some(state),
+            }));
         }
     }
     let staging = Staging::create(queue, id).map_err(|e| ExportError::Unreachable(format!("{e:#}")))?;
-    tracing::info!(job = %id, vm = %vm.name, staging = %staging.dir().display(), "staging the job");
+    tracing::info!(job = %id, vm = %vm_name, staging = %staging.dir().display(), "staging the job");
+    Ok(Begun::Staged(staging, id))
+}
 
+/// Write the manifest of the staged job (its disks complete and fsynced) and publish it.
+pub async fn finish(
+    queue: &Queue,
+    staging: Staging,
+    vm: &VmSource,
+    disks: Vec<Disk>,
+    stages: Options,
+) -> Result<Submitted, ExportError> {
+    let id = staging.id();
+    let total = disks.iter().map(|d| d.bytes).sum::<u64>();
+    let m = build_manifest(vm, id, disks, stages);
+    let job_dir = tokio::task::spawn_blocking(move || staging.publish(&m))
+        .await
+        .map_err(|e| ExportError::Internal(e.to_string()))?
+        .map_err(|e| ExportError::Unreachable(format!("{e:#}")))?;
+    crate::ui::event(
+        &serde_json::json!({"event": "published", "job_id": id, "queue": queue.root(), "job_dir": job_dir, "already": false, "bytes": total}),
+    );
+    Ok(Submitted { id, job_dir, vm_name: vm.name.clone(), bytes: total, already: None })
+}
+
+/// A disk entry of the manifest.
+fn disk_entry(i: usize, id: &str, format: DiskFormat, file_name: &str, bytes: u64, blake3: &[u8; 32], label: String) -> Disk {
+    Disk {
+        id: id.to_string(),
+        source_format: format.manifest_name().to_string(),
+        bytes,
+        local_path: format!("{}/{file_name}", queue::DISKS),
+        checksum: None,
+        boot_order_hint: Some(i as u32),
+        disk_type: Some(if i == 0 { "boot" } else { "data" }.to_string()),
+        label: Some(label),
+        blake3: Some(to_hex(blake3)),
+        extra: Default::default(),
+    }
+}
+
+/// Copy the VM's disks into a new job in `queue` and publish it.
+pub async fn submit(
+    queue: &Queue,
+    vm: &VmSource,
+    stages: Options,
+    ctl: Arc<Control>,
+    quiet: bool,
+) -> Result<Submitted, ExportError> {
+    let staging = match begin(queue, &vm.name, &stages).await? {
+        Begun::Already(s) => return Ok(s),
+        Begun::Staged(staging, _) => staging,
+    };
     let mut disks = Vec::new();
-    let mut total = 0u64;
     for (i, d) in vm.disks.iter().enumerate() {
         let file_name = format!("{}.{}", d.id, d.format.extension());
         let dst = staging.disk_path(&file_name);
@@ -109,29 +166,40 @@ pub async fn submit(
             )));
         }
         hyperfarm_shared::failpoint::hit("export.disk-copied");
-        total += copied.bytes;
-        disks.push(Disk {
-            id: d.id.clone(),
-            source_format: d.format.manifest_name().to_string(),
-            bytes: copied.bytes,
-            local_path: format!("{}/{file_name}", queue::DISKS),
-            checksum: None,
-            boot_order_hint: Some(i as u32),
-            disk_type: Some(if i == 0 { "boot" } else { "data" }.to_string()),
-            label: Some(d.label.clone()),
-            blake3: Some(to_hex(&copied.blake3)),
-            extra: Default::default(),
-        });
+        disks.push(disk_entry(i, &d.id, d.format, &file_name, copied.bytes, &copied.blake3, d.label.clone()));
     }
-    let m = build_manifest(vm, id, disks, stages);
-    let job_dir = tokio::task::spawn_blocking(move || staging.publish(&m))
-        .await
-        .map_err(|e| ExportError::Internal(e.to_string()))?
-        .map_err(|e| ExportError::Unreachable(format!("{e:#}")))?;
-    crate::ui::event(
-        &serde_json::json!({"event": "published", "job_id": id, "queue": queue.root(), "job_dir": job_dir, "already": false, "bytes": total}),
-    );
-    Ok(Submitted { id, job_dir, vm_name: vm.name.clone(), bytes: total, already: None })
+    finish(queue, staging, vm, disks, stages).await
+}
+
+/// Download a vSphere VM's disks straight into a new job in `queue` (hashed as they arrive) and
+/// publish it.
+pub async fn submit_vsphere(
+    queue: &Queue,
+    p: &crate::vsphere::Prepared,
+    stages: Options,
+    ctl: Arc<Control>,
+    quiet: bool,
+) -> Result<Submitted, ExportError> {
+    let vm = p.source();
+    let staging = match begin(queue, &vm.name, &stages).await? {
+        Begun::Already(s) => {
+            p.session.close().await;
+            return Ok(s);
+        }
+        Begun::Staged(staging, _) => staging,
+    };
+    let dir = staging.disk_path("");
+    let got = p.download(&dir, &staging.id().to_string(), &ctl, quiet).await?;
+    let disks = got
+        .iter()
+        .enumerate()
+        .map(|(i, (id, format, d))| {
+            let label = p.facts.disks.get(i).map(|v| format!("{} ({})", v.label, v.file)).unwrap_or_else(|| id.clone());
+            let file_name = d.path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            disk_entry(i, id, *format, &file_name, d.bytes, &d.blake3, Esc(&label).to_string())
+        })
+        .collect();
+    finish(queue, staging, &vm, disks, stages).await
 }
 
 /// This process's cache of all-zero BLAKE3 subtrees (see `hyperfarm_shared::tree_hash`).
@@ -194,8 +262,8 @@ fn build_manifest(vm: &VmSource, id: JobId, disks: Vec<Disk>, stages: Options) -
     Manifest {
         manifest_version: manifest::MANIFEST_VERSION.to_string(),
         source: Some(Source {
-            provider: Some("local".into()),
-            vm_id: None,
+            provider: Some(if vm.kind == "vsphere" { "vsphere" } else { "local" }.into()),
+            vm_id: vm.vm_id.clone(),
             vm_name: Some(vm.name.clone()),
             extra: [
                 ("path".to_string(), serde_json::Value::String(vm.path.display().to_string())),
@@ -238,7 +306,13 @@ fn build_manifest(vm: &VmSource, id: JobId, disks: Vec<Disk>, stages: Options) -
                 tool: Some(format!("hyperexport {}", env!("CARGO_PKG_VERSION"))),
             }),
             memory_mib: vm.memory_mib,
-            extra: Default::default(),
+            // The source VM's network interfaces (hyper2kvm ignores this object): what a libvirt
+            // domain defined from the job gets.
+            extra: if vm.nics.is_empty() {
+                Default::default()
+            } else {
+                [("nics".to_string(), serde_json::to_value(&vm.nics).unwrap_or_default())].into_iter().collect()
+            },
         }),
         extra: Default::default(),
     }

@@ -192,6 +192,24 @@ pub struct VmSource {
     pub path: PathBuf,
     /// OVA manifest (`.mf`) digests by member name, verified while copying.
     pub expected_member_digests: Vec<(String, ova::MemberDigest)>,
+    /// The VM's network interfaces, as its source describes them.
+    pub nics: Vec<NicFact>,
+    /// The VM's id at its source (vSphere: its instance UUID).
+    pub vm_id: Option<String>,
+}
+
+/// A network interface of the source VM.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct NicFact {
+    /// `aa:bb:cc:dd:ee:ff` (lower case).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<String>,
+    /// The network (port group) it was connected to at the source.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<String>,
+    /// The virtual device (`vmxnet3`, `e1000e`…).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
 }
 
 /// Bad input: exit code 3. Its text is escaped (paths and names from the VM may hold anything).
@@ -261,6 +279,8 @@ pub fn load(path: &Path, name: Option<&str>) -> Result<VmSource, SourceError> {
                 kind: "disk",
                 path: shown.clone(),
                 expected_member_digests: vec![],
+                nics: vec![],
+                vm_id: None,
             }
         }
     };

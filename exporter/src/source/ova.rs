@@ -286,6 +286,8 @@ pub fn load(path: &Path, top: &Opened) -> Result<VmSource, SourceError> {
         kind: "ova",
         path: path.to_path_buf(),
         expected_member_digests,
+        nics: info.nics,
+        vm_id: None,
     })
 }
 

@@ -5,7 +5,7 @@ use std::path::Path;
 use hyperfarm_shared::text::Esc;
 
 use super::{
-    Firmware, MAX_OVF, Opened, SourceError, VmDir, VmSource, bad, dedupe_ids, disk_id, load_disk_file, read_text,
+    Firmware, MAX_OVF, NicFact, Opened, SourceError, VmDir, VmSource, bad, dedupe_ids, disk_id, load_disk_file, read_text,
 };
 
 /// A disk as the OVF describes it.
@@ -25,6 +25,8 @@ pub struct OvfInfo {
     pub firmware: Firmware,
     /// In boot order (the order of the disk items in the hardware section).
     pub disks: Vec<OvfDisk>,
+    /// Ethernet adapters (items of resource type 10).
+    pub nics: Vec<NicFact>,
 }
 
 fn attr<'a>(n: &roxmltree::Node<'a, '_>, local: &str) -> Option<&'a str> {
@@ -90,6 +92,7 @@ pub fn parse(xml: &str) -> Result<OvfInfo, String> {
     let mut cpu = None;
     let mut memory_mib = None;
     let mut order = Vec::new();
+    let mut nics = Vec::new();
     for item in elements().filter(|n| matches!(n.tag_name().name(), "Item" | "StorageItem")) {
         let rt: u32 = child_text(&item, "ResourceType").and_then(|s| s.parse().ok()).unwrap_or(0);
         let qty: Option<u64> = child_text(&item, "VirtualQuantity").and_then(|s| s.parse().ok());
@@ -99,6 +102,11 @@ pub fn parse(xml: &str) -> Result<OvfInfo, String> {
                 let units = child_text(&item, "AllocationUnits").unwrap_or("byte * 2^20");
                 memory_mib = qty.and_then(|q| to_mib(q, units));
             }
+            10 => nics.push(NicFact {
+                mac: child_text(&item, "Address").filter(|a| super::vmx::is_mac(a)).map(str::to_ascii_lowercase),
+                network: child_text(&item, "Connection").map(str::to_string),
+                model: child_text(&item, "ResourceSubType").map(str::to_ascii_lowercase),
+            }),
             17 => {
                 if let Some(host) = child_text(&item, "HostResource") {
                     let id = host.rsplit('/').next().unwrap_or_default().to_string();
@@ -125,7 +133,7 @@ pub fn parse(xml: &str) -> Result<OvfInfo, String> {
         }
     }
     disks.extend(disk_files);
-    Ok(OvfInfo { name, cpu, memory_mib, firmware, disks })
+    Ok(OvfInfo { name, cpu, memory_mib, firmware, disks, nics })
 }
 
 /// `byte * 2^20`, `MegaBytes`, `byte * 1024 * 1024`… to MiB.
@@ -198,6 +206,8 @@ pub fn load_file(path: &Path, dir: &VmDir, rel: &Path, top: &Opened) -> Result<V
         kind: "ovf",
         path: path.to_path_buf(),
         expected_member_digests: vec![],
+        nics: info.nics,
+        vm_id: None,
     })
 }
 
@@ -225,6 +235,8 @@ mod tests {
       <Item><rasd:AllocationUnits>byte * 2^20</rasd:AllocationUnits><rasd:ResourceType>4</rasd:ResourceType><rasd:VirtualQuantity>6144</rasd:VirtualQuantity></Item>
       <Item><rasd:HostResource>ovf:/disk/vmdisk1</rasd:HostResource><rasd:ResourceType>17</rasd:ResourceType></Item>
       <Item><rasd:HostResource>ovf:/disk/vmdisk2</rasd:HostResource><rasd:ResourceType>17</rasd:ResourceType></Item>
+      <Item><rasd:AddressOnParent>7</rasd:AddressOnParent><rasd:Connection>VM Network</rasd:Connection><rasd:ResourceSubType>VmxNet3</rasd:ResourceSubType><rasd:ResourceType>10</rasd:ResourceType></Item>
+      <Item><rasd:Address>00:50:56:AA:00:01</rasd:Address><rasd:Connection>DMZ</rasd:Connection><rasd:ResourceSubType>E1000</rasd:ResourceSubType><rasd:ResourceType>10</rasd:ResourceType></Item>
       <vmw:Config ovf:required="false" vmw:key="firmware" vmw:value="efi"/>
     </VirtualHardwareSection>
   </VirtualSystem>
@@ -240,6 +252,13 @@ mod tests {
         let ids: Vec<_> = i.disks.iter().map(|d| d.disk_id.as_str()).collect();
         assert_eq!(ids, ["vmdisk1", "vmdisk2"]);
         assert_eq!(i.disks[0].size, Some(1024));
+        assert_eq!(
+            i.nics,
+            vec![
+                NicFact { mac: None, network: Some("VM Network".into()), model: Some("vmxnet3".into()) },
+                NicFact { mac: Some("00:50:56:aa:00:01".into()), network: Some("DMZ".into()), model: Some("e1000".into()) },
+            ]
+        );
     }
 
     #[test]

@@ -6,7 +6,7 @@ use std::path::Path;
 use hyperfarm_shared::text::Esc;
 
 use super::{
-    Firmware, MAX_VMX, Opened, SourceError, VmDir, VmSource, bad, dedupe_ids, disk_id, load_disk_file, read_text,
+    Firmware, MAX_VMX, NicFact, Opened, SourceError, VmDir, VmSource, bad, dedupe_ids, disk_id, load_disk_file, read_text,
 };
 
 /// Parse VMX text into lowercase keys and unquoted values.
@@ -117,7 +117,33 @@ pub fn load(path: &Path, dir: &VmDir, rel: &Path, top: &Opened) -> Result<VmSour
         kind: "vmx",
         path: path.to_path_buf(),
         expected_member_digests: vec![],
+        nics: nics(&keys),
+        vm_id: None,
     })
+}
+
+/// `aa:bb:cc:dd:ee:ff`.
+pub fn is_mac(m: &str) -> bool {
+    let parts: Vec<&str> = m.split(':').collect();
+    parts.len() == 6 && parts.iter().all(|p| p.len() == 2 && p.chars().all(|c| c.is_ascii_hexdigit()))
+}
+
+/// The present `ethernetN` adapters, in N order: model, MAC (static `address`, else the
+/// `generatedAddress`), network name.
+pub fn nics(keys: &HashMap<String, String>) -> Vec<NicFact> {
+    let mut found: Vec<(u32, NicFact)> = Vec::new();
+    for (k, v) in keys {
+        let Some(n) = k.strip_prefix("ethernet").and_then(|r| r.strip_suffix(".present")) else { continue };
+        let Ok(idx) = n.parse::<u32>() else { continue };
+        if !v.eq_ignore_ascii_case("true") {
+            continue;
+        }
+        let get = |key: &str| keys.get(&format!("ethernet{idx}.{key}")).cloned();
+        let mac = get("address").or_else(|| get("generatedaddress")).filter(|m| is_mac(m)).map(|m| m.to_ascii_lowercase());
+        found.push((idx, NicFact { mac, network: get("networkname"), model: get("virtualdev").map(|m| m.to_ascii_lowercase()) }));
+    }
+    found.sort_by_key(|(i, _)| *i);
+    found.into_iter().map(|(_, n)| n).collect()
 }
 
 fn disks_of(keys: &HashMap<String, String>) -> Vec<VmxDisk> {
@@ -143,7 +169,29 @@ sata0:0.deviceType = "cdrom-image"
 ide1:0.fileName = "old.vmdk"
 ide1:0.present = "FALSE"
 nvme0:0.fileName = "fast.vmdk"
+ethernet1.present = "TRUE"
+ethernet1.virtualDev = "e1000e"
+ethernet1.networkName = "Backup"
+ethernet1.address = "00:50:56:3F:00:02"
+ethernet0.present = "TRUE"
+ethernet0.virtualDev = "vmxnet3"
+ethernet0.networkName = "VM Network"
+ethernet0.generatedAddress = "00:0c:29:aa:bb:cc"
+ethernet2.present = "FALSE"
+ethernet2.address = "00:50:56:3f:00:09"
 "#;
+
+    #[test]
+    fn reads_nics_in_order() {
+        let n = nics(&parse(VMX));
+        assert_eq!(
+            n,
+            vec![
+                NicFact { mac: Some("00:0c:29:aa:bb:cc".into()), network: Some("VM Network".into()), model: Some("vmxnet3".into()) },
+                NicFact { mac: Some("00:50:56:3f:00:02".into()), network: Some("Backup".into()), model: Some("e1000e".into()) },
+            ]
+        );
+    }
 
     #[test]
     fn reads_disks_in_boot_order() {

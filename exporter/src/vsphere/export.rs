@@ -1,0 +1,412 @@
+//! Exporting a VM's disks through the vSphere API, the way vSphere clients do: `ExportVm` (or
+//! `ExportSnapshot` of a snapshot taken for it) gives an `HttpNfcLease`; once it is ready, each
+//! disk is downloaded over HTTPS from the lease's device URLs, while `HttpNfcLeaseProgress` keeps
+//! the lease alive; `HttpNfcLeaseComplete` ends it, `HttpNfcLeaseAbort` releases it on failure or
+//! cancel.
+//!
+//! Each disk is written to a new file and hashed (blake3) as its bytes arrive. A transfer that
+//! breaks is resumed with an HTTP `Range` request from the first byte not yet written (the file
+//! and the hash state already hold exactly the bytes before it), at most `retries` times; a server
+//! that does not resume (answers 200) starts the disk over.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use tokio::sync::watch;
+
+use hyperfarm_shared::text::Esc;
+
+use super::inventory::{self, ServiceContent, VmFacts};
+use super::soap::{self, MoRef, Soap, VsError, child, child_text, returnvals};
+use crate::copy::Control;
+
+/// How an export runs.
+#[derive(Debug, Clone)]
+pub struct Tuning {
+    /// How often the lease is renewed with its progress.
+    pub keepalive: Duration,
+    /// How many times a broken transfer is resumed.
+    pub retries: u32,
+    /// Largest disk accepted (bytes downloaded).
+    pub max_disk: u64,
+    /// How long a transfer may stay silent.
+    pub stall: Duration,
+}
+
+/// A device URL of a lease.
+#[derive(Debug, Clone)]
+pub struct DeviceUrl {
+    pub key: String,
+    pub url: String,
+    pub target: String,
+    pub size: Option<u64>,
+}
+
+/// A disk written to a file.
+#[derive(Debug, Clone)]
+pub struct Downloaded {
+    pub path: PathBuf,
+    pub bytes: u64,
+    pub blake3: [u8; 32],
+    /// Transfers resumed after a break.
+    pub resumed: u32,
+}
+
+/// Why an export stopped.
+#[derive(Debug)]
+pub enum ExportFailure {
+    Vs(VsError),
+    /// Writing the file failed.
+    Io(String),
+    /// The lease ended (expired, aborted by someone else) under the download.
+    Lease(String),
+    /// Ctrl-C / SIGTERM / cancel.
+    Cancelled,
+}
+
+impl From<VsError> for ExportFailure {
+    fn from(e: VsError) -> Self {
+        ExportFailure::Vs(e)
+    }
+}
+
+/// A lease in use.
+pub struct Lease {
+    pub moref: MoRef,
+    pub urls: Vec<DeviceUrl>,
+}
+
+/// Ask for the export lease of `entity` (the VM, or a snapshot of it) and wait until it is ready.
+pub async fn open_lease(s: &Soap, sc: &ServiceContent, entity: &MoRef) -> Result<Lease, VsError> {
+    let method = if entity.kind == "VirtualMachineSnapshot" { "ExportSnapshot" } else { "ExportVm" };
+    let text = s.call(&format!(r#"<{method} xmlns="urn:vim25">{}</{method}>"#, entity.xml("_this"))).await?;
+    let moref = returnvals(&soap::parse(&text)?)
+        .next()
+        .and_then(MoRef::of)
+        .ok_or_else(|| VsError::Protocol(format!("{method} gave no lease")))?;
+    let began = Instant::now();
+    loop {
+        let (state, doc_text) = lease_state(s, sc, &moref).await?;
+        match state.as_str() {
+            "ready" => {
+                let doc = soap::parse(&doc_text)?;
+                let urls = doc
+                    .descendants()
+                    .filter(|n| n.is_element() && n.tag_name().name() == "deviceUrl")
+                    .filter(|n| child_text(*n, "disk") == Some("true"))
+                    .map(|n| DeviceUrl {
+                        key: child_text(n, "key").unwrap_or("").to_string(),
+                        url: child_text(n, "url").unwrap_or("").to_string(),
+                        target: child_text(n, "targetId").unwrap_or("").to_string(),
+                        size: child_text(n, "fileSize").and_then(|t| t.trim().parse().ok()).filter(|s| *s > 0),
+                    })
+                    .collect();
+                return Ok(Lease { moref, urls });
+            }
+            "error" => {
+                let doc = soap::parse(&doc_text)?;
+                let why = doc
+                    .descendants()
+                    .find(|n| n.tag_name().name() == "localizedMessage")
+                    .and_then(|n| n.text())
+                    .unwrap_or("no reason given");
+                return Err(VsError::Fault { kind: "HttpNfcLeaseError".into(), message: why.to_string() });
+            }
+            _ if began.elapsed() > Duration::from_secs(600) => {
+                abort(s, &moref).await;
+                return Err(VsError::Protocol("the export lease did not become ready in 10 minutes".into()));
+            }
+            _ => tokio::time::sleep(Duration::from_millis(250)).await,
+        }
+    }
+}
+
+/// The lease's state (`initializing`, `ready`, `done`, `error`) and the answer holding its info.
+pub async fn lease_state(s: &Soap, sc: &ServiceContent, lease: &MoRef) -> Result<(String, String), VsError> {
+    let spec = format!(
+        "<propSet><type>HttpNfcLease</type><pathSet>state</pathSet><pathSet>info</pathSet><pathSet>error</pathSet></propSet><objectSet>{}<skip>false</skip></objectSet>",
+        lease.xml("obj")
+    );
+    let pages = inventory::retrieve(s, sc, &spec).await?;
+    let text = pages.into_iter().next().unwrap_or_default();
+    let state = {
+        let doc = soap::parse(&text)?;
+        doc.descendants()
+            .filter(|n| n.tag_name().name() == "propSet")
+            .find(|n| child_text(*n, "name") == Some("state"))
+            .and_then(|n| child(n, "val"))
+            .and_then(|v| v.text())
+            .unwrap_or("unknown")
+            .to_string()
+    };
+    Ok((state, text))
+}
+
+pub async fn progress(s: &Soap, lease: &MoRef, percent: u32) -> Result<(), VsError> {
+    s.call(&format!(
+        r#"<HttpNfcLeaseProgress xmlns="urn:vim25">{}<percent>{}</percent></HttpNfcLeaseProgress>"#,
+        lease.xml("_this"),
+        percent.min(100)
+    ))
+    .await
+    .map(|_| ())
+}
+
+pub async fn complete(s: &Soap, lease: &MoRef) -> Result<(), VsError> {
+    s.call(&format!(r#"<HttpNfcLeaseComplete xmlns="urn:vim25">{}</HttpNfcLeaseComplete>"#, lease.xml("_this")))
+        .await
+        .map(|_| ())
+}
+
+/// Release the lease (best effort: a lease that already ended needs nothing).
+pub async fn abort(s: &Soap, lease: &MoRef) {
+    if let Err(e) =
+        s.call(&format!(r#"<HttpNfcLeaseAbort xmlns="urn:vim25">{}</HttpNfcLeaseAbort>"#, lease.xml("_this"))).await
+    {
+        tracing::debug!("aborting the export lease: {e}");
+    }
+}
+
+/// Keep the lease alive while the disks download: its progress every `every`. A renewal the
+/// server refuses (the lease expired or was aborted) is reported through the watch channel.
+pub fn keep_alive(
+    s: Arc<Soap>,
+    lease: MoRef,
+    every: Duration,
+    done: Arc<AtomicU64>,
+    total: u64,
+) -> (tokio::task::JoinHandle<()>, watch::Receiver<Option<String>>) {
+    let (tx, rx) = watch::channel(None);
+    let task = tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(every).await;
+            let pct = (done.load(Ordering::Relaxed).saturating_mul(100) / total.max(1)).min(99) as u32;
+            match progress(&s, &lease, pct).await {
+                Ok(()) => {}
+                Err(VsError::Connect(e)) => tracing::warn!("renewing the export lease: {e}; trying again"),
+                Err(e) => {
+                    let _ = tx.send(Some(format!("vSphere ended the export lease: {e}")));
+                    return;
+                }
+            }
+        }
+    });
+    (task, rx)
+}
+
+/// Download `url` into the new file `dst`.
+#[allow(clippy::too_many_arguments)]
+pub async fn download(
+    s: &Soap,
+    url: &DeviceUrl,
+    dst: &Path,
+    tuning: &Tuning,
+    ctl: &Control,
+    done_before: u64,
+    total_done: &AtomicU64,
+    lease_end: &mut watch::Receiver<Option<String>>,
+) -> Result<Downloaded, ExportFailure> {
+    let path = s.ep.local_path(&url.url)?;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(dst)
+        .map_err(|e| ExportFailure::Io(format!("{}: {e}", dst.display())))?;
+    let mut hasher = blake3::Hasher::new();
+    let mut have = 0u64;
+    let mut resumed = 0u32;
+    let mut failures = 0u32;
+    loop {
+        if ctl.cancel.load(Ordering::Relaxed) {
+            return Err(ExportFailure::Cancelled);
+        }
+        if let Some(why) = lease_end.borrow().clone() {
+            return Err(ExportFailure::Lease(why));
+        }
+        let attempt = transfer(s, &path, have, tuning, ctl, &mut file, &mut hasher, done_before, total_done, lease_end).await;
+        match attempt {
+            Ok(Transfer::Complete(n)) => {
+                have = n;
+                break;
+            }
+            Ok(Transfer::Restarted) => {
+                // The server sent the whole file again: start over.
+                hasher = blake3::Hasher::new();
+                have = 0;
+                file.set_len(0).map_err(|e| ExportFailure::Io(format!("{}: {e}", dst.display())))?;
+                use std::io::Seek;
+                file.seek(std::io::SeekFrom::Start(0)).map_err(|e| ExportFailure::Io(format!("{}: {e}", dst.display())))?;
+                continue;
+            }
+            Err(TransferError::Broken { why, at }) => {
+                have = at;
+                failures += 1;
+                if failures > tuning.retries {
+                    return Err(ExportFailure::Vs(VsError::Connect(format!(
+                        "downloading {}: {why}; gave up after {} attempts ({} of the disk received)",
+                        Esc(&url.url),
+                        failures,
+                        hyperfarm_shared::human::bytes(have)
+                    ))));
+                }
+                resumed += 1;
+                let wait = Duration::from_secs(u64::from(failures.min(5)));
+                tracing::warn!(
+                    "the transfer of {} broke at byte {have} ({why}); resuming from there in {}s (attempt {} of {})",
+                    Esc(&url.target),
+                    wait.as_secs(),
+                    failures + 1,
+                    tuning.retries + 1
+                );
+                tokio::time::sleep(wait).await;
+            }
+            Err(TransferError::Fatal(f)) => return Err(f),
+        }
+    }
+    file.sync_all().map_err(|e| ExportFailure::Io(format!("{}: {e}", dst.display())))?;
+    Ok(Downloaded { path: dst.to_path_buf(), bytes: have, blake3: *hasher.finalize().as_bytes(), resumed })
+}
+
+enum Transfer {
+    Complete(u64),
+    Restarted,
+}
+
+enum TransferError {
+    /// The transfer broke after `at` bytes of the file: resume there.
+    Broken { why: String, at: u64 },
+    Fatal(ExportFailure),
+}
+
+/// One GET of the disk from byte `from`; bytes are appended to `file` and `hasher`.
+#[allow(clippy::too_many_arguments)]
+async fn transfer(
+    s: &Soap,
+    path: &str,
+    from: u64,
+    tuning: &Tuning,
+    ctl: &Control,
+    file: &mut std::fs::File,
+    hasher: &mut blake3::Hasher,
+    done_before: u64,
+    total_done: &AtomicU64,
+    lease_end: &mut watch::Receiver<Option<String>>,
+) -> Result<Transfer, TransferError> {
+    let broken = |why: String, at: u64| TransferError::Broken { why, at };
+    let mut send = match s.ep.connect().await {
+        Ok(c) => c,
+        Err(e) => return Err(broken(e.to_string(), from)),
+    };
+    let mut req = hyper::Request::get(path)
+        .header(hyper::header::HOST, s.ep.authority())
+        .header(hyper::header::USER_AGENT, concat!("hyperexport/", env!("CARGO_PKG_VERSION")));
+    if let Some(c) = s.cookie() {
+        req = req.header(hyper::header::COOKIE, c);
+    }
+    if from > 0 {
+        req = req.header(hyper::header::RANGE, format!("bytes={from}-"));
+    }
+    let req = req
+        .body(Full::new(Bytes::new()))
+        .map_err(|e| TransferError::Fatal(ExportFailure::Vs(VsError::Protocol(e.to_string()))))?;
+    let resp = match tokio::time::timeout(tuning.stall, send.send_request(req)).await {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => return Err(broken(e.to_string(), from)),
+        Err(_) => return Err(broken(format!("no answer in {}s", tuning.stall.as_secs()), from)),
+    };
+    let status = resp.status();
+    let mut at = from;
+    match status.as_u16() {
+        200 if from > 0 => {
+            tracing::warn!("the server does not resume transfers (it sent the whole disk again): starting the disk over");
+            return Ok(Transfer::Restarted);
+        }
+        200 => {}
+        206 => {
+            let start = resp
+                .headers()
+                .get(hyper::header::CONTENT_RANGE)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.strip_prefix("bytes "))
+                .and_then(|v| v.split('-').next())
+                .and_then(|v| v.trim().parse::<u64>().ok());
+            if start != Some(from) {
+                tracing::warn!("the server resumed at another byte than asked: starting the disk over");
+                return Ok(Transfer::Restarted);
+            }
+        }
+        404 | 403 | 410 => {
+            // A lease that ended makes its URLs disappear: say so rather than "not found".
+            let why = lease_end.borrow().clone().unwrap_or_else(|| {
+                format!("the server answered HTTP {status} for the disk's URL: the export lease is no longer valid (expired or aborted)")
+            });
+            return Err(TransferError::Fatal(ExportFailure::Lease(why)));
+        }
+        _ if status.is_server_error() => return Err(broken(format!("HTTP {status}"), from)),
+        _ => {
+            return Err(TransferError::Fatal(ExportFailure::Vs(VsError::Protocol(format!(
+                "the server answered HTTP {status} for {}",
+                Esc(path)
+            )))));
+        }
+    }
+    let mut body = resp.into_body();
+    loop {
+        if ctl.cancel.load(Ordering::Relaxed) {
+            return Err(TransferError::Fatal(ExportFailure::Cancelled));
+        }
+        let frame = tokio::select! {
+            f = tokio::time::timeout(tuning.stall, body.frame()) => f,
+            _ = lease_end.changed() => {
+                let why = lease_end.borrow().clone().unwrap_or_else(|| "the export lease ended".into());
+                return Err(TransferError::Fatal(ExportFailure::Lease(why)));
+            }
+        };
+        let frame = match frame {
+            Err(_) => return Err(broken(format!("no data for {}s", tuning.stall.as_secs()), at)),
+            Ok(None) => break,
+            Ok(Some(Err(e))) => return Err(broken(e.to_string(), at)),
+            Ok(Some(Ok(f))) => f,
+        };
+        let Ok(data) = frame.into_data() else { continue };
+        if at + data.len() as u64 > tuning.max_disk {
+            return Err(TransferError::Fatal(ExportFailure::Vs(VsError::Protocol(format!(
+                "the disk is larger than --max-disk-size {}; raise it if this is intended",
+                hyperfarm_shared::human::bytes(tuning.max_disk)
+            )))));
+        }
+        let written = tokio::task::block_in_place(|| -> std::io::Result<()> {
+            file.write_all(&data)?;
+            hasher.update(&data);
+            Ok(())
+        });
+        if let Err(e) = written {
+            let hint = if e.raw_os_error() == Some(libc::ENOSPC) { " (the file system is full)" } else { "" };
+            return Err(TransferError::Fatal(ExportFailure::Io(format!("writing the disk: {e}{hint}"))));
+        }
+        at += data.len() as u64;
+        ctl.done.store(at, Ordering::Relaxed);
+        total_done.store(done_before + at, Ordering::Relaxed);
+    }
+    Ok(Transfer::Complete(at))
+}
+
+/// What to export: the VM itself, or (running VM) a snapshot taken for it.
+pub async fn entity_for(
+    s: &Soap,
+    sc: &ServiceContent,
+    vm: &VmFacts,
+    allow_running: bool,
+    snapshot_name: &str,
+) -> Result<(MoRef, Option<MoRef>), VsError> {
+    if vm.power == "poweredOff" || !allow_running {
+        return Ok((vm.moref.clone(), None));
+    }
+    let snap = inventory::create_snapshot(s, sc, &vm.moref, snapshot_name).await?;
+    Ok((snap.clone(), Some(snap)))
+}

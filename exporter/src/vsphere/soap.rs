@@ -1,0 +1,450 @@
+//! The transport of the vSphere provider: HTTPS (HTTP/1.1 through hyper, TLS through rustls) and
+//! the vSphere Web Services SOAP envelope, with the session cookie vCenter and ESXi hand out at
+//! login.
+//!
+//! Everything that comes back is hostile: responses are read up to a bound, documents with a DTD
+//! are refused before parsing, and texts are escaped by the callers before they are printed.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::client::conn::http1::SendRequest;
+use hyper_util::rt::TokioIo;
+use tokio_rustls::rustls;
+use tokio_rustls::rustls::pki_types::{CertificateDer, ServerName, pem::PemObject};
+
+use hyperfarm_shared::text::{Esc, markup_escape};
+
+/// Largest SOAP response read (an inventory's properties, a VM's devices).
+pub const MAX_RESPONSE: usize = 64 << 20;
+/// How long a connection may take to open (TCP and TLS).
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
+/// How long one SOAP call may take.
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Why talking to vSphere failed.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum VsError {
+    /// The server cannot be reached, or its certificate is not trusted.
+    #[error("{0}")]
+    Connect(String),
+    /// The user name or password was refused.
+    #[error("{0}")]
+    Login(String),
+    /// The server answered with a SOAP fault: its type (`InvalidPowerState`…) and text.
+    #[error("{kind}: {message}")]
+    Fault { kind: String, message: String },
+    /// The server answered something that is not the vSphere API.
+    #[error("{0}")]
+    Protocol(String),
+}
+
+impl VsError {
+    pub fn fault_kind(&self) -> Option<&str> {
+        match self {
+            VsError::Fault { kind, .. } => Some(kind),
+            _ => None,
+        }
+    }
+}
+
+/// How the server's certificate is checked.
+#[derive(Debug, Clone)]
+pub enum Trust {
+    /// The system's CA certificates.
+    System,
+    /// Only the CAs in this PEM file.
+    CaFile(std::path::PathBuf),
+    /// No check at all (`--insecure`).
+    Insecure,
+}
+
+/// The TLS settings for `trust`.
+pub fn tls_config(trust: &Trust) -> Result<Arc<rustls::ClientConfig>, VsError> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| VsError::Connect(format!("TLS: {e}")))?;
+    let config = match trust {
+        Trust::Insecure => builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(NoCheck(provider)))
+            .with_no_client_auth(),
+        Trust::CaFile(path) => {
+            let mut roots = rustls::RootCertStore::empty();
+            let certs = read_pem_certs(path)?;
+            for c in certs {
+                roots.add(c).map_err(|e| VsError::Connect(format!("CA file {}: {e}", Esc(path))))?;
+            }
+            builder.with_root_certificates(roots).with_no_client_auth()
+        }
+        Trust::System => {
+            let mut roots = rustls::RootCertStore::empty();
+            let found = rustls_native_certs::load_native_certs();
+            let (added, _) = roots.add_parsable_certificates(found.certs);
+            if added == 0 {
+                return Err(VsError::Connect(
+                    "no CA certificates found on this system to check the vSphere server's certificate; give --ca-file FILE (the vCenter's CA), or --insecure".into(),
+                ));
+            }
+            builder.with_root_certificates(roots).with_no_client_auth()
+        }
+    };
+    Ok(Arc::new(config))
+}
+
+fn read_pem_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, VsError> {
+    let bytes = hyperfarm_shared::fsx::read_bounded(path, 4 << 20)
+        .map_err(|e| VsError::Connect(format!("CA file {}: {e}", Esc(path))))?;
+    let certs: Vec<_> = CertificateDer::pem_slice_iter(&bytes)
+        .collect::<Result<_, _>>()
+        .map_err(|e| VsError::Connect(format!("CA file {}: {e}", Esc(path))))?;
+    if certs.is_empty() {
+        return Err(VsError::Connect(format!("CA file {}: no PEM certificate in it", Esc(path))));
+    }
+    Ok(certs)
+}
+
+/// `--insecure`: any certificate is accepted; signatures are still checked, so the session is
+/// at least encrypted to whoever answered.
+#[derive(Debug)]
+struct NoCheck(Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for NoCheck {
+    fn verify_server_cert(
+        &self,
+        _: &CertificateDer<'_>,
+        _: &[CertificateDer<'_>],
+        _: &ServerName<'_>,
+        _: &[u8],
+        _: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+    }
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+    }
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// Where the server is.
+#[derive(Debug, Clone)]
+pub struct Endpoint {
+    pub host: String,
+    pub port: u16,
+    /// `/sdk`.
+    pub path: String,
+    pub tls: Arc<rustls::ClientConfig>,
+}
+
+impl Endpoint {
+    /// `host:port`, as it goes into URLs and the `Host` header.
+    pub fn authority(&self) -> String {
+        if self.host.contains(':') { format!("[{}]:{}", self.host, self.port) } else { format!("{}:{}", self.host, self.port) }
+    }
+
+    /// A new HTTPS connection to the server.
+    pub async fn connect(&self) -> Result<SendRequest<Full<Bytes>>, VsError> {
+        let open = async {
+            let tcp = tokio::net::TcpStream::connect((self.host.as_str(), self.port))
+                .await
+                .map_err(|e| VsError::Connect(format!("cannot connect to {}: {e}", self.authority())))?;
+            let _ = tcp.set_nodelay(true);
+            let name = ServerName::try_from(self.host.clone())
+                .map_err(|e| VsError::Connect(format!("{}: {e}", Esc(&self.host))))?;
+            let tls = tokio_rustls::TlsConnector::from(self.tls.clone()).connect(name, tcp).await.map_err(|e| {
+                let hint = if e.to_string().contains("certificate") {
+                    "; the server's certificate is not trusted: give --ca-file FILE with the CA that signed it (GOVC_TLS_CA_CERTS), or --insecure (GOVC_INSECURE=1) to skip the check"
+                } else {
+                    ""
+                };
+                VsError::Connect(format!("TLS with {}: {e}{hint}", self.authority()))
+            })?;
+            let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+                .await
+                .map_err(|e| VsError::Connect(format!("HTTP with {}: {e}", self.authority())))?;
+            tokio::spawn(async move {
+                let _ = conn.await;
+            });
+            Ok(send)
+        };
+        tokio::time::timeout(CONNECT_TIMEOUT, open).await.map_err(|_| {
+            VsError::Connect(format!("no answer from {} in {}s", self.authority(), CONNECT_TIMEOUT.as_secs()))
+        })?
+    }
+
+    /// Turn a URL the server gave (a lease's device URL, whose host may be `*`) into a path on
+    /// this endpoint. Other hosts are refused: the session cookie only goes to the server logged
+    /// into.
+    pub fn local_path(&self, url: &str) -> Result<String, VsError> {
+        let rest = url
+            .strip_prefix("https://")
+            .or_else(|| url.strip_prefix("http://"))
+            .ok_or_else(|| VsError::Protocol(format!("the device URL {} is not an HTTP URL", Esc(url))))?;
+        let (host, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+        let host_only = host.rsplit_once(':').map(|(h, _)| h).unwrap_or(host).trim_matches(['[', ']']);
+        if host != "*" && host_only != "*" && !host_only.eq_ignore_ascii_case(&self.host) {
+            return Err(VsError::Protocol(format!(
+                "the device URL {} names another host than {}; hyperexport downloads only from the server it logged into",
+                Esc(url),
+                self.authority()
+            )));
+        }
+        if path.is_empty() || !path.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(VsError::Protocol(format!("the device URL {} has no usable path", Esc(url))));
+        }
+        Ok(path.to_string())
+    }
+}
+
+/// A SOAP session: one kept-alive connection (re-opened when it breaks) and the session cookie.
+pub struct Soap {
+    pub ep: Endpoint,
+    conn: tokio::sync::Mutex<Option<SendRequest<Full<Bytes>>>>,
+    cookie: std::sync::Mutex<Option<String>>,
+}
+
+/// The vim25 namespace and the version the requests are written for (6.5: every call used here
+/// exists there, and vCenter/ESXi 6.5 to 8 accept it).
+const SOAP_ACTION: &str = "urn:vim25/6.5";
+
+impl Soap {
+    pub fn new(ep: Endpoint) -> Soap {
+        Soap { ep, conn: tokio::sync::Mutex::new(None), cookie: std::sync::Mutex::new(None) }
+    }
+
+    /// The session cookie, for downloads.
+    pub fn cookie(&self) -> Option<String> {
+        self.cookie.lock().map(|c| c.clone()).unwrap_or(None)
+    }
+
+    /// Call one method: `body` is its element (`<Login xmlns="urn:vim25">…</Login>`). Returns the
+    /// response document's text; a SOAP fault is an error with its type.
+    pub async fn call(&self, body: &str) -> Result<String, VsError> {
+        let envelope = format!(
+            r#"<?xml version="1.0" encoding="UTF-8"?><soapenv:Envelope xmlns:soapenv="http://schemas.xmlsoap.org/soap/envelope/" xmlns:xsd="http://www.w3.org/2001/XMLSchema" xmlns:xsi="http://www.w3.org/2001/XMLSchema-instance"><soapenv:Body>{body}</soapenv:Body></soapenv:Envelope>"#
+        );
+        tokio::time::timeout(CALL_TIMEOUT, self.exchange(envelope)).await.map_err(|_| {
+            VsError::Connect(format!("{} did not answer a call in {}s", self.ep.authority(), CALL_TIMEOUT.as_secs()))
+        })?
+    }
+
+    async fn exchange(&self, envelope: String) -> Result<String, VsError> {
+        let mut guard = self.conn.lock().await;
+        // One retry on a fresh connection when a kept-alive one was closed by the server.
+        for attempt in 0..2 {
+            let reused = guard.is_some();
+            let send = match guard.as_mut() {
+                Some(s) if !s.is_closed() => s,
+                _ => guard.insert(self.ep.connect().await?),
+            };
+            if send.ready().await.is_err() {
+                *guard = None;
+                continue;
+            }
+            let mut req = hyper::Request::post(&self.ep.path)
+                .header(hyper::header::HOST, self.ep.authority())
+                .header(hyper::header::CONTENT_TYPE, "text/xml; charset=utf-8")
+                .header("SOAPAction", SOAP_ACTION)
+                .header(hyper::header::USER_AGENT, concat!("hyperexport/", env!("CARGO_PKG_VERSION")));
+            if let Some(c) = self.cookie() {
+                req = req.header(hyper::header::COOKIE, c);
+            }
+            let req = req
+                .body(Full::new(Bytes::from(envelope.clone())))
+                .map_err(|e| VsError::Protocol(format!("request: {e}")))?;
+            let resp = match send.send_request(req).await {
+                Ok(r) => r,
+                Err(e) if reused && attempt == 0 => {
+                    tracing::debug!("vSphere connection closed ({e}); reconnecting");
+                    *guard = None;
+                    continue;
+                }
+                Err(e) => {
+                    *guard = None;
+                    return Err(VsError::Connect(format!("{}: {e}", self.ep.authority())));
+                }
+            };
+            for v in resp.headers().get_all(hyper::header::SET_COOKIE) {
+                if let Ok(v) = v.to_str()
+                    && let Some(pair) = v.split(';').next()
+                    && pair.trim_start().starts_with("vmware_soap_session=")
+                    && let Ok(mut c) = self.cookie.lock()
+                {
+                    *c = Some(pair.trim().to_string());
+                }
+            }
+            let status = resp.status();
+            let text = read_bounded(resp.into_body(), MAX_RESPONSE).await.inspect_err(|_| *guard = None)?;
+            let text = String::from_utf8(text)
+                .map_err(|_| VsError::Protocol(format!("{} answered with text that is not UTF-8", self.ep.authority())))?;
+            if let Some(fault) = parse_fault(&text) {
+                return Err(fault);
+            }
+            if !status.is_success() {
+                return Err(VsError::Protocol(format!(
+                    "{} answered HTTP {status}: {}; is {} a vCenter or ESXi SDK endpoint?",
+                    self.ep.authority(),
+                    Esc(&hyperfarm_shared::text::bounded(&text, 200)),
+                    self.ep.path
+                )));
+            }
+            return Ok(text);
+        }
+        Err(VsError::Connect(format!("{}: the connection keeps closing", self.ep.authority())))
+    }
+}
+
+/// Read a response body, at most `max` bytes.
+pub async fn read_bounded(mut body: hyper::body::Incoming, max: usize) -> Result<Vec<u8>, VsError> {
+    let mut out = Vec::new();
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| VsError::Connect(format!("reading the answer: {e}")))?;
+        if let Ok(data) = frame.into_data() {
+            if out.len() + data.len() > max {
+                return Err(VsError::Protocol(format!("the answer is larger than {max} bytes")));
+            }
+            out.extend_from_slice(&data);
+        }
+    }
+    Ok(out)
+}
+
+/// Parse a response; documents with a DTD (entity tricks) are refused.
+pub fn parse(text: &str) -> Result<roxmltree::Document<'_>, VsError> {
+    if text.contains("<!DOCTYPE") || text.contains("<!ENTITY") {
+        return Err(VsError::Protocol("the server's answer holds a DTD; refused".into()));
+    }
+    roxmltree::Document::parse(text).map_err(|e| VsError::Protocol(format!("the server's answer is not XML: {e}")))
+}
+
+fn parse_fault(text: &str) -> Option<VsError> {
+    if !text.contains("Fault") {
+        return None;
+    }
+    let doc = parse(text).ok()?;
+    let fault = doc.descendants().find(|n| n.has_tag_name(("http://schemas.xmlsoap.org/soap/envelope/", "Fault")))?;
+    let message = child_text(fault, "faultstring").unwrap_or_default().to_string();
+    let kind = fault
+        .children()
+        .find(|n| n.tag_name().name() == "detail")
+        .and_then(|d| d.children().find(|n| n.is_element()))
+        .map(|n| {
+            xsi_type(n).map(str::to_string).unwrap_or_else(|| n.tag_name().name().trim_end_matches("Fault").to_string())
+        })
+        .unwrap_or_else(|| "ServerFault".to_string());
+    if kind == "InvalidLogin" {
+        return Some(VsError::Login(message));
+    }
+    Some(VsError::Fault { kind, message })
+}
+
+/// The `xsi:type` of an element, without a namespace prefix.
+pub fn xsi_type<'a>(n: roxmltree::Node<'a, '_>) -> Option<&'a str> {
+    n.attribute(("http://www.w3.org/2001/XMLSchema-instance", "type")).map(|t| t.rsplit(':').next().unwrap_or(t))
+}
+
+/// The text of the first child element named `name`.
+pub fn child_text<'a>(n: roxmltree::Node<'a, '_>, name: &str) -> Option<&'a str> {
+    n.children().find(|c| c.is_element() && c.tag_name().name() == name).and_then(|c| c.text())
+}
+
+/// The first child element named `name`.
+pub fn child<'a, 'i>(n: roxmltree::Node<'a, 'i>, name: &str) -> Option<roxmltree::Node<'a, 'i>> {
+    n.children().find(|c| c.is_element() && c.tag_name().name() == name)
+}
+
+/// The method's `returnval` elements.
+pub fn returnvals<'a, 'i>(doc: &'a roxmltree::Document<'i>) -> impl Iterator<Item = roxmltree::Node<'a, 'i>> {
+    doc.descendants().filter(|n| n.is_element() && n.tag_name().name() == "returnval")
+}
+
+/// A managed object reference.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct MoRef {
+    pub kind: String,
+    pub value: String,
+}
+
+impl MoRef {
+    pub fn new(kind: &str, value: &str) -> MoRef {
+        MoRef { kind: kind.to_string(), value: value.to_string() }
+    }
+    /// From an element holding a reference (`<returnval type="VirtualMachine">vm-42</returnval>`).
+    pub fn of(n: roxmltree::Node<'_, '_>) -> Option<MoRef> {
+        // `type` without a namespace: not `xsi:type`, which a property's value also carries.
+        let kind = n.attributes().find(|a| a.name() == "type" && a.namespace().is_none())?.value();
+        Some(MoRef { kind: kind.to_string(), value: n.text()?.trim().to_string() })
+    }
+    /// The element `name` holding this reference, as a request argument.
+    pub fn xml(&self, name: &str) -> String {
+        format!(r#"<{name} type="{}">{}</{name}>"#, markup_escape(&self.kind), markup_escape(&self.value))
+    }
+}
+
+impl std::fmt::Display for MoRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}", self.kind, Esc(&self.value))
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn faults_are_typed() {
+        let t = r#"<?xml version="1.0"?><soapenv:Envelope xmlns:soapenv="http://schemas.xmlsoap.org/soap/envelope/" xmlns:xsi="http://www.w3.org/2001/XMLSchema-instance"><soapenv:Body><soapenv:Fault><faultcode>ServerFaultCode</faultcode><faultstring>Cannot complete login due to an incorrect user name or password.</faultstring><detail><InvalidLoginFault xmlns="urn:vim25" xsi:type="InvalidLogin"></InvalidLoginFault></detail></soapenv:Fault></soapenv:Body></soapenv:Envelope>"#;
+        assert!(matches!(parse_fault(t), Some(VsError::Login(m)) if m.contains("incorrect")));
+        let t = t.replace("xsi:type=\"InvalidLogin\"", "xsi:type=\"InvalidPowerState\"");
+        assert_eq!(parse_fault(&t).unwrap().fault_kind(), Some("InvalidPowerState"));
+        assert!(parse_fault("<x>no fault</x>").is_none());
+    }
+
+    #[test]
+    fn references_take_the_plain_type_attribute() {
+        let t = r#"<val xmlns:xsi="http://www.w3.org/2001/XMLSchema-instance" xsi:type="ManagedObjectReference" type="Folder">group-v3</val>"#;
+        let doc = roxmltree::Document::parse(t).unwrap();
+        assert_eq!(MoRef::of(doc.root_element()), Some(MoRef::new("Folder", "group-v3")));
+    }
+
+    #[test]
+    fn dtds_are_refused() {
+        let t = r#"<?xml version="1.0"?><!DOCTYPE a [<!ENTITY b "c">]><a>&b;</a>"#;
+        assert!(matches!(parse(t), Err(VsError::Protocol(_))));
+    }
+
+    #[test]
+    fn device_urls_stay_on_the_server() {
+        let ep = Endpoint {
+            host: "vc.example".into(),
+            port: 443,
+            path: "/sdk".into(),
+            tls: tls_config(&Trust::Insecure).unwrap(),
+        };
+        assert_eq!(ep.local_path("https://*/nfc/52a/disk-0.vmdk").unwrap(), "/nfc/52a/disk-0.vmdk");
+        assert_eq!(ep.local_path("https://VC.example:443/nfc/x/d.vmdk").unwrap(), "/nfc/x/d.vmdk");
+        assert!(ep.local_path("https://evil.example/nfc/x").is_err());
+        assert!(ep.local_path("ftp://*/x").is_err());
+        assert!(ep.local_path("https://*/a b").is_err());
+    }
+}

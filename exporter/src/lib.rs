@@ -444,7 +444,12 @@ impl Drop for Scratch {
 
 /// The VM as local files, for conversion on this host: a vSphere VM is downloaded into a
 /// scratch directory in `out` first (removed afterwards).
-async fn local_vm(input: Input, out: &std::path::Path, ctl: &Arc<Control>, quiet: bool) -> Result<(source::VmSource, Scratch), ExportError> {
+async fn local_vm(
+    input: Input,
+    out: &std::path::Path,
+    ctl: &Arc<Control>,
+    quiet: bool,
+) -> Result<(source::VmSource, Scratch), ExportError> {
     match input {
         Input::Local(vm) => Ok((*vm, Scratch(None))),
         Input::Vsphere(p) => {
@@ -459,7 +464,13 @@ async fn local_vm(input: Input, out: &std::path::Path, ctl: &Arc<Control>, quiet
 }
 
 /// Publish the VM into `queue`.
-async fn submit_input(queue: &Queue, input: &Input, opts: submit::Options, ctl: Arc<Control>, quiet: bool) -> Result<submit::Submitted, ExportError> {
+async fn submit_input(
+    queue: &Queue,
+    input: &Input,
+    opts: submit::Options,
+    ctl: Arc<Control>,
+    quiet: bool,
+) -> Result<submit::Submitted, ExportError> {
     match input {
         Input::Local(vm) => submit::submit(queue, vm, opts, ctl, quiet).await,
         Input::Vsphere(p) => submit::submit_vsphere(queue, p, opts, ctl, quiet).await,

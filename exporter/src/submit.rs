@@ -7,8 +7,8 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use hyperfarm_shared::JobId;
-use hyperfarm_shared::format::DiskFormat;
 use hyperfarm_shared::digest::to_hex;
+use hyperfarm_shared::format::DiskFormat;
 use hyperfarm_shared::fsx;
 use hyperfarm_shared::manifest::{self, Disk, HyperfarmInfo, Manifest, Pipeline, Source, Stage, Submitter, VmInfo};
 use hyperfarm_shared::queue::{self, Queue, Staging};
@@ -118,7 +118,15 @@ pub async fn finish(
 }
 
 /// A disk entry of the manifest.
-fn disk_entry(i: usize, id: &str, format: DiskFormat, file_name: &str, bytes: u64, blake3: &[u8; 32], label: String) -> Disk {
+fn disk_entry(
+    i: usize,
+    id: &str,
+    format: DiskFormat,
+    file_name: &str,
+    bytes: u64,
+    blake3: &[u8; 32],
+    label: String,
+) -> Disk {
     Disk {
         id: id.to_string(),
         source_format: format.manifest_name().to_string(),

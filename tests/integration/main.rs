@@ -22,3 +22,4 @@ mod netns;
 mod races;
 mod seed;
 mod serve;
+mod vsphere;

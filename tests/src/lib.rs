@@ -10,6 +10,7 @@ pub mod bed;
 pub mod certs;
 pub mod http;
 pub mod images;
+pub mod vcsim;
 
 use std::ffi::OsStr;
 use std::fs;

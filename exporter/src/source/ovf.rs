@@ -5,7 +5,8 @@ use std::path::Path;
 use hyperfarm_shared::text::Esc;
 
 use super::{
-    Firmware, MAX_OVF, NicFact, Opened, SourceError, VmDir, VmSource, bad, dedupe_ids, disk_id, load_disk_file, read_text,
+    Firmware, MAX_OVF, NicFact, Opened, SourceError, VmDir, VmSource, bad, dedupe_ids, disk_id, load_disk_file,
+    read_text,
 };
 
 /// A disk as the OVF describes it.
@@ -256,7 +257,11 @@ mod tests {
             i.nics,
             vec![
                 NicFact { mac: None, network: Some("VM Network".into()), model: Some("vmxnet3".into()) },
-                NicFact { mac: Some("00:50:56:aa:00:01".into()), network: Some("DMZ".into()), model: Some("e1000".into()) },
+                NicFact {
+                    mac: Some("00:50:56:aa:00:01".into()),
+                    network: Some("DMZ".into()),
+                    model: Some("e1000".into())
+                },
             ]
         );
     }

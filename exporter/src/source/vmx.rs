@@ -6,7 +6,8 @@ use std::path::Path;
 use hyperfarm_shared::text::Esc;
 
 use super::{
-    Firmware, MAX_VMX, NicFact, Opened, SourceError, VmDir, VmSource, bad, dedupe_ids, disk_id, load_disk_file, read_text,
+    Firmware, MAX_VMX, NicFact, Opened, SourceError, VmDir, VmSource, bad, dedupe_ids, disk_id, load_disk_file,
+    read_text,
 };
 
 /// Parse VMX text into lowercase keys and unquoted values.
@@ -139,8 +140,12 @@ pub fn nics(keys: &HashMap<String, String>) -> Vec<NicFact> {
             continue;
         }
         let get = |key: &str| keys.get(&format!("ethernet{idx}.{key}")).cloned();
-        let mac = get("address").or_else(|| get("generatedaddress")).filter(|m| is_mac(m)).map(|m| m.to_ascii_lowercase());
-        found.push((idx, NicFact { mac, network: get("networkname"), model: get("virtualdev").map(|m| m.to_ascii_lowercase()) }));
+        let mac =
+            get("address").or_else(|| get("generatedaddress")).filter(|m| is_mac(m)).map(|m| m.to_ascii_lowercase());
+        found.push((
+            idx,
+            NicFact { mac, network: get("networkname"), model: get("virtualdev").map(|m| m.to_ascii_lowercase()) },
+        ));
     }
     found.sort_by_key(|(i, _)| *i);
     found.into_iter().map(|(_, n)| n).collect()
@@ -187,8 +192,16 @@ ethernet2.address = "00:50:56:3f:00:09"
         assert_eq!(
             n,
             vec![
-                NicFact { mac: Some("00:0c:29:aa:bb:cc".into()), network: Some("VM Network".into()), model: Some("vmxnet3".into()) },
-                NicFact { mac: Some("00:50:56:3f:00:02".into()), network: Some("Backup".into()), model: Some("e1000e".into()) },
+                NicFact {
+                    mac: Some("00:0c:29:aa:bb:cc".into()),
+                    network: Some("VM Network".into()),
+                    model: Some("vmxnet3".into())
+                },
+                NicFact {
+                    mac: Some("00:50:56:3f:00:02".into()),
+                    network: Some("Backup".into()),
+                    model: Some("e1000e".into())
+                },
             ]
         );
     }

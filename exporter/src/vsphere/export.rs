@@ -228,7 +228,8 @@ pub async fn download(
         if let Some(why) = lease_end.borrow().clone() {
             return Err(ExportFailure::Lease(why));
         }
-        let attempt = transfer(s, &path, have, tuning, ctl, &mut file, &mut hasher, done_before, total_done, lease_end).await;
+        let attempt =
+            transfer(s, &path, have, tuning, ctl, &mut file, &mut hasher, done_before, total_done, lease_end).await;
         match attempt {
             Ok(Transfer::Complete(n)) => {
                 have = n;
@@ -240,7 +241,8 @@ pub async fn download(
                 have = 0;
                 file.set_len(0).map_err(|e| ExportFailure::Io(format!("{}: {e}", dst.display())))?;
                 use std::io::Seek;
-                file.seek(std::io::SeekFrom::Start(0)).map_err(|e| ExportFailure::Io(format!("{}: {e}", dst.display())))?;
+                file.seek(std::io::SeekFrom::Start(0))
+                    .map_err(|e| ExportFailure::Io(format!("{}: {e}", dst.display())))?;
                 continue;
             }
             Err(TransferError::Broken { why, at }) => {
@@ -279,7 +281,10 @@ enum Transfer {
 
 enum TransferError {
     /// The transfer broke after `at` bytes of the file: resume there.
-    Broken { why: String, at: u64 },
+    Broken {
+        why: String,
+        at: u64,
+    },
     Fatal(ExportFailure),
 }
 
@@ -323,7 +328,9 @@ async fn transfer(
     let mut at = from;
     match status.as_u16() {
         200 if from > 0 => {
-            tracing::warn!("the server does not resume transfers (it sent the whole disk again): starting the disk over");
+            tracing::warn!(
+                "the server does not resume transfers (it sent the whole disk again): starting the disk over"
+            );
             return Ok(Transfer::Restarted);
         }
         200 => {}

@@ -55,7 +55,8 @@ pub async fn login(s: &Soap, sc: &ServiceContent, user: &str, password: &str) ->
 }
 
 pub async fn logout(s: &Soap, sc: &ServiceContent) {
-    if let Err(e) = s.call(&format!(r#"<Logout xmlns="urn:vim25">{}</Logout>"#, sc.session_manager.xml("_this"))).await {
+    if let Err(e) = s.call(&format!(r#"<Logout xmlns="urn:vim25">{}</Logout>"#, sc.session_manager.xml("_this"))).await
+    {
         tracing::debug!("vSphere logout: {e}");
     }
 }
@@ -389,7 +390,8 @@ pub async fn wait_task(s: &Soap, sc: &ServiceContent, task: &MoRef, limit: Durat
                 Some("error") => {
                     let err = child(*info, "error");
                     let message = err.and_then(|e| child_text(e, "localizedMessage")).unwrap_or("failed").to_string();
-                    let kind = err.and_then(|e| child(e, "fault")).and_then(xsi_type).unwrap_or("TaskError").to_string();
+                    let kind =
+                        err.and_then(|e| child(e, "fault")).and_then(xsi_type).unwrap_or("TaskError").to_string();
                     return Err(VsError::Fault { kind, message });
                 }
                 _ => {}
@@ -451,8 +453,16 @@ mod tests {
         assert_eq!(
             nics,
             vec![
-                VmNic { model: "vmxnet3".into(), mac: Some("00:50:56:ab:cd:01".into()), network: Some("VM Network".into()) },
-                VmNic { model: "e1000e".into(), mac: Some("00:50:56:ab:cd:02".into()), network: Some("dvportgroup-12".into()) },
+                VmNic {
+                    model: "vmxnet3".into(),
+                    mac: Some("00:50:56:ab:cd:01".into()),
+                    network: Some("VM Network".into())
+                },
+                VmNic {
+                    model: "e1000e".into(),
+                    mac: Some("00:50:56:ab:cd:02".into()),
+                    network: Some("dvportgroup-12".into())
+                },
             ]
         );
     }

@@ -82,7 +82,9 @@ pub fn connection(a: &VsphereArgs) -> Result<Connection, ExportError> {
         (Some(u), _) => (u.clone(), true),
         (None, Some(u)) => (u, false),
         (None, None) => {
-            return Err(usage("--provider vsphere: give the vCenter or ESXi with --vsphere-url https://HOST (or GOVC_URL)".into()));
+            return Err(usage(
+                "--provider vsphere: give the vCenter or ESXi with --vsphere-url https://HOST (or GOVC_URL)".into(),
+            ));
         }
     };
     let rest = if let Some(r) = raw.strip_prefix("https://") {
@@ -115,12 +117,10 @@ pub fn connection(a: &VsphereArgs) -> Result<Connection, ExportError> {
     let (host, port) = split_host_port(hostport)
         .ok_or_else(|| usage(format!("--vsphere-url {}: no usable host[:port] in it", Esc(&raw))))?;
     let path = if path.is_empty() || path == "/" { "/sdk".to_string() } else { path.to_string() };
-    let user = a
-        .vsphere_user
-        .clone()
-        .or(url_user)
-        .or_else(|| env("GOVC_USERNAME"))
-        .ok_or_else(|| usage("--provider vsphere: give the user name with --vsphere-user (or GOVC_USERNAME)".into()))?;
+    let user =
+        a.vsphere_user.clone().or(url_user).or_else(|| env("GOVC_USERNAME")).ok_or_else(|| {
+            usage("--provider vsphere: give the user name with --vsphere-user (or GOVC_USERNAME)".into())
+        })?;
     let password = match &a.vsphere_password_file {
         Some(f) => {
             let bytes = hyperfarm_shared::fsx::read_bounded(f, 64 * 1024)
@@ -130,18 +130,22 @@ pub fn connection(a: &VsphereArgs) -> Result<Connection, ExportError> {
             text.lines().next().unwrap_or("").to_string()
         }
         None => env("GOVC_PASSWORD").or(url_password).ok_or_else(|| {
-            usage("--provider vsphere: give the password in GOVC_PASSWORD or a file with --vsphere-password-file".into())
+            usage(
+                "--provider vsphere: give the password in GOVC_PASSWORD or a file with --vsphere-password-file".into(),
+            )
         })?,
     };
     if password.is_empty() {
         return Err(usage("the vSphere password is empty".into()));
     }
-    let insecure =
-        a.insecure || env("GOVC_INSECURE").is_some_and(|v| matches!(v.to_ascii_lowercase().as_str(), "1" | "true" | "yes"));
+    let insecure = a.insecure
+        || env("GOVC_INSECURE").is_some_and(|v| matches!(v.to_ascii_lowercase().as_str(), "1" | "true" | "yes"));
     let ca = a.ca_file.clone().or_else(|| env("GOVC_TLS_CA_CERTS").map(PathBuf::from));
     let trust = match (insecure, ca) {
         (true, Some(_)) => {
-            return Err(usage("give either --ca-file (GOVC_TLS_CA_CERTS) or --insecure (GOVC_INSECURE), not both".into()));
+            return Err(usage(
+                "give either --ca-file (GOVC_TLS_CA_CERTS) or --insecure (GOVC_INSECURE), not both".into(),
+            ));
         }
         (true, None) => Trust::Insecure,
         (false, Some(f)) => Trust::CaFile(f),
@@ -357,7 +361,10 @@ pub async fn prepare(cli: &crate::cli::Cli, max_disk: u64) -> Result<Prepared, E
             n.clone()
         }
         None => names::sanitize_vm_name(&facts.name).ok_or_else(|| {
-            ExportError::BadInput(format!("the VM name {} has no usable characters; give one with --name", Esc(&facts.name)))
+            ExportError::BadInput(format!(
+                "the VM name {} has no usable characters; give one with --name",
+                Esc(&facts.name)
+            ))
         })?,
     };
     let refuse = |msg: String| async {
@@ -429,15 +436,10 @@ impl Prepared {
         quiet: bool,
     ) -> Result<Vec<(String, DiskFormat, Downloaded)>, ExportError> {
         let s = &self.session;
-        let (entity, snapshot) = export::entity_for(
-            &s.soap,
-            &s.sc,
-            &self.facts,
-            self.allow_powered_on,
-            &format!("hyperexport-{job}"),
-        )
-        .await
-        .map_err(|e| s.err(e))?;
+        let (entity, snapshot) =
+            export::entity_for(&s.soap, &s.sc, &self.facts, self.allow_powered_on, &format!("hyperexport-{job}"))
+                .await
+                .map_err(|e| s.err(e))?;
         if snapshot.is_some() {
             tracing::info!("the VM is running: exporting a snapshot of its disks taken now");
         }
@@ -484,7 +486,11 @@ impl Prepared {
             .iter()
             .enumerate()
             .map(|(i, u)| {
-                u.size.or_else(|| (lease.urls.len() == self.facts.disks.len()).then(|| self.facts.disks[i].capacity_bytes)).unwrap_or(0)
+                u.size
+                    .or_else(|| {
+                        (lease.urls.len() == self.facts.disks.len()).then(|| self.facts.disks[i].capacity_bytes)
+                    })
+                    .unwrap_or(0)
             })
             .collect();
         let total: u64 = sizes.iter().sum();
@@ -549,7 +555,8 @@ impl Prepared {
 /// A downloaded disk must be a disk image the agent can convert (a streamOptimized VMDK from
 /// vSphere), not an error page.
 fn check_disk(path: &Path) -> Result<DiskFormat, ExportFailure> {
-    let file = hyperfarm_shared::fsx::open_regular(path).map_err(|e| ExportFailure::Io(format!("{}: {e}", path.display())))?;
+    let file =
+        hyperfarm_shared::fsx::open_regular(path).map_err(|e| ExportFailure::Io(format!("{}: {e}", path.display())))?;
     match format::sniff(&file) {
         Ok(Sniffed::Disk(f)) => Ok(f),
         Ok(_) => Err(ExportFailure::Vs(VsError::Protocol(format!(

@@ -69,10 +69,9 @@ pub fn tls_config(trust: &Trust) -> Result<Arc<rustls::ClientConfig>, VsError> {
         .with_safe_default_protocol_versions()
         .map_err(|e| VsError::Connect(format!("TLS: {e}")))?;
     let config = match trust {
-        Trust::Insecure => builder
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(NoCheck(provider)))
-            .with_no_client_auth(),
+        Trust::Insecure => {
+            builder.dangerous().with_custom_certificate_verifier(Arc::new(NoCheck(provider))).with_no_client_auth()
+        }
         Trust::CaFile(path) => {
             let mut roots = rustls::RootCertStore::empty();
             let certs = read_pem_certs(path)?;
@@ -158,7 +157,11 @@ pub struct Endpoint {
 impl Endpoint {
     /// `host:port`, as it goes into URLs and the `Host` header.
     pub fn authority(&self) -> String {
-        if self.host.contains(':') { format!("[{}]:{}", self.host, self.port) } else { format!("{}:{}", self.host, self.port) }
+        if self.host.contains(':') {
+            format!("[{}]:{}", self.host, self.port)
+        } else {
+            format!("{}:{}", self.host, self.port)
+        }
     }
 
     /// A new HTTPS connection to the server.
@@ -294,8 +297,9 @@ impl Soap {
             }
             let status = resp.status();
             let text = read_bounded(resp.into_body(), MAX_RESPONSE).await.inspect_err(|_| *guard = None)?;
-            let text = String::from_utf8(text)
-                .map_err(|_| VsError::Protocol(format!("{} answered with text that is not UTF-8", self.ep.authority())))?;
+            let text = String::from_utf8(text).map_err(|_| {
+                VsError::Protocol(format!("{} answered with text that is not UTF-8", self.ep.authority()))
+            })?;
             if let Some(fault) = parse_fault(&text) {
                 return Err(fault);
             }

@@ -79,6 +79,14 @@ pub struct Cli {
     /// Keep the disks of finished jobs in the queue's done/ directory [default: false]
     #[arg(long, env = "HYPER2KVM_AGENT_KEEP_DONE_DISKS")]
     pub keep_done_disks: Option<bool>,
+    /// Define converted VMs in libvirt when their job asks for it (`hyperexport --libvirt` in
+    /// daemon mode); false: such jobs convert, and their result says the domain was not defined
+    /// [default: true]
+    #[arg(long, env = "HYPER2KVM_AGENT_LIBVIRT_DEFINE", num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
+    pub libvirt_define: Option<bool>,
+    /// Where this agent defines domains (jobs cannot choose) [default: qemu:///system]
+    #[arg(long, env = "HYPER2KVM_AGENT_LIBVIRT_URI", value_name = "URI")]
+    pub libvirt_uri: Option<String>,
     /// Staging leftovers of crashed exporters on other hosts are removed after this age [default: 24h]
     #[arg(long, env = "HYPER2KVM_AGENT_STAGING_MAX_AGE", value_parser = duration::parse, value_name = "DURATION")]
     pub staging_max_age: Option<Duration>,
@@ -220,6 +228,8 @@ pub struct FileConfig {
     #[serde(default, deserialize_with = "duration::de_opt")]
     pub job_timeout: Option<Duration>,
     pub keep_done_disks: Option<bool>,
+    pub libvirt_define: Option<bool>,
+    pub libvirt_uri: Option<String>,
     #[serde(default, deserialize_with = "duration::de_opt")]
     pub staging_max_age: Option<Duration>,
     pub convert: Option<ConvertOptions>,
@@ -304,6 +314,8 @@ pub struct Config {
     #[serde(serialize_with = "ser_dur")]
     pub job_timeout: Duration,
     pub keep_done_disks: bool,
+    pub libvirt_define: bool,
+    pub libvirt_uri: String,
     #[serde(serialize_with = "ser_dur")]
     pub staging_max_age: Duration,
     pub convert: ConvertOptions,
@@ -383,6 +395,8 @@ pub fn load(cli: &Cli) -> anyhow::Result<Config> {
         max_attempts: cli.max_attempts.or(file.max_attempts).unwrap_or(3),
         job_timeout: cli.job_timeout.or(file.job_timeout).unwrap_or(Duration::from_secs(24 * 3600)),
         keep_done_disks: cli.keep_done_disks.or(file.keep_done_disks).unwrap_or(false),
+        libvirt_define: cli.libvirt_define.or(file.libvirt_define).unwrap_or(true),
+        libvirt_uri: cli.libvirt_uri.clone().or(file.libvirt_uri).unwrap_or_else(|| "qemu:///system".into()),
         staging_max_age: cli.staging_max_age.or(file.staging_max_age).unwrap_or(Duration::from_secs(24 * 3600)),
         convert: file.convert.unwrap_or_default(),
         engine: cli.engine.or(file.engine).unwrap_or_default(),
@@ -465,6 +479,9 @@ fn validate(cfg: &Config) -> anyhow::Result<()> {
     }
     if cfg.lease_timeout < Duration::from_millis(500) {
         return bad(format!("lease_timeout = {} must be at least 500ms", duration::show(cfg.lease_timeout)));
+    }
+    if cfg.libvirt_uri.is_empty() || cfg.libvirt_uri.chars().any(|c| c.is_control() || c.is_whitespace()) {
+        return bad(format!("libvirt_uri {:?} is not a libvirt URI", cfg.libvirt_uri));
     }
     if cfg.max_attempts == 0 {
         return bad("max_attempts must be at least 1".into());

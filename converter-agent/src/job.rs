@@ -230,6 +230,7 @@ async fn execute(
     }
 
     ptx.send_replace(Progress { phase: Phase::Publishing, percent: 100.0, ..Default::default() });
+    let libvirt = define_if_asked(core, &loaded, &converted.files).await;
     let attempts = claim.lock().expect("claim lock").as_ref().map(|c| c.attempts()).unwrap_or(1);
     let record = ResultRecord {
         job_id: id,
@@ -246,6 +247,7 @@ async fn execute(
         attempts,
         started_at_ms,
         finished_at_ms: hyperfarm_shared::queue::now_ms(),
+        libvirt,
     };
     let policy = core.cfg.on_existing;
     let claim_dir = claim.lock().expect("claim lock").as_ref().map(|c| c.dir().to_path_buf()).ok_or(Ended::Abandon)?;
@@ -263,6 +265,69 @@ async fn execute(
         Err(e @ ResultError::Conflict { .. }) => Err(Ended::Failed(JobFailure::new(Some(&vm), e.to_string()))),
         Err(e) => Err(Ended::Failed(JobFailure::new(Some(&vm), e.to_string()))),
     }
+}
+
+/// The job asked (`hyperexport --libvirt` in daemon mode) for the converted VM to be defined in
+/// libvirt on this host: write `<output>/<vm>.xml` from the manifest's facts and the published
+/// names of the disks, validate it, define it at this agent's URI. The conversion stands whatever
+/// happens here; the outcome goes into the result record for the exporter to report. The domain is
+/// defined before the qcow2 files are published under those names (libvirt does not open disks
+/// until the domain starts).
+async fn define_if_asked(
+    core: &Arc<Core>,
+    loaded: &LoadedJob,
+    files: &[hyperfarm_shared::results::ResultFile],
+) -> Option<hyperfarm_shared::libvirt::Outcome> {
+    use hyperfarm_shared::libvirt::{self, DefineRequest, Outcome};
+    let m = loaded.manifest.as_ref()?;
+    let vm = loaded.vm_name.clone();
+    let out_dir = std::path::absolute(core.output.path()).unwrap_or_else(|_| core.output.path().to_path_buf());
+    let xml = out_dir.join(format!("{vm}.xml"));
+    let uri = core.cfg.libvirt_uri.clone();
+    let refused = |why: String| Outcome {
+        domain: vm.clone(),
+        uri: uri.clone(),
+        xml: xml.display().to_string(),
+        validated: false,
+        defined: false,
+        host: fsx::hostname(),
+        error: Some(why),
+    };
+    let req = match DefineRequest::of(m) {
+        Ok(Some(r)) => r,
+        Ok(None) => return None,
+        Err(e) => {
+            return Some(refused(format!(
+                "the job's libvirt request is invalid: {e}; the VM was converted, not defined"
+            )));
+        }
+    };
+    if !core.cfg.libvirt_define {
+        return Some(refused(format!(
+            "agent {} does not define libvirt domains (libvirt_define = false); the VM was converted: define it by hand, or let hyperexport define it (--libvirt-side exporter)",
+            core.agent_name
+        )));
+    }
+    let mut ordered: Vec<&hyperfarm_shared::results::ResultFile> = files.iter().collect();
+    ordered.sort_by_key(|f| !f.boot);
+    let disks = ordered.iter().map(|f| out_dir.join(&f.name)).collect();
+    let spec = libvirt::spec_from_manifest(m, &vm, disks, &req);
+    let (xml2, uri2) = (xml.clone(), uri.clone());
+    let defined = tokio::time::timeout(
+        std::time::Duration::from_secs(120),
+        tokio::task::spawn_blocking(move || libvirt::define_domain(&spec, &xml2, &uri2)),
+    )
+    .await;
+    let outcome = match defined {
+        Ok(Ok(o)) => o,
+        Ok(Err(e)) => refused(format!("defining the libvirt domain crashed: {e}")),
+        Err(_) => refused(format!("virsh did not answer within 120s at {uri}; the VM was converted, not defined")),
+    };
+    match &outcome.error {
+        None => info!(domain = %outcome.domain, uri = %outcome.uri, "defined in libvirt"),
+        Some(e) => warn!("{e}"),
+    }
+    Some(outcome)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -334,6 +399,7 @@ async fn finish(
                     attempts: claim.attempts(),
                     started_at_ms,
                     finished_at_ms: hyperfarm_shared::queue::now_ms(),
+                    libvirt: None,
                 };
                 let dir = claim.dir().to_path_buf();
                 // When even the error cannot be written, the job goes back to the queue. If the
@@ -505,6 +571,7 @@ pub fn publish_orphan_result(core: &Core, id: JobId, job_dir: &Path, message: &s
         attempts: 0,
         started_at_ms: hyperfarm_shared::queue::now_ms(),
         finished_at_ms: hyperfarm_shared::queue::now_ms(),
+        libvirt: None,
     };
     let result = Publication::begin(&core.output, id, &token)
         .map_err(ResultError::from_io(id, core.output.tmp_dir()))

@@ -108,13 +108,20 @@ pub struct Cli {
     /// Direct mode: when <vm>.qcow2 already exists, fail (default) or archive the old file
     #[arg(long, value_parser = parse_on_existing, value_name = "fail|archive")]
     pub on_existing: Option<OnExisting>,
-    /// Direct mode: define the converted VM in libvirt (domain XML written as <output>/<vm>.xml
-    /// from the VM's CPUs, memory, firmware and disks, validated, then `virsh define`)
+    /// Define the converted VM in libvirt: domain XML <vm>.xml beside the qcow2 files, from the
+    /// VM's CPUs, memory, firmware, disks and NICs, validated, then `virsh define`. Direct mode:
+    /// here. Daemon mode: by the agent on the conversion host (see --libvirt-side)
     #[arg(long, num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
     pub libvirt: Option<bool>,
-    /// Where --libvirt defines the domain
+    /// Where --libvirt defines the domain when hyperexport defines it (direct mode, or
+    /// --libvirt-side exporter); an agent defines at its own libvirt_uri
     #[arg(long, default_value = "qemu:///system", value_name = "URI")]
     pub libvirt_uri: String,
+    /// Daemon mode: which side defines the domain, exactly one of them: the agent on the
+    /// conversion host (where the qcow2 files are), or hyperexport after the result arrives
+    /// (with the output as this host mounts it)
+    #[arg(long, default_value = "agent", value_parser = ["agent", "exporter"], value_name = "agent|exporter")]
+    pub libvirt_side: String,
     /// Disk bus of the domain: virtio (fast; Linux guests) or sata (any guest boots)
     #[arg(long, default_value = "virtio", value_parser = ["virtio", "sata"], value_name = "virtio|sata")]
     pub libvirt_bus: String,

@@ -168,6 +168,7 @@ pub async fn convert(
         attempts: 1,
         started_at_ms,
         finished_at_ms: hyperfarm_shared::queue::now_ms(),
+        libvirt: None,
     };
     let policy = params.on_existing;
     tokio::task::spawn_blocking(move || publication.publish(record, None, policy, || true))

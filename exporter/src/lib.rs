@@ -248,7 +248,35 @@ fn read_config(p: &std::path::Path) -> Result<FileConfig, ExportError> {
 /// What the job asks of its agent.
 fn submit_options(cli: &Cli) -> submit::Options {
     let st = stages(cli);
-    submit::Options { inspect: st.inspect, fix: st.fix, validate: st.validate, engine: cli.engine, id: cli.job_id }
+    submit::Options {
+        inspect: st.inspect,
+        fix: st.fix,
+        validate: st.validate,
+        engine: cli.engine,
+        id: cli.job_id,
+        libvirt: (libvirt_side(cli) == LibvirtSide::Agent).then(|| hyperfarm_shared::libvirt::DefineRequest {
+            bus: cli.libvirt_bus.clone(),
+            network: cli.libvirt_network.clone(),
+        }),
+    }
+}
+
+/// Which side defines the domain in daemon mode: exactly one, never both.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum LibvirtSide {
+    None,
+    /// The agent, on the conversion host (asked through the job's manifest).
+    Agent,
+    /// hyperexport, after the result arrives, with the paths as this host sees the output.
+    Exporter,
+}
+
+fn libvirt_side(cli: &Cli) -> LibvirtSide {
+    match (cli.libvirt == Some(true), cli.libvirt_side.as_str()) {
+        (false, _) => LibvirtSide::None,
+        (true, "exporter") => LibvirtSide::Exporter,
+        (true, _) => LibvirtSide::Agent,
+    }
 }
 
 /// The stages the job asks for besides convert.
@@ -281,9 +309,9 @@ pub async fn run(mut cli: Cli) -> Result<(), ExportError> {
         cli.json = true;
     }
     let s = settings(&cli)?;
-    if cli.libvirt == Some(true) && s.mode != Mode::Direct {
+    if cli.libvirt == Some(true) && s.mode == Mode::ExportOnly {
         return Err(ExportError::Usage(
-            "--libvirt defines the VM where it was converted: for now only in direct mode (--pipeline without --hyper2kvm-daemon); on a farm, define it on the conversion host from <vm>.qcow2".into(),
+            "--libvirt defines the converted VM: it needs --pipeline (with --hyper2kvm-daemon: the agent defines it, or hyperexport with --libvirt-side exporter)".into(),
         ));
     }
     let vm_path = cli.vm.clone().ok_or_else(|| ExportError::Usage("give --vm PATH (or --interactive)".into()))?;
@@ -385,7 +413,8 @@ pub async fn run(mut cli: Cli) -> Result<(), ExportError> {
                         let params = direct_params(&cli, &s, out);
                         let (vm, _scratch) = local_vm(input, params.output.path(), &ctl, cli.quiet).await?;
                         let rec = direct::convert(&vm, &params, ctl, cancel).await?;
-                        print_success(&params.output, &rec, cli.json);
+                        let domain = libvirt_define(&cli, &vm, &params.output, &rec).await?;
+                        print_success_with(&params.output, &rec, cli.json, domain);
                         return Ok(());
                     }
                 }
@@ -496,7 +525,11 @@ async fn daemon(
     let queue = Queue::new(&s.watch_dir);
     let sub = submit_input(&queue, input, submit_options(cli), ctl, cli.quiet).await?;
     tracing::info!(job = %sub.id, "published; waiting for the result");
-    follow_submitted(cli, s, sub, interrupt, agent).await
+    let vm = match input {
+        Input::Local(vm) => (**vm).clone(),
+        Input::Vsphere(p) => p.source(),
+    };
+    follow_submitted(cli, s, sub, interrupt, agent, Some(vm)).await
 }
 
 /// Daemon mode once the job is in the queue: print it (--detach) or follow it to its result.
@@ -506,6 +539,7 @@ async fn follow_submitted(
     sub: submit::Submitted,
     interrupt: Arc<Notify>,
     agent: Option<AgentEndpoint>,
+    vm: Option<source::VmSource>,
 ) -> Result<(), ExportError> {
     let queue = Queue::new(&s.watch_dir);
     let output = OutputDir::new(&s.output_dir);
@@ -529,8 +563,41 @@ async fn follow_submitted(
         agent,
     };
     match wait::follow(&params, interrupt).await {
+        Waited::Result(rec) if rec.state == ResultState::Done && libvirt_side(cli) != LibvirtSide::None => {
+            let libvirt = match libvirt_side(cli) {
+                LibvirtSide::Agent => match &rec.libvirt {
+                    Some(o) => libvirt_report(o, Some(&rec.agent))?,
+                    None => {
+                        return Err(ExportError::Libvirt(format!(
+                            "job {} was converted by {}, which did not define it in libvirt (an agent older than this hyperexport); define it on the conversion host by hand, or use --libvirt-side exporter",
+                            rec.job_id, rec.agent
+                        )));
+                    }
+                },
+                _ => match &vm {
+                    Some(vm) => libvirt_define(cli, vm, &output, &rec).await?.unwrap_or_default(),
+                    None => {
+                        return Err(ExportError::Libvirt(format!(
+                            "job {} was converted; this run did not read the VM (it followed a job already in the queue), so it cannot write its domain: run again without --job-id, or define it by hand",
+                            rec.job_id
+                        )));
+                    }
+                },
+            };
+            print_success_with(&output, &rec, cli.json, Some(libvirt));
+            Ok(())
+        }
         Waited::Result(rec) => finish(&output, rec, cli.json),
-        Waited::Remote(job) => remote_finish(&output, job, cli.json),
+        Waited::Remote(job) => {
+            if libvirt_side(cli) != LibvirtSide::None && job.state() == hyperfarm_proto::v1::JobState::Done {
+                tracing::warn!(
+                    "the job's result record is not readable from this host ({}): whether the domain was defined is in it, on the conversion host (hyperctl jobs show {})",
+                    s.output_dir.display(),
+                    job.id
+                );
+            }
+            remote_finish(&output, job, cli.json)
+        }
         Waited::EndedWithoutRecord { state, reason } => match state {
             State::Cancelled => Err(ExportError::Cancelled(format!("job {} was cancelled: {reason}", sub.id))),
             _ => Err(ExportError::Conversion(format!("job {} ended as {state}: {reason}", sub.id))),
@@ -635,7 +702,7 @@ async fn already_submitted(
         });
     }
     let agent = s.agent_explicit.then(|| s.agent.clone());
-    Ok(Some(follow_submitted(cli, s, sub, interrupt, agent).await))
+    Ok(Some(follow_submitted(cli, s, sub, interrupt, agent, None).await))
 }
 
 fn finish(output: &OutputDir, rec: ResultRecord, json: bool) -> Result<(), ExportError> {
@@ -733,43 +800,30 @@ async fn libvirt_define(
             vm.nics.iter().map(|n| Nic { mac: n.mac.clone(), network: cli.libvirt_network.clone() }).collect()
         },
     };
-    let xml_path = output.path().join(format!("{}.xml", rec.vm_name));
+    let xml_path = std::path::absolute(output.path().join(format!("{}.xml", rec.vm_name)))
+        .unwrap_or_else(|_| output.path().join(format!("{}.xml", rec.vm_name)));
     let uri = cli.libvirt_uri.clone();
-    let kept = format!(
-        "the VM was converted ({}); define it by hand when fixed: virsh -c {uri} define {}",
-        disks.first().map(|d| d.display().to_string()).unwrap_or_default(),
-        xml_path.display()
-    );
-    let xml = spec.xml().map_err(|e| ExportError::Libvirt(format!("libvirt domain for {}: {e}", rec.vm_name)))?;
-    let (p, uri2) = (xml_path.clone(), uri.clone());
-    let defined =
-        tokio::task::spawn_blocking(move || -> Result<(bool, String), hyperfarm_shared::libvirt::LibvirtError> {
-            hyperfarm_shared::fsx::replace_file(&p, xml.as_bytes()).map_err(|e| {
-                hyperfarm_shared::libvirt::LibvirtError::Tool {
-                    program: "writing the domain XML".into(),
-                    message: format!("{}: {e}", p.display()),
-                }
-            })?;
-            let validated = hyperfarm_shared::libvirt::validate(&p)?;
-            let said = hyperfarm_shared::libvirt::define(&uri2, &p)?;
-            Ok((validated, said))
-        })
+    let outcome = tokio::task::spawn_blocking(move || hyperfarm_shared::libvirt::define_domain(&spec, &xml_path, &uri))
         .await
         .map_err(|e| ExportError::Internal(e.to_string()))?;
-    match defined {
-        Ok((validated, said)) => {
-            if !validated {
-                tracing::warn!(
-                    "virt-xml-validate is not installed: the domain XML was not checked against libvirt's schema"
-                );
-            }
-            eprintln!("hyperexport: libvirt domain {} defined at {uri} ({})", rec.vm_name, xml_path.display());
-            Ok(Some(
-                serde_json::json!({"domain": rec.vm_name, "uri": uri, "xml": xml_path, "validated": validated, "virsh": said}),
-            ))
-        }
-        Err(e) => Err(ExportError::Libvirt(format!("defining libvirt domain {}: {e}; {kept}", rec.vm_name))),
+    libvirt_report(&outcome, None).map(Some)
+}
+
+/// Report what defining the domain came to (here or by the agent `by`): the JSON for `--json`,
+/// or exit 9 with the reason and what to do.
+fn libvirt_report(o: &hyperfarm_shared::libvirt::Outcome, by: Option<&str>) -> Result<serde_json::Value, ExportError> {
+    use hyperfarm_shared::text::Esc;
+    if !o.defined {
+        return Err(ExportError::Libvirt(Esc(o.error.as_deref().unwrap_or("the domain was not defined")).to_string()));
     }
+    if !o.validated {
+        tracing::warn!("virt-xml-validate is not installed: the domain XML was not checked against libvirt's schema");
+    }
+    let by_text = by.map(|a| format!(" by agent {}", Esc(a))).unwrap_or_default();
+    eprintln!("hyperexport: libvirt domain {} defined at {}{by_text} ({})", Esc(&o.domain), Esc(&o.uri), Esc(&o.xml));
+    Ok(
+        serde_json::json!({"domain": o.domain, "uri": o.uri, "xml": o.xml, "validated": o.validated, "host": o.host, "defined_by": by.unwrap_or("hyperexport")}),
+    )
 }
 
 fn print_success_with(output: &OutputDir, rec: &ResultRecord, json: bool, libvirt: Option<serde_json::Value>) {

@@ -34,7 +34,7 @@ pub struct Submitted {
 
 /// What the job asks of its agent: hyper2kvm pipeline stages besides convert (none by default:
 /// every engine converts and `qemu-img check`s), and an engine to override the agent's.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct Options {
     pub inspect: bool,
     pub fix: bool,
@@ -42,6 +42,8 @@ pub struct Options {
     pub engine: Option<hyperfarm_shared::engine::EngineChoice>,
     /// The job's id (`--job-id`, idempotent submission); a new one when unset.
     pub id: Option<JobId>,
+    /// Ask the agent to define the converted VM in libvirt (`--libvirt` in daemon mode).
+    pub libvirt: Option<hyperfarm_shared::libvirt::DefineRequest>,
 }
 
 /// The start of a submission: the job already in the queue (`--job-id`), or a new staged job.
@@ -316,10 +318,18 @@ fn build_manifest(vm: &VmSource, id: JobId, disks: Vec<Disk>, stages: Options) -
             memory_mib: vm.memory_mib,
             // The source VM's network interfaces (hyper2kvm ignores this object): what a libvirt
             // domain defined from the job gets.
-            extra: if vm.nics.is_empty() {
-                Default::default()
-            } else {
-                [("nics".to_string(), serde_json::to_value(&vm.nics).unwrap_or_default())].into_iter().collect()
+            extra: {
+                let mut extra = serde_json::Map::new();
+                if !vm.nics.is_empty() {
+                    extra.insert("nics".into(), serde_json::to_value(&vm.nics).unwrap_or_default());
+                }
+                if let Some(req) = &stages.libvirt {
+                    extra.insert(
+                        hyperfarm_shared::libvirt::REQUEST_KEY.into(),
+                        serde_json::to_value(req).unwrap_or_default(),
+                    );
+                }
+                extra
             },
         }),
         extra: Default::default(),

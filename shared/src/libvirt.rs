@@ -212,6 +212,145 @@ pub fn define(uri: &str, xml: &Path) -> Result<String, LibvirtError> {
     run("virsh", &["-q", "-c", uri, "define", path]).map(|s| s.trim().to_string())
 }
 
+/// The manifest key (inside the `hyperfarm` object) of a job asking its agent to define the
+/// converted VM in libvirt: `{"bus": "virtio", "network": "default"}`.
+pub const REQUEST_KEY: &str = "libvirt";
+
+/// What a job asks of the conversion host. The libvirt URI is the agent's own setting, never the
+/// job's: a job from the shared queue does not choose where the agent connects.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct DefineRequest {
+    pub bus: String,
+    pub network: String,
+}
+
+impl DefineRequest {
+    /// The request in a manifest, checked: `Ok(None)` when the job asks for nothing.
+    pub fn of(m: &crate::manifest::Manifest) -> Result<Option<DefineRequest>, String> {
+        let Some(v) = m.hyperfarm.as_ref().and_then(|h| h.extra.get(REQUEST_KEY)) else {
+            return Ok(None);
+        };
+        let r: DefineRequest = serde_json::from_value(v.clone()).map_err(|e| {
+            format!("hyperfarm.{REQUEST_KEY}: {e} (expected {{\"bus\": \"virtio\"|\"sata\", \"network\": NAME}})")
+        })?;
+        if Bus::parse(&r.bus).is_none() {
+            return Err(format!(
+                "hyperfarm.{REQUEST_KEY}.bus: {:?} is not virtio or sata",
+                crate::text::bounded(&r.bus, 40)
+            ));
+        }
+        let ok = !r.network.is_empty()
+            && r.network.len() <= 64
+            && r.network.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
+        if !ok {
+            return Err(format!(
+                "hyperfarm.{REQUEST_KEY}.network: {:?} is not a libvirt network name (letters, digits, '.', '_', '-')",
+                crate::text::bounded(&r.network, 80)
+            ));
+        }
+        Ok(Some(r))
+    }
+}
+
+/// The domain of a converted job, from its manifest's facts: CPUs, memory (`hyperfarm.memory_mib`,
+/// else `vm.mem_gb`), firmware, the source's NICs (`hyperfarm.nics`; their MACs kept, all on the
+/// requested network), and the converted disks (boot disk first). Unknown CPUs or memory become 1
+/// and 2048 MiB.
+pub fn spec_from_manifest(
+    m: &crate::manifest::Manifest,
+    name: &str,
+    disks: Vec<PathBuf>,
+    req: &DefineRequest,
+) -> DomainSpec {
+    let vm = m.vm.as_ref();
+    let memory = m
+        .hyperfarm
+        .as_ref()
+        .and_then(|h| h.memory_mib)
+        .or_else(|| vm.and_then(|v| v.mem_gb).map(|g| g.saturating_mul(1024)))
+        .filter(|m| *m >= 1)
+        .unwrap_or(2048);
+    let macs: Vec<Option<String>> = m
+        .hyperfarm
+        .as_ref()
+        .and_then(|h| h.extra.get("nics"))
+        .and_then(|v| v.as_array())
+        .map(|a| {
+            a.iter()
+                .take(32)
+                .map(|n| n.get("mac").and_then(|m| m.as_str()).filter(|m| valid_mac(m)).map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default();
+    let nics = if macs.is_empty() {
+        vec![Nic { mac: None, network: req.network.clone() }]
+    } else {
+        macs.into_iter().map(|mac| Nic { mac, network: req.network.clone() }).collect()
+    };
+    DomainSpec {
+        name: name.to_string(),
+        vcpus: vm.and_then(|v| v.cpu).filter(|c| *c >= 1).unwrap_or(1),
+        memory_mib: memory,
+        uefi: vm.and_then(|v| v.firmware.as_deref()) == Some("uefi"),
+        disks,
+        bus: Bus::parse(&req.bus).unwrap_or(Bus::Virtio),
+        nics,
+    }
+}
+
+/// What defining a domain came to; carried in the result record of the job.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Outcome {
+    pub domain: String,
+    pub uri: String,
+    /// The domain XML written beside the qcow2 files.
+    pub xml: String,
+    /// Whether `virt-xml-validate` checked it (false: not installed).
+    #[serde(default)]
+    pub validated: bool,
+    pub defined: bool,
+    /// Where it was defined (host name).
+    #[serde(default)]
+    pub host: String,
+    /// Why it was not defined, and what to do.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// Write `spec` as `xml_path`, validate it, define it at `uri`. Every failure is in the outcome.
+pub fn define_domain(spec: &DomainSpec, xml_path: &Path, uri: &str) -> Outcome {
+    let mut out = Outcome {
+        domain: spec.name.clone(),
+        uri: uri.to_string(),
+        xml: xml_path.display().to_string(),
+        validated: false,
+        defined: false,
+        host: crate::fsx::hostname(),
+        error: None,
+    };
+    let r = (|| -> Result<(), LibvirtError> {
+        let xml = spec.xml()?;
+        crate::fsx::replace_file(xml_path, xml.as_bytes()).map_err(|e| LibvirtError::Tool {
+            program: "writing the domain XML".into(),
+            message: format!("{}: {e}", xml_path.display()),
+        })?;
+        out.validated = validate(xml_path)?;
+        define(uri, xml_path)?;
+        Ok(())
+    })();
+    match r {
+        Ok(()) => out.defined = true,
+        Err(e) => {
+            out.error = Some(format!(
+                "defining libvirt domain {} at {uri}: {e}; the VM was converted: define it by hand when fixed: virsh -c {uri} define {}",
+                spec.name,
+                xml_path.display()
+            ))
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {

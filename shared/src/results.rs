@@ -87,6 +87,9 @@ pub struct ResultRecord {
     pub attempts: usize,
     pub started_at_ms: u64,
     pub finished_at_ms: u64,
+    /// The job asked its agent to define the VM in libvirt: what came of it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub libvirt: Option<crate::libvirt::Outcome>,
 }
 
 impl ResultRecord {
@@ -554,6 +557,7 @@ mod tests {
             attempts: 1,
             started_at_ms: 0,
             finished_at_ms: 0,
+            libvirt: None,
         }
     }
 

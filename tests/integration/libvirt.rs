@@ -87,9 +87,95 @@ fn a_failed_definition_keeps_the_conversion_and_says_how_to_finish() {
     assert!(err.contains("defining libvirt domain kept") && err.contains("virsh -c nosuchdriver:///x define"), "{err}");
     assert_identical(&raw, &farm.output.join("kept.qcow2"));
     assert!(farm.output.join("kept.xml").is_file());
-    // Only where the VM was converted: daemon mode refuses it up front, nothing published.
-    let ran = farm.export(&raw, &["--libvirt"]);
+    // Export only converts nothing: refused up front, nothing published.
+    let queue = farm.queue.display().to_string();
+    let ran = Run::new(
+        &bin("hyperexport"),
+        &["--vm".into(), raw.display().to_string(), "--output".into(), queue, "--libvirt".into()],
+    )
+    .run();
     ran.expect_code(2);
-    assert!(ran.stderr().contains("only in direct mode"), "{}", ran.stderr());
+    assert!(ran.stderr().contains("needs --pipeline"), "{}", ran.stderr());
     assert!(farm.jobs_in("queued").is_empty());
+}
+
+/// A VMX with two disks and two NICs (one static MAC, one generated).
+fn vm_with_nics(farm: &Farm) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
+    let a = sample_disk(farm.path(), "a.raw", 16, 5);
+    let b = sample_disk(farm.path(), "b.raw", 8, 6);
+    convert(&a, &farm.src.join("db-1.vmdk"), "vmdk", None);
+    convert(&b, &farm.src.join("db-2.vmdk"), "vmdk", None);
+    let vm = vmx(&farm.src, "db", &[("scsi0:0", "db-1.vmdk"), ("scsi0:1", "db-2.vmdk")]);
+    let mut text = std::fs::read_to_string(&vm).unwrap();
+    text.push_str(
+        "ethernet0.present = \"TRUE\"\nethernet0.virtualDev = \"vmxnet3\"\nethernet0.address = \"00:50:56:3f:10:01\"\n",
+    );
+    text.push_str("ethernet1.present = \"TRUE\"\nethernet1.virtualDev = \"e1000e\"\nethernet1.generatedAddress = \"00:0C:29:AB:CD:02\"\n");
+    std::fs::write(&vm, text).unwrap();
+    (vm, a, b)
+}
+
+#[test]
+fn in_daemon_mode_the_agent_defines_the_domain_with_the_source_nics() {
+    let farm = Farm::new();
+    let (vm, a, b) = vm_with_nics(&farm);
+    let _agent = farm.agent(&["--engine", "qemu-img", "--libvirt-uri", "test:///default"]);
+    let ran = farm.export(&vm, &["--libvirt", "--libvirt-network", "prod", "--json"]);
+    ran.expect_code(0);
+    let out = ran.json();
+    let rec = farm.records().into_iter().next().unwrap();
+    assert_eq!(rec["libvirt"]["defined"], true, "{rec:#}");
+    assert_eq!(rec["libvirt"]["uri"], "test:///default");
+    assert_eq!(out["libvirt"]["defined_by"], rec["agent"], "{out:#}");
+    assert!(ran.stderr().contains("libvirt domain db defined at test:///default by agent"), "{}", ran.stderr());
+    let xml = std::fs::read_to_string(farm.output.join("db.xml")).unwrap();
+    for want in [
+        "<mac address='00:50:56:3f:10:01'/>",
+        "<mac address='00:0c:29:ab:cd:02'/>",
+        "<source network='prod'/>",
+        "<vcpu>4</vcpu>",
+        "<memory unit='MiB'>3072</memory>",
+        "<os firmware='efi'>",
+    ] {
+        assert!(xml.contains(want), "{want} missing from\n{xml}");
+    }
+    let boot = farm.output.join("db.qcow2");
+    assert!(xml.contains(&format!("<source file='{}'/>", boot.display())), "{xml}");
+    assert_identical(&a, &boot);
+    assert_identical(&b, std::path::Path::new(out["files"][1].as_str().unwrap()));
+    let v = Command::new("virt-xml-validate").arg(farm.output.join("db.xml")).arg("domain").output().unwrap();
+    assert!(v.status.success(), "{}", String::from_utf8_lossy(&v.stderr));
+}
+
+#[test]
+fn an_agent_that_does_not_define_says_so_and_only_one_side_ever_defines() {
+    let farm = Farm::new();
+    let (vm, a, _) = vm_with_nics(&farm);
+    let mut agent = farm.agent(&["--engine", "qemu-img", "--libvirt-define=false"]);
+    let ran = farm.export(&vm, &["--libvirt"]);
+    ran.expect_code(9);
+    assert!(
+        ran.stderr().contains("does not define libvirt domains") && ran.stderr().contains("--libvirt-side exporter"),
+        "{}",
+        ran.stderr()
+    );
+    assert_identical(&a, &farm.output.join("db.qcow2"));
+    assert!(!farm.output.join("db.xml").exists(), "nothing was written for a domain not defined");
+
+    // The exporter's side: the agent (which would define) is not asked; hyperexport defines.
+    agent.kill9();
+    std::fs::remove_file(farm.output.join("db.qcow2")).unwrap();
+    for f in hyperfarm_tests::find_files(&farm.output, ".qcow2") {
+        std::fs::remove_file(f).unwrap();
+    }
+    let _agent = farm.agent(&["--engine", "qemu-img", "--libvirt-uri", "test:///default", "--on-existing", "archive"]);
+    let ran =
+        farm.export(&vm, &["--libvirt", "--libvirt-side", "exporter", "--libvirt-uri", "test:///default", "--json"]);
+    ran.expect_code(0);
+    assert_eq!(ran.json()["libvirt"]["defined_by"], "hyperexport", "{}", ran.stdout());
+    let recs = farm.records();
+    let last = recs.iter().find(|r| r["state"] == "done" && r["libvirt"].is_null());
+    assert!(last.is_some(), "the agent's record of the second job has no libvirt outcome: {recs:#?}");
+    assert!(recs.iter().all(|r| r["libvirt"]["defined"] != true), "the agent defined nothing: {recs:#?}");
+    assert!(farm.output.join("db.xml").is_file());
 }

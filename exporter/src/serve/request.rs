@@ -257,10 +257,10 @@ pub fn validate(r: &ExportRequest) -> Result<(), Invalid> {
     {
         return Err(Invalid::field("options.hyper2kvm_daemon_timeout", format!("{t} minutes: give 1 to 240")));
     }
-    if o.libvirt_integration == Some(true) && mode != Mode::Direct {
+    if o.libvirt_integration == Some(true) && mode == Mode::ExportOnly {
         return Err(Invalid::field(
             "options.libvirt_integration",
-            "the VM is defined in libvirt where it was converted: for now only in direct mode (enable_pipeline without hyper2kvm_daemon); on a farm, define it on the conversion host from <vm>.qcow2",
+            "defining the VM in libvirt needs its conversion: set enable_pipeline (with hyper2kvm_daemon the conversion host's agent defines it)",
         ));
     }
     if let Some(e) = &o.engine
@@ -392,7 +392,7 @@ mod tests {
             (serde_json::json!({"vm_path": p}), "output_dir"),
             (serde_json::json!({"vm_path": p, "format": "ova", "options": {"hyper2kvm_daemon": true}}), "format"),
             (
-                serde_json::json!({"vm_path": p, "options": {"hyper2kvm_daemon": true, "libvirt_integration": true}}),
+                serde_json::json!({"vm_path": p, "output_dir": "/tmp", "options": {"libvirt_integration": true}}),
                 "options.libvirt_integration",
             ),
             (

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use hyperfarm_tests::bed::{Bed, Cache};
 use hyperfarm_tests::images::{self, assert_identical};
+use hyperfarm_tests::vcsim::Vcsim;
 use hyperfarm_tests::{Proc, bin, wait_for};
 
 const HOSTS: &[(&str, &str)] = &[("ex", "export01"), ("a1", "conv01"), ("a2", "conv02")];
@@ -863,4 +864,55 @@ fn serve_on_the_export_host_converts_on_another_strict() {
 #[test]
 fn serve_on_the_export_host_converts_on_another_default_caches() {
     serve_across_hosts(Cache::Default);
+}
+
+/// A VM of a vCenter (the simulator on a host of its own) exported through the vSphere API on the
+/// export host, converted on a conversion host, which defines it in libvirt: the domain names the
+/// disks where that host mounts the output, with the source's MACs.
+fn vsphere_to_libvirt_across_hosts(cache: Cache) {
+    let bed = Bed::up(cache, &[("ex", "export01"), ("a1", "conv01"), ("vc", "vcenter01")]);
+    let src = bed.dir.path().join("vcenter-disks");
+    fs::create_dir_all(&src).unwrap();
+    let raw = images::raw_disk(&src.join("app.raw"), 32 << 20, &[(0, 4 << 20), (24 << 20, 256 << 10)], 301);
+    let vmdk = images::convert(&raw, &src.join("app.vmdk"), "vmdk", Some("subformat=streamOptimized"));
+    let vc_addr = bed.host("vc").addr.clone();
+    let vc = Vcsim::start_via(
+        &bed.dir.path().join("vcsim"),
+        &[vmdk],
+        &["-listen", "0.0.0.0:0", "-cert-ip", &vc_addr],
+        |program, args| bed.spawn("vc", program, args, &[]),
+    );
+    assert!(vc.url.contains(&vc_addr), "{}", vc.url);
+    let _a1 = agent(&bed, "a1", &["--engine", "qemu-img", "--libvirt-uri", "test:///default"]);
+    let ex = bed.host("ex");
+    let mut args = vc.flags();
+    for a in ["--vm", "/DC0/vm/ubuntu-server", "--pipeline", "--hyper2kvm-daemon", "--libvirt", "--json"] {
+        args.push(a.into());
+    }
+    args.extend(["--hyper2kvm-watch-dir".into(), s(&ex.queue()), "--hyper2kvm-output-dir".into(), s(&ex.output())]);
+    let ran = bed.run("ex", &bin("hyperexport"), &args).timeout(Duration::from_secs(180)).run();
+    ran.expect_code(0);
+    let out = ran.json();
+    assert_eq!(out["libvirt"]["host"], "conv01", "defined on the conversion host: {out:#}");
+    let boot = ex.output().join("ubuntu-server.qcow2");
+    assert_identical(&raw, &boot);
+    let recs = records(&bed);
+    assert_eq!(recs.len(), 1, "{recs:#?}");
+    assert_eq!(recs[0]["agent"], "default@conv01");
+    assert_eq!(recs[0]["libvirt"]["defined"], true, "{recs:#?}");
+    let xml = fs::read_to_string(ex.output().join("ubuntu-server.xml")).unwrap();
+    let a1_boot = bed.host("a1").output().join("ubuntu-server.qcow2");
+    assert!(xml.contains(&format!("<source file='{}'/>", a1_boot.display())), "the conversion host's paths:\n{xml}");
+    assert!(xml.contains("<mac address='00:50:56:a1:0d:01'/>") && xml.contains("<os firmware='efi'>"), "{xml}");
+    assert_eq!(vc.count("HttpNfcLeaseComplete"), 1, "{:#?}", vc.events());
+}
+
+#[test]
+fn vsphere_export_on_one_host_converted_and_defined_in_libvirt_on_another_strict() {
+    vsphere_to_libvirt_across_hosts(Cache::Strict);
+}
+
+#[test]
+fn vsphere_export_on_one_host_converted_and_defined_in_libvirt_on_another_default_caches() {
+    vsphere_to_libvirt_across_hosts(Cache::Default);
 }

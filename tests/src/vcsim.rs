@@ -68,11 +68,21 @@ impl Vcsim {
     /// Start one in `dir` (created) with the VM `ubuntu-server` made of `disks` (and the running
     /// `running-vm` with the same disks), plus extra flags (`-rate`, `-cut-after`…).
     pub fn start(dir: &Path, disks: &[PathBuf], extra: &[&str]) -> Vcsim {
+        Vcsim::start_via(dir, disks, extra, |program, args| Proc::spawn(program, args, dir, &[]))
+    }
+
+    /// Start one through `spawn` (on a bed host: `-listen 0.0.0.0:0 -cert-ip <its address>`).
+    pub fn start_via(
+        dir: &Path,
+        disks: &[PathBuf],
+        extra: &[&str],
+        spawn: impl FnOnce(&Path, &[String]) -> Proc,
+    ) -> Vcsim {
         std::fs::create_dir_all(dir).expect("mkdir");
         let list: Vec<String> = disks.iter().map(|d| d.display().to_string()).collect();
         let mut args = vec!["-dir".to_string(), dir.display().to_string(), "-disks".into(), list.join(",")];
         args.extend(extra.iter().map(|s| s.to_string()));
-        let proc = Proc::spawn(&binary(), &args, dir, &[]);
+        let proc = spawn(&binary(), &args);
         let url_file = dir.join("url");
         let url = wait_for("hfvcsim's url", Duration::from_secs(60), || {
             std::fs::read_to_string(&url_file).ok().map(|s| s.trim().to_string())

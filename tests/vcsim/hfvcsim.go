@@ -75,6 +75,8 @@ var (
 	cutAfter     = flag.Int64("cut-after", 0, "cut a transfer after this many bytes")
 	cutTimes     = flag.Int("cut-times", 0, "cut this many transfers (the first ones)")
 	leaseTimeout = flag.Duration("lease-timeout", 0, "a lease without progress for this long expires (0: never)")
+	listen       = flag.String("listen", "127.0.0.1:0", "address to serve on")
+	certIP       = flag.String("cert-ip", "127.0.0.1", "the IP address its certificate names, and its URL uses")
 )
 
 // One lease made by this program.
@@ -442,7 +444,7 @@ func certificate() tls.Certificate {
 		Subject:      pkix.Name{CommonName: "127.0.0.1"},
 		NotBefore:    time.Now().Add(-time.Hour),
 		NotAfter:     time.Now().Add(24 * time.Hour),
-		IPAddresses:  []net.IP{net.ParseIP("127.0.0.1")},
+		IPAddresses:  []net.IP{net.ParseIP(*certIP)},
 		DNSNames:     []string{"localhost"},
 		KeyUsage:     x509.KeyUsageDigitalSignature,
 		ExtKeyUsage:  []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
@@ -573,7 +575,7 @@ func main() {
 	mux.HandleFunc("/nfc/", nfc)
 	mux.Handle("/", proxy)
 
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	ln, err := net.Listen("tcp", *listen)
 	check(err)
 	srv := &http.Server{
 		Handler:      mux,
@@ -583,7 +585,7 @@ func main() {
 	if *leaseTimeout > 0 {
 		go expirer()
 	}
-	u := fmt.Sprintf("https://%s/sdk", ln.Addr())
+	u := fmt.Sprintf("https://%s:%d/sdk", *certIP, ln.Addr().(*net.TCPAddr).Port)
 	check(ioutil.WriteFile(filepath.Join(*dir, "url.tmp"), []byte(u+"\n"), 0o644))
 	check(os.Rename(filepath.Join(*dir, "url.tmp"), filepath.Join(*dir, "url")))
 	log.Printf("serving %s", u)

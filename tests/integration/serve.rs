@@ -569,3 +569,54 @@ fn a_submission_sent_twice_with_its_idempotency_key_makes_one_job() {
     assert_eq!(a.header("location"), b.header("location"), "both presses lead to the one job");
     assert_eq!(get(addr, "/api/v1/jobs").json()["total"], 2);
 }
+
+#[test]
+fn the_seeds_vsphere_request_is_exported_from_the_vcenter_converted_and_defined_by_the_agent() {
+    let farm = Farm::new();
+    let raw = hyperfarm_tests::images::raw_disk(&farm.src.join("u.raw"), 16 << 20, &[(0, 2 << 20)], 41);
+    let vmdk =
+        hyperfarm_tests::images::convert(&raw, &farm.src.join("u.vmdk"), "vmdk", Some("subformat=streamOptimized"));
+    let vc = hyperfarm_tests::vcsim::Vcsim::start(&farm.path().join("vcsim"), &[vmdk], &[]);
+    let _agent = farm.agent(&["--engine", "qemu-img", "--libvirt-uri", "test:///default"]);
+    let state = farm.path().join("state");
+    // serve's vCenter: the same flags as the CLI's (the password in a file), vSphere by default.
+    let flags: Vec<String> = vc.flags().into_iter().skip(2).collect();
+    let mut extra: Vec<&str> = vec!["--provider", "vsphere"];
+    extra.extend(flags.iter().map(String::as_str));
+    let (_serve, addr) = serve(&farm, &state, &extra, &[]);
+    // The seed's request, as its README shows it (format qcow2: the only one produced).
+    let r = post_json(
+        addr,
+        "/api/v1/jobs",
+        &serde_json::json!({
+            "name": "Ubuntu Server Migration", "vm_path": "/DC0/vm/ubuntu-server", "format": "qcow2",
+            "options": {"enable_pipeline": true, "hyper2kvm_daemon": true, "hyper2kvm_poll_interval": 1,
+                        "libvirt_integration": true}
+        }),
+    );
+    assert_eq!(r.status, 201, "{}", r.body);
+    let id = ids(&r).remove(0);
+    let j = wait_state(addr, &id, "done", Duration::from_secs(90));
+    assert_identical(&raw, &farm.output.join("ubuntu-server.qcow2"));
+    let rec = farm.records().into_iter().next().unwrap();
+    assert_eq!(rec["libvirt"]["defined"], true, "{rec:#} {j:#}");
+    assert!(farm.output.join("ubuntu-server.xml").is_file());
+    // A local path is refused when the provider is vSphere and no vCenter answers for it; an
+    // unknown provider names the field.
+    let r = post_json(
+        addr,
+        "/api/v1/jobs",
+        &serde_json::json!({"vm_path": "/x", "provider": "aws", "options": {"hyper2kvm_daemon": true}}),
+    );
+    assert_eq!(r.status, 422, "{}", r.body);
+    assert!(r.body.contains("\"provider\""), "{}", r.body);
+    let r = post_json(
+        addr,
+        "/api/v1/jobs",
+        &serde_json::json!({"vm_path": "no-such-vm", "options": {"enable_pipeline": true, "hyper2kvm_daemon": true}}),
+    );
+    assert_eq!(r.status, 201, "{}", r.body);
+    let id = ids(&r).remove(0);
+    let j = wait_state(addr, &id, "failed", Duration::from_secs(60));
+    assert!(j["error"].as_str().unwrap_or_default().contains("no VM no-such-vm"), "{j:#}");
+}

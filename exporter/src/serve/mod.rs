@@ -62,6 +62,13 @@ pub struct ServeArgs {
     /// hour; 0 keeps them for ever)
     #[arg(long, default_value_t = 90, value_name = "DAYS")]
     pub keep_days: u32,
+    /// Where a request's vm_path is when the request does not say (`provider`): `local` files,
+    /// or `vsphere` (an inventory path or name on the vCenter given with --vsphere-url, as the
+    /// seed's API took it)
+    #[arg(long, default_value = "local", value_parser = ["local", "vsphere"])]
+    pub provider: String,
+    #[command(flatten)]
+    pub vsphere: crate::vsphere::VsphereArgs,
 }
 
 /// What the handlers share.
@@ -129,6 +136,7 @@ impl App {
 }
 
 pub fn main(args: ServeArgs) -> ExitCode {
+    request::set_providers(request::Providers::from_args(&args));
     let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {

@@ -17,8 +17,12 @@ pub struct ExportRequest {
     /// The job's name, for people (free text).
     #[serde(default)]
     pub name: Option<String>,
-    /// The VM: an .ova, .ovf, .vmx or disk image on this host (an absolute path).
+    /// The VM: an .ova, .ovf, .vmx or disk image on this host (an absolute path); with the
+    /// vSphere provider, its inventory path (`/DC1/vm/web01`) or name.
     pub vm_path: String,
+    /// `local` or `vsphere` (default: serve's `--provider`).
+    #[serde(default)]
+    pub provider: Option<String>,
     /// Export only: the queue directory; direct mode (pipeline without daemon): where the qcow2
     /// goes; daemon mode: unused unless the job falls back to converting here.
     #[serde(default)]
@@ -179,11 +183,90 @@ fn abs_path(field: &str, s: &str) -> Result<PathBuf, Invalid> {
     Ok(p)
 }
 
+/// The providers this serve offers: the default one, and the vSphere connection flags its
+/// children get (the password stays in a file or the environment, never on a command line).
+#[derive(Debug, Clone, Default)]
+pub struct Providers {
+    pub default_vsphere: bool,
+    /// Whether a vCenter is configured (`--vsphere-url` or `GOVC_URL`).
+    pub vsphere: bool,
+    pub vsphere_args: Vec<String>,
+}
+
+impl Providers {
+    pub fn from_args(a: &super::ServeArgs) -> Providers {
+        let v = &a.vsphere;
+        let mut args = Vec::new();
+        let mut push = |flag: &str, val: Option<String>| {
+            if let Some(val) = val {
+                args.extend([flag.to_string(), val]);
+            }
+        };
+        push("--vsphere-url", v.vsphere_url.clone());
+        push("--vsphere-user", v.vsphere_user.clone());
+        push("--vsphere-password-file", v.vsphere_password_file.as_ref().map(|p| p.display().to_string()));
+        push("--ca-file", v.ca_file.as_ref().map(|p| p.display().to_string()));
+        push("--folder", v.folder.clone());
+        if v.insecure {
+            args.push("--insecure".into());
+        }
+        Providers {
+            default_vsphere: a.provider == "vsphere",
+            vsphere: v.vsphere_url.is_some() || std::env::var_os("GOVC_URL").is_some(),
+            vsphere_args: args,
+        }
+    }
+}
+
+static PROVIDERS: std::sync::OnceLock<Providers> = std::sync::OnceLock::new();
+
+/// Set once, when serve starts.
+pub fn set_providers(p: Providers) {
+    let _ = PROVIDERS.set(p);
+}
+
+fn providers() -> Providers {
+    PROVIDERS.get().cloned().unwrap_or_default()
+}
+
+impl ExportRequest {
+    /// Whether the VM is on vSphere.
+    pub fn is_vsphere(&self) -> bool {
+        match self.provider.as_deref() {
+            Some(p) => p == "vsphere",
+            None => providers().default_vsphere,
+        }
+    }
+}
+
 /// Check a request the way the CLI checks its flags, and what can be checked on this host now.
 pub fn validate(r: &ExportRequest) -> Result<(), Invalid> {
     if let Some(n) = &r.name {
         text_ok("name", n, 200)?;
     }
+    if let Some(p) = &r.provider
+        && !matches!(p.as_str(), "local" | "vsphere")
+    {
+        return Err(Invalid::field("provider", format!("\"{}\" is not local or vsphere", Esc(p))));
+    }
+    if r.is_vsphere() {
+        if !providers().vsphere {
+            return Err(Invalid::field(
+                "provider",
+                "this hyperexport serve has no vCenter: start it with --vsphere-url (or GOVC_URL), --vsphere-user and --vsphere-password-file",
+            ));
+        }
+        text_ok("vm_path", &r.vm_path, 1024)?;
+        if r.vm_path.trim().is_empty() {
+            return Err(Invalid::field("vm_path", "give the VM's inventory path (/DC1/vm/web01) or name"));
+        }
+    } else {
+        validate_local_path(r)?;
+    }
+    validate_rest(r)
+}
+
+fn validate_local_path(r: &ExportRequest) -> Result<(), Invalid> {
     let vm = abs_path("vm_path", &r.vm_path)?;
     match std::fs::symlink_metadata(&vm) {
         Ok(m) if m.is_file() => {}
@@ -203,6 +286,10 @@ pub fn validate(r: &ExportRequest) -> Result<(), Invalid> {
             ));
         }
     }
+    Ok(())
+}
+
+fn validate_rest(r: &ExportRequest) -> Result<(), Invalid> {
     if let Some(f) = &r.format
         && f != "qcow2"
     {
@@ -292,6 +379,10 @@ pub fn command_args(r: &ExportRequest, queue_job_id: &str, config: Option<&Path>
     let mut a: Vec<String> = vec!["--progress".into(), "json".into(), "--job-id".into(), queue_job_id.into()];
     if let Some(c) = config {
         a.extend(["--config".into(), c.display().to_string()]);
+    }
+    if r.is_vsphere() {
+        a.extend(["--provider".into(), "vsphere".into()]);
+        a.extend(providers().vsphere_args);
     }
     a.extend(["--vm".into(), r.vm_path.clone()]);
     if let Some(n) = &r.vm_name {

@@ -243,6 +243,7 @@ impl SubmitForm {
         let r = ExportRequest {
             name: opt(&self.name),
             vm_path: self.vm_path.trim().to_string(),
+            provider: None,
             output_dir: opt(&self.output_dir),
             format: None,
             vm_name: opt(&self.vm_name),

@@ -421,6 +421,7 @@ impl Prepared {
             nics: f
                 .nics
                 .iter()
+                .take(32)
                 .map(|n| NicFact { mac: n.mac.clone(), network: n.network.clone(), model: Some(n.model.clone()) })
                 .collect(),
             vm_id: f.instance_uuid.clone().or_else(|| Some(f.moref.value.clone())),
@@ -474,6 +475,15 @@ impl Prepared {
             )),
             _ => s.err(e),
         })?;
+        if lease.urls.len() > hyperfarm_shared::manifest::MAX_DISKS {
+            export::abort(&s.soap, &lease.moref).await;
+            return Err(ExportError::BadInput(format!(
+                "vSphere VM {} has {} disks; a job holds at most {}",
+                Esc(&self.facts.name),
+                lease.urls.len(),
+                hyperfarm_shared::manifest::MAX_DISKS
+            )));
+        }
         if lease.urls.is_empty() {
             export::abort(&s.soap, &lease.moref).await;
             return Err(ExportError::Unreachable(format!(

@@ -230,7 +230,8 @@ async fn execute(
     }
 
     ptx.send_replace(Progress { phase: Phase::Publishing, percent: 100.0, ..Default::default() });
-    let libvirt = define_if_asked(core, &loaded, &converted.files).await;
+    let defined = define_if_asked(core, &loaded, &converted.files, publication.work_dir()).await;
+    let libvirt = defined.as_ref().map(|d| d.outcome.clone());
     let attempts = claim.lock().expect("claim lock").as_ref().map(|c| c.attempts()).unwrap_or(1);
     let record = ResultRecord {
         job_id: id,
@@ -256,6 +257,9 @@ async fn execute(
             .await
             .map_err(|e| Ended::Failed(JobFailure::new(Some(&vm), format!("publishing crashed: {e}"))))?;
     tracing::debug!("published");
+    if let Some(d) = defined {
+        after_publish(d, published.as_ref().map(|_| ()).map_err(|e| matches!(e, ResultError::Lost { .. }))).await;
+    }
     match published {
         Ok(rec) => Ok(rec),
         Err(ResultError::Lost { .. }) => {
@@ -267,31 +271,69 @@ async fn execute(
     }
 }
 
+/// A domain this attempt defined (or tried to).
+struct Defined {
+    outcome: hyperfarm_shared::libvirt::Outcome,
+    /// The XML, written beside the qcow2 files once they are published.
+    xml: Option<String>,
+}
+
+/// Once the publication is decided: published, the XML goes beside the qcow2 files; failed, the
+/// domain is undefined again — unless the job was lost to another agent, which defines the same
+/// job (the same UUID) itself and must keep its definition.
+async fn after_publish(d: Defined, published: Result<(), bool>) {
+    let o = d.outcome;
+    if !o.defined && (d.xml.is_none() || published.is_err()) {
+        return;
+    }
+    let r = tokio::task::spawn_blocking(move || match published {
+        Ok(()) => match &d.xml {
+            Some(xml) => fsx::replace_file(Path::new(&o.xml), xml.as_bytes())
+                .map_err(|e| format!("writing {}: {e} (the domain is defined)", o.xml)),
+            None => Ok(()),
+        },
+        Err(true) => Ok(()),
+        Err(false) => hyperfarm_shared::libvirt::undefine(&o.uri, &o.domain)
+            .map(|_| info!(domain = %o.domain, "the job's result could not be published: its libvirt domain was undefined"))
+            .map_err(|e| format!("undefining {} after a failed publication: {e}", o.domain)),
+    })
+    .await;
+    match r {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => warn!("{e}"),
+        Err(e) => warn!("libvirt clean-up crashed: {e}"),
+    }
+}
+
 /// The job asked (`hyperexport --libvirt` in daemon mode) for the converted VM to be defined in
-/// libvirt on this host: write `<output>/<vm>.xml` from the manifest's facts and the published
-/// names of the disks, validate it, define it at this agent's URI. The conversion stands whatever
-/// happens here; the outcome goes into the result record for the exporter to report. The domain is
-/// defined before the qcow2 files are published under those names (libvirt does not open disks
-/// until the domain starts).
+/// libvirt on this host: the domain XML from the manifest's facts and the names the disks are
+/// published under (its UUID the job's id), validated and defined at this agent's URI from the
+/// attempt's work area, before the qcow2 files are renamed into place (libvirt does not open a
+/// domain's disks until it starts); `after_publish` finishes. The conversion stands whatever
+/// happens here; the outcome goes into the result record for the exporter to report.
 async fn define_if_asked(
     core: &Arc<Core>,
     loaded: &LoadedJob,
     files: &[hyperfarm_shared::results::ResultFile],
-) -> Option<hyperfarm_shared::libvirt::Outcome> {
+    work: &Path,
+) -> Option<Defined> {
     use hyperfarm_shared::libvirt::{self, DefineRequest, Outcome};
     let m = loaded.manifest.as_ref()?;
     let vm = loaded.vm_name.clone();
     let out_dir = std::path::absolute(core.output.path()).unwrap_or_else(|_| core.output.path().to_path_buf());
     let xml = out_dir.join(format!("{vm}.xml"));
     let uri = core.cfg.libvirt_uri.clone();
-    let refused = |why: String| Outcome {
-        domain: vm.clone(),
-        uri: uri.clone(),
-        xml: xml.display().to_string(),
-        validated: false,
-        defined: false,
-        host: fsx::hostname(),
-        error: Some(why),
+    let refused = |why: String| Defined {
+        outcome: Outcome {
+            domain: vm.clone(),
+            uri: uri.clone(),
+            xml: xml.display().to_string(),
+            validated: false,
+            defined: false,
+            host: fsx::hostname(),
+            error: Some(why),
+        },
+        xml: None,
     };
     let req = match DefineRequest::of(m) {
         Ok(Some(r)) => r,
@@ -312,22 +354,33 @@ async fn define_if_asked(
     ordered.sort_by_key(|f| !f.boot);
     let disks = ordered.iter().map(|f| out_dir.join(&f.name)).collect();
     let spec = libvirt::spec_from_manifest(m, &vm, disks, &req);
-    let (xml2, uri2) = (xml.clone(), uri.clone());
-    let defined = tokio::time::timeout(
-        std::time::Duration::from_secs(120),
-        tokio::task::spawn_blocking(move || libvirt::define_domain(&spec, &xml2, &uri2)),
-    )
+    let text = match spec.xml() {
+        Ok(t) => t,
+        Err(e) => {
+            return Some(refused(format!(
+                "the domain of {vm} cannot be written: {e}; the VM was converted, not defined"
+            )));
+        }
+    };
+    let staged = work.join("domain.xml");
+    let (uri2, shown) = (uri.clone(), xml.clone());
+    let defined = tokio::task::spawn_blocking(move || {
+        let mut o = libvirt::define_domain(&spec, &staged, &uri2);
+        // The XML an operator finishes by hand with is the one published beside the disks.
+        o.xml = shown.display().to_string();
+        o.error = o.error.map(|e| e.replace(&staged.display().to_string(), &o.xml));
+        o
+    })
     .await;
     let outcome = match defined {
-        Ok(Ok(o)) => o,
-        Ok(Err(e)) => refused(format!("defining the libvirt domain crashed: {e}")),
-        Err(_) => refused(format!("virsh did not answer within 120s at {uri}; the VM was converted, not defined")),
+        Ok(o) => o,
+        Err(e) => refused(format!("defining the libvirt domain crashed: {e}")).outcome,
     };
     match &outcome.error {
         None => info!(domain = %outcome.domain, uri = %outcome.uri, "defined in libvirt"),
         Some(e) => warn!("{e}"),
     }
-    Some(outcome)
+    Some(Defined { outcome, xml: Some(text) })
 }
 
 #[allow(clippy::too_many_arguments)]

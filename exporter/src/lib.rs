@@ -371,7 +371,7 @@ pub async fn run(mut cli: Cli) -> Result<(), ExportError> {
         }
         Mode::Direct => {
             let params = direct_params(&cli, &s, s.export_dir.clone().expect("checked in settings"));
-            let (vm, _scratch) = local_vm(input, params.output.path(), &ctl, cli.quiet).await?;
+            let (vm, _scratch) = local_vm(input, &params, &ctl, cli.quiet).await?;
             let rec = direct::convert(&vm, &params, ctl, cancel).await?;
             let domain = libvirt_define(&cli, &vm, &params.output, &rec).await?;
             print_success_with(&params.output, &rec, cli.json, domain);
@@ -411,7 +411,7 @@ pub async fn run(mut cli: Cli) -> Result<(), ExportError> {
                         let out = s.export_dir.clone().unwrap_or_else(|| s.output_dir.clone());
                         tracing::warn!("{why}: converting on this host instead (direct mode) into {}", out.display());
                         let params = direct_params(&cli, &s, out);
-                        let (vm, _scratch) = local_vm(input, params.output.path(), &ctl, cli.quiet).await?;
+                        let (vm, _scratch) = local_vm(input, &params, &ctl, cli.quiet).await?;
                         let rec = direct::convert(&vm, &params, ctl, cancel).await?;
                         let domain = libvirt_define(&cli, &vm, &params.output, &rec).await?;
                         print_success_with(&params.output, &rec, cli.json, domain);
@@ -472,19 +472,35 @@ impl Drop for Scratch {
 }
 
 /// The VM as local files, for conversion on this host: a vSphere VM is downloaded into a
-/// scratch directory in `out` first (removed afterwards).
+/// scratch directory in the output first (removed afterwards), once its output names are known
+/// free.
 async fn local_vm(
     input: Input,
-    out: &std::path::Path,
+    params: &direct::DirectParams,
     ctl: &Arc<Control>,
     quiet: bool,
 ) -> Result<(source::VmSource, Scratch), ExportError> {
+    let out = params.output.path();
     match input {
         Input::Local(vm) => Ok((*vm, Scratch(None))),
         Input::Vsphere(p) => {
+            let name = p.name.clone();
+            let names: Vec<String> = (0..p.facts.disks.len())
+                .map(|i| hyperfarm_shared::results::disk_file_name(&name, &format!("disk{i}"), i == 0))
+                .collect();
             let dir = out.join(format!(".hyperexport-vsphere-{}", uuid::Uuid::new_v4()));
-            std::fs::create_dir_all(&dir)
-                .map_err(|e| ExportError::Unreachable(format!("cannot create {}: {e}", dir.display())))?;
+            let ready = params
+                .output
+                .check_free(&name, &names, params.on_existing)
+                .map_err(|e| ExportError::Conflict(e.to_string()))
+                .and_then(|()| {
+                    std::fs::create_dir_all(&dir)
+                        .map_err(|e| ExportError::Unreachable(format!("cannot create {}: {e}", dir.display())))
+                });
+            if let Err(e) = ready {
+                p.session.close().await;
+                return Err(e);
+            }
             let scratch = Scratch(Some(dir.clone()));
             let vm = vsphere::materialize(&p, &dir, ctl, quiet).await?;
             Ok((vm, scratch))
@@ -516,6 +532,9 @@ async fn daemon(
 ) -> Result<(), ExportError> {
     for (what, dir) in [("watch", &s.watch_dir), ("output", &s.output_dir)] {
         if !dir.is_dir() {
+            if let Input::Vsphere(p) = input {
+                p.session.close().await;
+            }
             return Err(ExportError::Unreachable(format!(
                 "the agent's {what} directory {} does not exist; is the share mounted and the agent installed? (--hyper2kvm-{what}-dir, --hyper2kvm-instance)",
                 dir.display()
@@ -589,14 +608,21 @@ async fn follow_submitted(
         }
         Waited::Result(rec) => finish(&output, rec, cli.json),
         Waited::Remote(job) => {
-            if libvirt_side(cli) != LibvirtSide::None && job.state() == hyperfarm_proto::v1::JobState::Done {
-                tracing::warn!(
-                    "the job's result record is not readable from this host ({}): whether the domain was defined is in it, on the conversion host (hyperctl jobs show {})",
-                    s.output_dir.display(),
-                    job.id
-                );
+            let (side, done) = (libvirt_side(cli), job.state() == hyperfarm_proto::v1::JobState::Done);
+            let id = job.id.clone();
+            remote_finish(&output, job, cli.json)?;
+            match side {
+                LibvirtSide::None => Ok(()),
+                _ if !done => Ok(()),
+                LibvirtSide::Agent => Err(ExportError::Libvirt(format!(
+                    "job {id} was converted, but its result record is not readable from this host ({}): whether the agent defined the domain is in that record on the conversion host (hyperctl jobs show {id})",
+                    s.output_dir.display()
+                ))),
+                LibvirtSide::Exporter => Err(ExportError::Libvirt(format!(
+                    "job {id} was converted, but its result is not readable from this host ({}), so its domain was not defined here; define it where the output is mounted",
+                    s.output_dir.display()
+                ))),
             }
-            remote_finish(&output, job, cli.json)
         }
         Waited::EndedWithoutRecord { state, reason } => match state {
             State::Cancelled => Err(ExportError::Cancelled(format!("job {} was cancelled: {reason}", sub.id))),
@@ -769,7 +795,8 @@ async fn libvirt_define(
         return Ok(None);
     }
     use hyperfarm_shared::libvirt::{Bus, DomainSpec, Nic};
-    let disks = wait::result_paths(output, rec);
+    let disks: Vec<PathBuf> =
+        wait::result_paths(output, rec).into_iter().map(|p| std::path::absolute(&p).unwrap_or(p)).collect();
     let cpu = vm.cpu.filter(|c| *c >= 1);
     let memory = vm.memory_mib.filter(|m| *m >= 1);
     if cpu.is_none() || memory.is_none() {
@@ -787,6 +814,7 @@ async fn libvirt_define(
     }
     let spec = DomainSpec {
         name: rec.vm_name.clone(),
+        uuid: Some(rec.job_id.to_string()),
         vcpus: cpu.unwrap_or(1),
         memory_mib: memory.unwrap_or(2048),
         uefi: vm.firmware == source::Firmware::Uefi,

@@ -191,22 +191,26 @@ pub async fn submit_vsphere(
     quiet: bool,
 ) -> Result<Submitted, ExportError> {
     let vm = p.source();
-    let staging = match begin(queue, &vm.name, &stages).await? {
-        Begun::Already(s) => {
+    let begun = begin(queue, &vm.name, &stages).await;
+    let staging = match begun {
+        Err(e) => {
+            p.session.close().await;
+            return Err(e);
+        }
+        Ok(Begun::Already(s)) => {
             p.session.close().await;
             return Ok(s);
         }
-        Begun::Staged(staging, _) => staging,
+        Ok(Begun::Staged(staging, _)) => staging,
     };
     let dir = staging.disk_path("");
     let got = p.download(&dir, &staging.id().to_string(), &ctl, quiet).await?;
     let disks = got
         .iter()
         .enumerate()
-        .map(|(i, (id, format, d))| {
-            let label = p.facts.disks.get(i).map(|v| format!("{} ({})", v.label, v.file)).unwrap_or_else(|| id.clone());
-            let file_name = d.path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-            disk_entry(i, id, *format, &file_name, d.bytes, &d.blake3, Esc(&label).to_string())
+        .map(|(i, g)| {
+            let file_name = g.data.path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            disk_entry(i, &g.id, g.format, &file_name, g.data.bytes, &g.data.blake3, g.label.clone())
         })
         .collect();
     finish(queue, staging, &vm, disks, stages).await

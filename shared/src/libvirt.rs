@@ -71,6 +71,9 @@ pub struct Nic {
 #[derive(Debug, Clone, PartialEq)]
 pub struct DomainSpec {
     pub name: String,
+    /// The domain's UUID: the job's id, so that defining the same job again (a retry) replaces
+    /// its own definition and a different VM of the same name is refused by libvirt.
+    pub uuid: Option<String>,
     pub vcpus: u32,
     pub memory_mib: u64,
     pub uefi: bool,
@@ -114,6 +117,11 @@ impl DomainSpec {
         if self.disks.is_empty() {
             return bad("a domain needs at least one disk".into());
         }
+        if let Some(u) = &self.uuid
+            && (u.len() != 36 || !u.chars().all(|c| c.is_ascii_hexdigit() || c == '-'))
+        {
+            return bad(format!("{u:?} is not a UUID"));
+        }
         for d in &self.disks {
             if !d.is_absolute() || d.to_str().is_none_or(|s| s.chars().any(char::is_control)) {
                 return bad(format!("disk path {} must be absolute and printable", d.display()));
@@ -138,6 +146,9 @@ impl DomainSpec {
         let mut x = String::new();
         let _ = writeln!(x, "<domain type='kvm'>");
         let _ = writeln!(x, "  <name>{}</name>", xml_escape(&self.name));
+        if let Some(u) = &self.uuid {
+            let _ = writeln!(x, "  <uuid>{}</uuid>", xml_escape(u));
+        }
         let _ = writeln!(x, "  <memory unit='MiB'>{}</memory>", self.memory_mib);
         let _ = writeln!(x, "  <vcpu>{}</vcpu>", self.vcpus);
         if self.uefi {
@@ -179,11 +190,61 @@ impl DomainSpec {
     }
 }
 
+/// How long `virsh` or `virt-xml-validate` may take (a libvirt daemon that does not answer).
+pub const TOOL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
 fn run(program: &str, args: &[&str]) -> Result<String, LibvirtError> {
-    let out = Command::new(program).args(args).output().map_err(|e| LibvirtError::Tool {
-        program: program.into(),
-        message: format!("cannot run it: {e} (Debian: apt install libvirt-clients)"),
-    })?;
+    use std::io::Read;
+    let mut child = Command::new(program)
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|e| LibvirtError::Tool {
+            program: program.into(),
+            message: format!("cannot run it: {e} (Debian: apt install libvirt-clients)"),
+        })?;
+    // Both pipes are read on threads of their own (a full pipe would block the tool), while this
+    // one waits for the exit and kills the tool at the deadline.
+    let pipe = |r: Option<Box<dyn Read + Send>>| {
+        std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            if let Some(mut r) = r {
+                let _ = r.by_ref().take(1 << 20).read_to_end(&mut buf);
+            }
+            buf
+        })
+    };
+    let out_t = pipe(child.stdout.take().map(|o| Box::new(o) as Box<dyn Read + Send>));
+    let err_t = pipe(child.stderr.take().map(|o| Box::new(o) as Box<dyn Read + Send>));
+    let deadline = std::time::Instant::now() + TOOL_TIMEOUT;
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(st)) => break Some(st),
+            Ok(None) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(20))
+            }
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                break None;
+            }
+        }
+    };
+    let out = std::process::Output {
+        status: match status {
+            Some(st) => st,
+            None => {
+                return Err(LibvirtError::Tool {
+                    program: program.into(),
+                    message: format!("did not finish within {}s and was stopped", TOOL_TIMEOUT.as_secs()),
+                });
+            }
+        },
+        stdout: out_t.join().unwrap_or_default(),
+        stderr: err_t.join().unwrap_or_default(),
+    };
     let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     if out.status.success() {
         Ok(text)
@@ -201,6 +262,11 @@ pub fn validate(xml: &Path) -> Result<bool, LibvirtError> {
         Err(LibvirtError::Tool { message, .. }) if message.starts_with("cannot run it") => Ok(false),
         Err(e) => Err(e),
     }
+}
+
+/// `virsh -c <uri> undefine <domain>` (a name or UUID).
+pub fn undefine(uri: &str, domain: &str) -> Result<String, LibvirtError> {
+    run("virsh", &["-q", "-c", uri, "undefine", domain]).map(|s| s.trim().to_string())
 }
 
 /// `virsh -c <uri> define <xml>`: the domain is defined (not started). Returns virsh's words.
@@ -289,6 +355,7 @@ pub fn spec_from_manifest(
     };
     DomainSpec {
         name: name.to_string(),
+        uuid: m.job_id().map(|id| id.to_string()),
         vcpus: vm.and_then(|v| v.cpu).filter(|c| *c >= 1).unwrap_or(1),
         memory_mib: memory,
         uefi: vm.and_then(|v| v.firmware.as_deref()) == Some("uefi"),
@@ -359,6 +426,7 @@ mod tests {
     fn spec() -> DomainSpec {
         DomainSpec {
             name: "web01".into(),
+            uuid: Some("01a231bc-c6c6-71a3-8f2e-1fa6cdce39a9".into()),
             vcpus: 2,
             memory_mib: 2048,
             uefi: true,
@@ -373,6 +441,7 @@ mod tests {
         let x = spec().xml().unwrap();
         for want in [
             "<name>web01</name>",
+            "<uuid>01a231bc-c6c6-71a3-8f2e-1fa6cdce39a9</uuid>",
             "<memory unit='MiB'>2048</memory>",
             "<vcpu>2</vcpu>",
             "<os firmware='efi'>",

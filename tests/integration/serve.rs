@@ -601,8 +601,7 @@ fn the_seeds_vsphere_request_is_exported_from_the_vcenter_converted_and_defined_
     let rec = farm.records().into_iter().next().unwrap();
     assert_eq!(rec["libvirt"]["defined"], true, "{rec:#} {j:#}");
     assert!(farm.output.join("ubuntu-server.xml").is_file());
-    // A local path is refused when the provider is vSphere and no vCenter answers for it; an
-    // unknown provider names the field.
+    // An unknown provider names the field; a VM the vCenter does not have fails with its error.
     let r = post_json(
         addr,
         "/api/v1/jobs",

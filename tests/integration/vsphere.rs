@@ -26,19 +26,23 @@ fn export(farm: &Farm, vc: &Vcsim, vm: &str, extra: &[&str]) -> hyperfarm_tests:
     farm.export(Path::new(vm), &args)
 }
 
+/// No file at all in the queue (agents' registrations aside): nothing staged, nothing published.
 fn queue_is_empty(farm: &Farm) {
-    for state in ["queued", "tmp"] {
-        let dir = farm.queue.join(state);
-        let left: Vec<_> = std::fs::read_dir(&dir).map(|r| r.filter_map(|e| e.ok()).collect()).unwrap_or_default();
-        assert!(left.is_empty(), "{} holds {left:?}:\n{}", dir.display(), farm.listing());
-    }
+    assert!(farm.queue.is_dir());
+    let left: Vec<PathBuf> = hyperfarm_tests::find_files(&farm.queue, "")
+        .into_iter()
+        .filter(|p| !p.strip_prefix(&farm.queue).is_ok_and(|r| r.starts_with(".agents")))
+        .collect();
+    assert!(left.is_empty(), "the queue holds {left:?}:\n{}", farm.listing());
 }
 
 #[test]
 fn a_vm_with_two_disks_is_exported_through_the_api_and_converted_by_an_agent() {
     let farm = Farm::new();
     let (raws, vmdks) = disks(&farm.src);
-    let vc = Vcsim::start(&farm.path().join("vcsim"), &vmdks, &[]);
+    // The lease lists the disks in reverse order (vSphere does not promise the device order):
+    // they must still be matched to the VM's devices by controller and unit.
+    let vc = Vcsim::start(&farm.path().join("vcsim"), &vmdks, &["-reverse-lease", "-rate", "4000000"]);
 
     // pyvmomi, an independent client, sees the VM's facts and downloads the same bytes.
     let mut cross = vec![
@@ -97,9 +101,20 @@ fn a_vm_with_two_disks_is_exported_through_the_api_and_converted_by_an_agent() {
     assert_eq!(manifest["vm"]["firmware"], "uefi");
     assert_eq!(manifest["hyperfarm"]["memory_mib"], 2048);
     assert_eq!(manifest["hyperfarm"]["nics"][1]["mac"], "00:50:56:a1:0d:02", "{manifest:#}");
-    // The lease was kept alive while the disks downloaded, and completed.
-    assert_eq!(vc.count("HttpNfcLeaseComplete"), 2, "pyvmomi's lease and ours: {:#?}", vc.events());
-    assert!(vc.count("HttpNfcLeaseProgress") >= 2, "{:#?}", vc.events());
+    assert!(manifest["disks"][0]["label"].as_str().unwrap().contains("ubuntu-server_0.vmdk"), "{manifest:#}");
+    // Our lease (the second; pyvmomi's was the first) was renewed with its progress while the
+    // disks downloaded (at 4 MB/s, renewals every 200 ms), and completed.
+    let events = vc.events();
+    let leases: Vec<&serde_json::Value> =
+        events.iter().filter(|e| e["event"] == "lease").map(|e| &e["lease"]).collect();
+    assert_eq!(leases.len(), 2, "{events:#?}");
+    let renewals = events
+        .iter()
+        .filter(|e| e["event"] == "HttpNfcLeaseProgress" && &e["lease"] == leases[1])
+        .filter(|e| e["percent"].as_u64().is_some_and(|p| p < 100))
+        .count();
+    assert!(renewals >= 2, "renewed during the download: {events:#?}");
+    assert_eq!(vc.count("HttpNfcLeaseComplete"), 2, "pyvmomi's lease and ours: {events:#?}");
 }
 
 #[test]
@@ -154,16 +169,23 @@ fn wrong_password_unknown_vm_running_vm_and_untrusted_server_are_refused_clearly
 fn a_transfer_cut_mid_disk_resumes_where_it_broke_and_the_vm_is_defined_in_libvirt() {
     let farm = Farm::new();
     let (raws, vmdks) = disks(&farm.src);
-    let vc = Vcsim::start(&farm.path().join("vcsim"), &vmdks, &["-cut-after", "2000000", "-cut-times", "2"]);
-    let mut args = vc.flags();
-    for a in ["--vm", "ubuntu-server", "--pipeline", "--output"] {
-        args.push(a.into());
-    }
-    args.push(farm.output.display().to_string());
-    for a in ["--engine", "qemu-img", "--libvirt", "--libvirt-uri", "test:///default", "--json"] {
-        args.push(a.into());
-    }
-    let ran = Run::new(&bin("hyperexport"), &args).timeout(Duration::from_secs(180)).run();
+    // As through a vCenter: the API at https://localhost, the disks at a host the lease names
+    // (127.0.0.1) with the SHA-1 thumbprint of its certificate.
+    let vc = Vcsim::start(
+        &farm.path().join("vcsim"),
+        &vmdks,
+        &["-cut-after", "2000000", "-cut-times", "2", "-url-host", "localhost", "-nfc-host", "127.0.0.1"],
+    );
+    assert!(vc.url.starts_with("https://localhost:"), "{}", vc.url);
+    let _agent = farm.agent(&["--engine", "qemu-img"]);
+    // Daemon mode: the agent checks the blake3 digests computed while the transfers broke and
+    // resumed; hyperexport defines the domain (--libvirt-side exporter).
+    let ran = export(
+        &farm,
+        &vc,
+        "ubuntu-server",
+        &["--libvirt", "--libvirt-side", "exporter", "--libvirt-uri", "test:///default", "--json"],
+    );
     ran.expect_code(0);
     let gets: Vec<u64> = vc
         .events()
@@ -185,14 +207,24 @@ fn a_transfer_cut_mid_disk_resumes_where_it_broke_and_the_vm_is_defined_in_libvi
     ] {
         assert!(xml.contains(want), "{want} missing from\n{xml}");
     }
-    assert_eq!(out["libvirt"]["domain"], "ubuntu-server", "{out:#}");
-    // The scratch copy of the downloaded disks is gone.
-    let left: Vec<_> = std::fs::read_dir(&farm.output)
-        .unwrap()
-        .filter_map(|e| e.ok())
-        .filter(|e| e.file_name().to_string_lossy().starts_with(".hyperexport-vsphere"))
-        .collect();
-    assert!(left.is_empty(), "{left:?}");
+    assert_eq!(out["libvirt"]["defined_by"], "hyperexport", "{out:#}");
+    assert!(farm.records()[0]["libvirt"].is_null(), "the agent was not asked");
+
+    // A lease naming a host whose certificate is not the one its thumbprint says: refused before a
+    // byte is read, the lease released, nothing published.
+    let other = Vcsim::start(
+        &farm.path().join("vcsim2"),
+        &vmdks,
+        &["-url-host", "localhost", "-nfc-host", "127.0.0.1", "-bad-thumbprint"],
+    );
+    let before = farm.jobs_in("done").len();
+    let ran = export(&farm, &other, "ubuntu-server", &[]);
+    ran.expect_code(6);
+    assert!(ran.stderr().contains("sslThumbprint"), "{}", ran.stderr());
+    assert_eq!(other.count("get"), 0, "{:#?}", other.events());
+    assert_eq!(other.count("HttpNfcLeaseAbort"), 1, "{:#?}", other.events());
+    assert_eq!(farm.jobs_in("done").len(), before);
+    assert!(farm.jobs_in("queued").is_empty());
 }
 
 #[test]

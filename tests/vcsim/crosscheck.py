@@ -67,16 +67,25 @@ def main():
     urls = [d for d in lease.info.deviceUrl if d.disk]
     if len(urls) != len(disks):
         fail(f"the lease has {len(urls)} disk URLs, the VM was given {len(disks)} disks")
-    digests = []
-    for dev, want in zip(urls, disks):
+    # The lease's order is not the VM's (vSphere does not promise it): compare as sets, and check
+    # each URL's key names a disk of the VM by controller and unit.
+    got = []
+    for dev in urls:
         target = dev.url.replace("*", u.netloc)
         with urllib.request.urlopen(target, context=ctx) as r:
-            got = hashlib.sha256(r.read()).hexdigest()
-        with open(want, "rb") as f:
-            expect = hashlib.sha256(f.read()).hexdigest()
-        if got != expect:
-            fail(f"{dev.url}: downloaded sha256 {got}, the disk given was {expect}")
-        digests.append(got)
+            got.append(hashlib.sha256(r.read()).hexdigest())
+    want = []
+    for path in disks:
+        with open(path, "rb") as f:
+            want.append(hashlib.sha256(f.read()).hexdigest())
+    if sorted(got) != sorted(want):
+        fail(f"downloaded sha256 {sorted(got)}, the disks given were {sorted(want)}")
+    controllers = {d.key: d for d in hw.device if isinstance(d, vim.vm.device.VirtualController)}
+    slots = {f"{type(controllers[d.controllerKey]).__name__.split('.')[-1]}{controllers[d.controllerKey].busNumber}:{d.unitNumber}" for d in vdisks}
+    for dev in urls:
+        if dev.key.rsplit("/", 1)[-1] not in slots:
+            fail(f"the lease's key {dev.key} names no disk of the VM ({sorted(slots)})")
+    digests = got
     lease.HttpNfcLeaseProgress(100)
     lease.HttpNfcLeaseComplete()
     seen["downloaded_sha256"] = digests

@@ -26,6 +26,7 @@ import (
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rand"
+	"crypto/sha1"
 	"crypto/tls"
 	"crypto/x509"
 	"crypto/x509/pkix"
@@ -44,6 +45,7 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
+	"reflect"
 	"regexp"
 	"strconv"
 	"strings"
@@ -77,7 +79,13 @@ var (
 	leaseTimeout = flag.Duration("lease-timeout", 0, "a lease without progress for this long expires (0: never)")
 	listen       = flag.String("listen", "127.0.0.1:0", "address to serve on")
 	certIP       = flag.String("cert-ip", "127.0.0.1", "the IP address its certificate names, and its URL uses")
+	urlHost      = flag.String("url-host", "", "host its URL names (default: -cert-ip); the certificate also names localhost")
+	nfcHost      = flag.String("nfc-host", "", "name this host in device URLs, with the certificate's sslThumbprint, as vCenter names its ESXi hosts (default: *, as ESXi does)")
+	reverseLease = flag.Bool("reverse-lease", false, "list a lease's disks in reverse device order")
+	badThumb     = flag.Bool("bad-thumbprint", false, "with -nfc-host: give a thumbprint that is not the certificate's")
 )
+
+var leafDER []byte
 
 // One lease made by this program.
 type lease struct {
@@ -93,6 +101,7 @@ type lease struct {
 }
 
 var (
+	port    int
 	mu      sync.Mutex
 	leases  = map[string]*lease{}
 	byURL   = map[string]*lease{}
@@ -169,6 +178,25 @@ func newLease(ctx *simulator.Context, entity types.ManagedObjectReference, name 
 	byURL[l.urlID] = l
 	mu.Unlock()
 	var total int64
+	controllers := map[int32]types.BaseVirtualDevice{}
+	for _, d := range devices {
+		controllers[d.GetVirtualDevice().Key] = d
+	}
+	host := "*"
+	thumb := ""
+	if *nfcHost != "" {
+		host = *nfcHost + ":" + strconv.Itoa(port)
+		sum := sha1.Sum(leafDER)
+		if *badThumb {
+			sum[0] ^= 0xff
+		}
+		hexes := make([]string, len(sum))
+		for i, b := range sum {
+			hexes[i] = fmt.Sprintf("%02X", b)
+		}
+		thumb = strings.Join(hexes, ":")
+	}
+	var urls []types.HttpNfcLeaseDeviceUrl
 	for _, d := range devices {
 		disk, ok := d.(*types.VirtualDisk)
 		if !ok {
@@ -186,17 +214,30 @@ func newLease(ctx *simulator.Context, entity types.ManagedObjectReference, name 
 		if err != nil {
 			return l.ref, simulator.Fault(err.Error(), &types.FileNotFound{FileFault: types.FileFault{File: backing.FileName}})
 		}
+		// The key names the disk's controller (its type and bus number) and unit, as vSphere's do.
+		slot := "unknown"
+		if c, ok := controllers[disk.ControllerKey]; ok && disk.UnitNumber != nil {
+			bus := c.(types.BaseVirtualController).GetVirtualController().BusNumber
+			slot = fmt.Sprintf("%s%d:%d", reflect.TypeOf(c).Elem().Name(), bus, *disk.UnitNumber)
+		}
 		file := fmt.Sprintf("%s-disk-%d.vmdk", name, len(l.files))
 		l.files[file] = local
 		total += disk.CapacityInKB
-		sim.Info.DeviceUrl = append(sim.Info.DeviceUrl, types.HttpNfcLeaseDeviceUrl{
-			Key:      fmt.Sprintf("/%s/VirtualLsiLogicController0:%d", entity.Value, len(l.files)-1),
-			Url:      fmt.Sprintf("https://*/nfc/%s/%s", l.urlID, file),
-			Disk:     types.NewBool(true),
-			TargetId: file,
-			FileSize: st.Size(),
+		urls = append(urls, types.HttpNfcLeaseDeviceUrl{
+			Key:           fmt.Sprintf("/%s/%s", entity.Value, slot),
+			Url:           fmt.Sprintf("https://%s/nfc/%s/%s", host, l.urlID, file),
+			SslThumbprint: thumb,
+			Disk:          types.NewBool(true),
+			TargetId:      file,
+			FileSize:      st.Size(),
 		})
 	}
+	if *reverseLease {
+		for i, j := 0, len(urls)-1; i < j; i, j = i+1, j-1 {
+			urls[i], urls[j] = urls[j], urls[i]
+		}
+	}
+	sim.Info.DeviceUrl = urls
 	sim.Info.Lease = l.ref
 	sim.Info.TotalDiskCapacityInKB = total
 	if *leaseTimeout > 0 {
@@ -274,7 +315,12 @@ func sdk(proxy *httputil.ReverseProxy) http.HandlerFunc {
 			}
 			mu.Unlock()
 			if l != nil {
-				event(map[string]interface{}{"event": method, "lease": m[2], "expired": expired})
+				ev := map[string]interface{}{"event": method, "lease": m[2], "expired": expired}
+				if p := regexp.MustCompile(`<percent>(\d+)</percent>`).FindStringSubmatch(text); p != nil {
+					v, _ := strconv.Atoi(p[1])
+					ev["percent"] = v
+				}
+				event(ev)
 			}
 			if expired {
 				// vSphere answers calls on an expired lease with a fault.
@@ -451,6 +497,7 @@ func certificate() tls.Certificate {
 	}
 	der, err := x509.CreateCertificate(rand.Reader, leaf, caCert, &key.PublicKey, caKey)
 	check(err)
+	leafDER = der
 	pemCA := pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: caDer})
 	check(ioutil.WriteFile(filepath.Join(*dir, "ca.pem"), pemCA, 0o644))
 	return tls.Certificate{Certificate: [][]byte{der}, PrivateKey: key}
@@ -577,6 +624,7 @@ func main() {
 
 	ln, err := net.Listen("tcp", *listen)
 	check(err)
+	port = ln.Addr().(*net.TCPAddr).Port
 	srv := &http.Server{
 		Handler:      mux,
 		TLSConfig:    &tls.Config{Certificates: []tls.Certificate{certificate()}},
@@ -585,7 +633,11 @@ func main() {
 	if *leaseTimeout > 0 {
 		go expirer()
 	}
-	u := fmt.Sprintf("https://%s:%d/sdk", *certIP, ln.Addr().(*net.TCPAddr).Port)
+	shownHost := *certIP
+	if *urlHost != "" {
+		shownHost = *urlHost
+	}
+	u := fmt.Sprintf("https://%s:%d/sdk", shownHost, port)
 	check(ioutil.WriteFile(filepath.Join(*dir, "url.tmp"), []byte(u+"\n"), 0o644))
 	check(os.Rename(filepath.Join(*dir, "url.tmp"), filepath.Join(*dir, "url")))
 	log.Printf("serving %s", u)

@@ -45,6 +45,8 @@ pub struct DeviceUrl {
     pub url: String,
     pub target: String,
     pub size: Option<u64>,
+    /// SHA-1 fingerprint of the certificate of the host the URL names (vCenter's leases).
+    pub thumbprint: Option<String>,
 }
 
 /// A disk written to a file.
@@ -63,6 +65,8 @@ pub enum ExportFailure {
     Vs(VsError),
     /// Writing the file failed.
     Io(String),
+    /// The disk is larger than `--max-disk-size`.
+    TooLarge(String),
     /// The lease ended (expired, aborted by someone else) under the download.
     Lease(String),
     /// Ctrl-C / SIGTERM / cancel.
@@ -79,19 +83,33 @@ impl From<VsError> for ExportFailure {
 pub struct Lease {
     pub moref: MoRef,
     pub urls: Vec<DeviceUrl>,
+    /// How long vSphere keeps the lease without progress.
+    pub timeout: Option<Duration>,
 }
 
 /// Ask for the export lease of `entity` (the VM, or a snapshot of it) and wait until it is ready.
-pub async fn open_lease(s: &Soap, sc: &ServiceContent, entity: &MoRef) -> Result<Lease, VsError> {
+/// Once vSphere has given the lease, every way out but success releases it.
+pub async fn open_lease(s: &Soap, sc: &ServiceContent, entity: &MoRef, ctl: &Control) -> Result<Lease, ExportFailure> {
     let method = if entity.kind == "VirtualMachineSnapshot" { "ExportSnapshot" } else { "ExportVm" };
     let text = s.call(&format!(r#"<{method} xmlns="urn:vim25">{}</{method}>"#, entity.xml("_this"))).await?;
     let moref = returnvals(&soap::parse(&text)?)
         .next()
         .and_then(MoRef::of)
         .ok_or_else(|| VsError::Protocol(format!("{method} gave no lease")))?;
+    let r = wait_ready(s, sc, &moref, ctl).await;
+    if r.is_err() {
+        abort(s, &moref).await;
+    }
+    r
+}
+
+async fn wait_ready(s: &Soap, sc: &ServiceContent, moref: &MoRef, ctl: &Control) -> Result<Lease, ExportFailure> {
     let began = Instant::now();
     loop {
-        let (state, doc_text) = lease_state(s, sc, &moref).await?;
+        if ctl.cancel.load(Ordering::Relaxed) {
+            return Err(ExportFailure::Cancelled);
+        }
+        let (state, doc_text) = lease_state(s, sc, moref).await?;
         match state.as_str() {
             "ready" => {
                 let doc = soap::parse(&doc_text)?;
@@ -104,9 +122,16 @@ pub async fn open_lease(s: &Soap, sc: &ServiceContent, entity: &MoRef) -> Result
                         url: child_text(n, "url").unwrap_or("").to_string(),
                         target: child_text(n, "targetId").unwrap_or("").to_string(),
                         size: child_text(n, "fileSize").and_then(|t| t.trim().parse().ok()).filter(|s| *s > 0),
+                        thumbprint: child_text(n, "sslThumbprint").map(str::to_string).filter(|t| !t.is_empty()),
                     })
                     .collect();
-                return Ok(Lease { moref, urls });
+                let timeout = doc
+                    .descendants()
+                    .find(|n| n.tag_name().name() == "leaseTimeout")
+                    .and_then(|n| n.text())
+                    .and_then(|t| t.trim().parse::<u64>().ok())
+                    .map(Duration::from_secs);
+                return Ok(Lease { moref: moref.clone(), urls, timeout });
             }
             "error" => {
                 let doc = soap::parse(&doc_text)?;
@@ -115,11 +140,10 @@ pub async fn open_lease(s: &Soap, sc: &ServiceContent, entity: &MoRef) -> Result
                     .find(|n| n.tag_name().name() == "localizedMessage")
                     .and_then(|n| n.text())
                     .unwrap_or("no reason given");
-                return Err(VsError::Fault { kind: "HttpNfcLeaseError".into(), message: why.to_string() });
+                return Err(VsError::Fault { kind: "HttpNfcLeaseError".into(), message: why.to_string() }.into());
             }
             _ if began.elapsed() > Duration::from_secs(600) => {
-                abort(s, &moref).await;
-                return Err(VsError::Protocol("the export lease did not become ready in 10 minutes".into()));
+                return Err(VsError::Protocol("the export lease did not become ready in 10 minutes".into()).into());
             }
             _ => tokio::time::sleep(Duration::from_millis(250)).await,
         }
@@ -168,7 +192,7 @@ pub async fn abort(s: &Soap, lease: &MoRef) {
     if let Err(e) =
         s.call(&format!(r#"<HttpNfcLeaseAbort xmlns="urn:vim25">{}</HttpNfcLeaseAbort>"#, lease.xml("_this"))).await
     {
-        tracing::debug!("aborting the export lease: {e}");
+        tracing::debug!("aborting the export lease: {}", Esc(&e.to_string()));
     }
 }
 
@@ -211,12 +235,10 @@ pub async fn download(
     total_done: &AtomicU64,
     lease_end: &mut watch::Receiver<Option<String>>,
 ) -> Result<Downloaded, ExportFailure> {
-    let path = s.ep.local_path(&url.url)?;
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(dst)
-        .map_err(|e| ExportFailure::Io(format!("{}: {e}", dst.display())))?;
+    let (ep, path, with_cookie) = s.ep.target(&url.url, url.thumbprint.as_deref())?;
+    let cookie = if with_cookie { s.cookie() } else { None };
+    let io = |e: std::io::Error| ExportFailure::Io(format!("{}: {e}", dst.display()));
+    let mut file = std::fs::OpenOptions::new().write(true).create_new(true).open(dst).map_err(io)?;
     let mut hasher = blake3::Hasher::new();
     let mut have = 0u64;
     let mut resumed = 0u32;
@@ -228,8 +250,9 @@ pub async fn download(
         if let Some(why) = lease_end.borrow().clone() {
             return Err(ExportFailure::Lease(why));
         }
+        let fetch = Fetch { ep: &ep, path: &path, cookie: cookie.as_deref(), expect: url.size };
         let attempt =
-            transfer(s, &path, have, tuning, ctl, &mut file, &mut hasher, done_before, total_done, lease_end).await;
+            transfer(&fetch, have, tuning, ctl, &mut file, &mut hasher, done_before, total_done, lease_end).await;
         match attempt {
             Ok(Transfer::Complete(n)) => {
                 have = n;
@@ -246,7 +269,12 @@ pub async fn download(
                 continue;
             }
             Err(TransferError::Broken { why, at }) => {
+                // The file holds exactly `at` bytes, all hashed: put the write position there
+                // (a failed write may have left part of a chunk after it).
                 have = at;
+                file.set_len(at).map_err(io)?;
+                use std::io::Seek;
+                file.seek(std::io::SeekFrom::Start(at)).map_err(io)?;
                 failures += 1;
                 if failures > tuning.retries {
                     return Err(ExportFailure::Vs(VsError::Connect(format!(
@@ -267,10 +295,13 @@ pub async fn download(
                 );
                 tokio::time::sleep(wait).await;
             }
+            Err(TransferError::Fatal(ExportFailure::Io(m))) => {
+                return Err(ExportFailure::Io(format!("{}: {m}", dst.display())));
+            }
             Err(TransferError::Fatal(f)) => return Err(f),
         }
     }
-    file.sync_all().map_err(|e| ExportFailure::Io(format!("{}: {e}", dst.display())))?;
+    file.sync_all().map_err(io)?;
     Ok(Downloaded { path: dst.to_path_buf(), bytes: have, blake3: *hasher.finalize().as_bytes(), resumed })
 }
 
@@ -288,11 +319,19 @@ enum TransferError {
     Fatal(ExportFailure),
 }
 
+/// Where one disk comes from.
+struct Fetch<'a> {
+    ep: &'a super::soap::Endpoint,
+    path: &'a str,
+    cookie: Option<&'a str>,
+    /// Its size, when the lease said it.
+    expect: Option<u64>,
+}
+
 /// One GET of the disk from byte `from`; bytes are appended to `file` and `hasher`.
 #[allow(clippy::too_many_arguments)]
 async fn transfer(
-    s: &Soap,
-    path: &str,
+    f: &Fetch<'_>,
     from: u64,
     tuning: &Tuning,
     ctl: &Control,
@@ -303,29 +342,40 @@ async fn transfer(
     lease_end: &mut watch::Receiver<Option<String>>,
 ) -> Result<Transfer, TransferError> {
     let broken = |why: String, at: u64| TransferError::Broken { why, at };
-    let mut send = match s.ep.connect().await {
+    let fatal = |e: VsError| TransferError::Fatal(ExportFailure::Vs(e));
+    let mut send = match f.ep.connect().await {
         Ok(c) => c,
         Err(e) => return Err(broken(e.to_string(), from)),
     };
-    let mut req = hyper::Request::get(path)
-        .header(hyper::header::HOST, s.ep.authority())
+    let mut req = hyper::Request::get(f.path)
+        .header(hyper::header::HOST, f.ep.authority())
         .header(hyper::header::USER_AGENT, concat!("hyperexport/", env!("CARGO_PKG_VERSION")));
-    if let Some(c) = s.cookie() {
+    if let Some(c) = f.cookie {
         req = req.header(hyper::header::COOKIE, c);
     }
     if from > 0 {
         req = req.header(hyper::header::RANGE, format!("bytes={from}-"));
     }
-    let req = req
-        .body(Full::new(Bytes::new()))
-        .map_err(|e| TransferError::Fatal(ExportFailure::Vs(VsError::Protocol(e.to_string()))))?;
+    let req = req.body(Full::new(Bytes::new())).map_err(|e| fatal(VsError::Protocol(e.to_string())))?;
     let resp = match tokio::time::timeout(tuning.stall, send.send_request(req)).await {
         Ok(Ok(r)) => r,
         Ok(Err(e)) => return Err(broken(e.to_string(), from)),
         Err(_) => return Err(broken(format!("no answer in {}s", tuning.stall.as_secs()), from)),
     };
     let status = resp.status();
-    let mut at = from;
+    let header =
+        |name: hyper::header::HeaderName| resp.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_string);
+    // `bytes a-b/total` (206) or `bytes */total` (416).
+    let range = header(hyper::header::CONTENT_RANGE).and_then(|v| {
+        let v = v.strip_prefix("bytes ")?.to_string();
+        let (span, total) = v.split_once('/')?;
+        let total = total.trim().parse::<u64>().ok();
+        let start = span.split('-').next().and_then(|a| a.trim().parse::<u64>().ok());
+        Some((start, total))
+    });
+    let length = header(hyper::header::CONTENT_LENGTH).and_then(|v| v.trim().parse::<u64>().ok());
+    // The disk's whole size, when anything says it.
+    let mut total = f.expect;
     match status.as_u16() {
         200 if from > 0 => {
             tracing::warn!(
@@ -333,19 +383,24 @@ async fn transfer(
             );
             return Ok(Transfer::Restarted);
         }
-        200 => {}
+        200 => total = total.or(length),
         206 => {
-            let start = resp
-                .headers()
-                .get(hyper::header::CONTENT_RANGE)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.strip_prefix("bytes "))
-                .and_then(|v| v.split('-').next())
-                .and_then(|v| v.trim().parse::<u64>().ok());
-            if start != Some(from) {
+            let Some((Some(start), t)) = range else {
+                tracing::warn!("the server resumed without saying where: starting the disk over");
+                return Ok(Transfer::Restarted);
+            };
+            if start != from {
                 tracing::warn!("the server resumed at another byte than asked: starting the disk over");
                 return Ok(Transfer::Restarted);
             }
+            total = total.or(t);
+        }
+        416 if from > 0 => {
+            // The break came after the last byte: complete if the server says so.
+            return match range.and_then(|(_, t)| t) {
+                Some(t) if t == from => Ok(Transfer::Complete(from)),
+                _ => Ok(Transfer::Restarted),
+            };
         }
         404 | 403 | 410 => {
             // A lease that ended makes its URLs disappear: say so rather than "not found".
@@ -356,36 +411,53 @@ async fn transfer(
         }
         _ if status.is_server_error() => return Err(broken(format!("HTTP {status}"), from)),
         _ => {
-            return Err(TransferError::Fatal(ExportFailure::Vs(VsError::Protocol(format!(
-                "the server answered HTTP {status} for {}",
-                Esc(path)
-            )))));
+            return Err(fatal(VsError::Protocol(format!("the server answered HTTP {status} for {}", Esc(f.path)))));
         }
     }
+    if let Some(t) = total
+        && t > tuning.max_disk
+    {
+        return Err(TransferError::Fatal(ExportFailure::TooLarge(format!(
+            "the disk is {} ({t} bytes), more than --max-disk-size {}; raise it if this is intended",
+            hyperfarm_shared::human::bytes(t),
+            hyperfarm_shared::human::bytes(tuning.max_disk)
+        ))));
+    }
     let mut body = resp.into_body();
+    let mut at = from;
+    let mut silent = Duration::ZERO;
     loop {
         if ctl.cancel.load(Ordering::Relaxed) {
             return Err(TransferError::Fatal(ExportFailure::Cancelled));
         }
+        // Wait in slices of a second, so that a cancel or the lease's end is seen at once even
+        // while the server sends nothing.
         let frame = tokio::select! {
-            f = tokio::time::timeout(tuning.stall, body.frame()) => f,
+            f = tokio::time::timeout(Duration::from_secs(1), body.frame()) => f,
             _ = lease_end.changed() => {
                 let why = lease_end.borrow().clone().unwrap_or_else(|| "the export lease ended".into());
                 return Err(TransferError::Fatal(ExportFailure::Lease(why)));
             }
         };
         let frame = match frame {
-            Err(_) => return Err(broken(format!("no data for {}s", tuning.stall.as_secs()), at)),
+            Err(_) => {
+                silent += Duration::from_secs(1);
+                if silent >= tuning.stall {
+                    return Err(broken(format!("no data for {}s", tuning.stall.as_secs()), at));
+                }
+                continue;
+            }
             Ok(None) => break,
             Ok(Some(Err(e))) => return Err(broken(e.to_string(), at)),
             Ok(Some(Ok(f))) => f,
         };
+        silent = Duration::ZERO;
         let Ok(data) = frame.into_data() else { continue };
         if at + data.len() as u64 > tuning.max_disk {
-            return Err(TransferError::Fatal(ExportFailure::Vs(VsError::Protocol(format!(
+            return Err(TransferError::Fatal(ExportFailure::TooLarge(format!(
                 "the disk is larger than --max-disk-size {}; raise it if this is intended",
                 hyperfarm_shared::human::bytes(tuning.max_disk)
-            )))));
+            ))));
         }
         let written = tokio::task::block_in_place(|| -> std::io::Result<()> {
             file.write_all(&data)?;
@@ -400,7 +472,13 @@ async fn transfer(
         ctl.done.store(at, Ordering::Relaxed);
         total_done.store(done_before + at, Ordering::Relaxed);
     }
-    Ok(Transfer::Complete(at))
+    // A body that ended early without an error (a connection closed where no length was given)
+    // is a break, not the end, when the size is known.
+    match total {
+        Some(t) if at < t => Err(broken(format!("the transfer ended after {at} of {t} bytes"), at)),
+        Some(t) if at > t => Err(fatal(VsError::Protocol(format!("the server sent {at} bytes of a {t}-byte disk")))),
+        _ => Ok(Transfer::Complete(at)),
+    }
 }
 
 /// What to export: the VM itself, or (running VM) a snapshot taken for it.
@@ -410,10 +488,11 @@ pub async fn entity_for(
     vm: &VmFacts,
     allow_running: bool,
     snapshot_name: &str,
+    ctl: &Control,
 ) -> Result<(MoRef, Option<MoRef>), VsError> {
     if vm.power == "poweredOff" || !allow_running {
         return Ok((vm.moref.clone(), None));
     }
-    let snap = inventory::create_snapshot(s, sc, &vm.moref, snapshot_name).await?;
+    let snap = inventory::create_snapshot(s, sc, &vm.moref, snapshot_name, &ctl.cancel).await?;
     Ok((snap.clone(), Some(snap)))
 }

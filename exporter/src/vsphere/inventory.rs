@@ -57,7 +57,7 @@ pub async fn login(s: &Soap, sc: &ServiceContent, user: &str, password: &str) ->
 pub async fn logout(s: &Soap, sc: &ServiceContent) {
     if let Err(e) = s.call(&format!(r#"<Logout xmlns="urn:vim25">{}</Logout>"#, sc.session_manager.xml("_this"))).await
     {
-        tracing::debug!("vSphere logout: {e}");
+        tracing::debug!("vSphere logout: {}", hyperfarm_shared::text::Esc(&e.to_string()));
     }
 }
 
@@ -104,9 +104,13 @@ fn objects<'a, 'i>(doc: &'a roxmltree::Document<'i>) -> (Vec<Props<'a, 'i>>, Opt
     (out, token)
 }
 
+/// Most bytes of one property answer, all its pages together.
+pub const MAX_ANSWER: usize = 256 << 20;
+
 /// Properties of objects: the answers' texts (each page of a long answer is one text).
 pub async fn retrieve(s: &Soap, sc: &ServiceContent, spec: &str) -> Result<Vec<String>, VsError> {
     let mut pages = Vec::new();
+    let mut bytes = 0usize;
     let text = s
         .call(&format!(
             r#"<RetrievePropertiesEx xmlns="urn:vim25">{}<specSet>{spec}</specSet><options><maxObjects>500</maxObjects></options></RetrievePropertiesEx>"#,
@@ -114,10 +118,14 @@ pub async fn retrieve(s: &Soap, sc: &ServiceContent, spec: &str) -> Result<Vec<S
         ))
         .await?;
     let mut token = objects(&soap::parse(&text)?).1;
+    bytes += text.len();
     pages.push(text);
     while let Some(t) = token {
-        if pages.len() > 10_000 {
-            return Err(VsError::Protocol("the inventory answer does not end".into()));
+        if bytes > MAX_ANSWER {
+            return Err(VsError::Protocol(format!(
+                "the inventory answer is larger than {} MiB; list a part of it with --folder",
+                MAX_ANSWER >> 20
+            )));
         }
         let text = s
             .call(&format!(
@@ -127,6 +135,7 @@ pub async fn retrieve(s: &Soap, sc: &ServiceContent, spec: &str) -> Result<Vec<S
             ))
             .await?;
         token = objects(&soap::parse(&text)?).1;
+        bytes += text.len();
         pages.push(text);
     }
     Ok(pages)
@@ -248,6 +257,9 @@ fn path_of(obj: &MoRef, names: &HashMap<MoRef, (String, Option<MoRef>)>, root: &
 #[derive(Debug, Clone, PartialEq)]
 pub struct VmDisk {
     pub key: i64,
+    /// `<controller type><bus number>:<unit>` (`ParaVirtualSCSIController0:1`): how an export
+    /// lease's device keys name the disk.
+    pub slot: Option<String>,
     pub label: String,
     /// `[datastore] folder/name.vmdk`
     pub file: String,
@@ -309,6 +321,7 @@ pub async fn vm_facts(s: &Soap, sc: &ServiceContent, vm: &MoRef) -> Result<VmFac
                 "config.instanceUuid",
                 "config.guestFullName",
                 "config.hardware.device",
+                "config.bootOptions.bootOrder",
             ]
         ),
         vm.xml("obj")
@@ -337,6 +350,21 @@ pub async fn vm_facts(s: &Soap, sc: &ServiceContent, vm: &MoRef) -> Result<VmFac
     if let Some(devs) = p.vals.get("config.hardware.device") {
         (facts.disks, facts.nics) = devices(*devs);
     }
+    // The boot disk first, when the VM's boot order names one.
+    let boot_key = p.vals.get("config.bootOptions.bootOrder").and_then(|order| {
+        order
+            .children()
+            .filter(|n| n.is_element())
+            .find(|n| xsi_type(*n) == Some("VirtualMachineBootOptionsBootableDiskDevice"))
+            .and_then(|n| child_text(n, "deviceKey"))
+            .and_then(|k| k.trim().parse::<i64>().ok())
+    });
+    if let Some(k) = boot_key
+        && let Some(pos) = facts.disks.iter().position(|d| d.key == k)
+    {
+        let boot = facts.disks.remove(pos);
+        facts.disks.insert(0, boot);
+    }
     Ok(facts)
 }
 
@@ -344,6 +372,16 @@ pub async fn vm_facts(s: &Soap, sc: &ServiceContent, vm: &MoRef) -> Result<VmFac
 fn devices(list: roxmltree::Node<'_, '_>) -> (Vec<VmDisk>, Vec<VmNic>) {
     let mut disks = Vec::new();
     let mut nics = Vec::new();
+    // Controllers: key -> type and bus number.
+    let controllers: HashMap<i64, (String, i64)> = list
+        .children()
+        .filter(|n| n.is_element() && child(*n, "busNumber").is_some())
+        .filter_map(|n| {
+            let key = child_text(n, "key")?.trim().parse().ok()?;
+            let bus = child_text(n, "busNumber")?.trim().parse().ok()?;
+            Some((key, (xsi_type(n)?.to_string(), bus)))
+        })
+        .collect();
     for d in list.children().filter(|n| n.is_element()) {
         let ty = xsi_type(d).unwrap_or("");
         let label = child(d, "deviceInfo").and_then(|i| child_text(i, "label")).unwrap_or("").to_string();
@@ -352,8 +390,15 @@ fn devices(list: roxmltree::Node<'_, '_>) -> (Vec<VmDisk>, Vec<VmNic>) {
                 .and_then(|t| t.trim().parse::<u64>().ok())
                 .or_else(|| child_text(d, "capacityInKB").and_then(|t| t.trim().parse::<u64>().ok()).map(|k| k * 1024))
                 .unwrap_or(0);
+            let controller = child_text(d, "controllerKey").and_then(|k| k.trim().parse::<i64>().ok());
+            let unit = child_text(d, "unitNumber").and_then(|k| k.trim().parse::<i64>().ok());
+            let slot = match (controller.and_then(|c| controllers.get(&c)), unit) {
+                (Some((kind, bus)), Some(unit)) => Some(format!("{kind}{bus}:{unit}")),
+                _ => None,
+            };
             disks.push(VmDisk {
                 key: child_text(d, "key").and_then(|k| k.trim().parse().ok()).unwrap_or(0),
+                slot,
                 label,
                 file: child(d, "backing").and_then(|b| child_text(b, "fileName")).unwrap_or("").to_string(),
                 capacity_bytes: capacity,
@@ -366,18 +411,28 @@ fn devices(list: roxmltree::Node<'_, '_>) -> (Vec<VmDisk>, Vec<VmNic>) {
                 .and_then(|b| child_text(b, "deviceName"))
                 .or_else(|| backing.and_then(|b| child(b, "port")).and_then(|p| child_text(p, "portgroupKey")))
                 .map(str::to_string);
-            nics.push(VmNic {
-                model: model.to_string(),
-                mac: child_text(d, "macAddress").map(|m| m.to_ascii_lowercase()),
-                network,
-            });
+            if nics.len() < 32 {
+                nics.push(VmNic {
+                    model: model.to_string(),
+                    mac: child_text(d, "macAddress")
+                        .filter(|m| crate::source::vmx::is_mac(m))
+                        .map(|m| m.to_ascii_lowercase()),
+                    network,
+                });
+            }
         }
     }
     (disks, nics)
 }
 
 /// Wait for a task to end; its result element's text (a snapshot's reference) on success.
-pub async fn wait_task(s: &Soap, sc: &ServiceContent, task: &MoRef, limit: Duration) -> Result<Option<MoRef>, VsError> {
+pub async fn wait_task(
+    s: &Soap,
+    sc: &ServiceContent,
+    task: &MoRef,
+    limit: Duration,
+    cancel: Option<&std::sync::atomic::AtomicBool>,
+) -> Result<Option<MoRef>, VsError> {
     let began = Instant::now();
     let spec = format!("{}<objectSet>{}<skip>false</skip></objectSet>", prop_spec("Task", &["info"]), task.xml("obj"));
     loop {
@@ -400,12 +455,22 @@ pub async fn wait_task(s: &Soap, sc: &ServiceContent, task: &MoRef, limit: Durat
         if began.elapsed() > limit {
             return Err(VsError::Protocol(format!("the vSphere task {task} did not end in {}s", limit.as_secs())));
         }
+        if cancel.is_some_and(|c| c.load(std::sync::atomic::Ordering::Relaxed)) {
+            let _ = s.call(&format!(r#"<CancelTask xmlns="urn:vim25">{}</CancelTask>"#, task.xml("_this"))).await;
+            return Err(VsError::Fault { kind: "Cancelled".into(), message: "interrupted".into() });
+        }
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
 }
 
 /// Take a snapshot of the VM's disks (no memory, not quiesced): what a running VM is exported from.
-pub async fn create_snapshot(s: &Soap, sc: &ServiceContent, vm: &MoRef, name: &str) -> Result<MoRef, VsError> {
+pub async fn create_snapshot(
+    s: &Soap,
+    sc: &ServiceContent,
+    vm: &MoRef,
+    name: &str,
+    cancel: &std::sync::atomic::AtomicBool,
+) -> Result<MoRef, VsError> {
     let text = s
         .call(&format!(
             r#"<CreateSnapshot_Task xmlns="urn:vim25">{}<name>{}</name><description>taken by hyperexport to export the running VM; removed after the export</description><memory>false</memory><quiesce>false</quiesce></CreateSnapshot_Task>"#,
@@ -414,7 +479,7 @@ pub async fn create_snapshot(s: &Soap, sc: &ServiceContent, vm: &MoRef, name: &s
         ))
         .await?;
     let task = returnvals(&soap::parse(&text)?).next().and_then(MoRef::of).ok_or_else(|| not_vsphere("a task"))?;
-    wait_task(s, sc, &task, Duration::from_secs(1800))
+    wait_task(s, sc, &task, Duration::from_secs(1800), Some(cancel))
         .await?
         .ok_or_else(|| VsError::Protocol("the snapshot task gave no snapshot".into()))
 }
@@ -427,7 +492,7 @@ pub async fn remove_snapshot(s: &Soap, sc: &ServiceContent, snapshot: &MoRef) ->
         ))
         .await?;
     let task = returnvals(&soap::parse(&text)?).next().and_then(MoRef::of).ok_or_else(|| not_vsphere("a task"))?;
-    wait_task(s, sc, &task, Duration::from_secs(3600)).await.map(|_| ())
+    wait_task(s, sc, &task, Duration::from_secs(3600), None).await.map(|_| ())
 }
 
 #[cfg(test)]
@@ -438,10 +503,11 @@ mod tests {
     #[test]
     fn devices_give_disks_and_nics_in_order() {
         let xml = r#"<val xmlns="urn:vim25" xmlns:xsi="http://www.w3.org/2001/XMLSchema-instance" xsi:type="ArrayOfVirtualDevice">
-<VirtualDevice xsi:type="ParaVirtualSCSIController"><key>1000</key><deviceInfo><label>SCSI controller 0</label></deviceInfo></VirtualDevice>
-<VirtualDevice xsi:type="VirtualDisk"><key>2000</key><deviceInfo><label>Hard disk 1</label></deviceInfo><backing xsi:type="VirtualDiskFlatVer2BackingInfo"><fileName>[ds1] web/web.vmdk</fileName></backing><capacityInKB>16777216</capacityInKB></VirtualDevice>
+<VirtualDevice xsi:type="ParaVirtualSCSIController"><key>1000</key><deviceInfo><label>SCSI controller 0</label></deviceInfo><busNumber>0</busNumber></VirtualDevice>
+<VirtualDevice xsi:type="VirtualDisk"><key>2000</key><deviceInfo><label>Hard disk 1</label></deviceInfo><controllerKey>1000</controllerKey><unitNumber>1</unitNumber><backing xsi:type="VirtualDiskFlatVer2BackingInfo"><fileName>[ds1] web/web.vmdk</fileName></backing><capacityInKB>16777216</capacityInKB></VirtualDevice>
 <VirtualDevice xsi:type="VirtualVmxnet3"><key>4000</key><deviceInfo><label>Network adapter 1</label></deviceInfo><backing xsi:type="VirtualEthernetCardNetworkBackingInfo"><deviceName>VM Network</deviceName></backing><macAddress>00:50:56:AB:CD:01</macAddress></VirtualDevice>
 <VirtualDevice xsi:type="VirtualDisk"><key>2001</key><deviceInfo><label>Hard disk 2</label></deviceInfo><backing xsi:type="VirtualDiskFlatVer2BackingInfo"><fileName>[ds1] web/web_1.vmdk</fileName></backing><capacityInKB>1024</capacityInKB><capacityInBytes>1048576</capacityInBytes></VirtualDevice>
+<VirtualDevice xsi:type="VirtualE1000"><key>4002</key><macAddress>not-a-mac</macAddress></VirtualDevice>
 <VirtualDevice xsi:type="VirtualE1000e"><key>4001</key><backing xsi:type="VirtualEthernetCardDistributedVirtualPortBackingInfo"><port><portgroupKey>dvportgroup-12</portgroupKey></port></backing><macAddress>00:50:56:ab:cd:02</macAddress></VirtualDevice>
 </val>"#;
         let doc = roxmltree::Document::parse(xml).unwrap();
@@ -449,6 +515,8 @@ mod tests {
         assert_eq!(disks.len(), 2);
         assert_eq!(disks[0].file, "[ds1] web/web.vmdk");
         assert_eq!(disks[0].capacity_bytes, 16 << 30);
+        assert_eq!(disks[0].slot.as_deref(), Some("ParaVirtualSCSIController0:1"));
+        assert_eq!(disks[1].slot, None);
         assert_eq!(disks[1].capacity_bytes, 1 << 20);
         assert_eq!(
             nics,
@@ -458,6 +526,7 @@ mod tests {
                     mac: Some("00:50:56:ab:cd:01".into()),
                     network: Some("VM Network".into())
                 },
+                VmNic { model: "e1000".into(), mac: None, network: None },
                 VmNic {
                     model: "e1000e".into(),
                     mac: Some("00:50:56:ab:cd:02".into()),

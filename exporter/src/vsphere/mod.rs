@@ -87,12 +87,18 @@ pub fn connection(a: &VsphereArgs) -> Result<Connection, ExportError> {
             ));
         }
     };
+    let source = if from_flag { "--vsphere-url" } else { "GOVC_URL" };
+    // The URL as it may be printed: without the user:password@ part.
+    let shown = match raw.split_once("://") {
+        Some((scheme, r)) => format!("{scheme}://{}", r.rsplit_once('@').map(|(_, h)| h).unwrap_or(r)),
+        None => raw.rsplit_once('@').map(|(_, h)| h.to_string()).unwrap_or_else(|| raw.clone()),
+    };
     let rest = if let Some(r) = raw.strip_prefix("https://") {
         r
     } else if raw.contains("://") {
         return Err(usage(format!(
-            "--vsphere-url {}: only https:// is supported (vSphere serves its API over HTTPS)",
-            Esc(&raw)
+            "{source} {}: only https:// is supported (vSphere serves its API over HTTPS)",
+            Esc(&shown)
         )));
     } else {
         raw.as_str()
@@ -115,7 +121,7 @@ pub fn connection(a: &VsphereArgs) -> Result<Connection, ExportError> {
         ));
     }
     let (host, port) = split_host_port(hostport)
-        .ok_or_else(|| usage(format!("--vsphere-url {}: no usable host[:port] in it", Esc(&raw))))?;
+        .ok_or_else(|| usage(format!("{source} {}: no usable host[:port] in it", Esc(&shown))))?;
     let path = if path.is_empty() || path == "/" { "/sdk".to_string() } else { path.to_string() };
     let user =
         a.vsphere_user.clone().or(url_user).or_else(|| env("GOVC_USERNAME")).ok_or_else(|| {
@@ -328,6 +334,16 @@ pub fn vms_main(args: VmsArgs) -> ExitCode {
     }
 }
 
+/// A disk downloaded from vSphere.
+pub struct Got {
+    /// `disk<N>`, in boot order.
+    pub id: String,
+    pub format: DiskFormat,
+    pub data: Downloaded,
+    /// The VM's name for it (`Hard disk 1 ([ds1] web/web.vmdk)`), escaped.
+    pub label: String,
+}
+
 /// A VM found on vSphere, ready to export.
 pub struct Prepared {
     pub session: Session,
@@ -345,6 +361,9 @@ pub async fn prepare(cli: &crate::cli::Cli, max_disk: u64) -> Result<Prepared, E
         .as_ref()
         .map(|p| p.to_string_lossy().into_owned())
         .ok_or_else(|| ExportError::Usage("--provider vsphere: give --vm NAME or --vm /DC/vm/PATH".into()))?;
+    if cli.vsphere_keepalive < Duration::from_millis(100) {
+        return Err(ExportError::Usage("--vsphere-keepalive must be at least 100ms".into()));
+    }
     let c = connection(&cli.vsphere)?;
     let session = Session::open(&c).await?;
     let found = session.find(&spec, cli.vsphere.folder.as_deref()).await;
@@ -435,12 +454,36 @@ impl Prepared {
         job: &str,
         ctl: &Arc<Control>,
         quiet: bool,
-    ) -> Result<Vec<(String, DiskFormat, Downloaded)>, ExportError> {
+    ) -> Result<Vec<Got>, ExportError> {
         let s = &self.session;
-        let (entity, snapshot) =
-            export::entity_for(&s.soap, &s.sc, &self.facts, self.allow_powered_on, &format!("hyperexport-{job}"))
-                .await
-                .map_err(|e| s.err(e))?;
+        let snapshot_name = format!("hyperexport-{job}");
+        let (entity, snapshot) = match export::entity_for(
+            &s.soap,
+            &s.sc,
+            &self.facts,
+            self.allow_powered_on,
+            &snapshot_name,
+            ctl,
+        )
+        .await
+        {
+            Ok(x) => x,
+            Err(e) => {
+                s.close().await;
+                if e.fault_kind() == Some("Cancelled") {
+                    tracing::warn!(
+                        "interrupted while vSphere took the snapshot {snapshot_name} of {}: if it was taken, remove it in vSphere",
+                        Esc(&self.facts.name)
+                    );
+                    return Err(ExportError::Interrupted(false));
+                }
+                return Err(ExportError::Unreachable(format!(
+                    "taking the snapshot {snapshot_name} of running VM {} failed: {}; if vSphere took it anyway, remove it there",
+                    Esc(&self.facts.name),
+                    Esc(&e.to_string())
+                )));
+            }
+        };
         if snapshot.is_some() {
             tracing::info!("the VM is running: exporting a snapshot of its disks taken now");
         }
@@ -465,16 +508,19 @@ impl Prepared {
         dir: &Path,
         ctl: &Arc<Control>,
         quiet: bool,
-    ) -> Result<Vec<(String, DiskFormat, Downloaded)>, ExportError> {
+    ) -> Result<Vec<Got>, ExportError> {
         let s = &self.session;
-        let lease = export::open_lease(&s.soap, &s.sc, entity).await.map_err(|e| match e.fault_kind() {
-            Some("InvalidPowerState") | Some("InvalidState") => ExportError::BadInput(format!(
-                "vSphere refused to export VM {}: {}; shut it down, or give --allow-powered-on",
-                Esc(&self.facts.name),
-                Esc(&e.to_string())
-            )),
-            _ => s.err(e),
-        })?;
+        let mut lease = export::open_lease(&s.soap, &s.sc, entity, ctl).await.map_err(|f| self.failure(f))?;
+        if let Some(t) = lease.timeout
+            && t > Duration::ZERO
+            && self.tuning.keepalive * 2 > t
+        {
+            tracing::warn!(
+                "--vsphere-keepalive {} is more than half the lease's timeout ({}s): the lease may expire between renewals",
+                hyperfarm_shared::duration::show(self.tuning.keepalive),
+                t.as_secs()
+            );
+        }
         if lease.urls.len() > hyperfarm_shared::manifest::MAX_DISKS {
             export::abort(&s.soap, &lease.moref).await;
             return Err(ExportError::BadInput(format!(
@@ -491,17 +537,21 @@ impl Prepared {
                 Esc(&self.facts.name)
             )));
         }
+        // The lease's disks in the VM's order (boot disk first): its device keys end with the
+        // disk's controller and unit. Unmatched: the lease's own order.
+        let ordered = order_by_slots(&lease.urls, &self.facts.disks);
+        match ordered {
+            Some(urls) => lease.urls = urls,
+            None => tracing::warn!(
+                "the lease's disks could not be matched to the VM's devices: taking them in the lease's order (the first is the boot disk)"
+            ),
+        }
+        let matched = lease.urls.len() == self.facts.disks.len();
         let sizes: Vec<u64> = lease
             .urls
             .iter()
             .enumerate()
-            .map(|(i, u)| {
-                u.size
-                    .or_else(|| {
-                        (lease.urls.len() == self.facts.disks.len()).then(|| self.facts.disks[i].capacity_bytes)
-                    })
-                    .unwrap_or(0)
-            })
+            .map(|(i, u)| u.size.or_else(|| matched.then(|| self.facts.disks[i].capacity_bytes)).unwrap_or(0))
             .collect();
         let total: u64 = sizes.iter().sum();
         let done = Arc::new(AtomicU64::new(0));
@@ -529,7 +579,11 @@ impl Prepared {
                 Ok((format, d)) => {
                     tracing::info!(disk = %id, bytes = d.bytes, resumed = d.resumed, "downloaded");
                     before += d.bytes;
-                    out.push((id, format, d));
+                    let label = match (matched, self.facts.disks.get(i)) {
+                        (true, Some(v)) => format!("{} ({})", v.label, v.file),
+                        _ => url.target.clone(),
+                    };
+                    out.push(Got { id, format, data: d, label: Esc(&label).to_string() });
                 }
                 Err(f) => {
                     result = Err(f);
@@ -541,25 +595,73 @@ impl Prepared {
         match result {
             Ok(()) => {
                 export::progress(&s.soap, &lease.moref, 100).await.ok();
-                export::complete(&s.soap, &lease.moref).await.map_err(|e| s.err(e))?;
+                if let Err(e) = export::complete(&s.soap, &lease.moref).await {
+                    export::abort(&s.soap, &lease.moref).await;
+                    return Err(s.err(e));
+                }
                 Ok(out)
             }
             Err(f) => {
                 export::abort(&s.soap, &lease.moref).await;
-                Err(match f {
-                    ExportFailure::Cancelled => ExportError::Interrupted(false),
-                    ExportFailure::Io(m) => ExportError::Copy(m),
-                    ExportFailure::Lease(m) => ExportError::Unreachable(format!(
-                        "exporting VM {} from vSphere: {}; nothing was published. If the network or the server was slow, try again (the lease is renewed every {}; --vsphere-keepalive)",
-                        Esc(&self.facts.name),
-                        Esc(&m),
-                        hyperfarm_shared::duration::show(self.tuning.keepalive)
-                    )),
-                    ExportFailure::Vs(e) => s.err(e),
-                })
+                Err(self.failure(f))
             }
         }
     }
+
+    /// What an export failure means for the operator.
+    fn failure(&self, f: ExportFailure) -> ExportError {
+        let s = &self.session;
+        let vm = Esc(&self.facts.name);
+        match f {
+            ExportFailure::Cancelled => ExportError::Interrupted(false),
+            ExportFailure::Io(m) => ExportError::Copy(format!("downloading VM {vm}: {m}")),
+            ExportFailure::TooLarge(m) => ExportError::BadInput(format!("vSphere VM {vm}: {m}; nothing was published")),
+            ExportFailure::Lease(m) => ExportError::Unreachable(format!(
+                "exporting VM {vm} from vSphere: {}; nothing was published. If the network or the server was slow, try again (the lease is renewed every {}; --vsphere-keepalive)",
+                Esc(&m),
+                hyperfarm_shared::duration::show(self.tuning.keepalive)
+            )),
+            ExportFailure::Vs(e) => match e.fault_kind() {
+                Some("InvalidPowerState") | Some("InvalidState") => ExportError::BadInput(format!(
+                    "vSphere refused to export VM {vm}: {}; {}",
+                    Esc(&e.to_string()),
+                    if self.allow_powered_on {
+                        "it may be busy (another export, a snapshot or a migration running): try again later"
+                    } else {
+                        "shut it down, or give --allow-powered-on"
+                    }
+                )),
+                Some("NoPermission") => ExportError::Usage(format!(
+                    "vSphere user {} may not export VM {vm}: {}; it needs the privilege to export (VApp.Export){}",
+                    Esc(&s.user),
+                    Esc(&e.to_string()),
+                    if self.allow_powered_on {
+                        " and to take snapshots (VirtualMachine.State.CreateSnapshot)"
+                    } else {
+                        ""
+                    }
+                )),
+                _ => s.err(e),
+            },
+        }
+    }
+}
+
+/// The lease's disk URLs in the order of `disks` (boot disk first), matched by the controller and
+/// unit at the end of each device key (`/vm-42/ParaVirtualSCSIController0:1`). `None` when they
+/// cannot all be matched one to one.
+fn order_by_slots(urls: &[export::DeviceUrl], disks: &[inventory::VmDisk]) -> Option<Vec<export::DeviceUrl>> {
+    if urls.len() != disks.len() {
+        return None;
+    }
+    let mut left: Vec<Option<&export::DeviceUrl>> = urls.iter().map(Some).collect();
+    let mut out = Vec::with_capacity(urls.len());
+    for d in disks {
+        let slot = d.slot.as_deref()?;
+        let i = left.iter().position(|u| u.is_some_and(|u| u.key.ends_with(&format!("/{slot}"))))?;
+        out.push(left[i].take()?.clone());
+    }
+    Some(out)
 }
 
 /// A downloaded disk must be a disk image the agent can convert (a streamOptimized VMDK from
@@ -584,9 +686,10 @@ pub async fn materialize(p: &Prepared, dir: &Path, ctl: &Arc<Control>, quiet: bo
     let got = p.download(dir, &job, ctl, quiet).await?;
     let vmdir = VmDir::new(dir);
     let mut vm = p.source();
-    for (id, _, d) in got {
-        let rel = PathBuf::from(d.path.file_name().unwrap_or_default());
-        let disk = source::load_disk_file(&vmdir, &rel, &id).map_err(|e| ExportError::BadInput(e.to_string()))?;
+    for g in got {
+        let rel = PathBuf::from(g.data.path.file_name().unwrap_or_default());
+        let mut disk = source::load_disk_file(&vmdir, &rel, &g.id).map_err(|e| ExportError::BadInput(e.to_string()))?;
+        disk.label = g.label;
         vm.disks.push(disk);
     }
     Ok(vm)

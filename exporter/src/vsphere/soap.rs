@@ -95,6 +95,76 @@ pub fn tls_config(trust: &Trust) -> Result<Arc<rustls::ClientConfig>, VsError> {
     Ok(Arc::new(config))
 }
 
+/// TLS that accepts exactly the certificate whose SHA-1 fingerprint vSphere gave for a host
+/// (`sslThumbprint` of a lease's device URL, `AA:BB:…`), received over the already authenticated
+/// session: how vCenter tells its clients which ESXi certificate to expect.
+pub fn tls_pinned(thumbprint: &str) -> Result<Arc<rustls::ClientConfig>, VsError> {
+    let want: Vec<u8> =
+        thumbprint.split(':').map(|h| u8::from_str_radix(h.trim(), 16)).collect::<Result<_, _>>().map_err(|_| {
+            VsError::Protocol(format!("the lease's certificate thumbprint {} is not hex", Esc(thumbprint)))
+        })?;
+    if want.len() != 20 {
+        return Err(VsError::Protocol(format!(
+            "the lease's certificate thumbprint {} is not a SHA-1 fingerprint",
+            Esc(thumbprint)
+        )));
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| VsError::Connect(format!("TLS: {e}")))?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(Pinned { sha1: want, provider }))
+        .with_no_client_auth();
+    Ok(Arc::new(config))
+}
+
+/// Accepts the one certificate of the given SHA-1 fingerprint (signatures checked).
+#[derive(Debug)]
+struct Pinned {
+    sha1: Vec<u8>,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+}
+
+impl rustls::client::danger::ServerCertVerifier for Pinned {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _: &[CertificateDer<'_>],
+        _: &ServerName<'_>,
+        _: &[u8],
+        _: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        use sha1::Digest;
+        if sha1::Sha1::digest(end_entity.as_ref()).as_slice() == self.sha1.as_slice() {
+            Ok(rustls::client::danger::ServerCertVerified::assertion())
+        } else {
+            Err(rustls::Error::General(
+                "the certificate is not the one vSphere named for this host (sslThumbprint)".into(),
+            ))
+        }
+    }
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+    }
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+    }
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.provider.signature_verification_algorithms.supported_schemes()
+    }
+}
+
 fn read_pem_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, VsError> {
     let bytes = hyperfarm_shared::fsx::read_bounded(path, 4 << 20)
         .map_err(|e| VsError::Connect(format!("CA file {}: {e}", Esc(path))))?;
@@ -194,28 +264,58 @@ impl Endpoint {
         })?
     }
 
-    /// Turn a URL the server gave (a lease's device URL, whose host may be `*`) into a path on
-    /// this endpoint. Other hosts are refused: the session cookie only goes to the server logged
-    /// into.
-    pub fn local_path(&self, url: &str) -> Result<String, VsError> {
+    /// Where a URL the server gave (a lease's device URL) is: the endpoint to download it from,
+    /// its path, and whether the session cookie goes with it. Host `*` (ESXi) or the server
+    /// logged into: this endpoint, with the cookie. Another host (vCenter names the ESXi host that
+    /// serves the disk): that host, its certificate pinned to the `thumbprint` vSphere gave (else
+    /// checked like the server's), without the cookie (the URL's ticket is its authority).
+    pub fn target(&self, url: &str, thumbprint: Option<&str>) -> Result<(Endpoint, String, bool), VsError> {
         let rest = url
             .strip_prefix("https://")
-            .or_else(|| url.strip_prefix("http://"))
-            .ok_or_else(|| VsError::Protocol(format!("the device URL {} is not an HTTP URL", Esc(url))))?;
-        let (host, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
-        let host_only = host.rsplit_once(':').map(|(h, _)| h).unwrap_or(host).trim_matches(['[', ']']);
-        if host != "*" && host_only != "*" && !host_only.eq_ignore_ascii_case(&self.host) {
-            return Err(VsError::Protocol(format!(
-                "the device URL {} names another host than {}; hyperexport downloads only from the server it logged into",
-                Esc(url),
-                self.authority()
-            )));
-        }
+            .ok_or_else(|| VsError::Protocol(format!("the device URL {} is not an https:// URL", Esc(url))))?;
+        let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
         if path.is_empty() || !path.bytes().all(|b| b.is_ascii_graphic()) {
             return Err(VsError::Protocol(format!("the device URL {} has no usable path", Esc(url))));
         }
-        Ok(path.to_string())
+        if authority.contains('@') {
+            return Err(VsError::Protocol(format!("the device URL {} holds credentials; refused", Esc(url))));
+        }
+        let (host, port) = split_authority(authority)
+            .ok_or_else(|| VsError::Protocol(format!("the device URL {} has no usable host", Esc(url))))?;
+        if host == "*" || host.eq_ignore_ascii_case(&self.host) {
+            let mut ep = self.clone();
+            if host != "*" {
+                ep.port = port.unwrap_or(self.port);
+            }
+            return Ok((ep, path.to_string(), true));
+        }
+        let tls = match thumbprint.filter(|t| !t.is_empty()) {
+            Some(t) => tls_pinned(t)?,
+            None => self.tls.clone(),
+        };
+        Ok((Endpoint { host, port: port.unwrap_or(443), path: self.path.clone(), tls }, path.to_string(), false))
     }
+}
+
+/// `host`, `host:port`, `[v6]`, `[v6]:port`: the host (without brackets) and the port if given.
+fn split_authority(a: &str) -> Option<(String, Option<u16>)> {
+    let (host, port) = if let Some(r) = a.strip_prefix('[') {
+        let (h, rest) = r.split_once(']')?;
+        (h, rest.strip_prefix(':'))
+    } else if a.matches(':').count() > 1 {
+        return None;
+    } else {
+        match a.split_once(':') {
+            Some((h, p)) => (h, Some(p)),
+            None => (a, None),
+        }
+    };
+    let port = match port {
+        Some(p) => Some(p.parse::<u16>().ok().filter(|p| *p > 0)?),
+        None => None,
+    };
+    let ok = !host.is_empty() && host.bytes().all(|b| b.is_ascii_alphanumeric() || b".-:_*".contains(&b));
+    ok.then(|| (host.to_string(), port))
 }
 
 /// A SOAP session: one kept-alive connection (re-opened when it breaks) and the session cookie.
@@ -274,16 +374,18 @@ impl Soap {
             let req = req
                 .body(Full::new(Bytes::from(envelope.clone())))
                 .map_err(|e| VsError::Protocol(format!("request: {e}")))?;
-            let resp = match send.send_request(req).await {
+            let resp = match send.try_send_request(req).await {
                 Ok(r) => r,
-                Err(e) if reused && attempt == 0 => {
-                    tracing::debug!("vSphere connection closed ({e}); reconnecting");
+                // Sent again only when hyper says the request never left (a kept-alive connection
+                // the server had closed): calls that change things (ExportVm, CreateSnapshot)
+                // must not run twice.
+                Err(mut e) => {
                     *guard = None;
-                    continue;
-                }
-                Err(e) => {
-                    *guard = None;
-                    return Err(VsError::Connect(format!("{}: {e}", self.ep.authority())));
+                    if reused && attempt == 0 && e.take_message().is_some() {
+                        tracing::debug!("vSphere connection closed ({}); reconnecting", e.error());
+                        continue;
+                    }
+                    return Err(VsError::Connect(format!("{}: {}", self.ep.authority(), e.error())));
                 }
             };
             for v in resp.headers().get_all(hyper::header::SET_COOKIE) {
@@ -445,10 +547,20 @@ mod tests {
             path: "/sdk".into(),
             tls: tls_config(&Trust::Insecure).unwrap(),
         };
-        assert_eq!(ep.local_path("https://*/nfc/52a/disk-0.vmdk").unwrap(), "/nfc/52a/disk-0.vmdk");
-        assert_eq!(ep.local_path("https://VC.example:443/nfc/x/d.vmdk").unwrap(), "/nfc/x/d.vmdk");
-        assert!(ep.local_path("https://evil.example/nfc/x").is_err());
-        assert!(ep.local_path("ftp://*/x").is_err());
-        assert!(ep.local_path("https://*/a b").is_err());
+        let (e, p, cookie) = ep.target("https://*/nfc/52a/disk-0.vmdk", None).unwrap();
+        assert_eq!((e.host.as_str(), p.as_str(), cookie), ("vc.example", "/nfc/52a/disk-0.vmdk", true));
+        let (_, p, cookie) = ep.target("https://VC.example:443/nfc/x/d.vmdk", None).unwrap();
+        assert_eq!((p.as_str(), cookie), ("/nfc/x/d.vmdk", true));
+        // vCenter names the ESXi host: that host, no cookie, its certificate pinned.
+        let tp = "AB:".repeat(19) + "AB";
+        let (e, _, cookie) = ep.target("https://esx01.example:902/nfc/t/d.vmdk", Some(&tp)).unwrap();
+        assert_eq!((e.host.as_str(), e.port, cookie), ("esx01.example", 902, false));
+        let (e, _, _) = ep.target("https://[fe80::1]/nfc/t/d.vmdk", None).unwrap();
+        assert_eq!((e.host.as_str(), e.port), ("fe80::1", 443));
+        assert!(ep.target("https://esx01/nfc/x", Some("zz")).is_err(), "a bad thumbprint");
+        assert!(ep.target("ftp://*/x", None).is_err());
+        assert!(ep.target("http://*/x", None).is_err());
+        assert!(ep.target("https://*/a b", None).is_err());
+        assert!(ep.target("https://u:p@host/x", None).is_err());
     }
 }

@@ -825,7 +825,7 @@ async fn libvirt_define(
         nics: if vm.nics.is_empty() {
             vec![Nic { mac: None, network: cli.libvirt_network.clone() }]
         } else {
-            vm.nics.iter().map(|n| Nic { mac: n.mac.clone(), network: cli.libvirt_network.clone() }).collect()
+            vm.nics.iter().take(32).map(|n| Nic { mac: n.mac.clone(), network: cli.libvirt_network.clone() }).collect()
         },
     };
     let xml_path = std::path::absolute(output.path().join(format!("{}.xml", rec.vm_name)))

@@ -122,8 +122,9 @@ pub struct Cli {
     /// (with the output as this host mounts it)
     #[arg(long, default_value = "agent", value_parser = ["agent", "exporter"], value_name = "agent|exporter")]
     pub libvirt_side: String,
-    /// Disk bus of the domain: virtio (fast; Linux guests) or sata (any guest boots)
-    #[arg(long, default_value = "virtio", value_parser = ["virtio", "sata"], value_name = "virtio|sata")]
+    /// Disk bus of the domain: virtio (fast; Linux guests), sata (any guest boots), or auto
+    /// (sata for Windows guests, virtio for the rest, from what the source says of its guest)
+    #[arg(long, default_value = "auto", value_parser = ["auto", "virtio", "sata"], value_name = "auto|virtio|sata")]
     pub libvirt_bus: String,
     /// The libvirt network the domain's network interface joins
     #[arg(long, default_value = "default", value_name = "NAME")]

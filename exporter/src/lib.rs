@@ -819,7 +819,8 @@ async fn libvirt_define(
         memory_mib: memory.unwrap_or(2048),
         uefi: vm.firmware == source::Firmware::Uefi,
         disks: disks.clone(),
-        bus: Bus::parse(&cli.libvirt_bus).unwrap_or(Bus::Virtio),
+        bus: Bus::parse(&cli.libvirt_bus)
+            .unwrap_or_else(|| hyperfarm_shared::libvirt::bus_for_guest(vm.guest.as_deref())),
         // The source's interfaces keep their MACs (guests bind their configuration to them); all
         // join --libvirt-network, since the source's networks do not exist in libvirt.
         nics: if vm.nics.is_empty() {

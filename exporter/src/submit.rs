@@ -327,6 +327,9 @@ fn build_manifest(vm: &VmSource, id: JobId, disks: Vec<Disk>, stages: Options) -
                 if !vm.nics.is_empty() {
                     extra.insert("nics".into(), serde_json::to_value(&vm.nics).unwrap_or_default());
                 }
+                if let Some(g) = &vm.guest {
+                    extra.insert("guest".into(), serde_json::Value::String(hyperfarm_shared::text::bounded(g, 128)));
+                }
                 if let Some(req) = &stages.libvirt {
                     extra.insert(
                         hyperfarm_shared::libvirt::REQUEST_KEY.into(),

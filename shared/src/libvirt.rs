@@ -278,6 +278,15 @@ pub fn define(uri: &str, xml: &Path) -> Result<String, LibvirtError> {
     run("virsh", &["-q", "-c", uri, "define", path]).map(|s| s.trim().to_string())
 }
 
+/// The bus a guest boots from when `auto` is asked: SATA for Windows (whose installations have no
+/// virtio drivers unless someone added them), virtio for the rest (Linux and BSD guests carry it).
+/// `guest` is what the source says: VMX `guestOS` (`windows9-64`), OVF `vmw:osType` or vSphere's
+/// `guestId` (`windows2019srv_64Guest`), or a full name (`Microsoft Windows Server 2019`).
+pub fn bus_for_guest(guest: Option<&str>) -> Bus {
+    let g = guest.unwrap_or("").to_ascii_lowercase();
+    if g.contains("windows") || g.starts_with("win") { Bus::Sata } else { Bus::Virtio }
+}
+
 /// The manifest key (inside the `hyperfarm` object) of a job asking its agent to define the
 /// converted VM in libvirt: `{"bus": "virtio", "network": "default"}`.
 pub const REQUEST_KEY: &str = "libvirt";
@@ -297,11 +306,13 @@ impl DefineRequest {
             return Ok(None);
         };
         let r: DefineRequest = serde_json::from_value(v.clone()).map_err(|e| {
-            format!("hyperfarm.{REQUEST_KEY}: {e} (expected {{\"bus\": \"virtio\"|\"sata\", \"network\": NAME}})")
+            format!(
+                "hyperfarm.{REQUEST_KEY}: {e} (expected {{\"bus\": \"auto\"|\"virtio\"|\"sata\", \"network\": NAME}})"
+            )
         })?;
-        if Bus::parse(&r.bus).is_none() {
+        if r.bus != "auto" && Bus::parse(&r.bus).is_none() {
             return Err(format!(
-                "hyperfarm.{REQUEST_KEY}.bus: {:?} is not virtio or sata",
+                "hyperfarm.{REQUEST_KEY}.bus: {:?} is not auto, virtio or sata",
                 crate::text::bounded(&r.bus, 40)
             ));
         }
@@ -360,7 +371,9 @@ pub fn spec_from_manifest(
         memory_mib: memory,
         uefi: vm.and_then(|v| v.firmware.as_deref()) == Some("uefi"),
         disks,
-        bus: Bus::parse(&req.bus).unwrap_or(Bus::Virtio),
+        bus: Bus::parse(&req.bus).unwrap_or_else(|| {
+            bus_for_guest(m.hyperfarm.as_ref().and_then(|h| h.extra.get("guest")).and_then(|g| g.as_str()))
+        }),
         nics,
     }
 }
@@ -459,6 +472,55 @@ mod tests {
         s.bus = Bus::Sata;
         let x = s.xml().unwrap();
         assert!(x.contains("  <os>\n") && x.contains("<target dev='sdb' bus='sata'/>") && x.contains("e1000e"), "{x}");
+    }
+
+    fn manifest(hyperfarm_extra: &str) -> crate::manifest::Manifest {
+        let text = format!(
+            r#"{{"manifest_version": "1.0", "vm": {{"cpu": 2, "firmware": "uefi"}},
+                "disks": [{{"id": "d0", "source_format": "raw", "bytes": 512, "local_path": "disks/d0.raw"}}],
+                "hyperfarm": {{"schema_version": 1, "job_id": "01a231bc-c6c6-71a3-8f2e-1fa6cdce39a9", "memory_mib": 3072{hyperfarm_extra}}}}}"#
+        );
+        crate::manifest::Manifest::parse(text.as_bytes()).unwrap()
+    }
+
+    #[test]
+    fn a_jobs_request_is_checked_and_its_domain_made_from_the_manifest() {
+        assert_eq!(DefineRequest::of(&manifest("")).unwrap(), None);
+        for bad in [
+            r#""libvirt": {"bus": "ide", "network": "default"}"#,
+            r#""libvirt": {"bus": "auto", "network": "a b"}"#,
+            r#""libvirt": 7"#,
+        ] {
+            assert!(DefineRequest::of(&manifest(&format!(", {bad}"))).is_err(), "{bad}");
+        }
+        let m = manifest(
+            r#", "libvirt": {"bus": "auto", "network": "prod"}, "guest": "windows2019srv_64Guest",
+               "nics": [{"mac": "00:50:56:AA:00:01"}, {"mac": "junk"}]"#,
+        );
+        let req = DefineRequest::of(&m).unwrap().unwrap();
+        let spec = spec_from_manifest(&m, "db", vec![PathBuf::from("/out/db.qcow2")], &req);
+        assert_eq!(spec.uuid.as_deref(), Some("01a231bc-c6c6-71a3-8f2e-1fa6cdce39a9"));
+        assert_eq!((spec.vcpus, spec.memory_mib, spec.uefi, spec.bus), (2, 3072, true, Bus::Sata));
+        assert_eq!(
+            spec.nics,
+            vec![
+                Nic { mac: Some("00:50:56:AA:00:01".into()), network: "prod".into() },
+                Nic { mac: None, network: "prod".into() }
+            ]
+        );
+        spec.xml().unwrap();
+    }
+
+    #[test]
+    fn windows_guests_get_sata_when_the_bus_is_auto() {
+        for g in ["windows9-64", "windows2019srv_64Guest", "Microsoft Windows Server 2019 (64-bit)", "winNetEnterprise"]
+        {
+            assert_eq!(bus_for_guest(Some(g)), Bus::Sata, "{g}");
+        }
+        for g in ["ubuntu-64", "rhel9_64Guest", "Debian GNU/Linux 12 (64-bit)", "otherGuest"] {
+            assert_eq!(bus_for_guest(Some(g)), Bus::Virtio, "{g}");
+        }
+        assert_eq!(bus_for_guest(None), Bus::Virtio);
     }
 
     #[test]

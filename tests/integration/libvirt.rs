@@ -179,3 +179,19 @@ fn an_agent_that_does_not_define_says_so_and_only_one_side_ever_defines() {
     assert!(recs.iter().all(|r| r["libvirt"]["defined"] != true), "the agent defined nothing: {recs:#?}");
     assert!(farm.output.join("db.xml").is_file());
 }
+
+#[test]
+fn a_windows_guest_gets_sata_and_a_linux_guest_virtio_when_the_bus_is_left_to_auto() {
+    let farm = Farm::new();
+    for (name, guest, bus) in [("win", "windows9srv-64", "sata"), ("lin", "ubuntu-64", "virtio")] {
+        let raw = sample_disk(farm.path(), &format!("{name}.raw"), 8, 7);
+        convert(&raw, &farm.src.join(format!("{name}-1.vmdk")), "vmdk", None);
+        let vm = vmx(&farm.src, name, &[("scsi0:0", &format!("{name}-1.vmdk"))]);
+        let mut text = std::fs::read_to_string(&vm).unwrap();
+        text.push_str(&format!("guestOS = \"{guest}\"\n"));
+        std::fs::write(&vm, text).unwrap();
+        direct(&farm, &vm, &["--libvirt", "--libvirt-uri", "test:///default"]).expect_code(0);
+        let xml = std::fs::read_to_string(farm.output.join(format!("{name}.xml"))).unwrap();
+        assert!(xml.contains(&format!("bus='{bus}'/>")), "{guest}: {xml}");
+    }
+}

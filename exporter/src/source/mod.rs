@@ -196,6 +196,8 @@ pub struct VmSource {
     pub nics: Vec<NicFact>,
     /// The VM's id at its source (vSphere: its instance UUID).
     pub vm_id: Option<String>,
+    /// The guest OS as the source names it (VMX `guestOS`, OVF `vmw:osType`, vSphere `guestId`).
+    pub guest: Option<String>,
 }
 
 /// A network interface of the source VM.
@@ -281,6 +283,7 @@ pub fn load(path: &Path, name: Option<&str>) -> Result<VmSource, SourceError> {
                 expected_member_digests: vec![],
                 nics: vec![],
                 vm_id: None,
+                guest: None,
             }
         }
     };

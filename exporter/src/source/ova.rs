@@ -288,6 +288,7 @@ pub fn load(path: &Path, top: &Opened) -> Result<VmSource, SourceError> {
         expected_member_digests,
         nics: info.nics,
         vm_id: None,
+        guest: info.guest,
     })
 }
 

@@ -28,6 +28,8 @@ pub struct OvfInfo {
     pub disks: Vec<OvfDisk>,
     /// Ethernet adapters (items of resource type 10).
     pub nics: Vec<NicFact>,
+    /// The operating system section's `vmw:osType`, else its description.
+    pub guest: Option<String>,
 }
 
 fn attr<'a>(n: &roxmltree::Node<'a, '_>, local: &str) -> Option<&'a str> {
@@ -134,7 +136,10 @@ pub fn parse(xml: &str) -> Result<OvfInfo, String> {
         }
     }
     disks.extend(disk_files);
-    Ok(OvfInfo { name, cpu, memory_mib, firmware, disks, nics })
+    let guest = elements().find(|n| n.tag_name().name() == "OperatingSystemSection").and_then(|os| {
+        attr(&os, "osType").map(str::to_string).or_else(|| child_text(&os, "Description").map(str::to_string))
+    });
+    Ok(OvfInfo { name, cpu, memory_mib, firmware, disks, nics, guest })
 }
 
 /// `byte * 2^20`, `MegaBytes`, `byte * 1024 * 1024`… to MiB.
@@ -209,6 +214,7 @@ pub fn load_file(path: &Path, dir: &VmDir, rel: &Path, top: &Opened) -> Result<V
         expected_member_digests: vec![],
         nics: info.nics,
         vm_id: None,
+        guest: info.guest,
     })
 }
 
@@ -230,6 +236,7 @@ mod tests {
   </DiskSection>
   <VirtualSystem ovf:id="web01-id">
     <Name>web01</Name>
+    <OperatingSystemSection ovf:id="94" vmw:osType="windows2019srv_64Guest"><Description>Microsoft Windows Server 2019</Description></OperatingSystemSection>
     <VirtualHardwareSection>
       <System><vssd:VirtualSystemType xmlns:vssd="x">vmx-13</vssd:VirtualSystemType></System>
       <Item><rasd:ResourceType>3</rasd:ResourceType><rasd:VirtualQuantity>4</rasd:VirtualQuantity></Item>
@@ -250,6 +257,7 @@ mod tests {
         assert_eq!(i.cpu, Some(4));
         assert_eq!(i.memory_mib, Some(6144));
         assert_eq!(i.firmware, Firmware::Uefi);
+        assert_eq!(i.guest.as_deref(), Some("windows2019srv_64Guest"));
         let ids: Vec<_> = i.disks.iter().map(|d| d.disk_id.as_str()).collect();
         assert_eq!(ids, ["vmdisk1", "vmdisk2"]);
         assert_eq!(i.disks[0].size, Some(1024));

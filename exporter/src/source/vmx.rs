@@ -120,6 +120,7 @@ pub fn load(path: &Path, dir: &VmDir, rel: &Path, top: &Opened) -> Result<VmSour
         expected_member_digests: vec![],
         nics: nics(&keys),
         vm_id: None,
+        guest: keys.get("guestos").cloned(),
     })
 }
 

@@ -320,6 +320,7 @@ pub async fn vm_facts(s: &Soap, sc: &ServiceContent, vm: &MoRef) -> Result<VmFac
                 "config.firmware",
                 "config.instanceUuid",
                 "config.guestFullName",
+                "config.guestId",
                 "config.hardware.device",
                 "config.bootOptions.bootOrder",
             ]
@@ -343,7 +344,7 @@ pub async fn vm_facts(s: &Soap, sc: &ServiceContent, vm: &MoRef) -> Result<VmFac
         memory_mib: p.num("config.hardware.memoryMB"),
         firmware: p.text("config.firmware").map(str::to_string),
         instance_uuid: p.text("config.instanceUuid").map(str::to_string),
-        guest: p.text("config.guestFullName").map(str::to_string),
+        guest: p.text("config.guestId").or(p.text("config.guestFullName")).map(str::to_string),
         disks: vec![],
         nics: vec![],
     };

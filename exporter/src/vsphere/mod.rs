@@ -444,6 +444,7 @@ impl Prepared {
                 .map(|n| NicFact { mac: n.mac.clone(), network: n.network.clone(), model: Some(n.model.clone()) })
                 .collect(),
             vm_id: f.instance_uuid.clone().or_else(|| Some(f.moref.value.clone())),
+            guest: f.guest.clone(),
         }
     }
 

@@ -258,7 +258,7 @@ async fn execute(
             .map_err(|e| Ended::Failed(JobFailure::new(Some(&vm), format!("publishing crashed: {e}"))))?;
     tracing::debug!("published");
     if let Some(d) = defined {
-        after_publish(d, published.as_ref().map(|_| ()).map_err(|e| matches!(e, ResultError::Lost { .. }))).await;
+        after_publish(core, d, id, token).await;
     }
     match published {
         Ok(rec) => Ok(rec),
@@ -274,28 +274,25 @@ async fn execute(
 /// A domain this attempt defined (or tried to).
 struct Defined {
     outcome: hyperfarm_shared::libvirt::Outcome,
-    /// The XML, written beside the qcow2 files once they are published.
-    xml: Option<String>,
 }
 
-/// Once the publication is decided: published, the XML goes beside the qcow2 files; failed, the
-/// domain is undefined again — unless the job was lost to another agent, which defines the same
-/// job (the same UUID) itself and must keep its definition.
-async fn after_publish(d: Defined, published: Result<(), bool>) {
+/// Once the publication is decided. Published (by this attempt or a recoverer of it: the record
+/// carries this attempt's token): the domain stays, its XML beside the disks. Otherwise the
+/// domain this attempt defined points at disks that will not appear: it is undefined again.
+async fn after_publish(core: &Arc<Core>, d: Defined, id: JobId, token: &str) {
     let o = d.outcome;
-    if !o.defined && (d.xml.is_none() || published.is_err()) {
+    if !o.defined {
         return;
     }
-    let r = tokio::task::spawn_blocking(move || match published {
-        Ok(()) => match &d.xml {
-            Some(xml) => fsx::replace_file(Path::new(&o.xml), xml.as_bytes())
-                .map_err(|e| format!("writing {}: {e} (the domain is defined)", o.xml)),
-            None => Ok(()),
-        },
-        Err(true) => Ok(()),
-        Err(false) => hyperfarm_shared::libvirt::undefine(&o.uri, &o.domain)
-            .map(|_| info!(domain = %o.domain, "the job's result could not be published: its libvirt domain was undefined"))
-            .map_err(|e| format!("undefining {} after a failed publication: {e}", o.domain)),
+    let (out, token) = (core.output.clone(), token.to_string());
+    let r = tokio::task::spawn_blocking(move || {
+        let ours = out.read_record(&id).ok().flatten().is_some_and(|rec| rec.token == token);
+        if ours {
+            return Ok(());
+        }
+        hyperfarm_shared::libvirt::undefine(&o.uri, &o.domain)
+            .map(|_| info!(domain = %o.domain, "this attempt's result was not published: its libvirt domain was undefined"))
+            .map_err(|e| format!("undefining {} after a publication that did not happen: {e}", o.domain))
     })
     .await;
     match r {
@@ -333,7 +330,6 @@ async fn define_if_asked(
             host: fsx::hostname(),
             error: Some(why),
         },
-        xml: None,
     };
     let req = match DefineRequest::of(m) {
         Ok(Some(r)) => r,
@@ -354,15 +350,12 @@ async fn define_if_asked(
     ordered.sort_by_key(|f| !f.boot);
     let disks = ordered.iter().map(|f| out_dir.join(&f.name)).collect();
     let spec = libvirt::spec_from_manifest(m, &vm, disks, &req);
-    let text = match spec.xml() {
-        Ok(t) => t,
-        Err(e) => {
-            return Some(refused(format!(
-                "the domain of {vm} cannot be written: {e}; the VM was converted, not defined"
-            )));
-        }
-    };
-    let staged = work.join("domain.xml");
+    if let Err(e) = spec.xml() {
+        return Some(refused(format!("the domain of {vm} cannot be written: {e}; the VM was converted, not defined")));
+    }
+    // Staged in the work area under its final name: the publication moves it beside the disks
+    // before the record is committed (also when a recoverer completes the publication).
+    let staged = work.join(format!("{vm}.xml"));
     let (uri2, shown) = (uri.clone(), xml.clone());
     let defined = tokio::task::spawn_blocking(move || {
         let mut o = libvirt::define_domain(&spec, &staged, &uri2);
@@ -380,7 +373,7 @@ async fn define_if_asked(
         None => info!(domain = %outcome.domain, uri = %outcome.uri, "defined in libvirt"),
         Some(e) => warn!("{e}"),
     }
-    Some(Defined { outcome, xml: Some(text) })
+    Some(Defined { outcome })
 }
 
 #[allow(clippy::too_many_arguments)]

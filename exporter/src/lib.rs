@@ -814,7 +814,7 @@ async fn libvirt_define(
     }
     let spec = DomainSpec {
         name: rec.vm_name.clone(),
-        uuid: Some(rec.job_id.to_string()),
+        uuid: hyperfarm_shared::libvirt::domain_uuid(vm.vm_id.as_deref()),
         vcpus: cpu.unwrap_or(1),
         memory_mib: memory.unwrap_or(2048),
         uefi: vm.firmware == source::Firmware::Uefi,

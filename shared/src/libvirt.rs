@@ -71,8 +71,7 @@ pub struct Nic {
 #[derive(Debug, Clone, PartialEq)]
 pub struct DomainSpec {
     pub name: String,
-    /// The domain's UUID: the job's id, so that defining the same job again (a retry) replaces
-    /// its own definition and a different VM of the same name is refused by libvirt.
+    /// The domain's UUID ([`domain_uuid`]).
     pub uuid: Option<String>,
     pub vcpus: u32,
     pub memory_mib: u64,
@@ -212,6 +211,8 @@ fn run(program: &str, args: &[&str]) -> Result<String, LibvirtError> {
             let mut buf = Vec::new();
             if let Some(mut r) = r {
                 let _ = r.by_ref().take(1 << 20).read_to_end(&mut buf);
+                // Past the bound, keep draining: a tool blocked on a full pipe would look hung.
+                let _ = std::io::copy(&mut r, &mut std::io::sink());
             }
             buf
         })
@@ -284,7 +285,17 @@ pub fn define(uri: &str, xml: &Path) -> Result<String, LibvirtError> {
 /// `guestId` (`windows2019srv_64Guest`), or a full name (`Microsoft Windows Server 2019`).
 pub fn bus_for_guest(guest: Option<&str>) -> Bus {
     let g = guest.unwrap_or("").to_ascii_lowercase();
-    if g.contains("windows") || g.starts_with("win") { Bus::Sata } else { Bus::Virtio }
+    // VMware names Windows Server 2008 `longhorn`.
+    if g.contains("windows") || g.starts_with("win") || g.starts_with("longhorn") { Bus::Sata } else { Bus::Virtio }
+}
+
+/// The domain's UUID: the source VM's own (vSphere's instance UUID) when it has one, so that
+/// exporting the same VM again, or retrying its job, redefines the same domain, and another VM of
+/// the same name is refused by libvirt. Without one libvirt keeps the name's UUID or makes one.
+pub fn domain_uuid(vm_id: Option<&str>) -> Option<String> {
+    vm_id
+        .filter(|u| u.len() == 36 && u.chars().all(|c| c.is_ascii_hexdigit() || c == '-'))
+        .map(|u| u.to_ascii_lowercase())
 }
 
 /// The manifest key (inside the `hyperfarm` object) of a job asking its agent to define the
@@ -366,7 +377,7 @@ pub fn spec_from_manifest(
     };
     DomainSpec {
         name: name.to_string(),
-        uuid: m.job_id().map(|id| id.to_string()),
+        uuid: domain_uuid(m.source.as_ref().and_then(|s| s.vm_id.as_deref())),
         vcpus: vm.and_then(|v| v.cpu).filter(|c| *c >= 1).unwrap_or(1),
         memory_mib: memory,
         uefi: vm.and_then(|v| v.firmware.as_deref()) == Some("uefi"),
@@ -476,7 +487,7 @@ mod tests {
 
     fn manifest(hyperfarm_extra: &str) -> crate::manifest::Manifest {
         let text = format!(
-            r#"{{"manifest_version": "1.0", "vm": {{"cpu": 2, "firmware": "uefi"}},
+            r#"{{"manifest_version": "1.0", "source": {{"provider": "vsphere", "vm_id": "5003A1B2-0000-4000-8000-00000000C0DE"}}, "vm": {{"cpu": 2, "firmware": "uefi"}},
                 "disks": [{{"id": "d0", "source_format": "raw", "bytes": 512, "local_path": "disks/d0.raw"}}],
                 "hyperfarm": {{"schema_version": 1, "job_id": "01a231bc-c6c6-71a3-8f2e-1fa6cdce39a9", "memory_mib": 3072{hyperfarm_extra}}}}}"#
         );
@@ -499,7 +510,8 @@ mod tests {
         );
         let req = DefineRequest::of(&m).unwrap().unwrap();
         let spec = spec_from_manifest(&m, "db", vec![PathBuf::from("/out/db.qcow2")], &req);
-        assert_eq!(spec.uuid.as_deref(), Some("01a231bc-c6c6-71a3-8f2e-1fa6cdce39a9"));
+        assert_eq!(spec.uuid.as_deref(), Some("5003a1b2-0000-4000-8000-00000000c0de"));
+        assert_eq!(domain_uuid(Some("vm-42")), None);
         assert_eq!((spec.vcpus, spec.memory_mib, spec.uefi, spec.bus), (2, 3072, true, Bus::Sata));
         assert_eq!(
             spec.nics,

@@ -432,6 +432,17 @@ impl Publication {
             let stale = out_dir.join(format!("{}.error", record.vm_name));
             let _ = fsx::remove_file(&stale);
         }
+        // A libvirt domain the agent defined for this job: its XML goes beside the disks before the
+        // record says so (replacing an earlier one of the VM's name, as `<vm>.error` is).
+        if record.libvirt.is_some() {
+            let name = format!("{}.xml", record.vm_name);
+            let src = self.work.join(&name);
+            if src.exists()
+                && let Err(e) = fs::rename(&src, out_dir.join(&name))
+            {
+                tracing::warn!(job = %id, "cannot write {}: {e}; the domain stays defined", out_dir.join(&name).display());
+            }
+        }
         fsx::fsync_dir(&out_dir).map_err(io_err(&out_dir))?;
         for f in record.files.iter_mut() {
             f.ino = fs::symlink_metadata(out_dir.join(&f.name)).map(|m| m.ino()).unwrap_or(0);

@@ -170,7 +170,8 @@ fn a_transfer_cut_mid_disk_resumes_where_it_broke_and_the_vm_is_defined_in_libvi
     let farm = Farm::new();
     let (raws, vmdks) = disks(&farm.src);
     // As through a vCenter: the API at https://localhost, the disks at a host the lease names
-    // (127.0.0.1) with the SHA-1 thumbprint of its certificate.
+    // (127.0.0.1, another port) whose self-signed certificate only the lease's SHA-1 thumbprint
+    // vouches for (the CA given with --ca-file did not sign it).
     let vc = Vcsim::start(
         &farm.path().join("vcsim"),
         &vmdks,
@@ -210,8 +211,9 @@ fn a_transfer_cut_mid_disk_resumes_where_it_broke_and_the_vm_is_defined_in_libvi
     assert_eq!(out["libvirt"]["defined_by"], "hyperexport", "{out:#}");
     assert!(farm.records()[0]["libvirt"].is_null(), "the agent was not asked");
 
-    // A lease naming a host whose certificate is not the one its thumbprint says: refused before a
-    // byte is read, the lease released, nothing published.
+    // A lease naming a host whose certificate is neither the one its thumbprint says nor signed
+    // by a trusted CA: refused at once (no retry can change a certificate) before a byte is
+    // read, the lease released, nothing published.
     let other = Vcsim::start(
         &farm.path().join("vcsim2"),
         &vmdks,
@@ -221,6 +223,7 @@ fn a_transfer_cut_mid_disk_resumes_where_it_broke_and_the_vm_is_defined_in_libvi
     let ran = export(&farm, &other, "ubuntu-server", &[]);
     ran.expect_code(6);
     assert!(ran.stderr().contains("sslThumbprint"), "{}", ran.stderr());
+    assert!(!ran.stderr().contains("resuming"), "not retried: {}", ran.stderr());
     assert_eq!(other.count("get"), 0, "{:#?}", other.events());
     assert_eq!(other.count("HttpNfcLeaseAbort"), 1, "{:#?}", other.events());
     assert_eq!(farm.jobs_in("done").len(), before);
@@ -284,6 +287,13 @@ fn a_running_vm_is_exported_from_a_snapshot_and_an_interrupted_export_releases_i
     let lease = vc.events().into_iter().find(|e| e["event"] == "lease").unwrap();
     assert!(lease["entity"].as_str().unwrap().starts_with("snapshot-"), "exported from a snapshot: {lease}");
     assert_identical(&raws[0], &farm.output.join("running-vm.qcow2"));
+    // Direct mode downloaded into a scratch directory in the output: gone.
+    let left: Vec<_> = std::fs::read_dir(&farm.output)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().starts_with(".hyperexport-vsphere"))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
 
     // Ctrl-C mid-download: the lease is aborted and nothing is left in the queue.
     let mut args = vc.flags();

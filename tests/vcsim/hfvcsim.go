@@ -80,12 +80,17 @@ var (
 	listen       = flag.String("listen", "127.0.0.1:0", "address to serve on")
 	certIP       = flag.String("cert-ip", "127.0.0.1", "the IP address its certificate names, and its URL uses")
 	urlHost      = flag.String("url-host", "", "host its URL names (default: -cert-ip); the certificate also names localhost")
-	nfcHost      = flag.String("nfc-host", "", "name this host in device URLs, with the certificate's sslThumbprint, as vCenter names its ESXi hosts (default: *, as ESXi does)")
+	nfcHost      = flag.String("nfc-host", "", "serve the disks from a second port with a self-signed certificate, named in device URLs by this host and that certificate's sslThumbprint, as vCenter names its ESXi hosts (default: *, as ESXi does)")
 	reverseLease = flag.Bool("reverse-lease", false, "list a lease's disks in reverse device order")
 	badThumb     = flag.Bool("bad-thumbprint", false, "with -nfc-host: give a thumbprint that is not the certificate's")
 )
 
-var leafDER []byte
+// The certificate of the "ESXi host" that -nfc-host serves the disks from: self-signed, not
+// from the CA (as many ESXi hosts' are), so only its sslThumbprint vouches for it.
+var esxDER []byte
+
+// The port the disks are served on with -nfc-host.
+var esxPort int
 
 // One lease made by this program.
 type lease struct {
@@ -185,8 +190,8 @@ func newLease(ctx *simulator.Context, entity types.ManagedObjectReference, name 
 	host := "*"
 	thumb := ""
 	if *nfcHost != "" {
-		host = *nfcHost + ":" + strconv.Itoa(port)
-		sum := sha1.Sum(leafDER)
+		host = *nfcHost + ":" + strconv.Itoa(esxPort)
+		sum := sha1.Sum(esxDER)
 		if *badThumb {
 			sum[0] ^= 0xff
 		}
@@ -497,9 +502,28 @@ func certificate() tls.Certificate {
 	}
 	der, err := x509.CreateCertificate(rand.Reader, leaf, caCert, &key.PublicKey, caKey)
 	check(err)
-	leafDER = der
 	pemCA := pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: caDer})
 	check(ioutil.WriteFile(filepath.Join(*dir, "ca.pem"), pemCA, 0o644))
+	return tls.Certificate{Certificate: [][]byte{der}, PrivateKey: key}
+}
+
+// A self-signed certificate for -nfc-host (and localhost, 127.0.0.1).
+func selfSigned() tls.Certificate {
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	check(err)
+	tmpl := &x509.Certificate{
+		SerialNumber: big.NewInt(3),
+		Subject:      pkix.Name{CommonName: "esx.hfvcsim"},
+		NotBefore:    time.Now().Add(-time.Hour),
+		NotAfter:     time.Now().Add(24 * time.Hour),
+		IPAddresses:  []net.IP{net.ParseIP(*certIP)},
+		DNSNames:     []string{"localhost", *nfcHost},
+		KeyUsage:     x509.KeyUsageDigitalSignature,
+		ExtKeyUsage:  []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
+	check(err)
+	esxDER = der
 	return tls.Certificate{Certificate: [][]byte{der}, PrivateKey: key}
 }
 
@@ -632,6 +656,25 @@ func main() {
 	}
 	if *leaseTimeout > 0 {
 		go expirer()
+	}
+	if *nfcHost != "" {
+		// The "ESXi host": its own listener and self-signed certificate, serving the disks.
+		esxLn, err := net.Listen("tcp", strings.Split(*listen, ":")[0]+":0")
+		check(err)
+		esxPort = esxLn.Addr().(*net.TCPAddr).Port
+		esxMux := http.NewServeMux()
+		esxMux.HandleFunc("/nfc/", nfc)
+		esx := &http.Server{
+			Handler:      esxMux,
+			TLSConfig:    &tls.Config{Certificates: []tls.Certificate{selfSigned()}},
+			TLSNextProto: map[string]func(*http.Server, *tls.Conn, http.Handler){},
+		}
+		go func() {
+			err := esx.ServeTLS(esxLn, "", "")
+			if err != http.ErrServerClosed {
+				log.Fatal(err)
+			}
+		}()
 	}
 	shownHost := *certIP
 	if *urlHost != "" {

@@ -293,7 +293,9 @@ pub async fn download(
                     failures + 1,
                     tuning.retries + 1
                 );
-                tokio::time::sleep(wait).await;
+                if cancellable(ctl, tokio::time::sleep(wait)).await.is_err() {
+                    return Err(ExportFailure::Cancelled);
+                }
             }
             Err(TransferError::Fatal(ExportFailure::Io(m))) => {
                 return Err(ExportFailure::Io(format!("{}: {m}", dst.display())));
@@ -317,6 +319,21 @@ enum TransferError {
         at: u64,
     },
     Fatal(ExportFailure),
+}
+
+/// Run `f`, giving up within 200 ms of a cancel (Ctrl-C/SIGTERM).
+async fn cancellable<F: std::future::Future>(ctl: &Control, f: F) -> Result<F::Output, TransferError> {
+    tokio::pin!(f);
+    loop {
+        tokio::select! {
+            r = &mut f => return Ok(r),
+            _ = tokio::time::sleep(Duration::from_millis(200)) => {
+                if ctl.cancel.load(Ordering::Relaxed) {
+                    return Err(TransferError::Fatal(ExportFailure::Cancelled));
+                }
+            }
+        }
+    }
 }
 
 /// Where one disk comes from.
@@ -343,8 +360,10 @@ async fn transfer(
 ) -> Result<Transfer, TransferError> {
     let broken = |why: String, at: u64| TransferError::Broken { why, at };
     let fatal = |e: VsError| TransferError::Fatal(ExportFailure::Vs(e));
-    let mut send = match f.ep.connect().await {
+    let mut send = match cancellable(ctl, f.ep.connect()).await? {
         Ok(c) => c,
+        // A certificate no retry will change.
+        Err(e @ VsError::Tls(_)) => return Err(fatal(e)),
         Err(e) => return Err(broken(e.to_string(), from)),
     };
     let mut req = hyper::Request::get(f.path)
@@ -357,7 +376,7 @@ async fn transfer(
         req = req.header(hyper::header::RANGE, format!("bytes={from}-"));
     }
     let req = req.body(Full::new(Bytes::new())).map_err(|e| fatal(VsError::Protocol(e.to_string())))?;
-    let resp = match tokio::time::timeout(tuning.stall, send.send_request(req)).await {
+    let resp = match cancellable(ctl, tokio::time::timeout(tuning.stall, send.send_request(req))).await? {
         Ok(Ok(r)) => r,
         Ok(Err(e)) => return Err(broken(e.to_string(), from)),
         Err(_) => return Err(broken(format!("no answer in {}s", tuning.stall.as_secs()), from)),
@@ -374,16 +393,16 @@ async fn transfer(
         Some((start, total))
     });
     let length = header(hyper::header::CONTENT_LENGTH).and_then(|v| v.trim().parse::<u64>().ok());
-    // The disk's whole size, when anything says it.
-    let mut total = f.expect;
-    match status.as_u16() {
+    // The disk's whole size, when anything says it: the response first (vSphere documents the
+    // lease's fileSize for non-disk files only), else the lease.
+    let total: Option<u64> = match status.as_u16() {
         200 if from > 0 => {
             tracing::warn!(
                 "the server does not resume transfers (it sent the whole disk again): starting the disk over"
             );
             return Ok(Transfer::Restarted);
         }
-        200 => total = total.or(length),
+        200 => length.or(f.expect),
         206 => {
             let Some((Some(start), t)) = range else {
                 tracing::warn!("the server resumed without saying where: starting the disk over");
@@ -393,7 +412,7 @@ async fn transfer(
                 tracing::warn!("the server resumed at another byte than asked: starting the disk over");
                 return Ok(Transfer::Restarted);
             }
-            total = total.or(t);
+            t.or(f.expect)
         }
         416 if from > 0 => {
             // The break came after the last byte: complete if the server says so.
@@ -413,7 +432,7 @@ async fn transfer(
         _ => {
             return Err(fatal(VsError::Protocol(format!("the server answered HTTP {status} for {}", Esc(f.path)))));
         }
-    }
+    };
     if let Some(t) = total
         && t > tuning.max_disk
     {

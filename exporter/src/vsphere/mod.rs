@@ -213,7 +213,7 @@ fn vs_error(e: VsError, user: &str, ep: &Endpoint) -> ExportError {
             Esc(user),
             Esc(&m)
         )),
-        VsError::Connect(m) => ExportError::Unreachable(format!("vSphere: {m}")),
+        VsError::Connect(m) | VsError::Tls(m) => ExportError::Unreachable(format!("vSphere: {m}")),
         other => ExportError::Unreachable(format!("vSphere at {}: {}", ep.authority(), Esc(&other.to_string()))),
     }
 }
@@ -478,11 +478,11 @@ impl Prepared {
                     );
                     return Err(ExportError::Interrupted(false));
                 }
-                return Err(ExportError::Unreachable(format!(
-                    "taking the snapshot {snapshot_name} of running VM {} failed: {}; if vSphere took it anyway, remove it there",
-                    Esc(&self.facts.name),
-                    Esc(&e.to_string())
-                )));
+                tracing::warn!(
+                    "taking the snapshot {snapshot_name} of running VM {} failed; if vSphere took it anyway, remove it there",
+                    Esc(&self.facts.name)
+                );
+                return Err(self.failure(ExportFailure::Vs(e)));
             }
         };
         if snapshot.is_some() {
@@ -540,19 +540,24 @@ impl Prepared {
         }
         // The lease's disks in the VM's order (boot disk first): its device keys end with the
         // disk's controller and unit. Unmatched: the lease's own order.
-        let ordered = order_by_slots(&lease.urls, &self.facts.disks);
-        match ordered {
-            Some(urls) => lease.urls = urls,
-            None => tracing::warn!(
-                "the lease's disks could not be matched to the VM's devices: taking them in the lease's order (the first is the boot disk)"
-            ),
-        }
-        let matched = lease.urls.len() == self.facts.disks.len();
+        // Which of the VM's disks each URL is (an index into facts.disks), when all are matched.
+        let which: Vec<Option<usize>> = match order_by_slots(&lease.urls, &self.facts.disks) {
+            Some(pairs) => {
+                lease.urls = pairs.iter().map(|(u, _)| u.clone()).collect();
+                pairs.into_iter().map(|(_, i)| Some(i)).collect()
+            }
+            None => {
+                tracing::warn!(
+                    "the lease's disks could not be matched to the VM's devices: taking them in the lease's order (the first is the boot disk)"
+                );
+                vec![None; lease.urls.len()]
+            }
+        };
         let sizes: Vec<u64> = lease
             .urls
             .iter()
             .enumerate()
-            .map(|(i, u)| u.size.or_else(|| matched.then(|| self.facts.disks[i].capacity_bytes)).unwrap_or(0))
+            .map(|(i, u)| u.size.or_else(|| which[i].map(|d| self.facts.disks[d].capacity_bytes)).unwrap_or(0))
             .collect();
         let total: u64 = sizes.iter().sum();
         let done = Arc::new(AtomicU64::new(0));
@@ -580,9 +585,9 @@ impl Prepared {
                 Ok((format, d)) => {
                     tracing::info!(disk = %id, bytes = d.bytes, resumed = d.resumed, "downloaded");
                     before += d.bytes;
-                    let label = match (matched, self.facts.disks.get(i)) {
-                        (true, Some(v)) => format!("{} ({})", v.label, v.file),
-                        _ => url.target.clone(),
+                    let label = match which[i].and_then(|d| self.facts.disks.get(d)) {
+                        Some(v) => format!("{} ({})", v.label, v.file),
+                        None => url.target.clone(),
                     };
                     out.push(Got { id, format, data: d, label: Esc(&label).to_string() });
                 }
@@ -648,21 +653,21 @@ impl Prepared {
     }
 }
 
-/// The lease's disk URLs in the order of `disks` (boot disk first), matched by the controller and
-/// unit at the end of each device key (`/vm-42/ParaVirtualSCSIController0:1`). `None` when they
-/// cannot all be matched one to one.
-fn order_by_slots(urls: &[export::DeviceUrl], disks: &[inventory::VmDisk]) -> Option<Vec<export::DeviceUrl>> {
-    if urls.len() != disks.len() {
-        return None;
-    }
+/// The lease's disk URLs in the order of `disks` (boot disk first), each with the index of the disk
+/// it is, matched by the controller and unit at the end of its device key
+/// (`/vm-42/ParaVirtualSCSIController0:1`). A disk the lease leaves out is skipped. `None` unless
+/// every URL matches exactly one disk.
+fn order_by_slots(urls: &[export::DeviceUrl], disks: &[inventory::VmDisk]) -> Option<Vec<(export::DeviceUrl, usize)>> {
     let mut left: Vec<Option<&export::DeviceUrl>> = urls.iter().map(Some).collect();
     let mut out = Vec::with_capacity(urls.len());
-    for d in disks {
-        let slot = d.slot.as_deref()?;
-        let i = left.iter().position(|u| u.is_some_and(|u| u.key.ends_with(&format!("/{slot}"))))?;
-        out.push(left[i].take()?.clone());
+    for (d, disk) in disks.iter().enumerate() {
+        let Some(slot) = disk.slot.as_deref() else { continue };
+        let tail = format!("/{slot}");
+        if let Some(i) = left.iter().position(|u| u.is_some_and(|u| u.key.ends_with(&tail))) {
+            out.push((left[i].take()?.clone(), d));
+        }
     }
-    Some(out)
+    (out.len() == urls.len()).then_some(out)
 }
 
 /// A downloaded disk must be a disk image the agent can convert (a streamOptimized VMDK from
@@ -700,6 +705,40 @@ pub async fn materialize(p: &Prepared, dir: &Path, ctl: &Arc<Control>, quiet: bo
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn lease_disks_are_matched_by_controller_and_unit() {
+        let url = |key: &str| export::DeviceUrl {
+            key: key.into(),
+            url: format!("https://*/nfc/x{key}"),
+            target: key.into(),
+            size: None,
+            thumbprint: None,
+        };
+        let disk = |slot: Option<&str>| inventory::VmDisk {
+            key: 0,
+            slot: slot.map(str::to_string),
+            label: String::new(),
+            file: String::new(),
+            capacity_bytes: 0,
+        };
+        let disks = [
+            disk(Some("ParaVirtualSCSIController0:0")),
+            disk(Some("ParaVirtualSCSIController0:1")),
+            disk(Some("SATAController0:0")),
+        ];
+        // In reverse, and the lease leaves the SATA disk out.
+        let urls = [url("/vm-1/ParaVirtualSCSIController0:1"), url("/vm-1/ParaVirtualSCSIController0:0")];
+        let got = order_by_slots(&urls, &disks).unwrap();
+        let got: Vec<(&str, usize)> = got.iter().map(|(u, d)| (u.key.as_str(), *d)).collect();
+        assert_eq!(got, [("/vm-1/ParaVirtualSCSIController0:0", 0), ("/vm-1/ParaVirtualSCSIController0:1", 1)]);
+        // A URL that names no disk: no matching at all.
+        let urls = [url("/vm-1/ParaVirtualSCSIController0:0"), url("/vm-1/Other9:9")];
+        assert!(order_by_slots(&urls, &disks).is_none());
+        // "…0:1" must not match "…10:1".
+        let urls = [url("/vm-1/ParaVirtualSCSIController10:1")];
+        assert!(order_by_slots(&urls, &[disk(Some("ParaVirtualSCSIController0:1"))]).is_none());
+    }
 
     #[test]
     fn urls_and_credentials() {

@@ -28,9 +28,12 @@ pub const CALL_TIMEOUT: Duration = Duration::from_secs(120);
 /// Why talking to vSphere failed.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum VsError {
-    /// The server cannot be reached, or its certificate is not trusted.
+    /// The server cannot be reached.
     #[error("{0}")]
     Connect(String),
+    /// The server's certificate is not trusted (no retry helps).
+    #[error("{0}")]
+    Tls(String),
     /// The user name or password was refused.
     #[error("{0}")]
     Login(String),
@@ -62,23 +65,17 @@ pub enum Trust {
     Insecure,
 }
 
-/// The TLS settings for `trust`.
-pub fn tls_config(trust: &Trust) -> Result<Arc<rustls::ClientConfig>, VsError> {
+/// The certificate check `trust` asks for.
+pub fn verifier(trust: &Trust) -> Result<Arc<dyn rustls::client::danger::ServerCertVerifier>, VsError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
-        .with_safe_default_protocol_versions()
-        .map_err(|e| VsError::Connect(format!("TLS: {e}")))?;
-    let config = match trust {
-        Trust::Insecure => {
-            builder.dangerous().with_custom_certificate_verifier(Arc::new(NoCheck(provider))).with_no_client_auth()
-        }
+    let roots = match trust {
+        Trust::Insecure => return Ok(Arc::new(NoCheck(provider))),
         Trust::CaFile(path) => {
             let mut roots = rustls::RootCertStore::empty();
-            let certs = read_pem_certs(path)?;
-            for c in certs {
+            for c in read_pem_certs(path)? {
                 roots.add(c).map_err(|e| VsError::Connect(format!("CA file {}: {e}", Esc(path))))?;
             }
-            builder.with_root_certificates(roots).with_no_client_auth()
+            roots
         }
         Trust::System => {
             let mut roots = rustls::RootCertStore::empty();
@@ -89,40 +86,81 @@ pub fn tls_config(trust: &Trust) -> Result<Arc<rustls::ClientConfig>, VsError> {
                     "no CA certificates found on this system to check the vSphere server's certificate; give --ca-file FILE (the vCenter's CA), or --insecure".into(),
                 ));
             }
-            builder.with_root_certificates(roots).with_no_client_auth()
+            roots
         }
     };
-    Ok(Arc::new(config))
+    let v = rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider)
+        .build()
+        .map_err(|e| VsError::Connect(format!("TLS: {e}")))?;
+    Ok(v)
 }
 
-/// TLS that accepts exactly the certificate whose SHA-1 fingerprint vSphere gave for a host
-/// (`sslThumbprint` of a lease's device URL, `AA:BB:…`), received over the already authenticated
-/// session: how vCenter tells its clients which ESXi certificate to expect.
-pub fn tls_pinned(thumbprint: &str) -> Result<Arc<rustls::ClientConfig>, VsError> {
-    let want: Vec<u8> =
-        thumbprint.split(':').map(|h| u8::from_str_radix(h.trim(), 16)).collect::<Result<_, _>>().map_err(|_| {
-            VsError::Protocol(format!("the lease's certificate thumbprint {} is not hex", Esc(thumbprint)))
-        })?;
-    if want.len() != 20 {
-        return Err(VsError::Protocol(format!(
-            "the lease's certificate thumbprint {} is not a SHA-1 fingerprint",
-            Esc(thumbprint)
-        )));
-    }
+/// TLS whose certificate check is `v`.
+fn config_with(v: Arc<dyn rustls::client::danger::ServerCertVerifier>) -> Result<Arc<rustls::ClientConfig>, VsError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ClientConfig::builder_with_provider(provider.clone())
+    let config = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| VsError::Connect(format!("TLS: {e}")))?
         .dangerous()
-        .with_custom_certificate_verifier(Arc::new(Pinned { sha1: want, provider }))
+        .with_custom_certificate_verifier(v)
         .with_no_client_auth();
     Ok(Arc::new(config))
 }
 
-/// Accepts the one certificate of the given SHA-1 fingerprint (signatures checked).
+/// The TLS settings for `trust`, and its check (kept for the hosts a lease names).
+pub fn tls_config(trust: &Trust) -> Result<Tls, VsError> {
+    let v = verifier(trust)?;
+    Ok(Tls { config: config_with(v.clone())?, verifier: v, insecure: matches!(trust, Trust::Insecure), pinned: false })
+}
+
+/// TLS settings and the certificate check they use.
+#[derive(Clone)]
+pub struct Tls {
+    pub config: Arc<rustls::ClientConfig>,
+    verifier: Arc<dyn rustls::client::danger::ServerCertVerifier>,
+    insecure: bool,
+    /// Also accepts the certificate of a lease's `sslThumbprint`.
+    pinned: bool,
+}
+
+impl std::fmt::Debug for Tls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tls").field("insecure", &self.insecure).field("pinned", &self.pinned).finish()
+    }
+}
+
+impl Tls {
+    /// For a host a lease names with the fingerprint of its certificate (`sslThumbprint`,
+    /// received over the authenticated session: how vCenter tells its clients which ESXi
+    /// certificate to expect): that certificate is accepted, and so is one the configured trust
+    /// accepts (an ESXi certificate renewed since vCenter noted its fingerprint). `--insecure`
+    /// checks nothing, as for the server.
+    pub fn pinned(&self, thumbprint: &str) -> Result<Tls, VsError> {
+        if self.insecure {
+            return Ok(self.clone());
+        }
+        let want: Vec<u8> =
+            thumbprint.split(':').map(|h| u8::from_str_radix(h.trim(), 16)).collect::<Result<_, _>>().map_err(
+                |_| VsError::Protocol(format!("the lease's certificate thumbprint {} is not hex", Esc(thumbprint))),
+            )?;
+        if want.len() != 20 && want.len() != 32 {
+            return Err(VsError::Protocol(format!(
+                "the lease's certificate thumbprint {} is neither a SHA-1 nor a SHA-256 fingerprint",
+                Esc(thumbprint)
+            )));
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let v: Arc<dyn rustls::client::danger::ServerCertVerifier> =
+            Arc::new(Pinned { fingerprint: want, trust: self.verifier.clone(), provider });
+        Ok(Tls { config: config_with(v.clone())?, verifier: v, insecure: false, pinned: true })
+    }
+}
+
+/// Accepts the certificate of the given fingerprint, or one `trust` accepts (signatures checked).
 #[derive(Debug)]
 struct Pinned {
-    sha1: Vec<u8>,
+    fingerprint: Vec<u8>,
+    trust: Arc<dyn rustls::client::danger::ServerCertVerifier>,
     provider: Arc<rustls::crypto::CryptoProvider>,
 }
 
@@ -130,19 +168,27 @@ impl rustls::client::danger::ServerCertVerifier for Pinned {
     fn verify_server_cert(
         &self,
         end_entity: &CertificateDer<'_>,
-        _: &[CertificateDer<'_>],
-        _: &ServerName<'_>,
-        _: &[u8],
-        _: rustls::pki_types::UnixTime,
+        intermediates: &[CertificateDer<'_>],
+        name: &ServerName<'_>,
+        ocsp: &[u8],
+        now: rustls::pki_types::UnixTime,
     ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
-        use sha1::Digest;
-        if sha1::Sha1::digest(end_entity.as_ref()).as_slice() == self.sha1.as_slice() {
-            Ok(rustls::client::danger::ServerCertVerified::assertion())
+        let der = end_entity.as_ref();
+        let matches = if self.fingerprint.len() == 20 {
+            use sha1::Digest;
+            sha1::Sha1::digest(der).as_slice() == self.fingerprint.as_slice()
         } else {
-            Err(rustls::Error::General(
-                "the certificate is not the one vSphere named for this host (sslThumbprint)".into(),
-            ))
+            use sha2::Digest;
+            sha2::Sha256::digest(der).as_slice() == self.fingerprint.as_slice()
+        };
+        if matches {
+            return Ok(rustls::client::danger::ServerCertVerified::assertion());
         }
+        self.trust.verify_server_cert(end_entity, intermediates, name, ocsp, now).map_err(|e| {
+            rustls::Error::General(format!(
+                "the certificate is neither the one vSphere named for this host (sslThumbprint) nor trusted ({e})"
+            ))
+        })
     }
     fn verify_tls12_signature(
         &self,
@@ -221,7 +267,7 @@ pub struct Endpoint {
     pub port: u16,
     /// `/sdk`.
     pub path: String,
-    pub tls: Arc<rustls::ClientConfig>,
+    pub tls: Tls,
 }
 
 impl Endpoint {
@@ -243,13 +289,17 @@ impl Endpoint {
             let _ = tcp.set_nodelay(true);
             let name = ServerName::try_from(self.host.clone())
                 .map_err(|e| VsError::Connect(format!("{}: {e}", Esc(&self.host))))?;
-            let tls = tokio_rustls::TlsConnector::from(self.tls.clone()).connect(name, tcp).await.map_err(|e| {
-                let hint = if e.to_string().contains("certificate") {
-                    "; the server's certificate is not trusted: give --ca-file FILE with the CA that signed it (GOVC_TLS_CA_CERTS), or --insecure (GOVC_INSECURE=1) to skip the check"
+            let tls = tokio_rustls::TlsConnector::from(self.tls.config.clone()).connect(name, tcp).await.map_err(|e| {
+                let m = e.to_string();
+                if !m.contains("certificate") && !m.contains("sslThumbprint") {
+                    return VsError::Connect(format!("TLS with {}: {e}", self.authority()));
+                }
+                let hint = if self.tls.pinned {
+                    "; the host a vSphere export lease named presented another certificate than vSphere said: check that host (or give --ca-file with the CA that signed its certificate)"
                 } else {
-                    ""
+                    "; the server's certificate is not trusted: give --ca-file FILE with the CA that signed it (GOVC_TLS_CA_CERTS), or --insecure (GOVC_INSECURE=1) to skip the check"
                 };
-                VsError::Connect(format!("TLS with {}: {e}{hint}", self.authority()))
+                VsError::Tls(format!("TLS with {}: {e}{hint}", self.authority()))
             })?;
             let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
                 .await
@@ -290,7 +340,7 @@ impl Endpoint {
             return Ok((ep, path.to_string(), true));
         }
         let tls = match thumbprint.filter(|t| !t.is_empty()) {
-            Some(t) => tls_pinned(t)?,
+            Some(t) => self.tls.pinned(t)?,
             None => self.tls.clone(),
         };
         Ok((Endpoint { host, port: port.unwrap_or(443), path: self.path.clone(), tls }, path.to_string(), false))
@@ -545,7 +595,8 @@ mod tests {
             host: "vc.example".into(),
             port: 443,
             path: "/sdk".into(),
-            tls: tls_config(&Trust::Insecure).unwrap(),
+            // The system's CAs (Debian's ca-certificates): a lease's thumbprint is checked.
+            tls: tls_config(&Trust::System).unwrap(),
         };
         let (e, p, cookie) = ep.target("https://*/nfc/52a/disk-0.vmdk", None).unwrap();
         assert_eq!((e.host.as_str(), p.as_str(), cookie), ("vc.example", "/nfc/52a/disk-0.vmdk", true));

@@ -471,7 +471,29 @@ func check(err error) {
 	}
 }
 
-// A CA and a certificate for 127.0.0.1 signed by it.
+// A server certificate for localhost and -cert-ip, signed by parent (self-signed when nil).
+func serverCert(serial int64, cn string, parent *x509.Certificate, parentKey *ecdsa.PrivateKey) ([]byte, tls.Certificate) {
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	check(err)
+	tmpl := &x509.Certificate{
+		SerialNumber: big.NewInt(serial),
+		Subject:      pkix.Name{CommonName: cn},
+		NotBefore:    time.Now().Add(-time.Hour),
+		NotAfter:     time.Now().Add(24 * time.Hour),
+		IPAddresses:  []net.IP{net.ParseIP(*certIP)},
+		DNSNames:     []string{"localhost"},
+		KeyUsage:     x509.KeyUsageDigitalSignature,
+		ExtKeyUsage:  []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
+	}
+	if parent == nil {
+		parent, parentKey = tmpl, key
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, parent, &key.PublicKey, parentKey)
+	check(err)
+	return der, tls.Certificate{Certificate: [][]byte{der}, PrivateKey: key}
+}
+
+// A CA (written to <dir>/ca.pem) and the API's certificate signed by it.
 func certificate() tls.Certificate {
 	caKey, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	check(err)
@@ -488,43 +510,17 @@ func certificate() tls.Certificate {
 	check(err)
 	caCert, err := x509.ParseCertificate(caDer)
 	check(err)
-	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	check(err)
-	leaf := &x509.Certificate{
-		SerialNumber: big.NewInt(2),
-		Subject:      pkix.Name{CommonName: "127.0.0.1"},
-		NotBefore:    time.Now().Add(-time.Hour),
-		NotAfter:     time.Now().Add(24 * time.Hour),
-		IPAddresses:  []net.IP{net.ParseIP(*certIP)},
-		DNSNames:     []string{"localhost"},
-		KeyUsage:     x509.KeyUsageDigitalSignature,
-		ExtKeyUsage:  []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
-	}
-	der, err := x509.CreateCertificate(rand.Reader, leaf, caCert, &key.PublicKey, caKey)
-	check(err)
+	_, cert := serverCert(2, "127.0.0.1", caCert, caKey)
 	pemCA := pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: caDer})
 	check(ioutil.WriteFile(filepath.Join(*dir, "ca.pem"), pemCA, 0o644))
-	return tls.Certificate{Certificate: [][]byte{der}, PrivateKey: key}
+	return cert
 }
 
-// A self-signed certificate for -nfc-host (and localhost, 127.0.0.1).
+// The "ESXi host's" certificate for -nfc-host: self-signed, its fingerprint kept for the leases.
 func selfSigned() tls.Certificate {
-	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	check(err)
-	tmpl := &x509.Certificate{
-		SerialNumber: big.NewInt(3),
-		Subject:      pkix.Name{CommonName: "esx.hfvcsim"},
-		NotBefore:    time.Now().Add(-time.Hour),
-		NotAfter:     time.Now().Add(24 * time.Hour),
-		IPAddresses:  []net.IP{net.ParseIP(*certIP)},
-		DNSNames:     []string{"localhost", *nfcHost},
-		KeyUsage:     x509.KeyUsageDigitalSignature,
-		ExtKeyUsage:  []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
-	}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
-	check(err)
+	der, cert := serverCert(3, "esx.hfvcsim", nil, nil)
 	esxDER = der
-	return tls.Certificate{Certificate: [][]byte{der}, PrivateKey: key}
+	return cert
 }
 
 // Create a VM with the given disks (their content copied into the datastore) and NICs.

@@ -149,19 +149,18 @@ impl Tls {
                 Esc(thumbprint)
             )));
         }
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
         let v: Arc<dyn rustls::client::danger::ServerCertVerifier> =
-            Arc::new(Pinned { fingerprint: want, trust: self.verifier.clone(), provider });
+            Arc::new(Pinned { fingerprint: want, trust: self.verifier.clone() });
         Ok(Tls { config: config_with(v.clone())?, verifier: v, insecure: false, pinned: true })
     }
 }
 
-/// Accepts the certificate of the given fingerprint, or one `trust` accepts (signatures checked).
+/// Accepts the certificate of the given fingerprint, or one `trust` accepts; handshake signatures
+/// are checked by `trust`.
 #[derive(Debug)]
 struct Pinned {
     fingerprint: Vec<u8>,
     trust: Arc<dyn rustls::client::danger::ServerCertVerifier>,
-    provider: Arc<rustls::crypto::CryptoProvider>,
 }
 
 impl rustls::client::danger::ServerCertVerifier for Pinned {
@@ -196,7 +195,7 @@ impl rustls::client::danger::ServerCertVerifier for Pinned {
         cert: &CertificateDer<'_>,
         dss: &rustls::DigitallySignedStruct,
     ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+        self.trust.verify_tls12_signature(message, cert, dss)
     }
     fn verify_tls13_signature(
         &self,
@@ -204,10 +203,10 @@ impl rustls::client::danger::ServerCertVerifier for Pinned {
         cert: &CertificateDer<'_>,
         dss: &rustls::DigitallySignedStruct,
     ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+        self.trust.verify_tls13_signature(message, cert, dss)
     }
     fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        self.provider.signature_verification_algorithms.supported_schemes()
+        self.trust.supported_verify_schemes()
     }
 }
 

@@ -36,11 +36,12 @@ pub struct Copied {
     pub kernel_copy: bool,
 }
 
-/// Shared progress and cancellation.
+/// Shared progress and cancellation. `cancel` is an `Arc` so that a signal handler can set it
+/// the instant SIGTERM/SIGINT arrives (see `lib.rs::run`), not when a task gets to run.
 #[derive(Debug, Default)]
 pub struct Control {
     pub done: AtomicU64,
-    pub cancel: AtomicBool,
+    pub cancel: Arc<AtomicBool>,
 }
 
 /// One contiguous piece of the output: `len` bytes at `dst_off`, from `src` at `src_off`, or zeros.

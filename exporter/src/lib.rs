@@ -332,6 +332,12 @@ pub async fn run(mut cli: Cli) -> Result<(), ExportError> {
 
     // Ctrl-C / SIGTERM: stop copying (the staged job is removed), or stop waiting.
     let ctl = Arc::new(Control::default());
+    // The flag is set inside the signal handler itself, so a SIGTERM that arrives just before the
+    // job is published (serve's cancel) keeps it out of the queue: a task would see it too late.
+    for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+        signal_hook::flag::register(sig, ctl.cancel.clone())
+            .map_err(|e| ExportError::Internal(format!("cannot handle signal {sig}: {e}")))?;
+    }
     let interrupt = Arc::new(Notify::new());
     let cancel = CancellationToken::new();
     {

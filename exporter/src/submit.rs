@@ -11,7 +11,7 @@ use hyperfarm_shared::digest::to_hex;
 use hyperfarm_shared::format::DiskFormat;
 use hyperfarm_shared::fsx;
 use hyperfarm_shared::manifest::{self, Disk, HyperfarmInfo, Manifest, Pipeline, Source, Stage, Submitter, VmInfo};
-use hyperfarm_shared::queue::{self, Queue, Staging};
+use hyperfarm_shared::queue::{self, PublishError, Queue, Staging};
 
 use hyperfarm_shared::text::Esc;
 
@@ -105,14 +105,41 @@ pub async fn finish(
     vm: &VmSource,
     disks: Vec<Disk>,
     stages: Options,
+    ctl: &Control,
 ) -> Result<Submitted, ExportError> {
     let id = staging.id();
     let total = disks.iter().map(|d| d.bytes).sum::<u64>();
     let m = build_manifest(vm, id, disks, stages);
-    let job_dir = tokio::task::spawn_blocking(move || staging.publish(&m))
+    let cancel = ctl.cancel.clone();
+    let job_dir = tokio::task::spawn_blocking(move || staging.publish_unless(&m, &cancel))
         .await
         .map_err(|e| ExportError::Internal(e.to_string()))?
-        .map_err(|e| ExportError::Unreachable(format!("{e:#}")))?;
+        .map_err(|e| match e {
+            PublishError::Cancelled { .. } => ExportError::Interrupted(false),
+            e => ExportError::Unreachable(format!("{e:#}")),
+        })?;
+    if ctl.cancel.load(Ordering::SeqCst) {
+        // The signal came while the job was being renamed into place: take it back if no agent
+        // has claimed it yet (serve's cancel and Ctrl-C mean "not this job").
+        let q = queue.clone();
+        let withdrawn =
+            tokio::task::spawn_blocking(move || q.withdraw(&id, "interrupted in hyperexport as it was published"))
+                .await
+                .map_err(|e| ExportError::Internal(e.to_string()))?;
+        return match withdrawn {
+            Ok(true) => Err(ExportError::Interrupted(true)),
+            Ok(false) => {
+                eprintln!(
+                    "hyperexport: job {id} was published as the interrupt arrived and an agent has claimed it; cancel it with: hyperctl jobs cancel {id}"
+                );
+                Err(ExportError::Interrupted(false))
+            }
+            Err(e) => Err(ExportError::Unreachable(format!(
+                "interrupted as job {id} was published; withdrawing it from {} failed: {e}; cancel it with: hyperctl jobs cancel {id}",
+                queue.root().display()
+            ))),
+        };
+    }
     crate::ui::event(
         &serde_json::json!({"event": "published", "job_id": id, "queue": queue.root(), "job_dir": job_dir, "already": false, "bytes": total}),
     );
@@ -178,7 +205,7 @@ pub async fn submit(
         hyperfarm_shared::failpoint::hit("export.disk-copied");
         disks.push(disk_entry(i, &d.id, d.format, &file_name, copied.bytes, &copied.blake3, d.label.clone()));
     }
-    finish(queue, staging, vm, disks, stages).await
+    finish(queue, staging, vm, disks, stages, &ctl).await
 }
 
 /// Download a vSphere VM's disks straight into a new job in `queue` (hashed as they arrive) and
@@ -213,7 +240,7 @@ pub async fn submit_vsphere(
             disk_entry(i, &g.id, g.format, &file_name, g.data.bytes, &g.data.blake3, g.label.clone())
         })
         .collect();
-    finish(queue, staging, &vm, disks, stages).await
+    finish(queue, staging, &vm, disks, stages, &ctl).await
 }
 
 /// This process's cache of all-zero BLAKE3 subtrees (see `hyperfarm_shared::tree_hash`).

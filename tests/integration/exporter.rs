@@ -76,6 +76,46 @@ fn export_only_publishes_a_job_that_an_agent_later_converts() {
     assert_identical(&raw, &farm.output.join("later.qcow2"));
 }
 
+/// A SIGTERM (serve's cancel, systemd's stop) that arrives after the disks are copied but before
+/// the job is published keeps it out of the queue: the flag is set by the signal handler itself,
+/// and publication looks at it just before its rename.
+#[test]
+fn a_sigterm_after_the_copy_keeps_the_job_out_of_the_queue() {
+    let farm = Farm::new();
+    let raw = images::sample_disk(&farm.src, "t.raw", 8, 42);
+    for (point, signal) in [
+        ("export.disk-copied", rustix::process::Signal::TERM),
+        ("export.manifest-written", rustix::process::Signal::INT),
+    ] {
+        let (child, desc) = hyperexport(&["--vm", raw.to_str().unwrap(), "--output", farm.queue.to_str().unwrap()])
+            .env("HYPERFARM_FAILPOINT", &format!("stop:{point}"))
+            .spawn();
+        let pid = child.id();
+        hyperfarm_tests::wait_stopped(pid, Duration::from_secs(30));
+        let _ = rustix::process::kill_process(rustix::process::Pid::from_raw(pid as i32).unwrap(), signal);
+        hyperfarm_tests::cont(pid);
+        let ran = hyperfarm_tests::collect(child, desc, Duration::from_secs(60));
+        ran.expect_code(130);
+        assert!(ran.stderr().contains("interrupted"), "{point}: {}", ran.stderr());
+        // Kept out of the queue, or (the signal handled as the rename happened) withdrawn.
+        assert!(farm.jobs_in("queued").is_empty(), "{point}: nothing published\n{}", farm.listing());
+        assert_eq!(
+            farm.jobs_in("cancelled").len(),
+            usize::from(ran.stderr().contains("withdrawn")),
+            "{point}: {}\n{}",
+            ran.stderr(),
+            farm.listing()
+        );
+        let staged: Vec<_> = fs::read_dir(farm.queue.join("tmp"))
+            .map(|d| d.filter_map(Result::ok).map(|e| e.file_name()).collect())
+            .unwrap_or_default();
+        assert!(
+            staged.iter().all(|n| n.to_string_lossy().starts_with('.')),
+            "{point}: staged copy removed: {staged:?}"
+        );
+    }
+}
+
 #[test]
 fn bad_input_and_unreachable_paths_have_their_own_exit_codes() {
     let farm = Farm::new();

@@ -2,6 +2,7 @@
 
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use super::{DISKS, MANIFEST, Queue, State, make_dir, read_names};
 use crate::fsx;
@@ -26,6 +27,8 @@ pub enum PublishError {
     },
     #[error("job {id} already exists in {dir}; job ids are unique, so this is a bug or a copied queue")]
     Exists { id: JobId, dir: PathBuf },
+    #[error("job {id} was cancelled before it was published; nothing was published and the staged copy is removed")]
+    Cancelled { id: JobId },
 }
 
 /// A job being assembled in the staging area. Dropping it unpublished removes what was staged.
@@ -65,7 +68,14 @@ impl Staging {
 
     /// Write the manifest last, fsync the directories, and make the job visible with one rename.
     /// The disk files must already be complete and fsynced by the caller.
-    pub fn publish(mut self, manifest: &Manifest) -> Result<PathBuf, PublishError> {
+    pub fn publish(self, manifest: &Manifest) -> Result<PathBuf, PublishError> {
+        self.publish_unless(manifest, &AtomicBool::new(false))
+    }
+
+    /// [`Staging::publish`], unless `cancel` is set by the time of the publishing rename (the last
+    /// moment a cancel can still keep the job out of the queue): then the staged copy is removed
+    /// and the result is [`PublishError::Cancelled`].
+    pub fn publish_unless(mut self, manifest: &Manifest, cancel: &AtomicBool) -> Result<PathBuf, PublishError> {
         let id = self.id;
         let stage_err = |source| PublishError::Stage { id, dir: self.dir.clone(), source };
         fsx::write_new_file(&self.dir.join(MANIFEST), &manifest.to_json()).map_err(stage_err)?;
@@ -78,6 +88,9 @@ impl Staging {
         let pub_err = |source| PublishError::Publish { id, dir: queued.clone(), source };
         make_dir(&queued).map_err(pub_err)?;
         crate::failpoint::hit("export.before-rename");
+        if cancel.load(Ordering::SeqCst) {
+            return Err(PublishError::Cancelled { id });
+        }
         match fsx::rename_noreplace(&self.dir, &target).map_err(pub_err)? {
             fsx::Moved::Yes => {}
             fsx::Moved::DestinationExists => {
@@ -136,4 +149,43 @@ pub(crate) fn parse_staging_name(name: &str) -> Option<(JobId, &str, u32)> {
     let (id, rest) = name.split_once('.')?;
     let (host, pid) = rest.rsplit_once('.')?;
     Some((id.parse().ok()?, host, pid.parse().ok()?))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn manifest(id: JobId) -> Manifest {
+        Manifest::parse(
+            format!(
+                r#"{{"manifest_version":"1.0","source":{{"vm_name":"m"}},"disks":[{{"id":"d0","source_format":"raw","bytes":512,"local_path":"disks/d0.raw"}}],"hyperfarm":{{"schema_version":1,"job_id":"{id}"}}}}"#
+            )
+            .as_bytes(),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn a_cancel_seen_at_the_rename_publishes_nothing_and_removes_the_staged_copy() {
+        let dir = tempfile::tempdir().unwrap();
+        let q = Queue::new(dir.path());
+        q.init().unwrap();
+        let id = JobId::new();
+        let st = Staging::create(&q, id).unwrap();
+        std::fs::write(st.disk_path("d0.raw"), [0u8; 512]).unwrap();
+        let staged = st.dir().to_path_buf();
+        let e = st.publish_unless(&manifest(id), &AtomicBool::new(true)).unwrap_err();
+        assert!(matches!(e, PublishError::Cancelled { id: got } if got == id), "{e}");
+        assert!(e.to_string().contains(&id.to_string()), "{e}");
+        assert!(!staged.exists(), "the staged copy is removed");
+        assert!(q.locate(&id).unwrap().is_none(), "nothing is in the queue");
+        // Not cancelled: published as by `publish`.
+        let id = JobId::new();
+        let st = Staging::create(&q, id).unwrap();
+        std::fs::write(st.disk_path("d0.raw"), [0u8; 512]).unwrap();
+        let job = st.publish_unless(&manifest(id), &AtomicBool::new(false)).unwrap();
+        assert_eq!(q.locate(&id).unwrap().map(|(s, _)| s), Some(State::Queued));
+        assert!(job.join(MANIFEST).is_file());
+    }
 }

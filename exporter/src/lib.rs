@@ -616,18 +616,39 @@ async fn follow_submitted(
         Waited::Remote(job) => {
             let (side, done) = (libvirt_side(cli), job.state() == hyperfarm_proto::v1::JobState::Done);
             let id = job.id.clone();
-            remote_finish(&output, job, cli.json)?;
             match side {
-                LibvirtSide::None => Ok(()),
-                _ if !done => Ok(()),
-                LibvirtSide::Agent => Err(ExportError::Libvirt(format!(
-                    "job {id} was converted, but its result record is not readable from this host ({}): whether the agent defined the domain is in that record on the conversion host (hyperctl jobs show {id})",
-                    s.output_dir.display()
-                ))),
-                LibvirtSide::Exporter => Err(ExportError::Libvirt(format!(
-                    "job {id} was converted, but its result is not readable from this host ({}), so its domain was not defined here; define it where the output is mounted",
-                    s.output_dir.display()
-                ))),
+                LibvirtSide::None => remote_finish(&output, job, cli.json, None),
+                _ if !done => remote_finish(&output, job, cli.json, None),
+                LibvirtSide::Agent => match &job.libvirt {
+                    // The agent's answer to GetJob carries the outcome of its record.
+                    Some(d) => {
+                        let outcome = hyperfarm_shared::libvirt::Outcome {
+                            domain: d.domain.clone(),
+                            uri: d.uri.clone(),
+                            xml: d.xml.clone(),
+                            validated: d.validated,
+                            defined: d.defined,
+                            host: d.host.clone(),
+                            error: (!d.error.is_empty()).then(|| d.error.clone()),
+                        };
+                        let libvirt = libvirt_report(&outcome, Some(&job.agent))?;
+                        remote_finish(&output, job, cli.json, Some(libvirt))
+                    }
+                    None => {
+                        remote_finish(&output, job, cli.json, None)?;
+                        Err(ExportError::Libvirt(format!(
+                            "job {id} was converted, but its result record is not readable from this host ({}) and the agent did not say whether it defined the domain (an agent older than this hyperexport, or its API stopped answering): see hyperctl jobs show {id} on the conversion host",
+                            s.output_dir.display()
+                        )))
+                    }
+                },
+                LibvirtSide::Exporter => {
+                    remote_finish(&output, job, cli.json, None)?;
+                    Err(ExportError::Libvirt(format!(
+                        "job {id} was converted, but its result is not readable from this host ({}), so its domain was not defined here; define it where the output is mounted",
+                        s.output_dir.display()
+                    )))
+                }
             }
         }
         Waited::EndedWithoutRecord { state, reason } => match state {
@@ -760,16 +781,22 @@ fn finish(output: &OutputDir, rec: ResultRecord, json: bool) -> Result<(), Expor
 }
 
 /// The agent said the job ended, but its record is not readable from this host.
-fn remote_finish(output: &OutputDir, job: hyperfarm_proto::v1::Job, json: bool) -> Result<(), ExportError> {
+fn remote_finish(
+    output: &OutputDir,
+    job: hyperfarm_proto::v1::Job,
+    json: bool,
+    libvirt: Option<serde_json::Value>,
+) -> Result<(), ExportError> {
     use hyperfarm_proto::v1::JobState;
     let paths: Vec<PathBuf> = job.files.iter().map(|f| output.path().join(f)).collect();
     match job.state() {
         JobState::Done => {
             if json {
-                println!(
-                    "{}",
-                    serde_json::json!({"job_id": job.id, "vm": job.vm_name, "state": "done", "files": paths, "engine": job.engine})
-                );
+                let mut v = serde_json::json!({"job_id": job.id, "vm": job.vm_name, "state": "done", "files": paths, "engine": job.engine});
+                if let Some(l) = libvirt {
+                    v["libvirt"] = l;
+                }
+                println!("{v}");
             } else {
                 for p in paths {
                     println!("{}", p.display());
@@ -778,6 +805,8 @@ fn remote_finish(output: &OutputDir, job: hyperfarm_proto::v1::Job, json: bool) 
             Ok(())
         }
         JobState::Cancelled => Err(ExportError::Cancelled(job.error_summary)),
+        // GetJob's answer carries the full text; a streamed job only its first line.
+        _ if !job.error.is_empty() => Err(ExportError::Conversion(job.error)),
         _ => Err(ExportError::Conversion(format!(
             "{}\n(the full text is in {} on the conversion host)",
             job.error_summary,

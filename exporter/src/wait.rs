@@ -202,7 +202,7 @@ async fn stream(p: &WaitParams, agent: &AgentEndpoint, meter: &mut Meter) -> Ste
                 let pct = job.progress.as_ref().map(|x| x.percent).unwrap_or(0.0);
                 meter.set_percent(phase_name(job.phase()), pct);
                 if u.is_final {
-                    return Step::Done(Box::new(final_result(p, job).await));
+                    return Step::Done(Box::new(final_result(p, job, &mut client).await));
                 }
             }
             Some(Err(st)) => return Step::Poll(format!("the stream broke: {}: {}", st.code(), st.message())),
@@ -211,8 +211,15 @@ async fn stream(p: &WaitParams, agent: &AgentEndpoint, meter: &mut Meter) -> Ste
     }
 }
 
-/// The final state arrived over gRPC: the record in the output directory is authoritative.
-async fn final_result(p: &WaitParams, job: pb::Job) -> Waited {
+/// The final state arrived over gRPC: the record in the output directory is authoritative. When
+/// it is not readable from this host (the output is not mounted here, or not yet visible), the
+/// agent's own view of the job is the answer: asked for once more with `GetJob`, which carries what
+/// the stream leaves out (the full error, the libvirt outcome).
+async fn final_result(
+    p: &WaitParams,
+    job: pb::Job,
+    client: &mut pb::agent_service_client::AgentServiceClient<tonic::transport::Channel>,
+) -> Waited {
     for _ in 0..20 {
         let (o, id) = (p.output.clone(), p.id);
         if let Ok(Ok(Some(r))) = tokio::task::spawn_blocking(move || o.read_record(&id)).await {
@@ -223,7 +230,21 @@ async fn final_result(p: &WaitParams, job: pb::Job) -> Waited {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    Waited::Remote(job)
+    tracing::info!(
+        job = %p.id,
+        "the result record is not readable in {} (not mounted on this host?): taking the agent's answer",
+        p.output.path().display()
+    );
+    let req = pb::GetJobRequest { id: p.id.to_string() };
+    match tokio::time::timeout(Duration::from_secs(5), client.get_job(req)).await {
+        Ok(Ok(full)) if full.get_ref().state() == job.state() => Waited::Remote(full.into_inner()),
+        Ok(Ok(_)) => Waited::Remote(job),
+        Ok(Err(st)) => {
+            tracing::debug!("GetJob {} after its end: {}: {}", p.id, st.code(), st.message());
+            Waited::Remote(job)
+        }
+        Err(_) => Waited::Remote(job),
+    }
 }
 
 pub fn phase_name(p: pb::Phase) -> &'static str {

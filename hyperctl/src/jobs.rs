@@ -38,6 +38,20 @@ pub struct JobJson {
     pub error: String,
     pub files: Vec<String>,
     pub seed_drop: bool,
+    /// The libvirt domain the agent defined (or tried to) for this job (`show`, finished jobs).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub libvirt: Option<LibvirtJson>,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct LibvirtJson {
+    pub domain: String,
+    pub uri: String,
+    pub host: String,
+    pub xml: String,
+    pub validated: bool,
+    pub defined: bool,
+    pub error: String,
 }
 
 pub fn state_name(s: pb::JobState) -> &'static str {
@@ -90,6 +104,15 @@ impl From<&pb::Job> for JobJson {
             error: j.error.clone(),
             files: j.files.clone(),
             seed_drop: j.seed_drop,
+            libvirt: j.libvirt.as_ref().map(|d| LibvirtJson {
+                domain: d.domain.clone(),
+                uri: d.uri.clone(),
+                host: d.host.clone(),
+                xml: d.xml.clone(),
+                validated: d.validated,
+                defined: d.defined,
+                error: d.error.clone(),
+            }),
         }
     }
 }
@@ -210,6 +233,25 @@ pub async fn run(cli: &Cli, op: &JobsOp) -> Result<(), CtlError> {
                 println!("  age:       {}", table::duration(now.saturating_sub(j.created_at_ms) / 1000));
                 if !j.files.is_empty() {
                     println!("  files:     {}", escape(&j.files.join(", ")));
+                }
+                if let Some(l) = &j.libvirt {
+                    if l.defined {
+                        println!(
+                            "  libvirt:   domain {} defined at {} on {} ({})",
+                            escape(&l.domain),
+                            escape(&l.uri),
+                            escape(&l.host),
+                            escape(&l.xml)
+                        );
+                    } else {
+                        println!(
+                            "  libvirt:   domain {} NOT defined at {} on {}: {}",
+                            escape(&l.domain),
+                            escape(&l.uri),
+                            escape(&l.host),
+                            escape(&l.error)
+                        );
+                    }
                 }
                 if !j.error.is_empty() {
                     println!("  error:\n    {}", escape_lines(j.error.trim_end()).replace('\n', "\n    "));

@@ -116,6 +116,31 @@ fn readme_quick_start(cache: Cache) {
     assert_eq!(recs.len(), 1);
     assert_eq!(recs[0]["agent"], "default@conv01", "converted by the agent on the conversion host");
     eprintln!("README quick start ({}): exported and converted across hosts in {secs:.1}s", cache.name());
+
+    // The output not mounted on the export host (an empty directory of its own): the result comes
+    // from the agent's answer over gRPC alone.
+    let unmounted = bed.dir.path().join("export-host-local-output");
+    std::fs::create_dir_all(&unmounted).unwrap();
+    let raw2 = images::sample_disk(&src, "web02.raw", 16, 202);
+    let args: Vec<String> = vec![
+        "--vm".into(),
+        s(&raw2),
+        "--pipeline".into(),
+        "--hyper2kvm-daemon".into(),
+        "--hyper2kvm-watch-dir".into(),
+        s(&ex.queue()),
+        "--hyper2kvm-output-dir".into(),
+        s(&unmounted),
+        "--json".into(),
+    ];
+    let ran = bed.run("ex", &bin("hyperexport"), &args).timeout(Duration::from_secs(180)).run();
+    ran.expect_code(0);
+    assert!(ran.stderr().contains("taking the agent's answer"), "{}", ran.stderr());
+    let out = ran.json();
+    assert_eq!(out["files"][0], s(&unmounted.join("web02.qcow2")), "{out:#}");
+    let rec = record_of(&bed, out["job_id"].as_str().unwrap()).unwrap();
+    assert_eq!(out["engine"], rec["engine"], "{out:#}");
+    assert_identical(&raw2, &ex.output().join("web02.qcow2"));
 }
 
 #[test]

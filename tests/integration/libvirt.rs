@@ -195,3 +195,78 @@ fn a_windows_guest_gets_sata_and_a_linux_guest_virtio_when_the_bus_is_left_to_au
         assert!(xml.contains(&format!("bus='{bus}'/>")), "{guest}: {xml}");
     }
 }
+
+/// The output directory is not mounted on the export host (here: an empty directory of its own):
+/// the result record cannot be read there, and the agent's `GetJob` answer says whether it defined
+/// the domain, or why not.
+#[test]
+fn without_the_output_mounted_the_agents_answer_carries_the_libvirt_outcome() {
+    let farm = Farm::new();
+    let (vm, a, _) = vm_with_nics(&farm);
+    let elsewhere = farm.path().join("not-the-share");
+    std::fs::create_dir(&elsewhere).unwrap();
+    let export = |farm: &Farm, extra: &[&str]| {
+        let url = farm.agent_url.lock().unwrap().clone().unwrap();
+        let mut args: Vec<String> = vec![
+            "--vm".into(),
+            vm.display().to_string(),
+            "--pipeline".into(),
+            "--hyper2kvm-daemon".into(),
+            "--hyper2kvm-watch-dir".into(),
+            farm.queue.display().to_string(),
+            "--hyper2kvm-output-dir".into(),
+            elsewhere.display().to_string(),
+            "--agent".into(),
+            url,
+            "--libvirt".into(),
+            "--json".into(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        Run::new(&bin("hyperexport"), &args).timeout(std::time::Duration::from_secs(120)).run()
+    };
+    let mut agent = farm.agent(&["--engine", "qemu-img", "--libvirt-uri", "test:///default"]);
+    let ran = export(&farm, &[]);
+    ran.expect_code(0);
+    assert!(ran.stderr().contains("taking the agent's answer"), "the remote path was taken: {}", ran.stderr());
+    let out = ran.json();
+    let rec = farm.records().into_iter().next().unwrap();
+    assert_eq!(out["libvirt"]["defined_by"], rec["agent"], "{out:#}");
+    assert_eq!(out["libvirt"]["uri"], "test:///default", "{out:#}");
+    assert_eq!(out["libvirt"]["domain"], "db", "{out:#}");
+    assert_eq!(out["libvirt"]["xml"], farm.output.join("db.xml").display().to_string(), "{out:#}");
+    assert_eq!(out["libvirt"]["host"], rec["libvirt"]["host"], "{out:#}");
+    assert_eq!(out["files"][0], elsewhere.join("db.qcow2").display().to_string(), "{out:#}");
+    assert!(std::fs::read_dir(&elsewhere).unwrap().next().is_none(), "nothing was written on this side");
+    assert_identical(&a, &farm.output.join("db.qcow2"));
+    // hyperctl shows the same outcome.
+    let url = farm.agent_url.lock().unwrap().clone().unwrap();
+    let id = rec["job_id"].as_str().unwrap().to_string();
+    let show =
+        Run::new(&bin("hyperctl"), &["--agent".into(), url.clone(), "jobs".into(), "show".into(), id.clone()]).run();
+    show.expect_code(0);
+    assert!(show.stdout().contains("libvirt:   domain db defined at test:///default"), "{}", show.stdout());
+    let show =
+        Run::new(&bin("hyperctl"), &["--agent".into(), url, "--json".into(), "jobs".into(), "show".into(), id]).run();
+    assert_eq!(show.json()["libvirt"]["defined"], true, "{}", show.stdout());
+
+    // An agent that does not define: exit 9 with its reason, over gRPC alone.
+    agent.kill9();
+    for f in hyperfarm_tests::find_files(&farm.output, ".qcow2") {
+        std::fs::remove_file(f).unwrap();
+    }
+    std::fs::remove_file(farm.output.join("db.xml")).unwrap();
+    let _agent = farm.agent(&["--engine", "qemu-img", "--libvirt-define=false"]);
+    let ran = export(&farm, &[]);
+    ran.expect_code(9);
+    assert!(ran.stderr().contains("taking the agent's answer"), "{}", ran.stderr());
+    assert!(ran.stderr().contains("does not define libvirt domains"), "{}", ran.stderr());
+    assert_identical(&a, &farm.output.join("db.qcow2"));
+
+    // A failed conversion (its output name is taken): the agent's full error text, not a pointer
+    // to a file this host cannot read.
+    let ran = export(&farm, &[]);
+    ran.expect_code(4);
+    assert!(ran.stderr().contains("taking the agent's answer"), "{}", ran.stderr());
+    assert!(ran.stderr().contains("already exists") && ran.stderr().contains("on_existing"), "{}", ran.stderr());
+    assert!(!ran.stderr().contains("the full text is in"), "{}", ran.stderr());
+}

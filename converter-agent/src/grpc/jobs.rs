@@ -191,6 +191,15 @@ fn apply_record(j: &mut pb::Job, r: &ResultRecord, with_error: bool) {
         ResultState::Cancelled => pb::Phase::Cancelled,
     });
     j.progress = Some(pb::Progress { percent: 100.0, ..Default::default() });
+    j.libvirt = r.libvirt.as_ref().map(|o| pb::LibvirtDomain {
+        domain: o.domain.clone(),
+        uri: o.uri.clone(),
+        host: o.host.clone(),
+        xml: o.xml.clone(),
+        validated: o.validated,
+        defined: o.defined,
+        error: o.error.clone().unwrap_or_default(),
+    });
 }
 
 /// A job from the in-memory index (no disk read).

@@ -58,6 +58,32 @@ pub struct Job {
     /// The job came from a seed-style manifest drop.
     #[prost(bool, tag = "16")]
     pub seed_drop: bool,
+    /// The job asked its agent to define the VM in libvirt: what came of it (from the result
+    /// record; unset while the job runs, when it did not ask, and from agents older than this field).
+    #[prost(message, optional, tag = "17")]
+    pub libvirt: ::core::option::Option<LibvirtDomain>,
+}
+/// A libvirt domain the agent defined (or tried to) after converting a job.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct LibvirtDomain {
+    #[prost(string, tag = "1")]
+    pub domain: ::prost::alloc::string::String,
+    /// Where it was defined: the libvirt URI and the conversion host's name.
+    #[prost(string, tag = "2")]
+    pub uri: ::prost::alloc::string::String,
+    #[prost(string, tag = "3")]
+    pub host: ::prost::alloc::string::String,
+    /// The domain XML, a path on the conversion host (beside the qcow2 files).
+    #[prost(string, tag = "4")]
+    pub xml: ::prost::alloc::string::String,
+    /// virt-xml-validate checked the XML (false: not installed there).
+    #[prost(bool, tag = "5")]
+    pub validated: bool,
+    #[prost(bool, tag = "6")]
+    pub defined: bool,
+    /// Why it was not defined, and what to do.
+    #[prost(string, tag = "7")]
+    pub error: ::prost::alloc::string::String,
 }
 #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct GetStatusRequest {}

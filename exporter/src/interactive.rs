@@ -1,6 +1,8 @@
 //! `hyperexport --interactive`: the seed's terminal wizard.
 //!
-//! Steps: the VM (a file browser over local paths, or a typed path), conversion (none = export
+//! Steps: the VM (a file browser over local paths, or a typed path; with `--provider vsphere`, or
+//! a vCenter configured and chosen as the source, the vCenter's VMs to pick from, a running one
+//! only after agreeing to a snapshot export), conversion (none = export
 //! only, here = direct, on the farm = daemon), the output, the pipeline stages and engine, then
 //! the daemon phase — its settings hidden until the user opts in, validated as the CLI and the
 //! web form validate them — a summary, and the export itself with its live progress (the same
@@ -29,6 +31,8 @@ const MAX_ENTRIES: usize = 2000;
 enum Stop {
     Cancelled,
     Failed(String),
+    /// Talking to the vCenter failed: its exit code (2 bad settings, 3 no such VM, 6 unreachable).
+    Export(crate::ExportError),
 }
 
 impl From<InquireError> for Stop {
@@ -55,6 +59,10 @@ pub fn main(mut cli: Cli) -> ExitCode {
         Err(Stop::Failed(e)) => {
             eprintln!("hyperexport: {}", hyperfarm_shared::text::escape_lines(&e));
             return ExitCode::from(crate::EXIT_INTERNAL);
+        }
+        Err(Stop::Export(e)) => {
+            eprintln!("hyperexport: {}", hyperfarm_shared::text::escape_lines(&e.to_string()));
+            return ExitCode::from(e.code());
         }
     }
     cli.interactive = false;
@@ -197,9 +205,88 @@ fn range(prompt: &str, unit: &str, lo: u64, hi: u64, default: u64) -> Result<u64
     Ok(v)
 }
 
+/// A VM of the vCenter, as the list shows it (everything in it comes from the server: escaped).
+struct VsVm(crate::vsphere::inventory::VmEntry);
+
+impl std::fmt::Display for VsVm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let v = &self.0;
+        write!(
+            f,
+            "{:<44} {:<10} {:>2} CPU {:>6} MiB  {}{}",
+            Esc(&v.path).to_string(),
+            Esc(&v.power).to_string(),
+            v.cpus.map(|c| c.to_string()).unwrap_or_else(|| "?".into()),
+            v.memory_mib.map(|m| m.to_string()).unwrap_or_else(|| "?".into()),
+            Esc(v.guest.as_deref().unwrap_or("")),
+            if v.template { " (template)" } else { "" }
+        )
+    }
+}
+
+/// Pick a VM of the vCenter: its inventory path. A running VM only with a snapshot export.
+fn pick_vsphere(cli: &mut Cli) -> Result<PathBuf, Stop> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| Stop::Failed(format!("cannot start the runtime: {e}")))?;
+    eprintln!("hyperexport: reading the vCenter's inventory…");
+    let (host, vms) = rt.block_on(crate::vsphere::inventory_of(&cli.vsphere)).map_err(Stop::Export)?;
+    if vms.is_empty() {
+        return Err(Stop::Export(crate::ExportError::BadInput(format!(
+            "{} has no VM{} to export",
+            Esc(&host),
+            cli.vsphere.folder.as_deref().map(|f| format!(" below {}", Esc(f))).unwrap_or_default()
+        ))));
+    }
+    let entries: Vec<VsVm> = vms.into_iter().map(VsVm).collect();
+    loop {
+        let VsVm(vm) =
+            Select::new(&format!("VM on {}:", Esc(&host)), entries.iter().map(|v| VsVm(v.0.clone())).collect())
+                .with_page_size(15)
+                .with_help_message("type to filter, Enter picks")
+                .prompt()?;
+        if vm.power == "poweredOn" && !cli.allow_powered_on {
+            let snapshot = Confirm::new(&format!(
+                "{} is running: export it from a snapshot (crash-consistent, as if its power were cut)?",
+                Esc(&vm.path)
+            ))
+            .with_default(false)
+            .with_help_message("no: pick another VM (or shut this one down first)")
+            .prompt()?;
+            if !snapshot {
+                continue;
+            }
+            cli.allow_powered_on = true;
+        }
+        return Ok(PathBuf::from(vm.path));
+    }
+}
+
 /// Ask, fill `cli`; `Ok(false)` when the user declines at the summary.
 fn wizard(cli: &mut Cli) -> Result<bool, Stop> {
     eprintln!("hyperexport: export a VM to KVM (Ctrl-C or Esc cancels; nothing is written before the summary)");
+    if cli.provider == "local" && crate::vsphere::configured(&cli.vsphere) {
+        let source =
+            Select::new("Source:", vec!["local files", "vSphere (the configured vCenter or ESXi)"]).prompt()?;
+        if source.starts_with("vSphere") {
+            cli.provider = "vsphere".into();
+        }
+    }
+    if cli.provider == "vsphere" {
+        let vm = match &cli.vm {
+            Some(p)
+                if Confirm::new(&format!("Export {} from vSphere?", Esc(&p.display().to_string())))
+                    .with_default(true)
+                    .prompt()? =>
+            {
+                p.clone()
+            }
+            _ => pick_vsphere(cli)?,
+        };
+        cli.vm = Some(vm);
+        return settings_and_summary(cli);
+    }
     let start = match &cli.vm {
         Some(p) if p.is_dir() => p.clone(),
         Some(p) => p.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from(".")),
@@ -216,7 +303,13 @@ fn wizard(cli: &mut Cli) -> Result<bool, Stop> {
         }
         _ => browse(&start)?,
     };
-    cli.vm = Some(vm.clone());
+    cli.vm = Some(vm);
+    settings_and_summary(cli)
+}
+
+/// The questions after the VM, then the summary.
+fn settings_and_summary(cli: &mut Cli) -> Result<bool, Stop> {
+    let vm = cli.vm.clone().unwrap_or_default();
 
     let pipeline = Confirm::new("Convert to qcow2?").with_default(true).prompt()?;
     cli.pipeline = Some(pipeline);
@@ -272,6 +365,12 @@ fn wizard(cli: &mut Cli) -> Result<bool, Stop> {
     eprintln!();
     eprintln!("Summary");
     eprintln!("  VM:        {}", Esc(&vm.display().to_string()));
+    if cli.provider == "vsphere" {
+        eprintln!(
+            "  Source:    vSphere{}",
+            if cli.allow_powered_on { ", from a snapshot if it runs (crash-consistent)" } else { "" }
+        );
+    }
     let mode = match (pipeline, daemon) {
         (_, true) => "convert on the farm (daemon)",
         (true, false) => "convert on this host",

@@ -5,7 +5,8 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use hyperfarm_tests::images::{assert_identical, sample_disk};
+use hyperfarm_tests::images::{assert_identical, convert, raw_disk, sample_disk};
+use hyperfarm_tests::vcsim::Vcsim;
 use hyperfarm_tests::{Farm, bin};
 
 /// One tmux server (own socket) running one command in a 160×50 pane.
@@ -157,4 +158,59 @@ fn the_wizard_needs_a_terminal() {
         Command::new(bin("hyperexport")).arg("--interactive").stdin(std::process::Stdio::null()).output().unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("needs a terminal"));
+}
+
+/// `--provider vsphere`: the wizard lists the vCenter's VMs (govmomi's simulator with the export
+/// half, `tests/vcsim`), takes a running VM only with a snapshot export, and exports the VM picked.
+#[test]
+fn the_wizard_picks_a_vm_from_the_vcenter_and_converts_it_here() {
+    let farm = Farm::new();
+    let raw = raw_disk(&farm.src.join("boot.raw"), 16 << 20, &[(0, 2 << 20), (9 << 20, 64 << 10)], 21);
+    let vmdk = convert(&raw, &farm.src.join("boot.vmdk"), "vmdk", Some("subformat=streamOptimized"));
+    let vc = Vcsim::start(&farm.path().join("vcsim"), &[vmdk], &[]);
+    let out = farm.path().join("out");
+    std::fs::create_dir(&out).unwrap();
+    let t = Tmux::start(&farm.src, &format!("{} --interactive {}", exe(), vc.flags().join(" ")));
+    let s = t.wait("type to filter", Duration::from_secs(30));
+    assert!(s.contains("VM on 127.0.0.1:"), "{s}");
+    assert!(s.contains("/DC0/vm/ubuntu-server") && s.contains("poweredOff"), "{s}");
+    assert!(s.contains("/DC0/vm/running-vm") && s.contains("poweredOn"), "{s}");
+    // The running VM: declining the snapshot goes back to the list.
+    t.text("running-vm");
+    t.keys(&["Enter"]);
+    t.answer("is running: export it from a snapshot", "");
+    t.wait("type to filter", Duration::from_secs(20));
+    t.text("ubuntu-server");
+    t.keys(&["Enter"]);
+    t.answer("Convert to qcow2?", "");
+    t.answer("stages besides convert", "");
+    t.answer("Engine:", "");
+    t.answer("Convert on the conversion farm", "n");
+    t.answer("Directory for the qcow2:", &out.display().to_string());
+    let s = t.wait("Start?", Duration::from_secs(10));
+    assert!(s.contains("/DC0/vm/ubuntu-server") && s.contains("Source:    vSphere"), "{s}");
+    assert!(!s.contains("from a snapshot if it runs"), "no snapshot was agreed to: {s}");
+    t.keys(&["Enter"]);
+    let s = t.wait("EXIT=", Duration::from_secs(120));
+    assert!(s.contains("EXIT=0"), "{s}");
+    assert_identical(&raw, &out.join("ubuntu-server.qcow2"));
+    assert_eq!(vc.count("HttpNfcLeaseComplete"), 1, "{:#?}", vc.events());
+    assert_eq!(vc.count("lease"), 1, "one export, of the VM picked: {:#?}", vc.events());
+
+    // A wrong password: the vCenter's refusal and its exit code (2), before any question.
+    let wrong = farm.path().join("wrong-password");
+    std::fs::write(&wrong, "not-it\n").unwrap();
+    let flags = vc.flags().join(" ").replace(&vc.password_file.display().to_string(), &wrong.display().to_string());
+    let t = Tmux::start(&farm.src, &format!("{} --interactive {flags}", exe()));
+    let s = t.wait("EXIT=", Duration::from_secs(30));
+    assert!(s.contains("EXIT=2") && s.contains("vSphere"), "{s}");
+    // A vCenter configured but no --provider: the wizard asks for the source. A folder without
+    // VMs: said, exit 3.
+    let flags = vc.flags()[2..].join(" ");
+    let t = Tmux::start(&farm.src, &format!("{} --interactive {flags} --folder /DC0/vm/nothing-here", exe()));
+    t.wait("Source:", Duration::from_secs(20));
+    t.text("vSphere");
+    t.keys(&["Enter"]);
+    let s = t.wait("EXIT=", Duration::from_secs(30));
+    assert!(s.contains("EXIT=3") && s.contains("has no VM below /DC0/vm/nothing-here"), "{s}");
 }

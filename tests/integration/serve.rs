@@ -393,6 +393,32 @@ fn serve_needs_tls_and_a_token_beyond_loopback_and_checks_the_token() {
     out.expect_code(2);
     assert!(out.stderr().contains("at least 16 visible ASCII characters"), "{}", out.stderr());
 
+    // vSphere settings are checked at start: a vSphere default without a vCenter, and a password
+    // file that cannot be read, stop serve with exit 2 and what to give.
+    let serve_with = |extra: &[&str]| {
+        let mut a: Vec<String> = vec!["serve".into(), "--state-dir".into(), state.display().to_string()];
+        a.extend(extra.iter().map(|s| s.to_string()));
+        Run::new(&bin("hyperexport"), &a).env("GOVC_URL", "").timeout(Duration::from_secs(20)).run()
+    };
+    let out = serve_with(&["--provider", "vsphere"]);
+    out.expect_code(2);
+    assert!(out.stderr().contains("--vsphere-url"), "{}", out.stderr());
+    let missing = farm.path().join("no-such-password-file");
+    let out = serve_with(&[
+        "--vsphere-url",
+        "https://vcenter.invalid/sdk",
+        "--vsphere-user",
+        "svc-export@vsphere.local",
+        "--vsphere-password-file",
+        &missing.display().to_string(),
+    ]);
+    out.expect_code(2);
+    assert!(
+        out.stderr().contains("--vsphere-password-file") && out.stderr().contains("no-such-password-file"),
+        "{}",
+        out.stderr()
+    );
+
     let token = "0123456789abcdef-serve-token";
     std::fs::write(&token_file, format!("{token}\n")).unwrap();
     let (_serve, addr) = serve(&farm, &state, &["--token-file", &token_file.display().to_string()], &[]);

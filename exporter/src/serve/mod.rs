@@ -136,7 +136,16 @@ impl App {
 }
 
 pub fn main(args: ServeArgs) -> ExitCode {
-    request::set_providers(request::Providers::from_args(&args));
+    let providers = request::Providers::from_args(&args);
+    // vSphere settings are checked now (URL, user, the password file readable by this user, the
+    // CA), so that a mistake stops serve at once (exit 2) rather than failing every export.
+    if (providers.vsphere || providers.default_vsphere)
+        && let Err(e) = crate::vsphere::connection(&args.vsphere)
+    {
+        eprintln!("hyperexport serve: {}", hyperfarm_shared::text::escape_lines(&e.to_string()));
+        return ExitCode::from(e.code());
+    }
+    request::set_providers(providers);
     let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {

@@ -212,7 +212,7 @@ impl Providers {
         }
         Providers {
             default_vsphere: a.provider == "vsphere",
-            vsphere: v.vsphere_url.is_some() || std::env::var_os("GOVC_URL").is_some(),
+            vsphere: crate::vsphere::configured(v),
             vsphere_args: args,
         }
     }

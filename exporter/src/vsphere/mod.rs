@@ -75,6 +75,11 @@ fn env(name: &str) -> Option<String> {
     std::env::var(name).ok().filter(|v| !v.is_empty())
 }
 
+/// Whether a vCenter or ESXi is configured (`--vsphere-url`, else govc's `GOVC_URL`).
+pub fn configured(a: &VsphereArgs) -> bool {
+    a.vsphere_url.is_some() || env("GOVC_URL").is_some()
+}
+
 /// Settings from flags and govc's environment.
 pub fn connection(a: &VsphereArgs) -> Result<Connection, ExportError> {
     let usage = ExportError::Usage;
@@ -286,6 +291,15 @@ impl Session {
     }
 }
 
+/// Log in, list the VMs (below `--folder`), log out: the server's host name and the VMs.
+pub async fn inventory_of(a: &VsphereArgs) -> Result<(String, Vec<VmEntry>), ExportError> {
+    let c = connection(a)?;
+    let s = Session::open(&c).await?;
+    let vms = s.list(a.folder.as_deref()).await;
+    s.close().await;
+    Ok((c.ep.host.clone(), vms?))
+}
+
 /// `hyperexport vms`.
 pub fn vms_main(args: VmsArgs) -> ExitCode {
     let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
@@ -295,15 +309,8 @@ pub fn vms_main(args: VmsArgs) -> ExitCode {
             return ExitCode::from(crate::EXIT_INTERNAL);
         }
     };
-    let r = rt.block_on(async {
-        let c = connection(&args.vsphere)?;
-        let s = Session::open(&c).await?;
-        let vms = s.list(args.vsphere.folder.as_deref()).await;
-        s.close().await;
-        vms
-    });
-    match r {
-        Ok(vms) => {
+    match rt.block_on(inventory_of(&args.vsphere)) {
+        Ok((_, vms)) => {
             if vms.is_empty() {
                 eprintln!(
                     "hyperexport: no VM{}",

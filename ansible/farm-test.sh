@@ -21,9 +21,10 @@ venv=${HYPERFARM_ANSIBLE_VENV:-/opt/hyperfarm-ansible-venv}
 hosts=(hf-storage hf-export hf-convert)
 declare -A addr=([hf-storage]=10.232.7.1 [hf-export]=10.232.7.2 [hf-convert]=10.232.7.3)
 work=$(mktemp -d /var/tmp/hyperfarm-farm.XXXXXX)
+vcsim_pid=""
 cleanup_net() {
     local h
-    for h in "${hosts[@]}" hf-switch; do ip netns del "$h" 2>/dev/null || true; done
+    for h in "${hosts[@]}" hf-vcenter hf-switch; do ip netns del "$h" 2>/dev/null || true; done
 }
 on_exit() {
     local rc=$?
@@ -31,6 +32,7 @@ on_exit() {
         for m in "${!NSPAWN_PID1[@]}"; do nspawn_dump "$m" hyper2kvm-agent.service glusterd.service srv-hyperfarm.mount; done
     fi
     nspawn_poweroff_all
+    [[ -z $vcsim_pid ]] || kill "$vcsim_pid" 2>/dev/null || true
     cleanup_net
     if [[ -n ${HYPERFARM_FARM_LOGS:-} ]]; then
         mkdir -p "$HYPERFARM_FARM_LOGS"
@@ -75,6 +77,30 @@ for h in "${hosts[@]}"; do
     ip -n "$h" link set lo up
     ip -n "$h" link set "v-$h" up
 done
+# The vCenter: govmomi's simulator with the export half (tests/vcsim), on a host of its own.
+ip netns add hf-vcenter
+ip link add v-hf-vcenter type veth peer name p-hf-vcenter
+ip link set v-hf-vcenter netns hf-vcenter
+ip link set p-hf-vcenter netns hf-switch
+ip -n hf-switch link set p-hf-vcenter master hfbr0 up
+ip -n hf-vcenter addr add 10.232.7.4/24 dev v-hf-vcenter
+ip -n hf-vcenter link set lo up
+ip -n hf-vcenter link set v-hf-vcenter up
+
+step "a vCenter on hf-vcenter (10.232.7.4): the VM ubuntu-server, its disk a stream-optimized VMDK"
+tests/vcsim/build.sh "$repo/target/hfvcsim/farm-hfvcsim" "$repo/target/hfvcsim" >"$work/vcsim-build.log" 2>&1 ||
+    { cat "$work/vcsim-build.log" >&2; fail "building tests/vcsim (golang-go, golang-github-vmware-govmomi-dev)"; }
+mkdir -p "$work/vcsim"
+truncate -s 48M "$work/vc.raw"
+head -c 12M /dev/urandom | dd of="$work/vc.raw" bs=1M seek=2 conv=notrunc status=none
+printf 'exported from the vCenter' | dd of="$work/vc.raw" bs=1 seek=40000000 conv=notrunc status=none
+qemu-img convert -f raw -O vmdk -o subformat=streamOptimized "$work/vc.raw" "$work/vc.vmdk"
+ip netns exec hf-vcenter "$repo/target/hfvcsim/farm-hfvcsim" -dir "$work/vcsim" -disks "$work/vc.vmdk" \
+    -listen 10.232.7.4:18443 -cert-ip 10.232.7.4 >"$work/vcsim.log" 2>&1 &
+vcsim_pid=$!
+for _ in $(seq 1 300); do [[ -s $work/vcsim/url ]] && break; sleep 0.1; done
+[[ $(cat "$work/vcsim/url" 2>/dev/null) == https://10.232.7.4:18443/sdk ]] ||
+    fail "the simulator did not start: $(cat "$work/vcsim.log")"
 
 step "three containers: restore the root, host files, boot"
 for h in "${hosts[@]}"; do
@@ -121,6 +147,8 @@ playbook() {
         -e ansible_python_interpreter=/usr/bin/python3 -e ansible_become_method=su \
         -e hyperfarm_storage_apt_cache_valid_time=0 -e hyperfarm_storage_client_apt_cache_valid_time=0 \
         -e hyperfarm_agent_apt_cache_valid_time=0 -e hyperfarm_exporter_apt_cache_valid_time=0 \
+        -e hyperfarm_exporter_vsphere_url=https://10.232.7.4:18443/sdk -e hyperfarm_exporter_vsphere_user=hf-user \
+        -e hyperfarm_exporter_vsphere_password=hf-secret -e "hyperfarm_exporter_vsphere_ca_src=$work/vcsim/ca.pem" \
         "$here/site.yml" "$@"
 }
 playbook >"$work/apply.log" 2>&1 || { tail -n 60 "$work/apply.log" >&2; fail "site.yml"; }
@@ -227,6 +255,23 @@ assert "the agent answers over gRPC" in j["log"], j["log"]
 ' "$served" || fail "the job submitted to hyperexport serve: $served"
 expo qemu-img compare -q /srv/vms/api.raw /srv/hyperfarm/output/apivm.qcow2 || fail "apivm.qcow2 differs from the VM"
 echo "hyperexport serve on hf-export: apivm converted on hf-convert, followed over gRPC with TLS"
+
+step "hyperexport serve on hf-export, its vCenter set by the role: the seed's vSphere request converts on hf-convert"
+[[ $(expo stat -c '%a %U %G' /etc/hyper2kvm/vsphere.password) == "640 root hyperfarm" ]] ||
+    fail "the vCenter password file: $(expo stat -c '%a %U %G' /etc/hyper2kvm/vsphere.password)"
+served=$(expo env HYPEREXPORT_SERVE_PROVIDER=vsphere python3 - /DC0/vm/ubuntu-server vsapi vsvm 10 <scripts/lib/serve-job.py) ||
+    fail "the API client on hf-export: $served"
+python3 -c '
+import json, sys
+j = json.loads(sys.argv[1])
+assert j["state"] == "done", j
+assert j["files"] == ["/srv/hyperfarm/output/vsvm.qcow2"], j
+assert "logged into vSphere" in j["log"] and "the agent answers over gRPC" in j["log"], j["log"]
+' "$served" || fail "the vSphere job submitted to hyperexport serve: $served"
+cp "$work/vc.raw" "$work/hf-export/srv/vms/vc.raw"
+expo qemu-img compare -q /srv/vms/vc.raw /srv/hyperfarm/output/vsvm.qcow2 || fail "vsvm.qcow2 differs from the vCenter's disk"
+grep -q '"event":"HttpNfcLeaseComplete"' "$work/vcsim/events.jsonl" || fail "the lease was not completed: $(cat "$work/vcsim/events.jsonl")"
+echo "hyperexport serve on hf-export: /DC0/vm/ubuntu-server downloaded from hf-vcenter, converted on hf-convert"
 
 step "restart the agent mid-job: the job finishes once"
 export_vm restartvm

@@ -2,7 +2,8 @@
 
 usage: python3 serve-job.py VM_PATH NAME [VM_NAME] [TIMEOUT_MINUTES]
        (or python3 - ARGS < serve-job.py, inside a container)
-Daemon mode; the serve at $HYPEREXPORT_SERVE_URL (default http://127.0.0.1:8470). Prints the
+Daemon mode; the serve at $HYPEREXPORT_SERVE_URL (default http://127.0.0.1:8470); the request's
+"provider" from $HYPEREXPORT_SERVE_PROVIDER (local, vsphere; unset: serve's default). Prints the
 job as JSON, with its log lines joined in "log". Standard library only.
 """
 import json
@@ -20,6 +21,8 @@ request = {"name": name, "vm_path": vm, "options": {
     "hyper2kvm_daemon_timeout": timeout_min}}
 if vm_name:
     request["vm_name"] = vm_name
+if os.environ.get("HYPEREXPORT_SERVE_PROVIDER"):
+    request["provider"] = os.environ["HYPEREXPORT_SERVE_PROVIDER"]
 req = urllib.request.Request(base + "/api/v1/jobs", data=json.dumps(request).encode(),
                              headers={"Content-Type": "application/json"})
 job = json.load(urllib.request.urlopen(req, timeout=10))["jobs"][0]

@@ -8,8 +8,9 @@
 #  3. ansible-playbook --syntax-check of site.yml and the test playbooks.
 #  4. The roles' templates rendered on the controller (tests/render.yml, into the scratch dir)
 #     and checked: agent.toml by `hyper2kvm-agent --check-config` (when a built agent is under
-#     target/), the drop-in by `systemd-analyze verify` beside the units, hyperexport.toml
-#     against the keys hyperexport accepts.
+#     target/), the drop-ins by `systemd-analyze verify` beside the units, hyperexport.toml
+#     against the keys hyperexport accepts, serve's drop-in with a vCenter by running its
+#     command line with the built hyperexport (every flag parses; the settings check stops it).
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -162,15 +163,24 @@ if command -v systemd-analyze >/dev/null; then
 fi
 if [[ -n $exporter ]]; then
     # The ExecStart= line's arguments after the program, as systemd splits them (quotes kept whole).
+    # The host's own files are never used: the password file, state directory and configuration
+    # become paths in the scratch directory (the password file missing there).
     mapfile -t argv < <("$venv/bin/python" -c '
 import shlex, sys
 line = [l for l in open(sys.argv[1]) if l.startswith("ExecStart=") and l.strip() != "ExecStart="][0]
+swap = {"/etc/hyper2kvm/vsphere.password": sys.argv[2] + "/no-vsphere.password",
+        "/var/lib/hyperexport": sys.argv[2] + "/serve-state", "/etc/hyper2kvm/hyperexport.toml": "/dev/null"}
 for a in shlex.split(line.split("=", 1)[1])[1:]:
-    print(a)' "$out/serve-vsphere.conf")
+    print(swap.get(a, a))' "$out/serve-vsphere.conf" "$scratch")
     rc=0
     # The settings are checked before serve touches its state directory or listens.
-    got=$(timeout 20 "$exporter" "${argv[@]}" 2>&1) || rc=$?
-    if [[ $rc -eq 2 && $got == *'--vsphere-password-file /etc/hyper2kvm/vsphere.password'* ]]; then
+    if [[ ${#argv[@]} -lt 10 ]]; then
+        got="no ExecStart= arguments read from serve-vsphere.conf"
+        rc=-1
+    else
+        got=$(timeout 20 "$exporter" "${argv[@]}" 2>&1) || rc=$?
+    fi
+    if [[ $rc -eq 2 && $got == *"--vsphere-password-file $scratch/no-vsphere.password"* ]]; then
         echo "ok: $exporter accepts the rendered serve command line (and checks its password file at start)"
     else
         fail "the rendered serve command line, run by $exporter (exit $rc): $got"

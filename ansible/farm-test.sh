@@ -5,7 +5,10 @@
 # ansible-playbook site.yml from inventory.example.ini, changed only in the host names (and
 # Ansible's connection into the containers); everything installed from the .deb built now.
 # Then: a VM exported on the export host comes back as a qcow2 converted by the agent on the
-# conversion host, its progress seen by hyperctl on the export host over TLS; the agent restarted
+# conversion host, its progress seen by hyperctl on the export host over TLS; serve on the export
+# host exports the seed's vSphere request from a vCenter in a fourth namespace (hf-vcenter, the
+# simulator of tests/vcsim: Debian's golang-go and golang-github-vmware-govmomi-dev, qemu-img on
+# this host for its disk) and the agent converts it; the agent restarted
 # mid-job and the job finishing once; SIGSTOP of the agent and the watchdog restarting it;
 # `systemctl stop hyper2kvm-agent.target` stopping every instance cleanly. Each step prints its time.
 #
@@ -147,10 +150,13 @@ playbook() {
         -e ansible_python_interpreter=/usr/bin/python3 -e ansible_become_method=su \
         -e hyperfarm_storage_apt_cache_valid_time=0 -e hyperfarm_storage_client_apt_cache_valid_time=0 \
         -e hyperfarm_agent_apt_cache_valid_time=0 -e hyperfarm_exporter_apt_cache_valid_time=0 \
-        -e hyperfarm_exporter_vsphere_url=https://10.232.7.4:18443/sdk -e hyperfarm_exporter_vsphere_user=hf-user \
-        -e hyperfarm_exporter_vsphere_password=hf-secret -e "hyperfarm_exporter_vsphere_ca_src=$work/vcsim/ca.pem" \
-        "$here/site.yml" "$@"
+        -e "@$work/vsphere-vars.yml" "$here/site.yml" "$@"
 }
+# serve's vCenter, as a vaulted vars file would give it (the password never on a command line).
+install -m 0600 /dev/null "$work/vsphere-vars.yml"
+printf '%s\n' "hyperfarm_exporter_vsphere_url: https://10.232.7.4:18443/sdk" "hyperfarm_exporter_vsphere_user: hf-user" \
+    "hyperfarm_exporter_vsphere_password: hf-secret" "hyperfarm_exporter_vsphere_ca_src: $work/vcsim/ca.pem" \
+    >"$work/vsphere-vars.yml"
 playbook >"$work/apply.log" 2>&1 || { tail -n 60 "$work/apply.log" >&2; fail "site.yml"; }
 grep -E '^hf-[a-z]+ +: ' "$work/apply.log"
 

@@ -246,10 +246,16 @@ fn pick_vsphere(cli: &mut Cli) -> Result<PathBuf, Stop> {
                 .with_page_size(15)
                 .with_help_message("type to filter, Enter picks")
                 .prompt()?;
-        if vm.power == "poweredOn" && !cli.allow_powered_on {
+        // Only a powered-off VM is exported as it is (a suspended one too needs the snapshot).
+        if vm.power != "poweredOff" && !cli.allow_powered_on {
+            let state = match vm.power.as_str() {
+                "poweredOn" => "running",
+                other => other,
+            };
             let snapshot = Confirm::new(&format!(
-                "{} is running: export it from a snapshot (crash-consistent, as if its power were cut)?",
-                Esc(&vm.path)
+                "{} is {}: export it from a snapshot (crash-consistent, as if its power were cut)?",
+                Esc(&vm.path),
+                Esc(state)
             ))
             .with_default(false)
             .with_help_message("no: pick another VM (or shut this one down first)")

@@ -341,12 +341,13 @@ pub async fn run(mut cli: Cli) -> Result<(), ExportError> {
     let interrupt = Arc::new(Notify::new());
     let cancel = CancellationToken::new();
     {
+        use tokio::signal::unix::{SignalKind, signal};
+        // Both streams exist before anything is exported (a signal that came first is seen).
+        let (mut term, mut int) = signal(SignalKind::terminate())
+            .and_then(|t| Ok((t, signal(SignalKind::interrupt())?)))
+            .map_err(|e| ExportError::Internal(format!("cannot handle SIGTERM/SIGINT: {e}")))?;
         let (ctl, interrupt, cancel) = (ctl.clone(), interrupt.clone(), cancel.clone());
         tokio::spawn(async move {
-            use tokio::signal::unix::{SignalKind, signal};
-            let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
-                return;
-            };
             tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
             ctl.cancel.store(true, std::sync::atomic::Ordering::Relaxed);
             cancel.cancel();

@@ -119,23 +119,30 @@ pub async fn finish(
             e => ExportError::Unreachable(format!("{e:#}")),
         })?;
     if ctl.cancel.load(Ordering::SeqCst) {
-        // The signal came while the job was being renamed into place: take it back if no agent
-        // has claimed it yet (serve's cancel and Ctrl-C mean "not this job").
+        // The signal came while the job was being renamed into place: take it back (withdrawn if
+        // no agent has claimed it, else its agent is asked to cancel it). serve's cancel and
+        // Ctrl-C mean "not this job".
         let q = queue.clone();
-        let withdrawn =
-            tokio::task::spawn_blocking(move || q.withdraw(&id, "interrupted in hyperexport as it was published"))
-                .await
-                .map_err(|e| ExportError::Internal(e.to_string()))?;
-        return match withdrawn {
-            Ok(true) => Err(ExportError::Interrupted(true)),
-            Ok(false) => {
+        let asked = tokio::task::spawn_blocking(move || {
+            q.request_cancel(&id, "interrupted in hyperexport as it was published")
+        })
+        .await
+        .map_err(|e| ExportError::Internal(e.to_string()))?;
+        return match asked {
+            Ok(Some(queue::State::Cancelled)) => Err(ExportError::Interrupted(true)),
+            Ok(Some(state)) if !state.is_final() => {
+                eprintln!("hyperexport: job {id} was claimed as it was published; its agent is asked to cancel it");
+                Err(ExportError::Interrupted(true))
+            }
+            Ok(state) => {
                 eprintln!(
-                    "hyperexport: job {id} was published as the interrupt arrived and an agent has claimed it; cancel it with: hyperctl jobs cancel {id}"
+                    "hyperexport: job {id} was published as the interrupt arrived and is {}; nothing was cancelled",
+                    state.map(|s| s.to_string()).unwrap_or_else(|| "no longer in the queue".into())
                 );
                 Err(ExportError::Interrupted(false))
             }
             Err(e) => Err(ExportError::Unreachable(format!(
-                "interrupted as job {id} was published; withdrawing it from {} failed: {e}; cancel it with: hyperctl jobs cancel {id}",
+                "interrupted as job {id} was published; cancelling it in {} failed: {e}; cancel it with: hyperctl jobs cancel {id}",
                 queue.root().display()
             ))),
         };

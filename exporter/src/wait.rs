@@ -20,6 +20,7 @@ use hyperfarm_proto::v1 as pb;
 use hyperfarm_shared::JobId;
 use hyperfarm_shared::queue::{self, LeaseInfo, Queue, State};
 use hyperfarm_shared::results::{OutputDir, ResultRecord};
+use hyperfarm_shared::text::Esc;
 
 use crate::ui::Meter;
 use hyperfarm_proto::client::AgentEndpoint;
@@ -185,9 +186,9 @@ async fn stream(p: &WaitParams, agent: &AgentEndpoint, meter: &mut Meter) -> Ste
         Err(st) if st.code() == tonic::Code::NotFound => {
             // The agent does not see the job (yet): its share may lag (NFS caches directory
             // listings); poll, and come back.
-            return Step::Poll(format!("the agent does not see job {} yet: {}", p.id, st.message()));
+            return Step::Poll(format!("the agent does not see job {} yet: {}", p.id, Esc(st.message())));
         }
-        Err(st) => return Step::Poll(format!("{}: {}", st.code(), st.message())),
+        Err(st) => return Step::Poll(format!("{}: {}", st.code(), Esc(st.message()))),
     };
     // A heartbeat arrives every 2 s: silence for much longer means a dead link.
     let silence = Duration::from_secs(10);
@@ -205,7 +206,7 @@ async fn stream(p: &WaitParams, agent: &AgentEndpoint, meter: &mut Meter) -> Ste
                     return Step::Done(Box::new(final_result(p, job, &mut client).await));
                 }
             }
-            Some(Err(st)) => return Step::Poll(format!("the stream broke: {}: {}", st.code(), st.message())),
+            Some(Err(st)) => return Step::Poll(format!("the stream broke: {}: {}", st.code(), Esc(st.message()))),
             None => return Step::Poll("the stream ended before the job did".into()),
         }
     }
@@ -240,7 +241,7 @@ async fn final_result(
         Ok(Ok(full)) if full.get_ref().state() == job.state() => Waited::Remote(full.into_inner()),
         Ok(Ok(_)) => Waited::Remote(job),
         Ok(Err(st)) => {
-            tracing::debug!("GetJob {} after its end: {}: {}", p.id, st.code(), st.message());
+            tracing::debug!("GetJob {} after its end: {}: {}", p.id, st.code(), Esc(st.message()));
             Waited::Remote(job)
         }
         Err(_) => Waited::Remote(job),

@@ -76,28 +76,38 @@ fn export_only_publishes_a_job_that_an_agent_later_converts() {
     assert_identical(&raw, &farm.output.join("later.qcow2"));
 }
 
+/// Run hyperexport (export only) until it stops at `point`, send `signal`, let it go on.
+fn signalled_at(
+    farm: &Farm,
+    raw: &std::path::Path,
+    point: &str,
+    signal: rustix::process::Signal,
+) -> hyperfarm_tests::Ran {
+    let (child, desc) = hyperexport(&["--vm", raw.to_str().unwrap(), "--output", farm.queue.to_str().unwrap()])
+        .env("HYPERFARM_FAILPOINT", &format!("stop:{point}"))
+        .spawn();
+    let pid = child.id();
+    hyperfarm_tests::wait_stopped(pid, Duration::from_secs(30));
+    let _ = rustix::process::kill_process(rustix::process::Pid::from_raw(pid as i32).unwrap(), signal);
+    hyperfarm_tests::cont(pid);
+    hyperfarm_tests::collect(child, desc, Duration::from_secs(60))
+}
+
 /// A SIGTERM (serve's cancel, systemd's stop) that arrives after the disks are copied but before
 /// the job is published keeps it out of the queue: the flag is set by the signal handler itself,
 /// and publication looks at it just before its rename.
 #[test]
 fn a_sigterm_after_the_copy_keeps_the_job_out_of_the_queue() {
-    let farm = Farm::new();
-    let raw = images::sample_disk(&farm.src, "t.raw", 8, 42);
     for (point, signal) in [
         ("export.disk-copied", rustix::process::Signal::TERM),
         ("export.manifest-written", rustix::process::Signal::INT),
     ] {
-        let (child, desc) = hyperexport(&["--vm", raw.to_str().unwrap(), "--output", farm.queue.to_str().unwrap()])
-            .env("HYPERFARM_FAILPOINT", &format!("stop:{point}"))
-            .spawn();
-        let pid = child.id();
-        hyperfarm_tests::wait_stopped(pid, Duration::from_secs(30));
-        let _ = rustix::process::kill_process(rustix::process::Pid::from_raw(pid as i32).unwrap(), signal);
-        hyperfarm_tests::cont(pid);
-        let ran = hyperfarm_tests::collect(child, desc, Duration::from_secs(60));
+        let farm = Farm::new();
+        let raw = images::sample_disk(&farm.src, "t.raw", 8, 42);
+        let ran = signalled_at(&farm, &raw, point, signal);
         ran.expect_code(130);
         assert!(ran.stderr().contains("interrupted"), "{point}: {}", ran.stderr());
-        // Kept out of the queue, or (the signal handled as the rename happened) withdrawn.
+        // Kept out of the queue, or (the signal handled only as the rename happened) withdrawn.
         assert!(farm.jobs_in("queued").is_empty(), "{point}: nothing published\n{}", farm.listing());
         assert_eq!(
             farm.jobs_in("cancelled").len(),
@@ -113,6 +123,32 @@ fn a_sigterm_after_the_copy_keeps_the_job_out_of_the_queue() {
             staged.iter().all(|n| n.to_string_lossy().starts_with('.')),
             "{point}: staged copy removed: {staged:?}"
         );
+    }
+}
+
+/// A SIGTERM that arrives as the job is renamed into place (stopped just after the rename): the
+/// job is withdrawn again (no agent claimed it), exit 130. Had the signal been handled only after
+/// the last look at the flag, the export would have ended normally with the job queued: never a
+/// queued job with exit 130, never a withdrawn one with exit 0.
+#[test]
+fn a_sigterm_as_the_job_is_published_withdraws_it() {
+    let farm = Farm::new();
+    let raw = images::sample_disk(&farm.src, "p.raw", 8, 43);
+    let ran = signalled_at(&farm, &raw, "export.published", rustix::process::Signal::TERM);
+    let (queued, cancelled) = (farm.jobs_in("queued"), farm.jobs_in("cancelled"));
+    match ran.code() {
+        Some(130) => {
+            assert!(ran.stderr().contains("the job was withdrawn from the queue"), "{}", ran.stderr());
+            assert!(queued.is_empty() && cancelled.len() == 1, "{}", farm.listing());
+            let note =
+                fs::read_to_string(farm.queue.join("cancelled").join(&cancelled[0]).join("cancel.json")).unwrap();
+            assert!(note.contains("interrupted in hyperexport as it was published"), "{note}");
+        }
+        Some(0) => {
+            eprintln!("the signal was handled after the last look at the flag: the job stays published");
+            assert!(queued.len() == 1 && cancelled.is_empty(), "{}", farm.listing());
+        }
+        other => panic!("exit {other:?}: {}", ran.stderr()),
     }
 }
 

@@ -191,7 +191,8 @@ fn apply_record(j: &mut pb::Job, r: &ResultRecord, with_error: bool) {
         ResultState::Cancelled => pb::Phase::Cancelled,
     });
     j.progress = Some(pb::Progress { percent: 100.0, ..Default::default() });
-    j.libvirt = r.libvirt.as_ref().map(|o| pb::LibvirtDomain {
+    // Like the full error, only in GetJob's answer (lists and streams stay small).
+    j.libvirt = r.libvirt.as_ref().filter(|_| with_error).map(|o| pb::LibvirtDomain {
         domain: o.domain.clone(),
         uri: o.uri.clone(),
         host: o.host.clone(),

@@ -730,7 +730,29 @@ impl Manager {
             (!el.is_empty()).then(|| el.join("\n"))
         };
         let shutting_down = self.shutting_down.load(Ordering::Relaxed);
+        // A cancel that reached an export-only child too late to stop it: serve withdrew the
+        // job it published, so the job ends cancelled, not done (a daemon-mode child that exits
+        // 0 converted it: done).
+        let withdrawn = if cancelled && code == Some(0) {
+            let (q, qid) =
+                self.running().get(&id).map(|r| (r.queue.clone(), r.queue_job_id.clone())).unwrap_or_default();
+            match (q, qid.parse::<JobId>()) {
+                (Some(q), Ok(qid)) => tokio::task::spawn_blocking(move || Queue::new(q).locate(&qid))
+                    .await
+                    .ok()
+                    .and_then(Result::ok)
+                    .flatten()
+                    .is_some_and(|(s, _)| s == State::Cancelled),
+                _ => false,
+            }
+        } else {
+            false
+        };
         let (state, error) = match code {
+            Some(0) if withdrawn => (
+                CANCELLED,
+                Some("cancelled: the published job was withdrawn from the queue before an agent claimed it".into()),
+            ),
             Some(0) => (DONE, None),
             Some(7) => (CANCELLED, error_text),
             _ if cancelled => (CANCELLED, Some(error_text.unwrap_or_else(|| "cancelled".into()))),

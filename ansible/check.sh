@@ -11,6 +11,7 @@
 #     target/), the drop-ins by `systemd-analyze verify` beside the units, hyperexport.toml
 #     against the keys hyperexport accepts, serve's drop-in with a vCenter by running its
 #     command line with the built hyperexport (every flag parses; the settings check stops it).
+#  5. The exporter role's serve and vSphere checks against good and bad values (tests/asserts.yml).
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -223,6 +224,17 @@ else
     echo "ok: rendered hyperexport.toml has only keys hyperexport accepts"
 fi
 echo "templates checked in $(elapsed "$t")"
+
+# --- 5. the role's settings checks -----------------------------------------------------------------
+t=$(now)
+step "the exporter role's serve and vSphere checks against good and bad values (tests/asserts.yml)"
+if ansible-playbook -i localhost, -c local tests/asserts.yml -e "ansible_python_interpreter=$venv/bin/python" \
+    >"$scratch/asserts.log" 2>&1; then
+    echo "ok: $(grep -c 'Compare with the expectation' "$scratch/asserts.log") cases as expected in $(elapsed "$t")"
+else
+    grep -E 'expected (to pass|a failure)|FAILED|ERROR' "$scratch/asserts.log" >&2 || tail -n 30 "$scratch/asserts.log" >&2
+    fail "tests/asserts.yml: the role's checks do not refuse exactly the bad values"
+fi
 
 if [[ $failures -ne 0 ]]; then
     echo "ansible/check.sh: $failures check(s) failed" >&2

@@ -148,6 +148,8 @@ for candidate in "$repo/target/release/hyperexport" "$repo/target/debug/hyperexp
 done
 grep -q -- '--provider vsphere --vsphere-url https://vcenter.example.internal/sdk --vsphere-user svc-export@vsphere.local --vsphere-password-file /etc/hyper2kvm/vsphere.password --ca-file /etc/hyper2kvm/tls/vsphere-ca.crt "--folder=/DC1/vm/to migrate"$' \
     "$out/serve-vsphere.conf" || fail "the rendered serve drop-in lacks the vSphere flags: $(cat "$out/serve-vsphere.conf")"
+grep -qx 'Group=farm-export' "$out/serve-vsphere.conf" ||
+    fail "the rendered serve drop-in does not run serve in hyperfarm_exporter_group: $(cat "$out/serve-vsphere.conf")"
 if command -v systemd-analyze >/dev/null; then
     root="$scratch/serve-root"
     mkdir -p "$root/usr/local/bin" "$root/etc/systemd/system/hyperexport-serve.service.d"

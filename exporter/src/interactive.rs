@@ -239,13 +239,11 @@ fn pick_vsphere(cli: &mut Cli) -> Result<PathBuf, Stop> {
             cli.vsphere.folder.as_deref().map(|f| format!(" below {}", Esc(f))).unwrap_or_default()
         ))));
     }
-    let entries: Vec<VsVm> = vms.into_iter().map(VsVm).collect();
     loop {
-        let VsVm(vm) =
-            Select::new(&format!("VM on {}:", Esc(&host)), entries.iter().map(|v| VsVm(v.0.clone())).collect())
-                .with_page_size(15)
-                .with_help_message("type to filter, Enter picks")
-                .prompt()?;
+        let VsVm(vm) = Select::new(&format!("VM on {}:", Esc(&host)), vms.iter().cloned().map(VsVm).collect())
+            .with_page_size(15)
+            .with_help_message("type to filter, Enter picks")
+            .prompt()?;
         // Only a powered-off VM is exported as it is (a suspended one too needs the snapshot).
         if vm.power != "poweredOff" && !cli.allow_powered_on {
             let state = match vm.power.as_str() {

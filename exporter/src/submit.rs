@@ -4,7 +4,6 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::Duration;
 
 use hyperfarm_shared::JobId;
 use hyperfarm_shared::digest::to_hex;
@@ -269,15 +268,8 @@ pub async fn copy_with_meter(
     let mut meter = Meter::new(format!("copying {}", d.id), d.data.len(), quiet).stage("export", &d.id);
     let (data, dst2, ctl2) = (d.data.clone(), dst.to_path_buf(), ctl.clone());
     let cache = zero_cache();
-    let mut task = tokio::task::spawn_blocking(move || copy::copy_disk(&data, &dst2, member, &ctl2, &cache));
-    let copied = loop {
-        tokio::select! {
-            r = &mut task => break r,
-            _ = tokio::time::sleep(Duration::from_millis(200)) => meter.set(ctl.done.load(Ordering::Relaxed)),
-        }
-    };
-    meter.set(ctl.done.load(Ordering::Relaxed));
-    meter.finish();
+    let task = tokio::task::spawn_blocking(move || copy::copy_disk(&data, &dst2, member, &ctl2, &cache));
+    let copied = meter.follow(task, &ctl.done).await;
     let copied = copied.map_err(|e| ExportError::Internal(e.to_string()))?;
     // Copy and digest read the source at different moments: a source written to meanwhile would
     // give a disk that does not match its own digest. Whether the copy worked or failed (a source

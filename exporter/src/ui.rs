@@ -145,6 +145,21 @@ impl Meter {
             b.finish_and_clear();
         }
     }
+
+    /// Run `work` to its end, showing the byte count `done` every 200 ms, and once more (then
+    /// finishing the bar) when it is over.
+    pub async fn follow<F: std::future::Future>(&mut self, work: F, done: &std::sync::atomic::AtomicU64) -> F::Output {
+        tokio::pin!(work);
+        let out = loop {
+            tokio::select! {
+                r = &mut work => break r,
+                _ = tokio::time::sleep(Duration::from_millis(200)) => self.set(done.load(Ordering::Relaxed)),
+            }
+        };
+        self.set(done.load(Ordering::Relaxed));
+        self.finish();
+        out
+    }
 }
 
 impl Drop for Meter {

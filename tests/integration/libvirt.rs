@@ -205,27 +205,9 @@ fn without_the_output_mounted_the_agents_answer_carries_the_libvirt_outcome() {
     let (vm, a, _) = vm_with_nics(&farm);
     let elsewhere = farm.path().join("not-the-share");
     std::fs::create_dir(&elsewhere).unwrap();
-    let export = |farm: &Farm, extra: &[&str]| {
-        let url = farm.agent_url.lock().unwrap().clone().unwrap();
-        let mut args: Vec<String> = vec![
-            "--vm".into(),
-            vm.display().to_string(),
-            "--pipeline".into(),
-            "--hyper2kvm-daemon".into(),
-            "--hyper2kvm-watch-dir".into(),
-            farm.queue.display().to_string(),
-            "--hyper2kvm-output-dir".into(),
-            elsewhere.display().to_string(),
-            "--agent".into(),
-            url,
-            "--libvirt".into(),
-            "--json".into(),
-        ];
-        args.extend(extra.iter().map(|s| s.to_string()));
-        Run::new(&bin("hyperexport"), &args).timeout(std::time::Duration::from_secs(120)).run()
-    };
+    let export = |farm: &Farm| farm.export_to(&vm, &elsewhere, &["--libvirt", "--json"]);
     let mut agent = farm.agent(&["--engine", "qemu-img", "--libvirt-uri", "test:///default"]);
-    let ran = export(&farm, &[]);
+    let ran = export(&farm);
     ran.expect_code(0);
     assert!(ran.stderr().contains("taking the agent's answer"), "the remote path was taken: {}", ran.stderr());
     let out = ran.json();
@@ -256,7 +238,7 @@ fn without_the_output_mounted_the_agents_answer_carries_the_libvirt_outcome() {
     }
     std::fs::remove_file(farm.output.join("db.xml")).unwrap();
     let _agent = farm.agent(&["--engine", "qemu-img", "--libvirt-define=false"]);
-    let ran = export(&farm, &[]);
+    let ran = export(&farm);
     ran.expect_code(9);
     assert!(ran.stderr().contains("taking the agent's answer"), "{}", ran.stderr());
     assert!(ran.stderr().contains("does not define libvirt domains"), "{}", ran.stderr());
@@ -264,7 +246,7 @@ fn without_the_output_mounted_the_agents_answer_carries_the_libvirt_outcome() {
 
     // A failed conversion (its output name is taken): the agent's full error text, not a pointer
     // to a file this host cannot read.
-    let ran = export(&farm, &[]);
+    let ran = export(&farm);
     ran.expect_code(4);
     assert!(ran.stderr().contains("taking the agent's answer"), "{}", ran.stderr());
     assert!(ran.stderr().contains("already exists") && ran.stderr().contains("on_existing"), "{}", ran.stderr());

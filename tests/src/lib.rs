@@ -132,6 +132,12 @@ impl Farm {
 
     /// Run hyperexport in daemon mode against this farm, to completion.
     pub fn export(&self, vm: &Path, extra: &[&str]) -> Ran {
+        self.export_to(vm, &self.output, extra)
+    }
+
+    /// [`Farm::export`] with the export host seeing the agent's output at `output` (another
+    /// directory: the output not mounted there).
+    pub fn export_to(&self, vm: &Path, output: &Path, extra: &[&str]) -> Ran {
         let mut args: Vec<String> = vec![
             "--vm".into(),
             vm.display().to_string(),
@@ -140,7 +146,7 @@ impl Farm {
             "--hyper2kvm-watch-dir".into(),
             self.queue.display().to_string(),
             "--hyper2kvm-output-dir".into(),
-            self.output.display().to_string(),
+            output.display().to_string(),
             "--hyper2kvm-poll-interval".into(),
             "100ms".into(),
             "--hyper2kvm-daemon-timeout".into(),

@@ -579,15 +579,7 @@ impl Prepared {
             ctl.done.store(0, Ordering::Relaxed);
             let mut meter = Meter::new(format!("downloading {id}"), sizes[i], quiet).stage("export", &id);
             let dl = export::download(&s.soap, url, &dst, &self.tuning, ctl, before, &done, &mut lease_end);
-            tokio::pin!(dl);
-            let r = loop {
-                tokio::select! {
-                    r = &mut dl => break r,
-                    _ = tokio::time::sleep(Duration::from_millis(200)) => meter.set(ctl.done.load(Ordering::Relaxed)),
-                }
-            };
-            meter.set(ctl.done.load(Ordering::Relaxed));
-            meter.finish();
+            let r = meter.follow(dl, &ctl.done).await;
             match r.and_then(|d| check_disk(&d.path).map(|f| (f, d))) {
                 Ok((format, d)) => {
                     tracing::info!(disk = %id, bytes = d.bytes, resumed = d.resumed, "downloaded");
